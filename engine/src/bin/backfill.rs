@@ -1,0 +1,270 @@
+//! The `backfill` command: argument parsing and human output only.
+//!
+//! Every subcommand is a thin shell over the library (`backfill::tools` and
+//! the crate's public API). The commands and flags are a scripted interface
+//! modelled on `qemu-img`: keep them stable. Errors print
+//! `backfill: <message>` on stderr and exit 1; `check` exits with its
+//! report's code instead (0 clean, 2 corrupt, 3 leaks).
+
+use backfill::tools::{bench, convert, create, demo, info, units};
+use backfill::CacheMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "backfill",
+    version,
+    about = "Copy-on-read qcow2 overlays on a thread-per-core io_uring engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a qcow2 overlay (like `qemu-img create -f qcow2`).
+    Create {
+        /// Image format; only qcow2.
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Backing file, recorded in the header as given.
+        #[arg(short = 'b', value_name = "BACKING")]
+        backing: Option<String>,
+        /// Backing file format (raw or qcow2).
+        #[arg(short = 'F', value_name = "BACKING_FMT")]
+        backing_format: Option<String>,
+        /// Options: cluster_size=65536,compat=1.1 (also backing_file, backing_fmt, size).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// The image to create.
+        filename: PathBuf,
+        /// Virtual size (512, 64K, 1M, 10G); default: the backing file's.
+        size: Option<String>,
+    },
+    /// Show an image's format, size, backing chain and where its bytes live.
+    Info {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        filename: PathBuf,
+    },
+    /// Read a whole disk through the engine into a sparse raw file.
+    Convert {
+        /// Populate the overlay while reading (else the image is opened read-only).
+        #[arg(long)]
+        copy_on_read: bool,
+        /// Reactor threads (default: all cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<usize>,
+        source: PathBuf,
+        dest: PathBuf,
+    },
+    /// Measure request rate (like `qemu-img bench`).
+    Bench {
+        /// Number of requests.
+        #[arg(short = 'c', value_name = "COUNT", default_value_t = 75_000)]
+        count: u64,
+        /// Requests in flight.
+        #[arg(short = 'd', value_name = "DEPTH", default_value_t = 64)]
+        depth: usize,
+        /// Request size (e.g. 4K).
+        #[arg(short = 's', value_name = "SIZE", default_value = "4K")]
+        size: String,
+        /// Distance between sequential requests (default: the request size).
+        #[arg(short = 'S', value_name = "STEP")]
+        step: Option<String>,
+        /// Offset pattern.
+        #[arg(long, value_enum, default_value_t = PatternArg::Seq)]
+        pattern: PatternArg,
+        /// Seed for --pattern rand (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write (0xa5 bytes) instead of reading.
+        #[arg(short = 'w')]
+        write: bool,
+        /// Enable copy-on-read (off by default).
+        #[arg(long)]
+        copy_on_read: bool,
+        /// Reactor threads (default: all cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<usize>,
+        /// Overlay cache mode.
+        #[arg(long, value_enum, default_value_t = CacheArg::None)]
+        cache: CacheArg,
+        /// Offset of the first request.
+        #[arg(short = 'o', value_name = "OFFSET", default_value = "0")]
+        offset: String,
+        filename: PathBuf,
+    },
+    /// Check an image's consistency; exit 0 clean, 2 corrupt, 3 leaked clusters.
+    Check { filename: PathBuf },
+    /// Show copy-on-read end to end on a generated image.
+    Demo {
+        /// Keep the images in DIR (default: a temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Disk size.
+        #[arg(long, value_name = "SIZE", default_value = "64M")]
+        size: String,
+        /// Reactor threads (default: all cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<usize>,
+        /// Seed for the backing image's content (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PatternArg {
+    Seq,
+    Rand,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CacheArg {
+    None,
+    Writeback,
+}
+
+/// What a command ended with: a normal exit code, or an error to print.
+type Outcome = Result<u8, backfill::Error>;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors. Usage errors exit 1, as in
+            // qemu-img, so that a script never mistakes one for `check`'s 2.
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("backfill: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command) -> Outcome {
+    match command {
+        Command::Create {
+            format,
+            backing,
+            backing_format,
+            options,
+            filename,
+            size,
+        } => {
+            let args = create::CreateArgs {
+                format,
+                backing,
+                backing_format,
+                options,
+                size,
+            };
+            println!("{}", create::create_image(&filename, &args)?);
+            Ok(0)
+        }
+        Command::Info { json, filename } => {
+            let image = backfill::info(&filename)?;
+            if json {
+                let text = serde_json::to_string_pretty(&image).map_err(|e| {
+                    backfill::Error::new(backfill::ErrorKind::InvalidInput, e.to_string())
+                })?;
+                println!("{text}");
+            } else {
+                print!("{}", info::render(&image));
+            }
+            Ok(0)
+        }
+        Command::Convert {
+            copy_on_read,
+            cores,
+            source,
+            dest,
+        } => {
+            let opts = convert::ConvertOptions {
+                copy_on_read,
+                cores,
+                ..convert::ConvertOptions::default()
+            };
+            println!("{}", convert::convert(&source, &dest, &opts)?);
+            Ok(0)
+        }
+        Command::Bench {
+            count,
+            depth,
+            size,
+            step,
+            pattern,
+            seed,
+            write,
+            copy_on_read,
+            cores,
+            cache,
+            offset,
+            filename,
+        } => {
+            let request_bytes = usize::try_from(units::parse_size(&size)?).map_err(|_| {
+                backfill::Error::new(backfill::ErrorKind::InvalidInput, "request size too large")
+            })?;
+            let opts = bench::BenchOptions {
+                count,
+                depth,
+                request_bytes,
+                step_bytes: step.as_deref().map(units::parse_size).transpose()?,
+                pattern: match pattern {
+                    PatternArg::Seq => bench::Pattern::Sequential,
+                    PatternArg::Rand => bench::Pattern::Random,
+                },
+                write,
+                copy_on_read,
+                cores,
+                cache: match cache {
+                    CacheArg::None => CacheMode::None,
+                    CacheArg::Writeback => CacheMode::Writeback,
+                },
+                offset: units::parse_size(&offset)?,
+                seed,
+            };
+            println!("{}", bench::run(&filename, &opts)?);
+            Ok(0)
+        }
+        Command::Check { filename } => {
+            let report = backfill::check(&filename)?;
+            let text = report.to_string();
+            println!("{}", text.trim_end());
+            // Exit codes are qemu-img check's: 0, 2 or 3 (never more than 63).
+            Ok(u8::try_from(report.exit_code()).unwrap_or(1))
+        }
+        Command::Demo {
+            dir,
+            size,
+            cores,
+            seed,
+        } => {
+            let opts = demo::DemoOptions {
+                dir,
+                size_bytes: units::parse_size(&size)?,
+                cores,
+                seed,
+            };
+            let report = demo::run(&opts)?;
+            println!("{report}");
+            if report.ok() {
+                Ok(0)
+            } else {
+                eprintln!("backfill: demo failed: {}", report.failures.join("; "));
+                Ok(1)
+            }
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The public handle: [`Disk`], its [`Options`], [`Stats`] and block status.
+//!
+//! A `Disk` is a handle on the reactors: each call is split by the router
+//! and sent to the owning cores; the caller blocks, polls a future, or gets
+//! a callback.
+
+use crate::backing::Chain;
+use crate::error::{Error, ErrorKind, Result};
+use crate::meta::Meta;
+use crate::qcow2::Header;
+use crate::reactor::request::{map_buf, ReqKind, Request};
+use crate::reactor::{self, CoreHandle, CoreStats, Msg, Shared};
+use crate::router::Router;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How the overlay file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// O_DIRECT: no page cache for data (the default, as `qemu-img -t none`).
+    #[default]
+    None,
+    /// Buffered I/O through the page cache.
+    Writeback,
+}
+
+/// Options for [`Disk::open`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Reactor threads (one io_uring each). Default: the machine's cores.
+    pub cores: usize,
+    /// Copy-on-read: fill the overlay from the backing image on reads. Default on.
+    pub copy_on_read: bool,
+    /// Page cache use for the overlay.
+    pub cache: CacheMode,
+    /// Refuse writes; never modify the image (implies no copy-on-read).
+    pub read_only: bool,
+    /// Memory budget for cached metadata (L2 tables), all cores together.
+    pub metadata_cache_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            copy_on_read: true,
+            cache: CacheMode::None,
+            read_only: false,
+            metadata_cache_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Where a range of the disk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ExtentKind {
+    /// Data held in the overlay.
+    Data,
+    /// Recorded as zero in the overlay (reads as zeros, hides the backing).
+    Zero,
+    /// Not in the overlay; found in backing image number `depth` (1 = the
+    /// overlay's direct backing image). `zero` when it reads as zeros there.
+    Backing { depth: u32, zero: bool },
+    /// Allocated nowhere in the chain: reads as zeros.
+    Unallocated,
+}
+
+/// One extent of [`Disk::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BlockStatus {
+    pub offset: u64,
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+/// Counters, summed over all cores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Clusters filled into the overlay by copy-on-read.
+    pub cor_fills: u64,
+    /// Fills that found the cluster all zero and recorded a zero cluster.
+    pub cor_zero_fills: u64,
+    /// Bytes read from backing images (for fills, pass-through and write merges).
+    pub bytes_fetched: u64,
+    /// Read pieces (per cluster) served from the overlay.
+    pub overlay_hits: u64,
+    /// Read pieces served from another request's in-flight fill.
+    pub dedup_hits: u64,
+    /// Read pieces that missed the overlay.
+    pub misses: u64,
+    /// Bytes returned to readers.
+    pub bytes_read: u64,
+    /// Bytes written by clients.
+    pub bytes_written: u64,
+    /// Copy-on-read write-backs that failed (the data was still returned).
+    pub writeback_errors: u64,
+    /// Metadata commits (fdatasync + L2 writes) completed.
+    pub commits: u64,
+    /// Requests accepted and not yet completed.
+    pub in_flight: u64,
+}
+
+/// A handle on an open disk. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct Disk {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    cores: Vec<CoreHandle>,
+    closed: AtomicBool,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.closed.load(Ordering::SeqCst) {
+            // Best effort: a disk dropped without close() still flushes.
+            let _ = self.shutdown();
+        }
+    }
+}
+
+impl Inner {
+    fn shutdown(&mut self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let req = Request::new(ReqKind::Close, Vec::new(), self.cores.len());
+        for c in &self.cores {
+            c.send(Msg::Part {
+                req: req.clone(),
+                offset: 0,
+                len: 0,
+                buf_off: 0,
+            });
+        }
+        req.wait();
+        let mut result = req.take_result().map(|_| ());
+        for c in &mut self.cores {
+            if let Some(t) = c.thread.take() {
+                if t.join().is_err() && result.is_ok() {
+                    result = Err(Error::new(ErrorKind::Io, "a reactor thread panicked"));
+                }
+            }
+        }
+        let closed = self.shared.meta.close();
+        result.and(closed)
+    }
+}
+
+pub use crate::reactor::request::Completion;
+
+impl Disk {
+    /// Opens a qcow2 overlay (and its backing chain) and starts the reactors.
+    pub fn open(path: impl AsRef<Path>, opts: Options) -> Result<Disk> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        if opts.cores == 0 || opts.cores > 256 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("cores must be 1 to 256, not {}", opts.cores),
+            ));
+        }
+        let meta_file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(path)
+            .map_err(|e| Error::io(e, format!("opening {name}")))?;
+        let header = Header::read_from(&meta_file, &name)?;
+        if !opts.read_only {
+            header.check_writable(&name)?;
+        }
+        let mut data_opts = OpenOptions::new();
+        data_opts.read(true).write(!opts.read_only);
+        if opts.cache == CacheMode::None {
+            data_opts.custom_flags(libc::O_DIRECT);
+        }
+        let data_file = data_opts.open(path).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EINVAL) {
+                " (this file system does not support O_DIRECT; use cache mode writeback)"
+            } else {
+                ""
+            };
+            Error::io(e, format!("opening {name} with O_DIRECT{hint}"))
+        })?;
+        let chain = match &header.backing_file {
+            Some(b) => Some(Arc::new(
+                Chain::open(path, b, header.backing_format.as_deref())
+                    .map_err(|e| e.context(format!("{name}: opening its backing image")))?,
+            )),
+            None => None,
+        };
+        let size = header.size;
+        let cluster_bits = header.cluster_bits;
+        let meta = Meta::open(&name, header, meta_file, opts.read_only)?;
+        let shared = Arc::new(Shared {
+            meta,
+            chain,
+            router: Router::new(cluster_bits, opts.cores),
+            size,
+            copy_on_read: opts.copy_on_read && !opts.read_only,
+            read_only: opts.read_only,
+            metadata_cache_bytes: opts.metadata_cache_bytes,
+            stats: (0..opts.cores).map(|_| CoreStats::default()).collect(),
+        });
+        let data_fd = data_file.as_raw_fd();
+        let mut cores = Vec::with_capacity(opts.cores);
+        for i in 0..opts.cores {
+            cores.push(reactor::spawn(i, shared.clone(), data_fd)?);
+        }
+        // The rings registered the descriptor; keep the file open for their lifetime.
+        std::mem::forget(data_file);
+        Ok(Disk {
+            inner: Arc::new(Inner {
+                shared,
+                cores,
+                closed: AtomicBool::new(false),
+                in_flight: Arc::new(AtomicU64::new(0)),
+            }),
+        })
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.shared.size
+    }
+
+    /// Cluster size of the overlay in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.inner.shared.meta.cluster_size()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfBounds,
+                format!(
+                    "{}: request at offset {offset} length {len} reaches past the end of the disk ({size} bytes)",
+                    self.inner.shared.meta.path
+                ),
+            )),
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::ShuttingDown, "the disk is closed"));
+        }
+        Ok(())
+    }
+
+    /// Splits a request over the cores and sends its parts.
+    fn send(&self, req: Arc<Request>, offset: u64, len: u64) {
+        let router = &self.inner.shared.router;
+        for part in router.split(offset, len) {
+            self.inner.cores[part.core].send(Msg::Part {
+                req: req.clone(),
+                offset: part.offset,
+                len: part.len,
+                buf_off: part.buf_off,
+            });
+        }
+    }
+
+    /// Counts the request in `Stats::in_flight` until it completes.
+    fn in_flight_guard(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let in_flight = self.inner.in_flight.clone();
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        Arc::new(move || {
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        })
+    }
+
+    fn parts(&self, offset: u64, len: u64) -> usize {
+        self.inner.shared.router.count(offset, len)
+    }
+
+    fn submit(&self, kind: ReqKind, offset: u64, buf: Vec<u8>, len: u64) -> Completion<Vec<u8>> {
+        if let Err(e) = self
+            .check_open()
+            .and_then(|_| self.check_range(offset, len))
+        {
+            return Completion::failed(e);
+        }
+        if kind != ReqKind::Read {
+            if let Err(e) = self.inner.shared.meta.check_writable() {
+                return Completion::failed(e);
+            }
+        }
+        let parts = self.parts(offset, len);
+        let req = Request::with_on_done(kind, buf, parts.max(1), self.in_flight_guard());
+        if parts == 0 {
+            req.finish_part(None);
+            return Completion::new(req, map_buf);
+        }
+        self.send(req.clone(), offset, len);
+        Completion::new(req, map_buf)
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let out = self.submit_read(offset, vec![0u8; buf.len()]).wait()?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.submit_write(offset, buf.to_vec()).wait().map(|_| ())
+    }
+
+    /// Write that is durable when it returns (NBD FUA).
+    pub fn write_at_fua(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at(buf, offset)?;
+        self.flush()
+    }
+
+    /// Makes every write completed before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        let n = self.inner.cores.len();
+        let req = Request::new(ReqKind::Flush, Vec::new(), n);
+        for c in &self.inner.cores {
+            c.send(Msg::Part {
+                req: req.clone(),
+                offset: 0,
+                len: 0,
+                buf_off: 0,
+            });
+        }
+        req.wait();
+        req.take_result().map(|_| ())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros (recorded in the overlay).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.submit(ReqKind::Zero, offset, Vec::new(), len)
+            .wait()
+            .map(|_| ())
+    }
+
+    /// Discards `[offset, offset + len)`. Over a backing image the range must
+    /// not show old backing data again, so it is recorded as zeros, exactly
+    /// like [`Disk::write_zeroes`].
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; the buffer comes back filled.
+    pub fn submit_read(&self, offset: u64, buf: Vec<u8>) -> Completion<Vec<u8>> {
+        let len = buf.len() as u64;
+        self.submit(ReqKind::Read, offset, buf, len)
+    }
+
+    /// Writes `buf` at `offset`; the buffer comes back when done.
+    pub fn submit_write(&self, offset: u64, buf: Vec<u8>) -> Completion<Vec<u8>> {
+        let len = buf.len() as u64;
+        self.submit(ReqKind::Write, offset, buf, len)
+    }
+
+    /// Like `submit_read`, calling `done` (on a reactor thread) instead.
+    pub fn submit_read_with<F>(&self, offset: u64, buf: Vec<u8>, done: F)
+    where
+        F: FnOnce(Result<Vec<u8>>) + Send + 'static,
+    {
+        self.submit_with(ReqKind::Read, offset, buf, Box::new(done))
+    }
+
+    /// Like `submit_write`, calling `done` (on a reactor thread) instead.
+    pub fn submit_write_with<F>(&self, offset: u64, buf: Vec<u8>, done: F)
+    where
+        F: FnOnce(Result<Vec<u8>>) + Send + 'static,
+    {
+        self.submit_with(ReqKind::Write, offset, buf, Box::new(done))
+    }
+
+    fn submit_with(
+        &self,
+        kind: ReqKind,
+        offset: u64,
+        buf: Vec<u8>,
+        done: Box<dyn FnOnce(Result<Vec<u8>>) + Send>,
+    ) {
+        let len = buf.len() as u64;
+        let check = self
+            .check_open()
+            .and_then(|_| self.check_range(offset, len));
+        let check = check.and_then(|_| {
+            if kind == ReqKind::Read {
+                Ok(())
+            } else {
+                self.inner.shared.meta.check_writable()
+            }
+        });
+        if let Err(e) = check {
+            done(Err(e));
+            return;
+        }
+        let parts = self.parts(offset, len);
+        if parts == 0 {
+            done(Ok(buf));
+            return;
+        }
+        let req = Request::with_callback(kind, buf, parts, done, Some(self.in_flight_guard()));
+        self.send(req, offset, len);
+    }
+
+    /// Where `[offset, offset + len)` lives: in the overlay (data or zero), in
+    /// a backing image (by depth), or nowhere. Extents are in order and
+    /// adjacent ones of the same kind are merged.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>> {
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        let parts = self.parts(offset, len);
+        if parts == 0 {
+            return Ok(Vec::new());
+        }
+        let req = Request::new(ReqKind::Status, Vec::new(), parts);
+        self.send(req.clone(), offset, len);
+        req.wait();
+        req.take_result()?;
+        let mut v = std::mem::take(&mut *req.status.lock().unwrap_or_else(|p| p.into_inner()));
+        v.sort_by_key(|e| e.offset);
+        let mut out: Vec<BlockStatus> = Vec::with_capacity(v.len());
+        for e in v {
+            match out.last_mut() {
+                Some(l) if l.kind == e.kind && l.offset + l.len == e.offset => l.len += e.len,
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            in_flight: self.inner.in_flight.load(Ordering::Relaxed),
+            ..Stats::default()
+        };
+        for c in &self.inner.shared.stats {
+            let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            s.cor_fills += g(&c.cor_fills);
+            s.cor_zero_fills += g(&c.cor_zero_fills);
+            s.bytes_fetched += g(&c.bytes_fetched);
+            s.overlay_hits += g(&c.overlay_hits);
+            s.dedup_hits += g(&c.dedup_hits);
+            s.misses += g(&c.misses);
+            s.bytes_read += g(&c.bytes_read);
+            s.bytes_written += g(&c.bytes_written);
+            s.writeback_errors += g(&c.writeback_errors);
+            s.commits += g(&c.commits);
+        }
+        s
+    }
+
+    /// Flushes, writes the metadata, frees unused reserved clusters, stops
+    /// the reactors. Other clones of this handle fail with ShuttingDown after.
+    pub fn close(self) -> Result<()> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => inner.shutdown(),
+            Err(shared) => {
+                // Other handles exist: shut down through a raw pointer-free path.
+                let inner = &shared;
+                if inner.closed.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let req = Request::new(ReqKind::Close, Vec::new(), inner.cores.len());
+                for c in &inner.cores {
+                    c.send(Msg::Part {
+                        req: req.clone(),
+                        offset: 0,
+                        len: 0,
+                        buf_off: 0,
+                    });
+                }
+                req.wait();
+                let r = req.take_result().map(|_| ());
+                r.and(inner.shared.meta.close())
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Aligned I/O buffers.
+//!
+//! An [`IoBuf`] is a heap allocation aligned for O_DIRECT (4 KiB). The ring
+//! reads into and writes from it through a raw pointer, so it is shared with
+//! in-flight operations as an `Rc<IoBuf>`: an operation holds a clone until
+//! its completion is reaped, which keeps the memory alive for the kernel.
+//! Mutable access goes through [`Rc::get_mut`] in [`IoBuf::unique_mut`],
+//! which succeeds only when no operation holds the buffer any more — the
+//! ownership proof that the kernel is done with it.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// Alignment of every I/O buffer: enough for O_DIRECT on 512- and 4096-byte devices.
+pub const IO_ALIGN: usize = 4096;
+
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl IoBuf {
+    /// A zeroed buffer of `len` bytes (rounded up to the alignment for the allocation).
+    pub fn zeroed(len: usize) -> IoBuf {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size (at least IO_ALIGN) and a
+        // power-of-two alignment; a null return is handled below.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        IoBuf { ptr, len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        let size = len.max(1).next_multiple_of(IO_ALIGN);
+        Layout::from_size_align(size, IO_ALIGN).expect("I/O buffer size overflows")
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffer's bytes. Callers must not read while a ring READ into this
+    /// buffer is in flight (the state machines read only after completion).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the lifetime of self; the
+        // allocation is initialised (zeroed at creation).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Mutable bytes, for a buffer no in-flight operation holds.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` means no other Rust reference
+        // exists; an operation would hold an `Rc` clone, which rules out `&mut`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Mutable access through an `Rc`, only when no operation still holds it.
+    pub fn unique_mut(this: &mut std::rc::Rc<IoBuf>) -> &mut [u8] {
+        std::rc::Rc::get_mut(this)
+            .expect("I/O buffer still held by an in-flight operation")
+            .as_mut_slice()
+    }
+
+    /// Raw pointer for the kernel. The caller keeps an `Rc` clone alive until
+    /// the operation's completion is reaped.
+    pub(crate) fn raw_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with the same layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        let mut b = IoBuf::zeroed(5000);
+        assert_eq!(b.raw_ptr() as usize % IO_ALIGN, 0);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+        b.as_mut_slice()[4999] = 7;
+        assert_eq!(b.as_slice()[4999], 7);
+    }
+}

@@ -1,0 +1,107 @@
+//! The I/O layer: the one seam between the engine and the kernel.
+//!
+//! The reactor describes each operation as an [`Op`] (plain data plus the
+//! buffer it uses) and gets back a [`Cqe`]. [`uring::Uring`] runs them on a
+//! real io_uring; a seeded simulated implementation of the same [`Io`] trait
+//! can replace it for deterministic tests and crash replay. All `unsafe` of
+//! the engine's I/O path lives in this module.
+
+pub mod buf;
+pub mod uring;
+
+pub use buf::{IoBuf, IO_ALIGN};
+
+use std::rc::Rc;
+
+/// A file registered with the I/O layer, by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId(pub u32);
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read `len` bytes at `offset` into `buf[buf_off..]`.
+    Read,
+    /// Write `buf[buf_off..buf_off+len]` at `offset`.
+    Write,
+    /// fdatasync the file.
+    Fsync,
+    /// Read 8 bytes from an eventfd (the reactor's wake-up).
+    WakeRead,
+}
+
+/// One operation, owned by the I/O layer until its completion is reaped.
+#[derive(Debug)]
+pub struct Op {
+    pub kind: OpKind,
+    pub file: FileId,
+    pub offset: u64,
+    pub len: u32,
+    pub buf: Option<Rc<IoBuf>>,
+    pub buf_off: usize,
+}
+
+impl Op {
+    pub fn read(file: FileId, offset: u64, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+        assert!(
+            buf_off + len <= buf.len(),
+            "read past the end of its buffer"
+        );
+        Op {
+            kind: OpKind::Read,
+            file,
+            offset,
+            len: u32::try_from(len).expect("I/O larger than 4 GiB"),
+            buf: Some(buf),
+            buf_off,
+        }
+    }
+
+    pub fn write(file: FileId, offset: u64, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+        assert!(
+            buf_off + len <= buf.len(),
+            "write past the end of its buffer"
+        );
+        Op {
+            kind: OpKind::Write,
+            file,
+            offset,
+            len: u32::try_from(len).expect("I/O larger than 4 GiB"),
+            buf: Some(buf),
+            buf_off,
+        }
+    }
+
+    pub fn fsync(file: FileId) -> Op {
+        Op {
+            kind: OpKind::Fsync,
+            file,
+            offset: 0,
+            len: 0,
+            buf: None,
+            buf_off: 0,
+        }
+    }
+}
+
+/// A completion: the caller's token, the kernel's result (bytes or -errno),
+/// and the buffer handed back.
+#[derive(Debug)]
+pub struct Cqe {
+    pub token: u64,
+    pub result: i32,
+    pub buf: Option<Rc<IoBuf>>,
+}
+
+/// The I/O layer a reactor drives. Single-threaded: one per core.
+pub trait Io {
+    /// Queues an operation; it is submitted by the next `submit_and_wait`.
+    fn push(&mut self, token: u64, op: Op);
+    /// Submits everything queued (one syscall) and waits for at least `want`
+    /// completions. `want` is 0 for a non-blocking turn.
+    fn submit_and_wait(&mut self, want: usize) -> std::io::Result<()>;
+    /// Moves every available completion into `out`.
+    fn reap(&mut self, out: &mut Vec<Cqe>);
+    /// Operations pushed and not yet reaped.
+    fn in_flight(&self) -> usize;
+}

@@ -1,0 +1,384 @@
+//! The overlay's shared metadata: L1 table, refcounts and host-cluster
+//! allocation. These are the only structures more than one core touches.
+//!
+//! - The L1 table is a vector of atomics: every core reads it lock-free on
+//!   the hot path; it only changes when an L2 table is allocated, which
+//!   happens under the allocator mutex and is rare (once per L2 table).
+//! - Host clusters come from the end of the used file (the "frontier").
+//!   Cores take them in batches ([`Meta::reserve`]) so the hot path never
+//!   waits on another core; the mutex is taken once per batch.
+//! - Refcounts are written when a batch is reserved, before any cluster of
+//!   the batch is used, so the next fdatasync (the one a commit issues before
+//!   it writes L2 entries) makes them durable first. **Invariant 2** (a
+//!   cluster's refcount is durable before any durable L2 entry points to
+//!   it) is enforced by that order. A crash may leave reserved clusters
+//!   unreferenced: leaks, never corruption. `close` frees unused ones.
+//! - New refcount blocks and a grown refcount table are made durable
+//!   (fdatasync) before anything points to them, so no crash can leave a
+//!   reference to a block whose contents were lost.
+//!
+//! All I/O here is synchronous positioned I/O on the buffered metadata file
+//! descriptor: it is rare, small, and runs under the allocator mutex.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::{self, Header, L1E_OFFSET_MASK, OFLAG_COPIED};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Header offsets of the refcount table fields (qcow2.rst: bytes 48..=59).
+const HDR_REFTABLE_OFFSET: u64 = 48;
+
+pub struct Meta {
+    pub path: String,
+    pub header: Header,
+    pub cluster_bits: u32,
+    /// Buffered descriptor for metadata reads and writes.
+    pub file: File,
+    l1: Vec<AtomicU64>,
+    alloc: Mutex<Alloc>,
+    poisoned: AtomicBool,
+    read_only: bool,
+}
+
+struct Alloc {
+    /// First host cluster index never handed out.
+    frontier: u64,
+    /// Host offset of each refcount block (0: none yet).
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    reftable_clusters: u64,
+    /// Batches handed back by cores (unused reserved clusters), freed at close.
+    returned: Vec<(u64, u64)>,
+}
+
+impl Meta {
+    /// Reads the L1 and refcount tables of an already validated header.
+    pub fn open(path: &str, header: Header, file: File, read_only: bool) -> Result<Meta> {
+        let cs = header.cluster_size();
+        let l1_bytes = header.l1_size as usize * 8;
+        let mut raw = vec![0u8; l1_bytes];
+        file.read_exact_at(&mut raw, header.l1_table_offset)
+            .map_err(|e| Error::io(e, format!("{path}: reading the L1 table")))?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|b| AtomicU64::new(u64::from_be_bytes(b.try_into().unwrap())))
+            .collect();
+        let rt_bytes = header.refcount_table_clusters as usize * cs as usize;
+        let mut raw = vec![0u8; rt_bytes];
+        file.read_exact_at(&mut raw, header.refcount_table_offset)
+            .map_err(|e| Error::io(e, format!("{path}: reading the refcount table")))?;
+        let reftable: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap()) & qcow2::REFT_OFFSET_MASK)
+            .collect();
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(e, format!("{path}: stat")))?
+            .len();
+        for (i, &rb) in reftable.iter().enumerate() {
+            if rb != 0 && (!rb.is_multiple_of(cs) || rb + cs > file_len.next_multiple_of(cs)) {
+                return Err(Error::corrupt(format!(
+                    "{path}: refcount block {i} at offset {rb:#x} is unaligned or past the end of the file"
+                )));
+            }
+        }
+        let frontier = file_len.div_ceil(cs);
+        Ok(Meta {
+            path: path.to_string(),
+            cluster_bits: header.cluster_bits,
+            alloc: Mutex::new(Alloc {
+                frontier,
+                reftable,
+                reftable_offset: header.refcount_table_offset,
+                reftable_clusters: header.refcount_table_clusters as u64,
+                returned: Vec::new(),
+            }),
+            header,
+            file,
+            l1,
+            poisoned: AtomicBool::new(false),
+            read_only,
+        })
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Host offset of the L2 table for L1 index `i`, or None if unallocated.
+    pub fn l2_table(&self, i: u64) -> Result<Option<u64>> {
+        let raw = match self.l1.get(i as usize) {
+            Some(a) => a.load(Ordering::Acquire),
+            None => return Ok(None),
+        };
+        let off = raw & L1E_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !off.is_multiple_of(self.cluster_size()) {
+            return Err(Error::corrupt(format!(
+                "{}: L1 entry {i} points to unaligned offset {off:#x}",
+                self.path
+            )));
+        }
+        Ok(Some(off))
+    }
+
+    pub fn l1_len(&self) -> u64 {
+        self.l1.len() as u64
+    }
+
+    /// Refuses new writes after a failed metadata write (nothing is guessed).
+    pub fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{}: opened read-only", self.path),
+            ));
+        }
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::new(
+                ErrorKind::Poisoned,
+                format!(
+                    "{}: an earlier metadata write failed; the image accepts no more writes",
+                    self.path
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Alloc> {
+        self.alloc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `n` contiguous host clusters with refcount 1 (written, not
+    /// yet synced). Returns the first cluster index.
+    pub fn reserve(&self, n: u64) -> Result<u64> {
+        self.check_writable()?;
+        let mut a = self.lock();
+        let first = a.frontier;
+        a.frontier += n;
+        let r = self
+            .ensure_refblocks(&mut a, first, n)
+            .and_then(|()| self.set_refcounts(&a, first, n, 1));
+        if let Err(e) = r {
+            self.poison();
+            return Err(e);
+        }
+        Ok(first)
+    }
+
+    /// Hands back unused reserved clusters; they are freed at `close`.
+    pub fn give_back(&self, first: u64, n: u64) {
+        if n > 0 {
+            self.lock().returned.push((first, n));
+        }
+    }
+
+    /// The L2 table for L1 index `i`, allocating a zeroed one if there is none.
+    pub fn ensure_l2_table(&self, i: u64) -> Result<u64> {
+        if let Some(off) = self.l2_table(i)? {
+            return Ok(off);
+        }
+        self.check_writable()?;
+        let mut a = self.lock();
+        // Another core may have allocated it while we waited for the lock.
+        if let Some(off) = self.l2_table(i)? {
+            return Ok(off);
+        }
+        let r = (|| {
+            let c = a.frontier;
+            a.frontier += 1;
+            self.ensure_refblocks(&mut a, c, 1)?;
+            self.set_refcounts(&a, c, 1, 1)?;
+            let off = c << self.cluster_bits;
+            self.pwrite(
+                &vec![0u8; self.cluster_size() as usize],
+                off,
+                "zeroing a new L2 table",
+            )?;
+            // The zeroed table and its refcount are durable before the L1
+            // entry that points to it can be.
+            self.sync("allocating an L2 table")?;
+            let raw = off | OFLAG_COPIED;
+            self.pwrite(
+                &raw.to_be_bytes(),
+                self.header.l1_table_offset + i * 8,
+                "writing an L1 entry",
+            )?;
+            self.l1[i as usize].store(raw, Ordering::Release);
+            Ok(off)
+        })();
+        if r.is_err() {
+            self.poison();
+        }
+        r
+    }
+
+    fn pwrite(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|e| Error::io(e, format!("{}: {what} at offset {off:#x}", self.path)))
+    }
+
+    fn sync(&self, what: &str) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(e, format!("{}: fdatasync ({what})", self.path)))
+    }
+
+    fn rb_entries(&self) -> u64 {
+        // 16-bit refcounts: cluster_size * 8 / 16.
+        self.cluster_size() / 2
+    }
+
+    /// Makes sure refcount blocks exist for clusters `[first, first + n)`,
+    /// allocating (and growing the table) as needed.
+    fn ensure_refblocks(&self, a: &mut Alloc, first: u64, n: u64) -> Result<()> {
+        let rbe = self.rb_entries();
+        let mut bi = first / rbe;
+        while bi <= (first + n - 1) / rbe {
+            if bi as usize >= a.reftable.len() {
+                self.grow_reftable(a, bi + 1)?;
+            }
+            if a.reftable[bi as usize] == 0 {
+                self.new_refblock(a, bi)?;
+            }
+            bi += 1;
+        }
+        Ok(())
+    }
+
+    /// Allocates refcount block `bi` at the frontier.
+    fn new_refblock(&self, a: &mut Alloc, bi: u64) -> Result<()> {
+        let rbe = self.rb_entries();
+        let c = a.frontier;
+        a.frontier += 1;
+        let mut block = vec![0u8; self.cluster_size() as usize];
+        let self_covered = c / rbe == bi;
+        if self_covered {
+            qcow2::refcount_set(&mut block, (c % rbe) as usize, 1);
+        }
+        let off = c << self.cluster_bits;
+        self.pwrite(&block, off, "writing a new refcount block")?;
+        // Record it in memory before describing its own cluster, so that a
+        // recursive allocation sees it.
+        a.reftable[bi as usize] = off;
+        if !self_covered {
+            self.ensure_refblocks(a, c, 1)?;
+            self.set_refcounts(a, c, 1, 1)?;
+        }
+        // The block (and its own refcount) is durable before the table entry.
+        self.sync("allocating a refcount block")?;
+        self.pwrite(
+            &off.to_be_bytes(),
+            a.reftable_offset + bi * 8,
+            "writing a refcount table entry",
+        )
+    }
+
+    /// Moves the refcount table to a larger one at the frontier.
+    fn grow_reftable(&self, a: &mut Alloc, min_entries: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let rbe = self.rb_entries();
+        let old_off = a.reftable_offset;
+        let old_clusters = a.reftable_clusters;
+        // Room for the blocks the new table and its own refcount blocks need.
+        let want = (min_entries.max(a.reftable.len() as u64 * 2) + 4).max(a.frontier / rbe + 8);
+        let new_clusters = (want * 8).div_ceil(cs);
+        if new_clusters * cs > qcow2::MAX_REFTABLE_BYTES {
+            return Err(Error::new(
+                ErrorKind::OutOfBounds,
+                format!(
+                    "{}: the refcount table would exceed its maximum size",
+                    self.path
+                ),
+            ));
+        }
+        let first = a.frontier;
+        a.frontier += new_clusters;
+        a.reftable.resize((new_clusters * cs / 8) as usize, 0);
+        a.reftable_offset = first << self.cluster_bits;
+        a.reftable_clusters = new_clusters;
+        self.ensure_refblocks(a, first, new_clusters)?;
+        self.set_refcounts(a, first, new_clusters, 1)?;
+        let mut raw = Vec::with_capacity(a.reftable.len() * 8);
+        for e in &a.reftable {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        self.pwrite(&raw, a.reftable_offset, "writing the grown refcount table")?;
+        self.sync("growing the refcount table")?;
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&a.reftable_offset.to_be_bytes());
+        hdr[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
+        self.pwrite(
+            &hdr,
+            HDR_REFTABLE_OFFSET,
+            "pointing the header to the new refcount table",
+        )?;
+        self.sync("growing the refcount table")?;
+        self.set_refcounts(a, old_off >> self.cluster_bits, old_clusters, 0)
+    }
+
+    /// Writes refcount `value` for clusters `[first, first + n)`; their blocks exist.
+    fn set_refcounts(&self, a: &Alloc, first: u64, n: u64, value: u16) -> Result<()> {
+        let rbe = self.rb_entries();
+        let mut c = first;
+        let end = first + n;
+        while c < end {
+            let bi = c / rbe;
+            let stop = end.min((bi + 1) * rbe);
+            let block = a.reftable[bi as usize];
+            debug_assert!(block != 0, "refcount block {bi} missing");
+            let run: Vec<u8> = (c..stop).flat_map(|_| value.to_be_bytes()).collect();
+            self.pwrite(&run, block + (c % rbe) * 2, "writing refcounts")?;
+            c = stop;
+        }
+        Ok(())
+    }
+
+    /// Frees clusters handed back by the cores, shrinks the file if its tail
+    /// is free, and syncs. Called once, after every core has stopped.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut a = self.lock();
+        let mut returned = std::mem::take(&mut a.returned);
+        returned.sort();
+        for &(first, n) in &returned {
+            self.set_refcounts(&a, first, n, 0)?;
+        }
+        // Drop free ranges at the end of the file.
+        while let Some(&(first, n)) = returned.last() {
+            if first + n != a.frontier {
+                break;
+            }
+            a.frontier = first;
+            returned.pop();
+        }
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(e, format!("{}: stat", self.path)))?
+            .len();
+        let end = a.frontier << self.cluster_bits;
+        if len > end {
+            self.file
+                .set_len(end)
+                .map_err(|e| Error::io(e, format!("{}: truncating free clusters", self.path)))?;
+        }
+        self.sync("closing")
+    }
+}

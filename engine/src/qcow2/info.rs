@@ -1,0 +1,275 @@
+//! Image information: what `qemu-img info` says, plus how much of the
+//! virtual disk the overlay holds, the backing chain holds, and nobody holds.
+//!
+//! What it owns: a read-only walk of the overlay's L1/L2 tables and, for the
+//! clusters the overlay does not hold, a lookup through the backing chain.
+//!
+//! What it never does: write, or read guest data.
+//!
+//! Invariants: `overlay_data_bytes + overlay_zero_bytes + backing_bytes +
+//! unallocated_bytes == virtual_size`; the last, partial cluster counts only
+//! up to the virtual size. Memory is bounded: one L2 table of the overlay at
+//! a time and a fixed budget for backing L2 tables.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::entry::{decode_l1, decode_l2, L2Entry};
+use super::header::{read_exact_at, Header};
+use crate::backing::{Chain, ChainCache, Source};
+use crate::error::{Error, Result};
+
+/// Budget for backing L2 tables while counting backing bytes.
+const INFO_CACHE_BYTES: u64 = 32 << 20;
+/// Largest range handed to one `Chain::resolve`, to bound its output.
+const RESOLVE_CHUNK_BYTES: u64 = 1 << 30;
+
+/// One layer of the backing chain.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackingInfo {
+    pub filename: String,
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub filename: String,
+    /// Always "qcow2".
+    pub format: String,
+    pub virtual_size: u64,
+    /// Bytes the file occupies on disk (st_blocks * 512).
+    pub disk_size: u64,
+    pub cluster_size: u64,
+    /// "1.1" (version 3) or "0.10" (version 2).
+    pub compat: String,
+    pub dirty: bool,
+    pub corrupt: bool,
+    /// The backing chain, nearest first.
+    pub backing_chain: Vec<BackingInfo>,
+    /// Virtual bytes the overlay holds as data.
+    pub overlay_data_bytes: u64,
+    /// Virtual bytes the overlay records as zeros.
+    pub overlay_zero_bytes: u64,
+    /// Virtual bytes not in the overlay but held as data by a backing layer.
+    pub backing_bytes: u64,
+    /// Virtual bytes held nowhere (or as zero clusters in a backing layer):
+    /// they read as zeros.
+    pub unallocated_bytes: u64,
+}
+
+/// Describes the qcow2 image at `path` and its backing chain.
+pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
+    let path = path.as_ref();
+    let path_s = path.display().to_string();
+    let file = File::open(path).map_err(|e| Error::io(e, format!("opening {path_s}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(e, format!("stat {path_s}")))?;
+    let h = Header::read_from(&file, &path_s)?;
+    let chain = match &h.backing_file {
+        Some(b) => Some(Chain::open(path, b, h.backing_format.as_deref())?),
+        None => None,
+    };
+    let mut info = ImageInfo {
+        filename: path_s.clone(),
+        format: "qcow2".into(),
+        virtual_size: h.size,
+        disk_size: meta.blocks() * 512,
+        cluster_size: h.cluster_size(),
+        compat: h.compat_name().into(),
+        dirty: h.is_dirty(),
+        corrupt: h.is_corrupt(),
+        backing_chain: Vec::new(),
+        overlay_data_bytes: 0,
+        overlay_zero_bytes: 0,
+        backing_bytes: 0,
+        unallocated_bytes: 0,
+    };
+    if let Some(c) = &chain {
+        info.backing_chain = (0..c.depth())
+            .map(|i| BackingInfo {
+                filename: c.layer_name(i).to_string(),
+                format: c.layer_format(i).to_string(),
+                virtual_size: c.layer_size(i),
+            })
+            .collect();
+    }
+
+    let cs = h.cluster_size();
+    let file_len = meta.len();
+    let mut cache = ChainCache::new(INFO_CACHE_BYTES);
+    let mut segs = Vec::new();
+    // Unallocated ranges are gathered into runs so that the chain sees few,
+    // long lookups.
+    let mut run: Option<(u64, u64)> = None;
+    let mut flush = |run: &mut Option<(u64, u64)>, info: &mut ImageInfo| -> Result<()> {
+        let Some((start, end)) = run.take() else {
+            return Ok(());
+        };
+        let Some(c) = &chain else {
+            info.unallocated_bytes += end - start;
+            return Ok(());
+        };
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(RESOLVE_CHUNK_BYTES);
+            segs.clear();
+            c.resolve(&mut cache, pos, n, &mut segs)?;
+            for s in &segs {
+                match s.source {
+                    Source::File { .. } => info.backing_bytes += s.len,
+                    Source::Zero => info.unallocated_bytes += s.len,
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    };
+
+    let mut l1 = vec![0u8; h.l1_size as usize * 8];
+    read_exact_at(&file, &mut l1, h.l1_table_offset, &path_s)?;
+    let l2_span = h.l2_entries() * cs;
+    let mut l2 = vec![0u8; cs as usize];
+    for (l1_index, chunk) in l1.chunks_exact(8).enumerate() {
+        let base = l1_index as u64 * l2_span;
+        if base >= h.size {
+            break;
+        }
+        let raw = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+        let l2_offset =
+            decode_l1(raw, cs).map_err(|e| e.context(format!("{path_s}: L1 entry {l1_index}")))?;
+        let Some(l2_offset) = l2_offset else {
+            let end = (base + l2_span).min(h.size);
+            run = Some((run.map_or(base, |r| r.0), end));
+            continue;
+        };
+        if l2_offset.checked_add(cs).is_none_or(|e| e > file_len) {
+            return Err(Error::corrupt(format!(
+                "{path_s}: L2 table at offset {l2_offset:#x} (L1 entry {l1_index}) lies past the \
+                 end of the file ({file_len} bytes)"
+            )));
+        }
+        read_exact_at(&file, &mut l2, l2_offset, &path_s)?;
+        for (i, e) in l2.chunks_exact(8).enumerate() {
+            let start = base + i as u64 * cs;
+            if start >= h.size {
+                break;
+            }
+            let end = (start + cs).min(h.size);
+            let raw = u64::from_be_bytes(e.try_into().expect("8 bytes"));
+            let entry = decode_l2(raw, h.version, cs)
+                .map_err(|e| e.context(format!("{path_s}: guest offset {start:#x}")))?;
+            if entry == L2Entry::Unallocated {
+                run = Some((run.map_or(start, |r| r.0), end));
+                continue;
+            }
+            flush(&mut run, &mut info)?;
+            match entry {
+                L2Entry::Zero { .. } => info.overlay_zero_bytes += end - start,
+                _ => info.overlay_data_bytes += end - start,
+            }
+        }
+    }
+    // Entries past the L1 table cannot exist (the parser checked that the
+    // table covers the size), but a short table would be counted here.
+    let covered = (h.l1_size as u64 * l2_span).min(h.size);
+    if covered < h.size {
+        run = Some((run.map_or(covered, |r| r.0), h.size));
+    }
+    flush(&mut run, &mut info)?;
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qcow2::testutil::{qemu_img, qemu_io, tool_available};
+
+    #[test]
+    fn counts_overlay_backing_and_holes() {
+        if !tool_available("qemu-img") || !tool_available("qemu-io") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Backing: 3 MiB raw, all data.
+        std::fs::write(d.join("base.raw"), vec![5u8; 3 << 20]).unwrap();
+        let mid = d.join("mid.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            mid.to_str().unwrap(),
+            "3M",
+        ]);
+        // A zero cluster in mid hides 64k of base: neither data nor backing.
+        qemu_io(&mid, "qcow2", &["write -z 1M 64k"]);
+        let ov = d.join("ov.qcow2");
+        // 5M + 1000 bytes (rounded to 512 by qemu-img): a partial last cluster.
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            ov.to_str().unwrap(),
+            "5243880",
+        ]);
+        qemu_io(
+            &ov,
+            "qcow2",
+            &["write -P 1 0 128k", "write -z 2M 64k", "write -P 2 5M 512"],
+        );
+        let i = info(&ov).unwrap();
+        let size = 5243904u64;
+        assert_eq!(i.virtual_size, size);
+        assert_eq!(i.cluster_size, 65536);
+        assert_eq!(i.compat, "1.1");
+        assert_eq!(i.backing_chain.len(), 2);
+        assert_eq!(i.backing_chain[0].format, "qcow2");
+        assert_eq!(i.backing_chain[1].format, "raw");
+        assert_eq!(i.backing_chain[1].virtual_size, 3 << 20);
+        assert_eq!(i.overlay_data_bytes, (128 << 10) + (size - (5 << 20)));
+        assert_eq!(i.overlay_zero_bytes, 64 << 10);
+        assert_eq!(
+            i.backing_bytes,
+            (3 << 20) - (128 << 10) - (64 << 10) - (64 << 10)
+        );
+        assert_eq!(
+            i.overlay_data_bytes + i.overlay_zero_bytes + i.backing_bytes + i.unallocated_bytes,
+            size
+        );
+        assert!(i.disk_size > 0);
+        assert!(!i.dirty && !i.corrupt);
+        serde_json::to_string(&i).unwrap();
+
+        // No backing at all.
+        let solo = d.join("solo.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            solo.to_str().unwrap(),
+            "1G",
+        ]);
+        let i = info(&solo).unwrap();
+        assert_eq!(i.compat, "0.10");
+        assert_eq!(i.unallocated_bytes, 1 << 30);
+        assert!(i.backing_chain.is_empty());
+    }
+}

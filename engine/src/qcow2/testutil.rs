@@ -1,0 +1,74 @@
+//! Test helpers: running qemu-img / qemu-io as oracles.
+//!
+//! A test that needs a tool fails when the tool is missing under CI
+//! (`CI=true`), and says out loud that it skips otherwise.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// True when `tool` can be run. Panics when it cannot and `CI` is set.
+pub(crate) fn tool_available(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{tool} is required under CI but could not be run");
+        }
+        eprintln!("SKIPPING: {tool} is not installed");
+    }
+    ok
+}
+
+/// Runs a tool; panics with its stderr when it fails.
+pub(crate) fn run(tool: &str, args: &[&str]) -> Output {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {tool} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub(crate) fn qemu_img(args: &[&str]) -> Output {
+    run("qemu-img", args)
+}
+
+/// `qemu-io -f <fmt> -c <cmd>...` on an image.
+pub(crate) fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img.to_str().unwrap());
+    let out = run("qemu-io", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "qemu-io {args:?}: {text}"
+    );
+}
+
+/// `qemu-img check` exit code and stdout (not asserting success).
+pub(crate) fn qemu_check(img: &Path) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", img.to_str().unwrap()])
+        .output()
+        .expect("run qemu-img check");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

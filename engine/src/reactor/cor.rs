@@ -1,0 +1,1144 @@
+//! The copy-on-read state machines: the steps of reads, fills, writes,
+//! block-status queries and commits on one core.
+//!
+//! A request part is cut into pieces of at most one cluster. Each piece walks
+//! its steps, and each step returns the I/O it needs:
+//!
+//! - **read**: look up the L2 entry → allocated: read the overlay (no lock);
+//!   zero: zeros; unallocated: join the cluster's fill if there is one
+//!   (single-flight), else start one.
+//! - **fill** (one per missing cluster, holding its lock): read the backing
+//!   data → answer every waiting reader at once → write the cluster back
+//!   (or record a zero cluster) → publish the L2 entry in the cache →
+//!   unlock. The readers do not wait for the write-back.
+//! - **write** (holding the cluster's lock): look up → allocated: write in
+//!   place (read-modify-write for unaligned edges); otherwise build the whole
+//!   cluster in a private buffer (backing data or zeros, then the client's
+//!   bytes) → write it to a new cluster → publish → unlock.
+//! - **commit**: fdatasync → write the dirty L2 blocks as they were when the
+//!   sync was issued → (for flushes) fdatasync again. **Invariant 1**: an L2
+//!   entry is written only after an fdatasync that was issued after its data
+//!   write completed, because entries are published only on completion and
+//!   the snapshot is taken when the sync is issued.
+//!
+//! **Invariant 4** (reads are whole): an entry is published only after its
+//! cluster's data write completed, so a reader that finds it allocated reads
+//! complete data; a reader that finds it unallocated reads backing data or
+//! the fill's buffer, which holds the full backing data before anyone sees it.
+
+use super::l2cache::{BlockState, BLOCK_BYTES, BLOCK_ENTRIES};
+use super::request::{ReqKind, Request};
+use super::{
+    Core, Ev, PartState, FILE_BACKING0, FILE_DATA, TAG_COMMIT, TAG_FILL, TAG_L2, TAG_PIECE,
+};
+use crate::backing::Source;
+use crate::disk::{BlockStatus, ExtentKind};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{Cqe, FileId, Io, IoBuf, Op, IO_ALIGN};
+use crate::locks::Holder;
+use crate::qcow2::{decode_l2, encode_l2, L2Entry};
+use std::rc::Rc;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Start,
+    OverlayRead,
+    PassThrough,
+    RmwRead,
+    Gather,
+    WriteData,
+}
+
+pub struct Piece {
+    part: usize,
+    kind: ReqKind,
+    cluster: u64,
+    /// Byte range within the cluster.
+    start: u64,
+    len: u64,
+    /// Offset of this piece in the request's buffer.
+    buf_off: u64,
+    step: Step,
+    buf: Option<Rc<IoBuf>>,
+    io_pending: u32,
+    io_error: Option<Error>,
+    /// Start of the aligned span `buf` holds, within the cluster.
+    span_lo: u64,
+    /// Host offset of the cluster being written.
+    host: u64,
+    /// The write makes the cluster allocated: publish `Data { host }` after it.
+    publish: bool,
+    /// Bytes the current write must transfer.
+    write_len: usize,
+    pinned: bool,
+    locked: bool,
+}
+
+pub struct Fill {
+    cluster: u64,
+    buf: Option<Rc<IoBuf>>,
+    pending: u32,
+    ready: bool,
+    writing: bool,
+    readers: Vec<usize>,
+    error: Option<Error>,
+    host: u64,
+    fetched: u64,
+}
+
+#[derive(Default)]
+pub struct Commit {
+    in_flight: bool,
+    phase: u8,
+    pending: u32,
+    blocks: Vec<(u64, u64)>,
+    waiters: Vec<Arc<Request>>,
+    error: Option<Error>,
+    /// A close asked for this commit: hand back the reserve after it.
+    closing: bool,
+}
+
+const PHASE_SYNC1: usize = 0;
+const PHASE_WRITE: usize = 1;
+const PHASE_SYNC2: usize = 2;
+
+fn kernel_result(res: i32, what: impl FnOnce() -> String) -> Result<usize> {
+    if res < 0 {
+        Err(Error::from_errno(-res, what()))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+impl Core {
+    fn cluster_bits(&self) -> u32 {
+        self.shared.meta.cluster_bits
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits()
+    }
+
+    fn version(&self) -> u32 {
+        self.shared.meta.header.version
+    }
+
+    /// Bytes of cluster `c` that lie inside the disk.
+    fn valid_len(&self, c: u64) -> u64 {
+        let start = c << self.cluster_bits();
+        self.cs().min(self.shared.size - start)
+    }
+
+    fn bump(&self, counter: fn(&super::CoreStats) -> &std::sync::atomic::AtomicU64, n: u64) {
+        counter(&self.shared.stats[self.id]).fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn writable(&self) -> bool {
+        !self.shared.read_only && !self.shared.meta.is_poisoned()
+    }
+
+    // ----- parts -----------------------------------------------------------
+
+    pub(super) fn start_part(&mut self, req: Arc<Request>, offset: u64, len: u64, buf_off: u64) {
+        match req.kind {
+            ReqKind::Flush => {
+                self.flush_waiters.push(req);
+                return;
+            }
+            ReqKind::Close => {
+                self.closing = Some(req);
+                return;
+            }
+            _ => {}
+        }
+        if matches!(req.kind, ReqKind::Write | ReqKind::Zero) {
+            if let Err(e) = self.shared.meta.check_writable() {
+                req.finish_part(Some(e));
+                return;
+            }
+        }
+        let part = self.parts.insert(PartState {
+            req,
+            pending: 0,
+            error: None,
+            bytes: len,
+        });
+        let kind = self.parts[part].req.kind;
+        let cs = self.cs();
+        let mut pos = offset;
+        let end = offset + len;
+        let mut n = 0;
+        while pos < end {
+            let cluster = pos >> self.cluster_bits();
+            let stop = if kind == ReqKind::Status {
+                end
+            } else {
+                end.min((cluster + 1) * cs)
+            };
+            let id = self.pieces.insert(Piece {
+                part,
+                kind,
+                cluster,
+                start: pos - (cluster << self.cluster_bits()),
+                len: stop - pos,
+                buf_off: buf_off + pos - offset,
+                step: Step::Start,
+                buf: None,
+                io_pending: 0,
+                io_error: None,
+                span_lo: 0,
+                host: 0,
+                publish: false,
+                write_len: 0,
+                pinned: false,
+                locked: false,
+            });
+            self.events.push_back(Ev::Run(id));
+            n += 1;
+            pos = stop;
+        }
+        self.parts[part].pending = n;
+        if n == 0 {
+            let p = self.parts.remove(part);
+            p.req.finish_part(None);
+        }
+    }
+
+    fn finish_piece(&mut self, id: usize, result: Result<()>) {
+        let p = self.pieces.remove(id);
+        if p.pinned {
+            self.unpin(p.cluster);
+        }
+        if p.locked {
+            for w in self.locks.unlock(p.cluster) {
+                self.events.push_back(Ev::Run(w));
+            }
+        }
+        if let Some(b) = p.buf {
+            self.pool.put(b);
+        }
+        let part = &mut self.parts[p.part];
+        if let Err(e) = result {
+            part.error.get_or_insert(e);
+        }
+        part.pending -= 1;
+        if part.pending == 0 {
+            let part = self.parts.remove(p.part);
+            if part.error.is_none() {
+                match part.req.kind {
+                    ReqKind::Read => self.bump(|s| &s.bytes_read, part.bytes),
+                    ReqKind::Write | ReqKind::Zero => self.bump(|s| &s.bytes_written, part.bytes),
+                    _ => {}
+                }
+            }
+            part.req.finish_part(part.error);
+        }
+    }
+
+    /// Copies `data` into the request buffer of piece `id`.
+    fn deliver(&self, id: usize, data: &[u8]) {
+        let p = &self.pieces[id];
+        let req = &self.parts[p.part].req;
+        let mut buf = req.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let o = p.buf_off as usize;
+        buf[o..o + data.len()].copy_from_slice(data);
+    }
+
+    fn deliver_zeros(&self, id: usize) {
+        let p = &self.pieces[id];
+        let req = &self.parts[p.part].req;
+        let mut buf = req.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let o = p.buf_off as usize;
+        buf[o..o + p.len as usize].fill(0);
+    }
+
+    // ----- L2 lookups ------------------------------------------------------
+
+    /// The raw L2 entry of `cluster`, or None if piece `id` now waits for
+    /// its block to load.
+    fn lookup(&mut self, id: usize, cluster: u64) -> Option<Result<u64>> {
+        let key = cluster / BLOCK_ENTRIES as u64;
+        let idx = (cluster % BLOCK_ENTRIES as u64) as usize;
+        if let Some(b) = self.l2.get(key) {
+            return match &mut b.state {
+                BlockState::Ready => Some(Ok(b.entries[idx])),
+                BlockState::Loading(waiters) => {
+                    waiters.push(id);
+                    None
+                }
+            };
+        }
+        let l2e = self.cs() / 8;
+        let table = match self.shared.meta.l2_table(cluster / l2e) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        let Some(table) = table else {
+            // No L2 table: every entry is unallocated. Only this core ever
+            // writes this block, so an all-zero copy is authoritative.
+            self.l2
+                .insert(key, BlockState::Ready, Box::new([0; BLOCK_ENTRIES]));
+            return Some(Ok(0));
+        };
+        let within = (cluster % l2e) / BLOCK_ENTRIES as u64;
+        let off = table + within * BLOCK_BYTES as u64;
+        self.l2.insert(
+            key,
+            BlockState::Loading(vec![id]),
+            Box::new([0; BLOCK_ENTRIES]),
+        );
+        let buf = self.pool.get(BLOCK_BYTES);
+        self.io
+            .push(TAG_L2 | key, Op::read(FILE_DATA, off, buf, 0, BLOCK_BYTES));
+        None
+    }
+
+    pub(super) fn l2_loaded(&mut self, key: u64, cqe: Cqe) {
+        let buf = cqe.buf.expect("L2 load has a buffer");
+        let res = kernel_result(cqe.result, || {
+            format!("{}: reading L2 block {key}", self.shared.meta.path)
+        })
+        .and_then(|n| {
+            if n == BLOCK_BYTES {
+                Ok(())
+            } else {
+                Err(Error::corrupt(format!(
+                    "{}: L2 block {key} lies past the end of the file",
+                    self.shared.meta.path
+                )))
+            }
+        });
+        let b = self.l2.get(key).expect("loading block is cached");
+        let BlockState::Loading(waiters) = std::mem::replace(&mut b.state, BlockState::Ready)
+        else {
+            unreachable!("L2 block {key} loaded twice");
+        };
+        match res {
+            Ok(()) => {
+                for (e, raw) in b.entries.iter_mut().zip(buf.as_slice().chunks_exact(8)) {
+                    *e = u64::from_be_bytes(raw.try_into().unwrap());
+                }
+                for w in waiters {
+                    self.events.push_back(Ev::Run(w));
+                }
+            }
+            Err(e) => {
+                self.l2.remove(key);
+                for w in waiters {
+                    self.finish_piece(w, Err(e.clone()));
+                }
+            }
+        }
+        self.pool.put(buf);
+    }
+
+    fn pin(&mut self, id: usize) {
+        let c = self.pieces[id].cluster;
+        if !self.pieces[id].pinned {
+            self.l2
+                .get(c / BLOCK_ENTRIES as u64)
+                .expect("pinning a cached block")
+                .pins += 1;
+            self.pieces[id].pinned = true;
+        }
+    }
+
+    fn unpin(&mut self, cluster: u64) {
+        let b = self
+            .l2
+            .get(cluster / BLOCK_ENTRIES as u64)
+            .expect("pinned block stays cached");
+        b.pins -= 1;
+    }
+
+    /// Makes `entry` the cluster's L2 entry in the cache (written by a later
+    /// commit). The block must be pinned by the caller.
+    fn publish(&mut self, cluster: u64, entry: L2Entry) -> Result<()> {
+        let l2e = self.cs() / 8;
+        self.shared.meta.ensure_l2_table(cluster / l2e)?;
+        let b = self
+            .l2
+            .get(cluster / BLOCK_ENTRIES as u64)
+            .expect("publishing into a pinned block");
+        b.entries[(cluster % BLOCK_ENTRIES as u64) as usize] = encode_l2(&entry);
+        b.generation += 1;
+        Ok(())
+    }
+
+    fn decode(&self, raw: u64) -> Result<L2Entry> {
+        decode_l2(raw, self.version(), self.cs())
+    }
+
+    /// A free host cluster from this core's reserve (refilled in batches).
+    fn alloc_cluster(&mut self) -> Result<u64> {
+        if self.reserve.0 == self.reserve.1 {
+            let batch = (32u64 << 20 >> self.cluster_bits()).clamp(1, 256);
+            let first = self.shared.meta.reserve(batch)?;
+            self.reserve = (first, first + batch);
+        }
+        let c = self.reserve.0;
+        self.reserve.0 += 1;
+        Ok(c << self.cluster_bits())
+    }
+
+    /// Backing segments for guest range `[off, off + len)` into `self.segs`.
+    fn resolve(&mut self, off: u64, len: u64) -> Result<()> {
+        self.segs.clear();
+        let chain = self
+            .shared
+            .chain
+            .as_ref()
+            .expect("resolve needs a backing chain");
+        chain.resolve(&mut self.chain_cache, off, len, &mut self.segs)
+    }
+
+    /// Pushes reads of `self.segs` into `buf` (zeroed first). Returns the
+    /// number of reads and the bytes they fetch.
+    fn push_backing_reads(&mut self, token: u64, buf: &mut Rc<IoBuf>, at: usize) -> (u32, u64) {
+        let total: u64 = self.segs.iter().map(|s| s.len).sum();
+        IoBuf::unique_mut(buf)[at..at + total as usize].fill(0);
+        let mut pos = at;
+        let mut n = 0;
+        let mut bytes = 0;
+        for s in &self.segs {
+            if let Source::File { layer, host_offset } = s.source {
+                let file = FileId(FILE_BACKING0 + layer as u32);
+                self.io.push(
+                    token,
+                    Op::read(file, host_offset, buf.clone(), pos, s.len as usize),
+                );
+                n += 1;
+                bytes += s.len;
+            }
+            pos += s.len as usize;
+        }
+        (n, bytes)
+    }
+
+    // ----- pieces ----------------------------------------------------------
+
+    pub(super) fn run_piece(&mut self, id: usize) {
+        let r = match self.pieces[id].kind {
+            ReqKind::Read => self.run_read(id),
+            ReqKind::Write | ReqKind::Zero => self.run_write(id),
+            ReqKind::Status => self.run_status(id),
+            k => unreachable!("{k:?} has no pieces"),
+        };
+        if let Err(e) = r {
+            self.finish_piece(id, Err(e));
+        }
+    }
+
+    fn run_read(&mut self, id: usize) -> Result<()> {
+        let (cluster, start, len) = {
+            let p = &self.pieces[id];
+            (p.cluster, p.start, p.len)
+        };
+        let Some(raw) = self.lookup(id, cluster) else {
+            return Ok(());
+        };
+        match self.decode(raw?)? {
+            L2Entry::Data { host } => {
+                self.bump(|s| &s.overlay_hits, 1);
+                let lo = start & !(IO_ALIGN as u64 - 1);
+                let hi = (start + len)
+                    .next_multiple_of(IO_ALIGN as u64)
+                    .min(self.cs());
+                let mut buf = self.pool.get((hi - lo) as usize);
+                IoBuf::unique_mut(&mut buf).fill(0);
+                self.io.push(
+                    TAG_PIECE | id as u64,
+                    Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
+                );
+                let p = &mut self.pieces[id];
+                p.buf = Some(buf);
+                p.span_lo = lo;
+                p.step = Step::OverlayRead;
+                p.io_pending = 1;
+                Ok(())
+            }
+            L2Entry::Zero { .. } => {
+                self.bump(|s| &s.overlay_hits, 1);
+                self.deliver_zeros(id);
+                self.finish_piece(id, Ok(()));
+                Ok(())
+            }
+            L2Entry::Compressed(_) => Err(Error::unsupported(format!(
+                "{}: compressed clusters are not supported yet",
+                self.shared.meta.path
+            ))),
+            L2Entry::Unallocated => self.read_unallocated(id),
+        }
+    }
+
+    fn read_unallocated(&mut self, id: usize) -> Result<()> {
+        let (cluster, start, len) = {
+            let p = &self.pieces[id];
+            (p.cluster, p.start, p.len)
+        };
+        if self.shared.chain.is_none() {
+            self.deliver_zeros(id);
+            self.finish_piece(id, Ok(()));
+            return Ok(());
+        }
+        if !self.shared.copy_on_read || !self.writable() {
+            // Pass-through: read the backing image directly; no lock needed,
+            // since nothing is written back.
+            self.bump(|s| &s.misses, 1);
+            let base = cluster << self.cluster_bits();
+            self.resolve(base + start, len)?;
+            let mut buf = self.pool.get(len as usize);
+            let (n, bytes) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
+            self.bump(|s| &s.bytes_fetched, bytes);
+            let p = &mut self.pieces[id];
+            p.buf = Some(buf);
+            p.step = Step::PassThrough;
+            p.io_pending = n;
+            if n == 0 {
+                self.piece_step_done(id);
+            }
+            return Ok(());
+        }
+        match self.locks.holder(cluster) {
+            Some(Holder::Fill(fid)) => {
+                self.bump(|s| &s.dedup_hits, 1);
+                let f = &mut self.fills[fid];
+                if f.ready {
+                    let buf = f.buf.clone().expect("ready fill has data");
+                    self.deliver(id, &buf.as_slice()[start as usize..(start + len) as usize]);
+                    self.finish_piece(id, Ok(()));
+                } else {
+                    f.readers.push(id);
+                }
+                Ok(())
+            }
+            Some(Holder::Write) => {
+                self.locks.wait(cluster, id);
+                Ok(())
+            }
+            None => self.start_fill(id),
+        }
+    }
+
+    fn start_fill(&mut self, id: usize) -> Result<()> {
+        let cluster = self.pieces[id].cluster;
+        let base = cluster << self.cluster_bits();
+        let valid = self.valid_len(cluster);
+        self.resolve(base, valid)?;
+        if self.segs.iter().all(|s| s.depth == 0) {
+            // Allocated nowhere in the chain: zeros, and nothing to copy.
+            self.deliver_zeros(id);
+            self.finish_piece(id, Ok(()));
+            return Ok(());
+        }
+        let fid = self.fills.insert(Fill {
+            cluster,
+            buf: None,
+            pending: 0,
+            ready: false,
+            writing: false,
+            readers: vec![id],
+            error: None,
+            host: 0,
+            fetched: 0,
+        });
+        let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
+        debug_assert!(locked, "fill started on a locked cluster");
+        // Keep the block cached until the entry is published.
+        let key = cluster / BLOCK_ENTRIES as u64;
+        self.l2.get(key).expect("looked-up block is cached").pins += 1;
+        let mut buf = self.pool.get(self.cs() as usize);
+        IoBuf::unique_mut(&mut buf).fill(0);
+        let (n, bytes) = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
+        self.bump(|s| &s.misses, 1);
+        let f = &mut self.fills[fid];
+        f.buf = Some(buf);
+        f.pending = n;
+        f.fetched = bytes;
+        if n == 0 {
+            self.events.push_back(Ev::FillData(fid));
+        }
+        Ok(())
+    }
+
+    pub(super) fn fill_io_done(&mut self, fid: usize, cqe: Cqe) {
+        let path = &self.shared.meta.path;
+        let f = &mut self.fills[fid];
+        let res = kernel_result(cqe.result, || {
+            if f.writing {
+                format!("{path}: copy-on-read write-back of cluster {}", f.cluster)
+            } else {
+                format!("{path}: reading backing data for cluster {}", f.cluster)
+            }
+        });
+        drop(cqe.buf);
+        match res {
+            Err(e) if !f.writing => {
+                f.error.get_or_insert(e.context("backing image"));
+            }
+            Err(e) => {
+                f.error.get_or_insert(e);
+            }
+            Ok(n) if f.writing && n != 1 << self.shared.meta.cluster_bits => {
+                f.error
+                    .get_or_insert(Error::new(ErrorKind::Io, "short copy-on-read write-back"));
+            }
+            Ok(_) => {}
+        }
+        f.pending -= 1;
+        if f.pending > 0 {
+            return;
+        }
+        if f.writing {
+            self.fill_written(fid);
+        } else {
+            self.fill_data_ready(fid);
+        }
+    }
+
+    pub(super) fn fill_data_ready(&mut self, fid: usize) {
+        let readers = std::mem::take(&mut self.fills[fid].readers);
+        if let Some(e) = self.fills[fid].error.take() {
+            let e = Error::new(ErrorKind::BackingUnavailable, e.to_string());
+            for r in readers {
+                self.finish_piece(r, Err(e.clone()));
+            }
+            self.release_fill(fid);
+            return;
+        }
+        self.fills[fid].ready = true;
+        let buf = self.fills[fid].buf.clone().expect("fill has a buffer");
+        for r in readers {
+            let (s, l) = (self.pieces[r].start as usize, self.pieces[r].len as usize);
+            self.deliver(r, &buf.as_slice()[s..s + l]);
+            self.finish_piece(r, Ok(()));
+        }
+        self.bump(|s| &s.bytes_fetched, self.fills[fid].fetched);
+        if !self.writable() {
+            drop(buf);
+            self.release_fill(fid);
+            return;
+        }
+        let cluster = self.fills[fid].cluster;
+        if self.version() >= 3 && buf.as_slice().iter().all(|&b| b == 0) {
+            // Zero detection keeps the overlay sparse.
+            drop(buf);
+            if self.publish(cluster, L2Entry::Zero { host: None }).is_ok() {
+                self.bump(|s| &s.cor_zero_fills, 1);
+            }
+            self.release_fill(fid);
+            return;
+        }
+        let host = match self.alloc_cluster() {
+            Ok(h) => h,
+            Err(_) => {
+                self.bump(|s| &s.writeback_errors, 1);
+                drop(buf);
+                self.release_fill(fid);
+                return;
+            }
+        };
+        let cs = self.cs() as usize;
+        self.io.push(
+            TAG_FILL | fid as u64,
+            Op::write(FILE_DATA, host, buf, 0, cs),
+        );
+        let f = &mut self.fills[fid];
+        f.host = host;
+        f.writing = true;
+        f.pending = 1;
+    }
+
+    fn fill_written(&mut self, fid: usize) {
+        let f = &mut self.fills[fid];
+        let (cluster, host, err) = (f.cluster, f.host, f.error.take());
+        // A failed write-back loses only copy-on-read work (the reserved
+        // cluster leaks); the readers were answered already.
+        if err.is_none() && self.publish(cluster, L2Entry::Data { host }).is_ok() {
+            self.bump(|s| &s.cor_fills, 1);
+        } else {
+            self.bump(|s| &s.writeback_errors, 1);
+        }
+        self.release_fill(fid);
+    }
+
+    fn release_fill(&mut self, fid: usize) {
+        let f = self.fills.remove(fid);
+        debug_assert!(f.readers.is_empty());
+        self.unpin(f.cluster);
+        for w in self.locks.unlock(f.cluster) {
+            self.events.push_back(Ev::Run(w));
+        }
+        if let Some(b) = f.buf {
+            self.pool.put(b);
+        }
+    }
+
+    fn run_write(&mut self, id: usize) -> Result<()> {
+        let (cluster, start, len, kind) = {
+            let p = &self.pieces[id];
+            (p.cluster, p.start, p.len, p.kind)
+        };
+        if !self.pieces[id].locked {
+            if !self.locks.try_lock(cluster, Holder::Write) {
+                self.locks.wait(cluster, id);
+                return Ok(());
+            }
+            self.pieces[id].locked = true;
+        }
+        self.shared.meta.check_writable()?;
+        let Some(raw) = self.lookup(id, cluster) else {
+            return Ok(());
+        };
+        let entry = self.decode(raw?)?;
+        self.pin(id);
+        let zero = kind == ReqKind::Zero;
+        let valid = self.valid_len(cluster);
+        let whole = start == 0 && start + len >= valid;
+        let v3 = self.version() >= 3;
+        match entry {
+            L2Entry::Compressed(_) => Err(Error::unsupported(format!(
+                "{}: compressed clusters are not supported yet",
+                self.shared.meta.path
+            ))),
+            L2Entry::Data { host } => {
+                if zero && whole && v3 {
+                    self.publish(cluster, L2Entry::Zero { host: Some(host) })?;
+                    self.finish_piece(id, Ok(()));
+                    return Ok(());
+                }
+                let lo = start & !(IO_ALIGN as u64 - 1);
+                let hi = (start + len)
+                    .next_multiple_of(IO_ALIGN as u64)
+                    .min(self.cs());
+                let mut buf = self.pool.get((hi - lo) as usize);
+                let p = &mut self.pieces[id];
+                p.span_lo = lo;
+                p.host = host;
+                if lo == start && hi == start + len {
+                    self.merge_client_data(id, &mut buf);
+                    self.push_write(id, buf, host + lo, (hi - lo) as usize);
+                } else {
+                    IoBuf::unique_mut(&mut buf).fill(0);
+                    self.io.push(
+                        TAG_PIECE | id as u64,
+                        Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
+                    );
+                    let p = &mut self.pieces[id];
+                    p.buf = Some(buf);
+                    p.step = Step::RmwRead;
+                    p.io_pending = 1;
+                }
+                Ok(())
+            }
+            L2Entry::Zero { host } => {
+                if zero {
+                    self.finish_piece(id, Ok(()));
+                    return Ok(());
+                }
+                let mut buf = self.pool.get(self.cs() as usize);
+                IoBuf::unique_mut(&mut buf).fill(0);
+                let target = match host {
+                    Some(h) => h,
+                    None => self.alloc_cluster()?,
+                };
+                let p = &mut self.pieces[id];
+                p.host = target;
+                p.publish = true;
+                p.span_lo = 0;
+                self.merge_client_data(id, &mut buf);
+                let cs = self.cs() as usize;
+                self.push_write(id, buf, target, cs);
+                Ok(())
+            }
+            L2Entry::Unallocated => {
+                let has_backing = self.shared.chain.is_some();
+                if zero && !has_backing {
+                    // Unallocated without a backing image already reads zeros.
+                    self.finish_piece(id, Ok(()));
+                    return Ok(());
+                }
+                if zero && whole && v3 {
+                    // Over a backing image, zeros must be recorded, never
+                    // "unallocated", or the old backing data would show.
+                    self.publish(cluster, L2Entry::Zero { host: None })?;
+                    self.finish_piece(id, Ok(()));
+                    return Ok(());
+                }
+                let mut buf = self.pool.get(self.cs() as usize);
+                IoBuf::unique_mut(&mut buf).fill(0);
+                let p = &mut self.pieces[id];
+                p.span_lo = 0;
+                p.publish = true;
+                if has_backing && !whole {
+                    let base = cluster << self.cluster_bits();
+                    self.resolve(base, valid)?;
+                    if zero && self.segs.iter().all(|s| matches!(s.source, Source::Zero)) {
+                        // Partial zeroes over zeros: nothing changes.
+                        self.pool.put(buf);
+                        self.finish_piece(id, Ok(()));
+                        return Ok(());
+                    }
+                    let (n, bytes) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
+                    self.bump(|s| &s.bytes_fetched, bytes);
+                    let p = &mut self.pieces[id];
+                    p.buf = Some(buf);
+                    p.step = Step::Gather;
+                    p.io_pending = n;
+                    if n == 0 {
+                        self.piece_step_done(id);
+                    }
+                    return Ok(());
+                }
+                self.pieces[id].buf = Some(buf);
+                self.gathered(id)
+            }
+        }
+    }
+
+    /// Backing data for a write to an unallocated cluster is in the piece's
+    /// buffer: merge the client's bytes and write the whole cluster.
+    fn gathered(&mut self, id: usize) -> Result<()> {
+        let mut buf = self.pieces[id].buf.take().expect("gathered buffer");
+        let target = self.alloc_cluster()?;
+        self.pieces[id].host = target;
+        self.merge_client_data(id, &mut buf);
+        let cs = self.cs() as usize;
+        self.push_write(id, buf, target, cs);
+        Ok(())
+    }
+
+    /// Copies the client's bytes (or zeros) into `buf`, which starts at the
+    /// piece's `span_lo` within the cluster. Writes go from this private
+    /// copy, never from memory the client may still change.
+    fn merge_client_data(&self, id: usize, buf: &mut Rc<IoBuf>) {
+        let p = &self.pieces[id];
+        let at = (p.start - p.span_lo) as usize;
+        let dst = &mut IoBuf::unique_mut(buf)[at..at + p.len as usize];
+        if p.kind == ReqKind::Zero {
+            dst.fill(0);
+        } else {
+            let req = &self.parts[p.part].req;
+            let src = req.buf.lock().unwrap_or_else(|e| e.into_inner());
+            let o = p.buf_off as usize;
+            dst.copy_from_slice(&src[o..o + p.len as usize]);
+        }
+    }
+
+    fn push_write(&mut self, id: usize, buf: Rc<IoBuf>, host_off: u64, len: usize) {
+        self.io.push(
+            TAG_PIECE | id as u64,
+            Op::write(FILE_DATA, host_off, buf.clone(), 0, len),
+        );
+        let p = &mut self.pieces[id];
+        p.buf = Some(buf);
+        p.step = Step::WriteData;
+        p.io_pending = 1;
+        p.write_len = len;
+    }
+
+    pub(super) fn piece_io_done(&mut self, id: usize, cqe: Cqe) {
+        let path = &self.shared.meta.path;
+        let p = &mut self.pieces[id];
+        let res = kernel_result(cqe.result, || {
+            format!("{path}: {:?} of cluster {}", p.step, p.cluster)
+        });
+        drop(cqe.buf);
+        match res {
+            Err(e) => {
+                let e = if matches!(p.step, Step::PassThrough | Step::Gather) {
+                    Error::new(ErrorKind::BackingUnavailable, e.to_string())
+                } else {
+                    e
+                };
+                p.io_error.get_or_insert(e);
+            }
+            // Short reads stop at the end of a file: the buffer was zeroed,
+            // so the rest reads as zeros. A short write is an error.
+            Ok(n) if p.step == Step::WriteData && n != p.write_len => {
+                p.io_error.get_or_insert(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "{path}: short write ({n} of {} bytes) to cluster {}",
+                        p.write_len, p.cluster
+                    ),
+                ));
+            }
+            Ok(_) => {}
+        }
+        p.io_pending -= 1;
+        if p.io_pending == 0 {
+            self.piece_step_done(id);
+        }
+    }
+
+    fn piece_step_done(&mut self, id: usize) {
+        if let Some(e) = self.pieces[id].io_error.take() {
+            self.finish_piece(id, Err(e));
+            return;
+        }
+        let r = match self.pieces[id].step {
+            Step::OverlayRead | Step::PassThrough => {
+                let p = &self.pieces[id];
+                let buf = p.buf.clone().expect("read buffer");
+                let at = (p.start - p.span_lo) as usize;
+                let at = if p.step == Step::PassThrough { 0 } else { at };
+                self.deliver(id, &buf.as_slice()[at..at + p.len as usize]);
+                drop(buf);
+                self.finish_piece(id, Ok(()));
+                Ok(())
+            }
+            Step::RmwRead => {
+                let mut buf = self.pieces[id].buf.take().expect("rmw buffer");
+                self.merge_client_data(id, &mut buf);
+                let p = &self.pieces[id];
+                let (host, lo) = (p.host, p.span_lo);
+                let hi = (p.start + p.len)
+                    .next_multiple_of(IO_ALIGN as u64)
+                    .min(self.cs());
+                self.push_write(id, buf, host + lo, (hi - lo) as usize);
+                Ok(())
+            }
+            Step::Gather => self.gathered(id),
+            Step::WriteData => {
+                let p = &self.pieces[id];
+                let r = if p.publish {
+                    let (c, host) = (p.cluster, p.host);
+                    self.publish(c, L2Entry::Data { host })
+                } else {
+                    Ok(())
+                };
+                self.finish_piece(id, r);
+                Ok(())
+            }
+            Step::Start => unreachable!("I/O completed for a piece that issued none"),
+        };
+        if let Err(e) = r {
+            self.finish_piece(id, Err(e));
+        }
+    }
+
+    fn run_status(&mut self, id: usize) -> Result<()> {
+        let (cluster, start, len) = {
+            let p = &self.pieces[id];
+            (p.cluster, p.start, p.len)
+        };
+        let Some(raw) = self.lookup(id, cluster) else {
+            return Ok(());
+        };
+        raw?;
+        let cb = self.cluster_bits();
+        let mut pos = (cluster << cb) + start;
+        let end = pos + len;
+        let mut out: Vec<BlockStatus> = Vec::new();
+        let key = cluster / BLOCK_ENTRIES as u64;
+        while pos < end {
+            let c = pos >> cb;
+            let stop = end.min((c + 1) << cb);
+            let raw = self.l2.peek(key).expect("status block cached").entries
+                [(c % BLOCK_ENTRIES as u64) as usize];
+            let mut push = |kind: ExtentKind, off: u64, l: u64| match out.last_mut() {
+                Some(last) if last.kind == kind && last.offset + last.len == off => last.len += l,
+                _ => out.push(BlockStatus {
+                    offset: off,
+                    len: l,
+                    kind,
+                }),
+            };
+            match self.decode(raw)? {
+                L2Entry::Data { .. } | L2Entry::Compressed(_) => {
+                    push(ExtentKind::Data, pos, stop - pos)
+                }
+                L2Entry::Zero { .. } => push(ExtentKind::Zero, pos, stop - pos),
+                L2Entry::Unallocated => {
+                    if self.shared.chain.is_none() {
+                        push(ExtentKind::Unallocated, pos, stop - pos);
+                    } else {
+                        self.resolve(pos, stop - pos)?;
+                        let mut at = pos;
+                        for s in std::mem::take(&mut self.segs) {
+                            let kind = if s.depth == 0 {
+                                ExtentKind::Unallocated
+                            } else {
+                                ExtentKind::Backing {
+                                    depth: s.depth,
+                                    zero: matches!(s.source, Source::Zero),
+                                }
+                            };
+                            push(kind, at, s.len);
+                            at += s.len;
+                        }
+                    }
+                }
+            }
+            pos = stop;
+        }
+        {
+            let req = &self.parts[self.pieces[id].part].req;
+            req.status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(out);
+        }
+        self.finish_piece(id, Ok(()));
+        Ok(())
+    }
+
+    // ----- commits ---------------------------------------------------------
+
+    /// Starts a commit when one is due: a flush or close waits, enough L2
+    /// blocks are dirty, or the core has gone idle with dirty blocks.
+    pub(super) fn maybe_commit(&mut self) {
+        if self.commit.in_flight {
+            return;
+        }
+        let idle = self.pieces.is_empty() && self.fills.is_empty() && self.events.is_empty();
+        let dirty = self.l2.dirty_keys();
+        let closing = self.closing.is_some() && idle;
+        let due = !self.flush_waiters.is_empty()
+            || closing
+            || dirty.len() >= super::COMMIT_DIRTY_BLOCKS
+            || (idle && !dirty.is_empty() && self.writable());
+        if !due {
+            return;
+        }
+        if self.shared.meta.is_poisoned() && (closing || !self.flush_waiters.is_empty()) {
+            let e = Error::new(
+                ErrorKind::Poisoned,
+                format!(
+                    "{}: an earlier metadata write failed; cannot flush",
+                    self.shared.meta.path
+                ),
+            );
+            for r in self.flush_waiters.drain(..) {
+                r.finish_part(Some(e.clone()));
+            }
+            if closing {
+                self.finish_close(Some(e));
+            }
+            return;
+        }
+        if self.shared.read_only {
+            for r in self.flush_waiters.drain(..) {
+                r.finish_part(None);
+            }
+            if closing {
+                self.finish_close(None);
+            }
+            return;
+        }
+        let c = &mut self.commit;
+        c.in_flight = true;
+        c.phase = PHASE_SYNC1 as u8;
+        c.blocks = dirty
+            .iter()
+            .map(|&k| (k, self.l2.peek(k).expect("dirty block cached").generation))
+            .collect();
+        c.waiters = std::mem::take(&mut self.flush_waiters);
+        c.closing = closing;
+        c.error = None;
+        c.pending = 1;
+        // Snapshot the dirty blocks now: every entry in them points to data
+        // whose write has completed, so the sync issued next covers it.
+        let mut writes = Vec::with_capacity(dirty.len());
+        for &k in &dirty {
+            let mut buf = self.pool.get(BLOCK_BYTES);
+            {
+                let b = self.l2.peek(k).expect("dirty block cached");
+                let dst = IoBuf::unique_mut(&mut buf);
+                for (d, e) in dst.chunks_exact_mut(8).zip(b.entries.iter()) {
+                    d.copy_from_slice(&e.to_be_bytes());
+                }
+            }
+            writes.push(buf);
+        }
+        self.commit_bufs = writes;
+        self.io
+            .push(TAG_COMMIT | PHASE_SYNC1 as u64, Op::fsync(FILE_DATA));
+    }
+
+    pub(super) fn commit_io_done(&mut self, phase: usize, cqe: Cqe) {
+        let path = self.shared.meta.path.clone();
+        if let Some(b) = cqe.buf {
+            self.pool.put(b);
+        }
+        if let Err(e) = kernel_result(cqe.result, || format!("{path}: committing metadata")) {
+            self.commit.error.get_or_insert(e);
+        }
+        self.commit.pending -= 1;
+        if self.commit.pending > 0 {
+            return;
+        }
+        if let Some(e) = self.commit.error.clone() {
+            // A failed metadata sync or write: stop writing rather than guess.
+            self.shared.meta.poison();
+            self.commit_bufs.clear();
+            self.end_commit(Some(e));
+            return;
+        }
+        match phase {
+            PHASE_SYNC1 => {
+                let bufs = std::mem::take(&mut self.commit_bufs);
+                let l2e = self.cs() / 8;
+                let mut n = 0;
+                for (buf, &(key, _)) in bufs.into_iter().zip(self.commit.blocks.iter()) {
+                    let first = key * BLOCK_ENTRIES as u64;
+                    let table = match self.shared.meta.l2_table(first / l2e) {
+                        Ok(Some(t)) => t,
+                        _ => unreachable!("dirty block {key} without an L2 table"),
+                    };
+                    let off = table + ((first % l2e) / BLOCK_ENTRIES as u64) * BLOCK_BYTES as u64;
+                    self.io.push(
+                        TAG_COMMIT | PHASE_WRITE as u64,
+                        Op::write(FILE_DATA, off, buf, 0, BLOCK_BYTES),
+                    );
+                    n += 1;
+                }
+                self.commit.phase = PHASE_WRITE as u8;
+                if n == 0 {
+                    self.end_commit(None);
+                } else {
+                    self.commit.pending = n;
+                }
+            }
+            PHASE_WRITE => {
+                for &(key, generation) in &self.commit.blocks {
+                    if let Some(b) = self.l2.get(key) {
+                        b.committed = b.committed.max(generation);
+                    }
+                }
+                if self.commit.waiters.is_empty() && !self.commit.closing {
+                    self.end_commit(None);
+                } else {
+                    self.commit.phase = PHASE_SYNC2 as u8;
+                    self.commit.pending = 1;
+                    self.io
+                        .push(TAG_COMMIT | PHASE_SYNC2 as u64, Op::fsync(FILE_DATA));
+                }
+            }
+            _ => self.end_commit(None),
+        }
+    }
+
+    fn end_commit(&mut self, err: Option<Error>) {
+        let c = std::mem::take(&mut self.commit);
+        self.bump(|s| &s.commits, 1);
+        for r in c.waiters {
+            r.finish_part(err.clone());
+        }
+        if c.closing {
+            self.finish_close(err);
+        }
+    }
+
+    fn finish_close(&mut self, err: Option<Error>) {
+        let (next, end) = self.reserve;
+        self.shared.meta.give_back(next, end - next);
+        self.reserve = (0, 0);
+        if let Some(r) = self.closing.take() {
+            r.finish_part(err);
+        }
+        self.stopped = true;
+    }
+}

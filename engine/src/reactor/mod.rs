@@ -1,0 +1,393 @@
+//! The reactor: one thread per core, each with its own io_uring.
+//!
+//! A core owns, for the stripes the router gives it: its L2 cache blocks,
+//! its range-lock table, its in-flight pieces and fills, a batch of reserved
+//! host clusters, and its commits. Nothing in a `Core` is shared; other
+//! threads reach it only through its inbox (a `crossbeam-channel`) and an
+//! eventfd that wakes it when it sleeps in `io_uring_enter`.
+//!
+//! One loop turn: take new messages, run ready work, maybe start a commit,
+//! then one `submit_and_wait` for everything the turn queued (one syscall per
+//! turn, not per request), then dispatch the completions reaped.
+
+mod cor;
+pub mod l2cache;
+pub mod request;
+
+use crate::backing::{Chain, ChainCache};
+use crate::error::{Error, Result};
+use crate::io::uring::Uring;
+use crate::io::{Cqe, FileId, Io, IoBuf, Op, OpKind};
+use crate::locks::LockTable;
+use crate::meta::Meta;
+use crate::router::Router;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use l2cache::L2Cache;
+use request::Request;
+use slab::Slab;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Registered file indexes on every ring.
+pub const FILE_DATA: FileId = FileId(0);
+pub const FILE_WAKE: FileId = FileId(1);
+/// Backing layer `i` is registered as `FileId(FILE_BACKING0 + i)`.
+pub const FILE_BACKING0: u32 = 2;
+
+/// Dirty L2 blocks that trigger a commit while the core is busy.
+pub const COMMIT_DIRTY_BLOCKS: usize = 64;
+/// Cached free buffers per size class.
+pub const POOL_PER_CLASS: usize = 128;
+
+/// Everything the cores share, read-only after open (plus atomics).
+pub struct Shared {
+    pub meta: Meta,
+    pub chain: Option<Arc<Chain>>,
+    pub router: Router,
+    pub size: u64,
+    pub copy_on_read: bool,
+    pub read_only: bool,
+    pub metadata_cache_bytes: usize,
+    pub stats: Vec<CoreStats>,
+}
+
+/// Counters of one core; only that core writes them.
+#[derive(Default)]
+pub struct CoreStats {
+    pub cor_fills: AtomicU64,
+    pub cor_zero_fills: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub overlay_hits: AtomicU64,
+    pub dedup_hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub writeback_errors: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+/// A message to a core.
+pub enum Msg {
+    /// One part of a request: `[offset, offset + len)` at `buf_off` in its buffer.
+    Part {
+        req: Arc<Request>,
+        offset: u64,
+        len: u64,
+        buf_off: u64,
+    },
+}
+
+/// The client side of a core: its inbox and wake-up.
+pub struct CoreHandle {
+    pub tx: Sender<Msg>,
+    wake: OwnedFd,
+    sleeping: Arc<AtomicBool>,
+    pub thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CoreHandle {
+    pub fn send(&self, msg: Msg) {
+        if self.tx.send(msg).is_err() {
+            return; // The core is gone; the caller's request fails at close.
+        }
+        // Pairs with the fence in `Core::sleep`: either the core sees the
+        // message before it sleeps, or we see it sleeping and wake it.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+            let _ = unsafe {
+                libc::write(
+                    self.wake.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
+    }
+}
+
+/// Starts core `id`: its thread, ring and state. Fails if the ring cannot be made.
+pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandle> {
+    // SAFETY: eventfd(2) has no memory arguments; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(Error::io(
+            std::io::Error::last_os_error(),
+            "creating an eventfd",
+        ));
+    }
+    // SAFETY: efd is a fresh descriptor that nothing else owns.
+    let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let sleeping = Arc::new(AtomicBool::new(false));
+    let mut files = vec![data_fd, efd];
+    if let Some(chain) = &shared.chain {
+        files.extend(chain.layer_files());
+    }
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(1);
+    let sleeping2 = sleeping.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("backfill-core-{id}"))
+        .spawn(move || {
+            let ring = match Uring::new(&files) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(Error::io(e, "setting up io_uring")));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let mut core = Core::new(id, shared, ring, rx, sleeping2);
+            core.run();
+        })
+        .map_err(|e| Error::io(e, "spawning a reactor thread"))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(Error::new(
+                crate::ErrorKind::Io,
+                "reactor thread died at start",
+            ))
+        }
+    }
+    Ok(CoreHandle {
+        tx,
+        wake,
+        sleeping,
+        thread: Some(thread),
+    })
+}
+
+/// Token tags: what a completion belongs to (top byte of the token).
+const TAG_PIECE: u64 = 1 << 56;
+const TAG_FILL: u64 = 2 << 56;
+const TAG_L2: u64 = 3 << 56;
+const TAG_COMMIT: u64 = 4 << 56;
+const TAG_WAKE: u64 = 5 << 56;
+const TAG_MASK: u64 = 0xff << 56;
+
+/// Free aligned buffers by power-of-two size class (4 KiB and up).
+struct BufPool {
+    classes: Vec<Vec<Rc<IoBuf>>>,
+}
+
+impl BufPool {
+    fn class(len: usize) -> usize {
+        len.max(4096).next_power_of_two().trailing_zeros() as usize - 12
+    }
+
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    fn get(&mut self, len: usize) -> Rc<IoBuf> {
+        let c = Self::class(len);
+        if let Some(v) = self.classes.get_mut(c) {
+            if let Some(b) = v.pop() {
+                return b;
+            }
+        }
+        Rc::new(IoBuf::zeroed(4096usize << c))
+    }
+
+    fn put(&mut self, b: Rc<IoBuf>) {
+        // Only buffers no operation holds go back to the pool.
+        if Rc::strong_count(&b) != 1 {
+            return;
+        }
+        let c = Self::class(b.len());
+        if self.classes.len() <= c {
+            self.classes.resize_with(c + 1, Vec::new);
+        }
+        if self.classes[c].len() < POOL_PER_CLASS {
+            self.classes[c].push(b);
+        }
+    }
+}
+
+/// One request part in progress on this core.
+struct PartState {
+    req: Arc<Request>,
+    pending: u32,
+    error: Option<Error>,
+    bytes: u64,
+}
+
+/// Deferred work, run from the loop (never inline in completion handling).
+enum Ev {
+    /// (Re)run a piece from its current step.
+    Run(usize),
+    /// A fill has all its backing data.
+    FillData(usize),
+}
+
+pub(crate) struct Core {
+    id: usize,
+    shared: Arc<Shared>,
+    io: Uring,
+    inbox: Receiver<Msg>,
+    sleeping: Arc<AtomicBool>,
+    wake_armed: bool,
+    wake_buf: Rc<IoBuf>,
+    parts: Slab<PartState>,
+    pieces: Slab<cor::Piece>,
+    fills: Slab<cor::Fill>,
+    locks: LockTable<usize, usize>,
+    l2: L2Cache,
+    chain_cache: ChainCache,
+    pool: BufPool,
+    events: VecDeque<Ev>,
+    /// Reserved host clusters `[next, end)`.
+    reserve: (u64, u64),
+    commit: cor::Commit,
+    /// Flush and close requests waiting for the next commit.
+    flush_waiters: Vec<Arc<Request>>,
+    closing: Option<Arc<Request>>,
+    stopped: bool,
+    cqes: Vec<Cqe>,
+    /// Snapshots of the dirty L2 blocks of the commit in flight.
+    commit_bufs: Vec<Rc<IoBuf>>,
+    segs: Vec<crate::backing::Segment>,
+}
+
+impl Core {
+    fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        io: Uring,
+        inbox: Receiver<Msg>,
+        sleeping: Arc<AtomicBool>,
+    ) -> Core {
+        let per_core = shared.metadata_cache_bytes / shared.router.cores().max(1);
+        Core {
+            id,
+            io,
+            inbox,
+            sleeping,
+            wake_armed: false,
+            wake_buf: Rc::new(IoBuf::zeroed(8)),
+            parts: Slab::new(),
+            pieces: Slab::new(),
+            fills: Slab::new(),
+            locks: LockTable::new(),
+            l2: L2Cache::new(per_core / 2),
+            chain_cache: ChainCache::new(per_core as u64 / 2),
+            pool: BufPool {
+                classes: Vec::new(),
+            },
+            events: VecDeque::new(),
+            reserve: (0, 0),
+            commit: cor::Commit::default(),
+            flush_waiters: Vec::new(),
+            closing: None,
+            stopped: false,
+            cqes: Vec::with_capacity(256),
+            commit_bufs: Vec::new(),
+            segs: Vec::new(),
+            shared,
+        }
+    }
+
+    fn run(&mut self) {
+        while !self.stopped {
+            self.take_messages();
+            while let Some(ev) = self.events.pop_front() {
+                match ev {
+                    Ev::Run(id) => self.run_piece(id),
+                    Ev::FillData(fid) => self.fill_data_ready(fid),
+                }
+            }
+            self.maybe_commit();
+            if self.stopped {
+                break;
+            }
+            let busy = !self.events.is_empty() || !self.inbox.is_empty();
+            let want = if busy { 0 } else { self.sleep_prepare() };
+            if let Err(e) = self.io.submit_and_wait(want) {
+                // The ring itself failed: nothing on this core can make
+                // progress; fail what is queued rather than hang.
+                self.fatal(Error::io(e, "io_uring_enter"));
+                return;
+            }
+            self.sleeping.store(false, Ordering::SeqCst);
+            let mut cqes = std::mem::take(&mut self.cqes);
+            self.io.reap(&mut cqes);
+            for cqe in cqes.drain(..) {
+                self.dispatch(cqe);
+            }
+            self.cqes = cqes;
+        }
+    }
+
+    /// Arms the wake-up and announces sleep. Returns how many completions to
+    /// wait for: 1 to block, 0 if a message slipped in.
+    fn sleep_prepare(&mut self) -> usize {
+        if !self.wake_armed {
+            let buf = self.wake_buf.clone();
+            self.io.push(
+                TAG_WAKE,
+                Op {
+                    kind: OpKind::WakeRead,
+                    file: FILE_WAKE,
+                    offset: 0,
+                    len: 8,
+                    buf: Some(buf),
+                    buf_off: 0,
+                },
+            );
+            self.wake_armed = true;
+        }
+        self.sleeping.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.inbox.is_empty() {
+            self.sleeping.store(false, Ordering::SeqCst);
+            return 0;
+        }
+        1
+    }
+
+    fn take_messages(&mut self) {
+        loop {
+            match self.inbox.try_recv() {
+                Ok(Msg::Part {
+                    req,
+                    offset,
+                    len,
+                    buf_off,
+                }) => self.start_part(req, offset, len, buf_off),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn dispatch(&mut self, cqe: Cqe) {
+        let id = (cqe.token & !TAG_MASK) as usize;
+        match cqe.token & TAG_MASK {
+            TAG_PIECE => self.piece_io_done(id, cqe),
+            TAG_FILL => self.fill_io_done(id, cqe),
+            TAG_L2 => self.l2_loaded(id as u64, cqe),
+            TAG_COMMIT => self.commit_io_done(id, cqe),
+            TAG_WAKE => {
+                self.wake_armed = false;
+            }
+            t => unreachable!("completion with unknown tag {t:#x}"),
+        }
+    }
+
+    /// The ring failed: fail every waiting request and stop.
+    fn fatal(&mut self, e: Error) {
+        self.shared.meta.poison();
+        for p in self.parts.drain() {
+            p.req.finish_part(Some(e.clone()));
+        }
+        for r in self.flush_waiters.drain(..) {
+            r.finish_part(Some(e.clone()));
+        }
+        if let Some(r) = self.closing.take() {
+            r.finish_part(Some(e));
+        }
+        self.stopped = true;
+    }
+}

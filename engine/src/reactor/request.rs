@@ -1,0 +1,238 @@
+//! Requests crossing from client threads to reactors, and their completion.
+//!
+//! A client request is split by the router into parts (one per stripe); each
+//! part goes to its owning core. The request counts its parts down; the core
+//! that finishes the last part completes it: it wakes a blocked thread or a
+//! `Future`'s waker, or calls a callback.
+
+use crate::disk::BlockStatus;
+use crate::error::{Error, ErrorKind, Result};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqKind {
+    Read,
+    Write,
+    /// Write-zeroes and discard (both record zeros).
+    Zero,
+    /// Block status query.
+    Status,
+    /// Flush: every core commits and syncs.
+    Flush,
+    /// Close: flush, hand back reserved clusters, stop.
+    Close,
+}
+
+type Callback = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
+
+enum Notify {
+    Wait {
+        state: Mutex<WaitState>,
+        cv: Condvar,
+    },
+    Callback(Mutex<Option<Callback>>),
+}
+
+#[derive(Default)]
+struct WaitState {
+    done: bool,
+    waker: Option<Waker>,
+}
+
+pub struct Request {
+    pub kind: ReqKind,
+    /// Read destination or write source.
+    pub buf: Mutex<Vec<u8>>,
+    pub status: Mutex<Vec<BlockStatus>>,
+    remaining: AtomicUsize,
+    error: Mutex<Option<Error>>,
+    notify: Notify,
+    on_done: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Request {
+    pub fn new(kind: ReqKind, buf: Vec<u8>, parts: usize) -> Arc<Request> {
+        Arc::new(Request {
+            kind,
+            buf: Mutex::new(buf),
+            status: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(parts),
+            error: Mutex::new(None),
+            notify: Notify::Wait {
+                state: Mutex::new(WaitState::default()),
+                cv: Condvar::new(),
+            },
+            on_done: None,
+        })
+    }
+
+    pub fn with_callback(
+        kind: ReqKind,
+        buf: Vec<u8>,
+        parts: usize,
+        cb: Callback,
+        on_done: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> Arc<Request> {
+        Arc::new(Request {
+            kind,
+            buf: Mutex::new(buf),
+            status: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(parts),
+            error: Mutex::new(None),
+            notify: Notify::Callback(Mutex::new(Some(cb))),
+            on_done,
+        })
+    }
+
+    /// A blocking/future request that runs `on_done` when it completes.
+    pub fn with_on_done(
+        kind: ReqKind,
+        buf: Vec<u8>,
+        parts: usize,
+        on_done: Arc<dyn Fn() + Send + Sync>,
+    ) -> Arc<Request> {
+        let mut r = Request::new(kind, buf, parts);
+        Arc::get_mut(&mut r).expect("fresh request").on_done = Some(on_done);
+        r
+    }
+
+    /// Records the first error of the request.
+    pub fn fail(&self, e: Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// One part is finished (with `err` if it failed). The last one completes
+    /// the request.
+    pub fn finish_part(self: &Arc<Request>, err: Option<Error>) {
+        if let Some(e) = err {
+            self.fail(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if let Some(f) = &self.on_done {
+            f();
+        }
+        match &self.notify {
+            Notify::Wait { state, cv } => {
+                let waker = {
+                    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                    s.done = true;
+                    s.waker.take()
+                };
+                cv.notify_all();
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+            Notify::Callback(cb) => {
+                let cb = cb.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(cb) = cb {
+                    cb(self.take_result());
+                }
+            }
+        }
+    }
+
+    /// The result once complete: the buffer, or the first error.
+    pub fn take_result(&self) -> Result<Vec<u8>> {
+        if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        Ok(std::mem::take(
+            &mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+
+    fn is_done(&self) -> bool {
+        match &self.notify {
+            Notify::Wait { state, .. } => state.lock().unwrap_or_else(|p| p.into_inner()).done,
+            Notify::Callback(_) => self.remaining.load(Ordering::Acquire) == 0,
+        }
+    }
+
+    /// Blocks until complete.
+    pub fn wait(&self) {
+        if let Notify::Wait { state, cv } = &self.notify {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            while !s.done {
+                s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    fn poll_done(&self, cx: &mut Context<'_>) -> bool {
+        match &self.notify {
+            Notify::Wait { state, .. } => {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                if s.done {
+                    return true;
+                }
+                s.waker = Some(cx.waker().clone());
+                false
+            }
+            Notify::Callback(_) => self.is_done(),
+        }
+    }
+}
+
+/// A request in flight: a `Future` that works under any executor, or
+/// [`Completion::wait`] to block the calling thread.
+pub struct Completion<T> {
+    req: Result<Arc<Request>, Option<Error>>,
+    map: fn(&Request) -> Result<T>,
+}
+
+impl<T> Completion<T> {
+    pub(crate) fn new(req: Arc<Request>, map: fn(&Request) -> Result<T>) -> Completion<T> {
+        Completion { req: Ok(req), map }
+    }
+
+    /// A completion that failed before it was submitted.
+    pub(crate) fn failed(e: Error) -> Completion<T> {
+        Completion {
+            req: Err(Some(e)),
+            map: |_| Err(Error::new(ErrorKind::InvalidInput, "no request")),
+        }
+    }
+
+    /// Blocks the calling thread until the request completes.
+    pub fn wait(self) -> Result<T> {
+        match self.req {
+            Ok(req) => {
+                req.wait();
+                (self.map)(&req)
+            }
+            Err(e) => Err(e.expect("completion polled after it finished")),
+        }
+    }
+}
+
+impl<T> Future for Completion<T> {
+    type Output = Result<T>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = self.get_mut();
+        match &mut this.req {
+            Ok(req) => {
+                if req.poll_done(cx) {
+                    Poll::Ready((this.map)(req))
+                } else {
+                    Poll::Pending
+                }
+            }
+            Err(e) => Poll::Ready(Err(e.take().expect("completion polled after it finished"))),
+        }
+    }
+}
+
+/// Completion mapping for requests that return their buffer.
+pub fn map_buf(r: &Request) -> Result<Vec<u8>> {
+    r.take_result()
+}

@@ -1,0 +1,77 @@
+//! `backfill info`: an [`ImageInfo`] rendered for people, like `qemu-img info`.
+//!
+//! The JSON form (`--json`) is the struct's own serialisation; this module
+//! only produces the human text, which adds one section qemu-img does not
+//! have: where the disk's bytes live (overlay data, overlay zeros, backing
+//! chain, nowhere).
+
+use crate::tools::units::format_size;
+use crate::ImageInfo;
+use std::fmt::Write;
+
+fn size_line(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", format_size(bytes))
+}
+
+/// A share of the virtual size, as a percentage; zero for an empty disk.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// The human form of `info`, ending in a newline.
+pub fn render(info: &ImageInfo) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = write_info(&mut out, info);
+    out
+}
+
+fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
+    writeln!(out, "image: {}", info.filename)?;
+    writeln!(out, "file format: {}", info.format)?;
+    writeln!(out, "virtual size: {}", size_line(info.virtual_size))?;
+    writeln!(out, "disk size: {}", format_size(info.disk_size))?;
+    writeln!(out, "cluster_size: {}", info.cluster_size)?;
+    if let Some(backing) = info.backing_chain.first() {
+        writeln!(out, "backing file: {}", backing.filename)?;
+        writeln!(out, "backing file format: {}", backing.format)?;
+    }
+    writeln!(out, "Format specific information:")?;
+    writeln!(out, "    compat: {}", info.compat)?;
+    writeln!(out, "    dirty: {}", info.dirty)?;
+    writeln!(out, "    corrupt: {}", info.corrupt)?;
+    let whole = info.virtual_size;
+    writeln!(out, "Allocation:")?;
+    for (label, bytes) in [
+        ("overlay data", info.overlay_data_bytes),
+        ("overlay zero", info.overlay_zero_bytes),
+        ("backing", info.backing_bytes),
+        ("unallocated", info.unallocated_bytes),
+    ] {
+        writeln!(
+            out,
+            "    {:<13} {} ({:.1}%)",
+            format!("{label}:"),
+            size_line(bytes),
+            percent(bytes, whole)
+        )?;
+    }
+    if !info.backing_chain.is_empty() {
+        writeln!(out, "Backing chain:")?;
+        for (depth, backing) in info.backing_chain.iter().enumerate() {
+            writeln!(
+                out,
+                "    {}: {} ({}, {})",
+                depth + 1,
+                backing.filename,
+                backing.format,
+                size_line(backing.virtual_size)
+            )?;
+        }
+    }
+    Ok(())
+}
