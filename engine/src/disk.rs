@@ -82,9 +82,11 @@ pub struct BlockStatus {
 /// Counters, summed over all cores.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
-    /// Clusters filled into the overlay by copy-on-read.
+    /// Clusters whose backing data copy-on-read wrote into the overlay.
+    /// Counted when the write-back lands, which is after the read returned.
     pub cor_fills: u64,
-    /// Fills that found the cluster all zero and recorded a zero cluster.
+    /// Fills that found the cluster all zero and recorded a zero cluster
+    /// instead of data (not counted in `cor_fills`).
     pub cor_zero_fills: u64,
     /// Bytes read from backing images (for fills, pass-through and write merges).
     pub bytes_fetched: u64,
@@ -177,6 +179,18 @@ impl Disk {
         let header = Header::read_from(&meta_file, &name)?;
         if !opts.read_only {
             header.check_writable(&name)?;
+            if header.version >= 3 && header.autoclear_features != 0 {
+                // qcow2.rst: a writer that does not maintain what an
+                // autoclear bit describes (e.g. persistent bitmaps) must
+                // clear the bit before it changes the image.
+                use std::os::unix::fs::FileExt;
+                meta_file
+                    .write_all_at(&0u64.to_be_bytes(), 88)
+                    .and_then(|()| meta_file.sync_data())
+                    .map_err(|e| {
+                        Error::io(e, format!("{name}: clearing autoclear feature bits"))
+                    })?;
+            }
         }
         let mut data_opts = OpenOptions::new();
         data_opts.read(true).write(!opts.read_only);

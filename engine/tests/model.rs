@@ -6,11 +6,14 @@
 //! image (smaller than the overlay, neither size a multiple of the cluster
 //! size). One driver thread submits reads and writes through the async API
 //! (`submit_read` / `submit_write` futures polled by a tiny executor in this
-//! file, `submit_read_with` callbacks) and the sync API on a small thread pool
-//! (`read_at`, `write_at`, `write_at_fua`, `write_zeroes`, `discard`,
-//! `flush`). The hot set is a window of a few clusters that slides over the
+//! file, `submit_read_with` / `submit_write_with` callbacks) and the sync API
+//! on a small thread pool (`read_at`, `write_at`, `write_at_fua`,
+//! `write_zeroes`, `discard`, `flush`). The hot set is a window of a few clusters that slides over the
 //! whole disk, so that fresh, unfilled clusters keep meeting reads (fills),
 //! partial writes (merges with backing data) and zeroing at the same time.
+//! When the disk has too few clusters for the window to reach a fresh one
+//! about every 20 operations, the run is cut into epochs, each on a fresh
+//! overlay over the same backing image and each ending with the final checks.
 //!
 //! ## The model
 //!
@@ -18,8 +21,9 @@
 //! (as the driver observed it) — initially the backing bytes, then zeros past
 //! the backing image's end. Write-zeroes and discard are writes of zeros.
 //! Two writes whose byte ranges overlap are never in flight together (their
-//! order would be undefined), so `committed` is always well defined; writes
-//! to different bytes of one cluster do run together.
+//! order would be undefined), so `committed` is always well defined; a write
+//! that would overlap one in flight is moved just past it (so writes to
+//! different bytes of one cluster do run together), or becomes a read.
 //!
 //! A read submitted at time `s` and completed at `c` may return, for each
 //! byte, the committed value at `s`, or the value of any write that was in
@@ -29,15 +33,16 @@
 //! operation, the offset and the candidate set. Observed times bracket the
 //! real ones, which only ever makes the model more permissive, never wrong.
 //!
-//! At the end: quiesce, read the whole disk and compare it exactly with
-//! `committed`; `close()`; `qemu-img check` must be clean and `qemu-img
-//! compare` must find the overlay identical to `committed`.
+//! At the end of each epoch: quiesce, read the whole disk and compare it
+//! exactly with `committed`; `close()`; `qemu-img check` must be clean,
+//! `qemu-img compare` must find the overlay identical to `committed`, and a
+//! read-only reopen must read it back.
 //!
 //! Scale: `BACKFILL_MODEL_OPS` (operations per configuration, default
 //! 20000), `BACKFILL_MODEL_QD` (default 64), `BACKFILL_MODEL_MIB` (disk size,
-//! default 16). Replay: `BACKFILL_SEED` fixes the operation stream (which
-//! writes become reads because of an in-flight overlap still depends on
-//! timing).
+//! default 16), `BACKFILL_MODEL_HANG_SECS` (deadlock detector, default 300).
+//! Replay: `BACKFILL_SEED` fixes the operation stream (which writes move or
+//! become reads because of an in-flight overlap still depends on timing).
 
 mod common;
 
@@ -45,6 +50,7 @@ use backfill::{CacheMode, Completion, Disk, Options};
 use common::*;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -204,12 +210,30 @@ struct Counts {
     zeroes: u64,
     discards: u64,
     flushes: u64,
-    /// Writes turned into reads because an overlapping write was in flight.
+    /// Writes moved next to an overlapping write in flight (same cluster,
+    /// other bytes), so that writes to one cluster do run together.
+    moved: u64,
+    /// Writes turned into reads because they could not be moved.
     converted: u64,
     /// Read bytes that were not the committed value at submission (so the
     /// candidate set decided): shows that the test does see races.
     raced_bytes: u64,
     max_in_flight: usize,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.ops += o.ops;
+        self.reads += o.reads;
+        self.writes += o.writes;
+        self.zeroes += o.zeroes;
+        self.discards += o.discards;
+        self.flushes += o.flushes;
+        self.moved += o.moved;
+        self.converted += o.converted;
+        self.raced_bytes += o.raced_bytes;
+        self.max_in_flight = self.max_in_flight.max(o.max_in_flight);
+    }
 }
 
 struct Model {
@@ -342,12 +366,26 @@ impl Model {
 
     fn submit(&mut self, id: u64, g: Gen) {
         let (mut kind, mut api) = (g.kind, g.api);
-        let (off, len) = (g.off, g.len);
+        let (mut off, len) = (g.off, g.len);
         let is_write = matches!(kind, Kind::Write | Kind::Zeroes | Kind::Discard);
-        if is_write && self.writes_in_flight.iter().any(|w| w.overlaps(off, len)) {
-            self.counts.converted += 1;
-            kind = Kind::Read;
-            api = Api::Future;
+        if is_write {
+            // Overlapping writes in flight together have no defined result:
+            // move the write just past the one it hits (a few times), else
+            // make it a read.
+            let mut moves = 0;
+            while let Some(w) = self.writes_in_flight.iter().find(|w| w.overlaps(off, len)) {
+                off = w.off + w.len;
+                moves += 1;
+                if moves > 4 || off + len > self.size {
+                    break;
+                }
+            }
+            if off + len > self.size || self.writes_in_flight.iter().any(|w| w.overlaps(off, len)) {
+                self.counts.converted += 1;
+                (kind, api, off) = (Kind::Read, Api::Future, g.off);
+            } else if moves > 0 {
+                self.counts.moved += 1;
+            }
         }
         let submit_seq = self.tick();
         let mut p = Pending {
@@ -617,27 +655,95 @@ fn run(cfg: Config) {
     let total = env_u64("BACKFILL_MODEL_OPS", 20_000);
     let qd = env_u64("BACKFILL_MODEL_QD", 64) as usize;
     let mib = env_u64("BACKFILL_MODEL_MIB", 16);
-    let hang = Duration::from_secs(env_u64("BACKFILL_MODEL_HANG_SECS", 300));
     let mut rng = Rng::new(seed);
 
     let dir = tempdir(cfg.name);
     let backing_path = dir.path().join("backing.raw");
-    let overlay = dir.path().join("overlay.qcow2");
     // Neither size is a multiple of the cluster size; the backing image ends
     // before the overlay does.
     let backing_size = mib * MIB - 2560;
     let size = mib * MIB + 7680;
     let backing = write_random_file(&backing_path, backing_size, rng.next_u64());
+
+    // A cluster races with its fill only while it is new, so the hot window
+    // should meet fresh clusters often: about every 20 operations. When the
+    // disk has too few clusters for that, the run is cut into epochs, each
+    // on a fresh overlay over the same backing image (and each ending with
+    // the full set of final checks).
+    let clusters = size.div_ceil(cfg.cluster);
+    let epochs = (total / (clusters * 20)).clamp(1, 64);
+    let mut counts = Counts::default();
+    let mut stats = Vec::new();
+    for epoch in 0..epochs {
+        let ops = total / epochs + if epoch == 0 { total % epochs } else { 0 };
+        let overlay = dir.path().join(format!("overlay-{epoch}.qcow2"));
+        let c = run_epoch(
+            &cfg,
+            seed,
+            &mut rng,
+            &backing_path,
+            &backing,
+            &overlay,
+            size,
+            ops,
+            qd,
+        );
+        counts.add(&c.0);
+        stats.push(c.1);
+        std::fs::remove_file(&overlay).expect("removing the epoch's overlay");
+    }
+    let sum = |f: fn(&backfill::Stats) -> u64| stats.iter().map(f).sum::<u64>();
+    eprintln!(
+        "model::{}: seed {seed:#x}: {} ops in {epochs} epoch(s) ({} reads, {} writes, \
+         {} write-zeroes, {} discards, {} flushes; {} writes moved, {} became reads), \
+         max {} in flight, {} read bytes decided by races; engine: {} CoR fills, {} zero fills, \
+         {} dedup hits, {} misses, {} overlay hits",
+        cfg.name,
+        counts.ops,
+        counts.reads,
+        counts.writes,
+        counts.zeroes,
+        counts.discards,
+        counts.flushes,
+        counts.moved,
+        counts.converted,
+        counts.max_in_flight,
+        counts.raced_bytes,
+        sum(|s| s.cor_fills),
+        sum(|s| s.cor_zero_fills),
+        sum(|s| s.dedup_hits),
+        sum(|s| s.misses),
+        sum(|s| s.overlay_hits),
+    );
+    assert_eq!(counts.ops, total, "every operation ran");
+}
+
+/// One fresh overlay over `backing`, driven with `ops` operations, then
+/// checked against the model: full read, close, `qemu-img check`,
+/// `qemu-img compare`, and a read-only reopen.
+#[allow(clippy::too_many_arguments)]
+fn run_epoch(
+    cfg: &Config,
+    seed: u64,
+    rng: &mut Rng,
+    backing_path: &Path,
+    backing: &[u8],
+    overlay: &Path,
+    size: u64,
+    ops: u64,
+    qd: usize,
+) -> (Counts, backfill::Stats) {
+    let hang = Duration::from_secs(env_u64("BACKFILL_MODEL_HANG_SECS", 300));
     let b = Backing {
-        name: path_str(&backing_path),
+        name: path_str(backing_path),
         format: "raw",
     };
-    create_qcow2(&overlay, size, cfg.cluster, cfg.compat, Some(&b));
-    let mut committed = backing.clone();
+    create_qcow2(overlay, size, cfg.cluster, cfg.compat, Some(&b));
+    let mut committed = backing.to_vec();
     committed.resize(size as usize, 0);
 
     let disk = open(
-        &overlay,
+        overlay,
         Options {
             cores: cfg.cores,
             copy_on_read: true,
@@ -650,11 +756,11 @@ fn run(cfg: Config) {
     let (tx, rx) = mpsc::channel();
     let (jobs, pool) = spawn_pool(&disk, 8, &tx);
     let mut m = Model {
-        cfg,
+        cfg: *cfg,
         seed,
         disk: disk.clone(),
         size,
-        backing,
+        backing: backing.to_vec(),
         committed,
         seq: 0,
         pending: HashMap::new(),
@@ -666,9 +772,9 @@ fn run(cfg: Config) {
     };
 
     let mut issued = 0;
-    while issued < total || !m.pending.is_empty() {
-        while issued < total && m.pending.len() < qd {
-            let g = generate(&mut rng, issued, total, m.size, cfg.cluster);
+    while issued < ops || !m.pending.is_empty() {
+        while issued < ops && m.pending.len() < qd {
+            let g = generate(rng, issued, ops, m.size, cfg.cluster);
             m.submit(issued, g);
             issued += 1;
         }
@@ -699,10 +805,10 @@ fn run(cfg: Config) {
 
     // Quiesced: the disk must equal the committed state exactly.
     disk.flush().expect("final flush");
-    let stats = disk.stats();
     assert_eq!(
-        stats.in_flight, 0,
-        "requests in flight after quiescing: {stats:?}"
+        disk.stats().in_flight,
+        0,
+        "requests in flight after quiescing"
     );
     assert_same_bytes(
         &read_all(&disk, 4 * MIB + 512),
@@ -717,31 +823,22 @@ fn run(cfg: Config) {
     for t in pool {
         t.join().expect("pool thread");
     }
+    let observer = disk.clone();
     disk.close().expect("close");
-    eprintln!(
-        "model::{}: seed {seed:#x}: {} ops ({} reads, {} writes, {} write-zeroes, {} discards, \
-         {} flushes; {} writes became reads), max {} in flight, {} read bytes decided by races; {stats:?}",
-        cfg.name,
-        counts.ops,
-        counts.reads,
-        counts.writes,
-        counts.zeroes,
-        counts.discards,
-        counts.flushes,
-        counts.converted,
-        counts.max_in_flight,
-        counts.raced_bytes
-    );
+    let stats = observer.stats();
+    drop(observer);
     assert!(
-        counts.max_in_flight >= qd.min(total as usize),
+        counts.max_in_flight >= qd.min(ops as usize),
         "the driver never reached queue depth {qd}"
     );
 
-    check_clean(&overlay);
-    compare_with_bytes(&overlay, &committed, dir.path());
-    let disk = open(&overlay, options(2, false, true));
+    check_clean(overlay);
+    let dir = overlay.parent().unwrap();
+    compare_with_bytes(overlay, &committed, dir);
+    let disk = open(overlay, options(2, false, true));
     assert_same_bytes(&read_all(&disk, 4 * MIB), &committed, "read after reopen");
     disk.close().expect("close");
+    (counts, stats)
 }
 
 fn available_cores() -> usize {

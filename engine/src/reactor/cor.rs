@@ -69,8 +69,10 @@ pub struct Piece {
     host: u64,
     /// The write makes the cluster allocated: publish `Data { host }` after it.
     publish: bool,
-    /// Bytes the current write must transfer.
-    write_len: usize,
+    /// Bytes the current overlay read or write transfers.
+    io_len: usize,
+    /// A short overlay read: bytes actually read (the rest is past EOF).
+    short: Option<usize>,
     pinned: bool,
     locked: bool,
 }
@@ -190,7 +192,8 @@ impl Core {
                 span_lo: 0,
                 host: 0,
                 publish: false,
-                write_len: 0,
+                io_len: 0,
+                short: None,
                 pinned: false,
                 locked: false,
             });
@@ -357,12 +360,11 @@ impl Core {
     fn publish(&mut self, cluster: u64, entry: L2Entry) -> Result<()> {
         let l2e = self.cs() / 8;
         self.shared.meta.ensure_l2_table(cluster / l2e)?;
-        let b = self
-            .l2
-            .get(cluster / BLOCK_ENTRIES as u64)
-            .expect("publishing into a pinned block");
-        b.entries[(cluster % BLOCK_ENTRIES as u64) as usize] = encode_l2(&entry);
-        b.generation += 1;
+        self.l2.set_entry(
+            cluster / BLOCK_ENTRIES as u64,
+            (cluster % BLOCK_ENTRIES as u64) as usize,
+            encode_l2(&entry),
+        );
         Ok(())
     }
 
@@ -445,14 +447,14 @@ impl Core {
                 let hi = (start + len)
                     .next_multiple_of(IO_ALIGN as u64)
                     .min(self.cs());
-                let mut buf = self.pool.get((hi - lo) as usize);
-                IoBuf::unique_mut(&mut buf).fill(0);
+                let buf = self.pool.get((hi - lo) as usize);
                 self.io.push(
                     TAG_PIECE | id as u64,
                     Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
                 );
                 let p = &mut self.pieces[id];
                 p.buf = Some(buf);
+                p.io_len = (hi - lo) as usize;
                 p.span_lo = lo;
                 p.step = Step::OverlayRead;
                 p.io_pending = 1;
@@ -720,13 +722,13 @@ impl Core {
                     self.merge_client_data(id, &mut buf);
                     self.push_write(id, buf, host + lo, (hi - lo) as usize);
                 } else {
-                    IoBuf::unique_mut(&mut buf).fill(0);
                     self.io.push(
                         TAG_PIECE | id as u64,
                         Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
                     );
                     let p = &mut self.pieces[id];
                     p.buf = Some(buf);
+                    p.io_len = (hi - lo) as usize;
                     p.step = Step::RmwRead;
                     p.io_pending = 1;
                 }
@@ -835,7 +837,7 @@ impl Core {
         p.buf = Some(buf);
         p.step = Step::WriteData;
         p.io_pending = 1;
-        p.write_len = len;
+        p.io_len = len;
     }
 
     pub(super) fn piece_io_done(&mut self, id: usize, cqe: Cqe) {
@@ -854,16 +856,20 @@ impl Core {
                 };
                 p.io_error.get_or_insert(e);
             }
-            // Short reads stop at the end of a file: the buffer was zeroed,
-            // so the rest reads as zeros. A short write is an error.
-            Ok(n) if p.step == Step::WriteData && n != p.write_len => {
+            // A short write is an error. Short reads stop at the end of a
+            // file: backing buffers were zeroed before the read, and a short
+            // overlay read is zero-filled when its step completes.
+            Ok(n) if p.step == Step::WriteData && n != p.io_len => {
                 p.io_error.get_or_insert(Error::new(
                     ErrorKind::Io,
                     format!(
                         "{path}: short write ({n} of {} bytes) to cluster {}",
-                        p.write_len, p.cluster
+                        p.io_len, p.cluster
                     ),
                 ));
+            }
+            Ok(n) if matches!(p.step, Step::OverlayRead | Step::RmwRead) && n < p.io_len => {
+                p.short = Some(n);
             }
             Ok(_) => {}
         }
@@ -877,6 +883,15 @@ impl Core {
         if let Some(e) = self.pieces[id].io_error.take() {
             self.finish_piece(id, Err(e));
             return;
+        }
+        let p = &mut self.pieces[id];
+        if let Some(n) = p.short.take() {
+            // The cluster runs past the end of the file (a partial last
+            // cluster): what lies beyond reads as zeros.
+            let len = p.io_len;
+            if let Some(b) = p.buf.as_mut() {
+                IoBuf::unique_mut(b)[n..len].fill(0);
+            }
         }
         let r = match self.pieces[id].step {
             Step::OverlayRead | Step::PassThrough => {
@@ -994,13 +1009,16 @@ impl Core {
             return;
         }
         let idle = self.pieces.is_empty() && self.fills.is_empty() && self.events.is_empty();
-        let dirty = self.l2.dirty_keys();
         let closing = self.closing.is_some() && idle;
         let due = !self.flush_waiters.is_empty()
             || closing
-            || dirty.len() >= super::COMMIT_DIRTY_BLOCKS
-            || (idle && !dirty.is_empty() && self.writable());
+            || self.l2.dirty_count() >= super::COMMIT_DIRTY_BLOCKS
+            || (idle && self.l2.has_dirty() && self.writable());
         if !due {
+            return;
+        }
+        let dirty = self.l2.dirty_keys();
+        if dirty.is_empty() && self.flush_waiters.is_empty() && !closing {
             return;
         }
         if self.shared.meta.is_poisoned() && (closing || !self.flush_waiters.is_empty()) {

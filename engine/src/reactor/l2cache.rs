@@ -40,6 +40,8 @@ impl Block {
 
 pub struct L2Cache {
     map: HashMap<u64, Block>,
+    /// Keys of blocks that may be dirty (a superset; pruned by `dirty_keys`).
+    dirty: Vec<u64>,
     clock: VecDeque<u64>,
     max_blocks: usize,
 }
@@ -48,6 +50,7 @@ impl L2Cache {
     pub fn new(budget_bytes: usize) -> L2Cache {
         L2Cache {
             map: HashMap::new(),
+            dirty: Vec::new(),
             clock: VecDeque::new(),
             max_blocks: (budget_bytes / BLOCK_BYTES).max(16),
         }
@@ -107,12 +110,34 @@ impl L2Cache {
         self.map.remove(&key);
     }
 
-    pub fn dirty_keys(&self) -> Vec<u64> {
-        self.map
-            .iter()
-            .filter(|(_, b)| b.is_dirty())
-            .map(|(&k, _)| k)
-            .collect()
+    /// Changes entry `idx` of cached block `key` (which must be ready).
+    pub fn set_entry(&mut self, key: u64, idx: usize, raw: u64) {
+        let b = self.map.get_mut(&key).expect("changing an uncached block");
+        debug_assert!(matches!(b.state, BlockState::Ready));
+        if !b.is_dirty() {
+            self.dirty.push(key);
+        }
+        b.entries[idx] = raw;
+        b.generation += 1;
+    }
+
+    /// Whether any block is dirty (cheap: no scan).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// The dirty blocks, in no particular order.
+    pub fn dirty_keys(&mut self) -> Vec<u64> {
+        let map = &self.map;
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        self.dirty
+            .retain(|k| map.get(k).is_some_and(|b| b.is_dirty()));
+        self.dirty.clone()
     }
 
     #[cfg(test)]
@@ -132,7 +157,7 @@ mod tests {
             c.insert(k, BlockState::Ready, Box::new([0; BLOCK_ENTRIES]));
         }
         c.get(0).unwrap().pins = 1;
-        c.get(1).unwrap().generation = 1;
+        c.set_entry(1, 0, 5);
         for k in 16..64 {
             c.insert(k, BlockState::Ready, Box::new([0; BLOCK_ENTRIES]));
             assert!(c.len() <= 16, "over budget: {}", c.len());

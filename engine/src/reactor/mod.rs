@@ -319,6 +319,13 @@ impl Core {
             }
             self.cqes = cqes;
         }
+        // Parts that arrived after the close: fail them rather than hang.
+        while let Ok(Msg::Part { req, .. }) = self.inbox.try_recv() {
+            req.finish_part(Some(Error::new(
+                crate::ErrorKind::ShuttingDown,
+                "the disk is closed",
+            )));
+        }
     }
 
     /// Arms the wake-up and announces sleep. Returns how many completions to

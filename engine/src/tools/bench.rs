@@ -146,8 +146,8 @@ impl fmt::Display for BenchReport {
         )?;
         write!(
             f,
-            "copy-on-read fills: {} ({} zero), bytes fetched: {}, overlay hits: {}, dedup hits: {}, misses: {}",
-            s.cor_fills, s.cor_zero_fills, s.bytes_fetched, s.overlay_hits, s.dedup_hits, s.misses
+            "fills: {} data + {} zero, bytes fetched: {}, overlay hits: {}, dedup hits: {}, misses: {}, write-back errors: {}",
+            s.cor_fills, s.cor_zero_fills, s.bytes_fetched, s.overlay_hits, s.dedup_hits, s.misses, s.writeback_errors
         )
     }
 }

@@ -6,7 +6,8 @@
 //! it the image is opened read-only and never modified.
 //!
 //! The output stays sparse: it is truncated, sized with `set_len`, and
-//! all-zero chunks are never written, so they stay holes. Chunks complete in
+//! all-zero blocks ([`SPARSE_BLOCK_BYTES`], like `qemu-img convert -S`) are
+//! never written, so they stay holes. Chunks complete in
 //! any order and are written with positioned writes at their own offset.
 
 use crate::error::{Error, ErrorKind, Result};
@@ -23,6 +24,9 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 /// Default number of requests in flight.
 pub const DEFAULT_DEPTH: usize = 8;
+/// Granularity of zero detection in the output, as `qemu-img convert -S`'s
+/// default: an all-zero block this large is left as a hole.
+pub const SPARSE_BLOCK_BYTES: usize = 4096;
 
 /// How to convert.
 #[derive(Debug, Clone)]
@@ -75,7 +79,7 @@ impl std::fmt::Display for ConvertReport {
         )?;
         write!(
             f,
-            "Copy-on-read: {} clusters filled ({} as zero), {} fetched from backing.",
+            "Copy-on-read: {} clusters filled with data, {} with zeros; {} fetched from backing.",
             self.stats.cor_fills,
             self.stats.cor_zero_fills,
             format_size(self.stats.bytes_fetched),
@@ -146,12 +150,12 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
                 return Err(e.context(format_args!("reading at offset {}", done.offset)));
             }
         };
-        if !is_zero(&buf) {
-            if let Err(e) = out.write_all_at(&buf, done.offset) {
+        match write_sparse(&out, &buf, done.offset) {
+            Ok(bytes) => written += bytes,
+            Err(e) => {
                 queue.drain();
                 return Err(out_err(e, "writing"));
             }
-            written += buf.len() as u64;
         }
         if next_offset < size {
             let len = chunk.min(size - next_offset) as usize;
@@ -168,4 +172,65 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
         elapsed: start.elapsed(),
         stats: stats_delta(&before, &disk.stats()),
     })
+}
+
+/// Writes the non-zero [`SPARSE_BLOCK_BYTES`] blocks of `buf` at `offset`,
+/// one write per run of consecutive non-zero blocks. Returns bytes written.
+fn write_sparse(out: &File, buf: &[u8], offset: u64) -> std::io::Result<u64> {
+    let mut written = 0;
+    let mut run_start: Option<usize> = None;
+    let mut pos = 0;
+    while pos < buf.len() {
+        let end = (pos + SPARSE_BLOCK_BYTES).min(buf.len());
+        let zero = is_zero(&buf[pos..end]);
+        match (run_start, zero) {
+            (None, false) => run_start = Some(pos),
+            (Some(start), true) => {
+                out.write_all_at(&buf[start..pos], offset + start as u64)?;
+                written += (pos - start) as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(start) = run_start {
+        out.write_all_at(&buf[start..], offset + start as u64)?;
+        written += (buf.len() - start) as u64;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_non_zero_blocks_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.raw");
+        let out = File::create(&path).unwrap();
+        let block = SPARSE_BLOCK_BYTES;
+        // Blocks: data, zero, zero, data, data, and a short data tail.
+        let mut buf = vec![0u8; 5 * block + 100];
+        buf[10] = 1;
+        buf[3 * block] = 2;
+        buf[5 * block - 1] = 3;
+        buf[5 * block + 99] = 4;
+        // Pre-fill so an unwritten block shows as 0xee, not as a hole.
+        out.write_all_at(&vec![0xee; buf.len() + 4096], 0).unwrap();
+        let written = write_sparse(&out, &buf, 4096).unwrap();
+        assert_eq!(written, (3 * block + 100) as u64);
+        let back = std::fs::read(&path).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0xee));
+        let back = &back[4096..];
+        assert_eq!(back[..block], buf[..block]);
+        assert!(
+            back[block..3 * block].iter().all(|&b| b == 0xee),
+            "zero blocks skipped"
+        );
+        assert_eq!(back[3 * block..], buf[3 * block..]);
+        assert_eq!(write_sparse(&out, &vec![0u8; 3 * block], 0).unwrap(), 0);
+        assert_eq!(write_sparse(&out, &[], 0).unwrap(), 0);
+    }
 }

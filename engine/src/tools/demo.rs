@@ -68,7 +68,11 @@ impl Default for DemoOptions {
 /// One full read of the disk.
 #[derive(Debug, Clone)]
 pub struct Pass {
+    /// From the first request to the last completion.
     pub elapsed: Duration,
+    /// The flush after the reads (copy-on-read passes only): write-backs
+    /// finish behind the reads, so the pass's counters are taken after it.
+    pub flush: Option<Duration>,
     /// Engine counters over the pass.
     pub stats: Stats,
     /// Bytes that differed from the backing file.
@@ -200,8 +204,8 @@ fn run_in(dir: &Path, seed: u64, opts: &DemoOptions) -> Result<DemoReport> {
         ));
     }
     let cluster_bytes = disk.cluster_size();
-    let passes = read_pass(&disk, &backing, size).and_then(|cold| {
-        let warm = read_pass(&disk, &backing, size)?;
+    let passes = read_pass(&disk, &backing, size, true).and_then(|cold| {
+        let warm = read_pass(&disk, &backing, size, true)?;
         Ok((cold, warm))
     });
     let closed = disk.close();
@@ -218,7 +222,7 @@ fn run_in(dir: &Path, seed: u64, opts: &DemoOptions) -> Result<DemoReport> {
     };
     let disk = Disk::open(&overlay_path, reopened_opts)
         .map_err(|e| e.context(format_args!("reopening {}", overlay_path.display())))?;
-    let pass = read_pass(&disk, &backing, size);
+    let pass = read_pass(&disk, &backing, size, false);
     let closed = disk.close();
     let reopened = pass?;
     closed.map_err(|e| e.context(format_args!("closing {}", overlay_path.display())))?;
@@ -296,8 +300,8 @@ fn write_backing(path: &Path, size: u64, seed: u64) -> Result<u64> {
 }
 
 /// Reads the whole disk with [`DEPTH`] requests of [`CHUNK_BYTES`] in flight
-/// and compares every chunk with the backing file.
-fn read_pass(disk: &Disk, backing: &File, size: u64) -> Result<Pass> {
+/// and compares every chunk with the backing file; then flushes, if asked.
+fn read_pass(disk: &Disk, backing: &File, size: u64, flush: bool) -> Result<Pass> {
     let before = disk.stats();
     let start = Instant::now();
     let mut queue = Queue::new(disk, DEPTH);
@@ -348,8 +352,17 @@ fn read_pass(disk: &Disk, backing: &File, size: u64) -> Result<Pass> {
             next_offset += len as u64;
         }
     }
+    let elapsed = start.elapsed();
+    let flush = if flush {
+        let start = Instant::now();
+        disk.flush().map_err(|e| e.context("flushing"))?;
+        Some(start.elapsed())
+    } else {
+        None
+    };
     Ok(Pass {
-        elapsed: start.elapsed(),
+        elapsed,
+        flush,
         stats: stats_delta(&before, &disk.stats()),
         mismatched_bytes,
         first_mismatch,
@@ -363,14 +376,7 @@ fn qemu_verdict(overlay: &Path) -> Result<Option<QemuVerdict>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(e, "running qemu-img check")),
     };
-    let text = String::from_utf8_lossy(&check.stdout);
-    let check_summary = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("(no output)")
-        .trim()
-        .to_owned();
+    let check_summary = check_verdict(&String::from_utf8_lossy(&check.stdout));
     let map = Command::new("qemu-img")
         .args(["map", "--output=json"])
         .arg(overlay)
@@ -395,6 +401,27 @@ fn qemu_verdict(overlay: &Path) -> Result<Option<QemuVerdict>> {
     };
     summarise_map(&map.stdout, &mut verdict)?;
     Ok(Some(verdict))
+}
+
+/// The verdict lines of `qemu-img check` ("No errors were found on the
+/// image.", "2 leaked clusters were found on the image.", ...), else its
+/// first line.
+fn check_verdict(output: &str) -> String {
+    let verdicts: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("were found"))
+        .collect();
+    if verdicts.is_empty() {
+        output
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("(no output)")
+            .to_owned()
+    } else {
+        verdicts.join(" ")
+    }
 }
 
 /// Adds up `qemu-img map --output=json` extents by where they live.
@@ -436,9 +463,13 @@ fn summarise_map(json: &[u8], verdict: &mut QemuVerdict) -> Result<()> {
 fn pass_line(f: &mut fmt::Formatter<'_>, name: &str, size: u64, pass: &Pass) -> fmt::Result {
     let secs = pass.elapsed.as_secs_f64();
     let s = &pass.stats;
+    let flush = match pass.flush {
+        Some(flush) => format!(" + flush {:.3} s", flush.as_secs_f64()),
+        None => String::new(),
+    };
     writeln!(
         f,
-        "{name:<10} {} in {secs:.3} s ({:.1} MiB/s): {} clusters filled ({} as zero), {} fetched, {} overlay hits, {} dedup hits",
+        "{name:<10} {} in {secs:.3} s ({:.1} MiB/s){flush}: {} clusters filled with data, {} with zeros, {} fetched, {} overlay hits, {} dedup hits",
         format_size(size),
         mib_per_sec(size, secs),
         s.cor_fills,
@@ -478,10 +509,13 @@ impl fmt::Display for DemoReport {
         pass_line(f, "cold", self.size_bytes, &self.cold)?;
         pass_line(f, "warm", self.size_bytes, &self.warm)?;
         pass_line(f, "reopened", self.size_bytes, &self.reopened)?;
+        let check = self.check.to_string();
         writeln!(
             f,
-            "backfill check: {}",
-            self.check.to_string().trim_end().replace('\n', "; ")
+            "backfill check: {} ({}/{} clusters allocated)",
+            check.lines().next().unwrap_or("").trim(),
+            self.check.allocated_clusters,
+            self.check.total_clusters
         )?;
         if let Some(q) = &self.qemu {
             writeln!(f, "qemu-img check: {}", q.check_summary)?;
@@ -573,6 +607,22 @@ mod tests {
         );
         assert!(summarise_map(b"not json", &mut v).is_err());
         assert!(summarise_map(br#"[{"start": 0}]"#, &mut v).is_err());
+    }
+
+    #[test]
+    fn check_verdict_is_the_verdict_line() {
+        let clean = "No errors were found on the image.\n768/1024 = 75.00% allocated\nImage end offset: 58785792\n";
+        assert_eq!(check_verdict(clean), "No errors were found on the image.");
+        let leaky = "Leaked cluster 0 refcount=2 reference=1\n\n1 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n";
+        assert_eq!(
+            check_verdict(leaky),
+            "1 leaked clusters were found on the image."
+        );
+        assert_eq!(
+            check_verdict("\nqemu-img: Could not open\n"),
+            "qemu-img: Could not open"
+        );
+        assert_eq!(check_verdict(""), "(no output)");
     }
 
     #[test]

@@ -54,9 +54,9 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     ] {
         writeln!(
             out,
-            "    {:<13} {} ({:.1}%)",
+            "    {:<13} {} ({bytes} bytes, {:.1}%)",
             format!("{label}:"),
-            size_line(bytes),
+            format_size(bytes),
             percent(bytes, whole)
         )?;
     }
@@ -65,7 +65,7 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
         for (depth, backing) in info.backing_chain.iter().enumerate() {
             writeln!(
                 out,
-                "    {}: {} ({}, {})",
+                "    {}: {}, {}, {}",
                 depth + 1,
                 backing.filename,
                 backing.format,
