@@ -83,7 +83,8 @@ pub struct BlockStatus {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     /// Clusters whose backing data copy-on-read wrote into the overlay.
-    /// Counted when the write-back lands, which is after the read returned.
+    /// Counted when the write-back lands, which is after the read returned
+    /// (a `flush` waits for the write-backs in flight).
     pub cor_fills: u64,
     /// Fills that found the cluster all zero and recorded a zero cluster
     /// instead of data (not counted in `cor_fills`).
@@ -115,10 +116,13 @@ pub struct Disk {
 }
 
 struct Inner {
+    /// Declared before `data_file`, and joined in `shutdown`: the rings
+    /// that registered the descriptor are gone before the file closes.
     shared: Arc<Shared>,
     cores: Vec<CoreHandle>,
     closed: AtomicBool,
     in_flight: Arc<AtomicU64>,
+    _data_file: std::fs::File,
 }
 
 impl Drop for Inner {
@@ -230,14 +234,13 @@ impl Disk {
         for i in 0..opts.cores {
             cores.push(reactor::spawn(i, shared.clone(), data_fd)?);
         }
-        // The rings registered the descriptor; keep the file open for their lifetime.
-        std::mem::forget(data_file);
         Ok(Disk {
             inner: Arc::new(Inner {
                 shared,
                 cores,
                 closed: AtomicBool::new(false),
                 in_flight: Arc::new(AtomicU64::new(0)),
+                _data_file: data_file,
             }),
         })
     }
@@ -337,7 +340,9 @@ impl Disk {
         self.flush()
     }
 
-    /// Makes every write completed before this call durable.
+    /// Makes every write completed before this call durable. It also waits
+    /// for the copy-on-read write-backs in flight when it was called, so the
+    /// clusters read before a flush are in the overlay after it.
     pub fn flush(&self) -> Result<()> {
         self.check_open()?;
         let n = self.inner.cores.len();

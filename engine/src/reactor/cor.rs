@@ -78,6 +78,7 @@ pub struct Piece {
 }
 
 pub struct Fill {
+    seq: u64,
     cluster: u64,
     buf: Option<Rc<IoBuf>>,
     pending: u32,
@@ -113,7 +114,7 @@ fn kernel_result(res: i32, what: impl FnOnce() -> String) -> Result<usize> {
     }
 }
 
-impl Core {
+impl<I: Io> Core<I> {
     fn cluster_bits(&self) -> u32 {
         self.shared.meta.cluster_bits
     }
@@ -145,7 +146,11 @@ impl Core {
     pub(super) fn start_part(&mut self, req: Arc<Request>, offset: u64, len: u64, buf_off: u64) {
         match req.kind {
             ReqKind::Flush => {
-                self.flush_waiters.push(req);
+                if self.live_fills.is_empty() {
+                    self.flush_waiters.push(req);
+                } else {
+                    self.fill_barriers.push_back((self.next_fill_seq, req));
+                }
                 return;
             }
             ReqKind::Close => {
@@ -534,7 +539,11 @@ impl Core {
             self.finish_piece(id, Ok(()));
             return Ok(());
         }
+        let seq = self.next_fill_seq;
+        self.next_fill_seq += 1;
+        self.live_fills.insert(seq);
         let fid = self.fills.insert(Fill {
+            seq,
             cluster,
             buf: None,
             pending: 0,
@@ -667,6 +676,17 @@ impl Core {
 
     fn release_fill(&mut self, fid: usize) {
         let f = self.fills.remove(fid);
+        self.live_fills.remove(&f.seq);
+        // Flushes that waited for this fill (and every older one) may go.
+        let oldest = self.live_fills.first().copied().unwrap_or(u64::MAX);
+        while self
+            .fill_barriers
+            .front()
+            .is_some_and(|(barrier, _)| *barrier <= oldest)
+        {
+            let (_, r) = self.fill_barriers.pop_front().expect("checked");
+            self.flush_waiters.push(r);
+        }
         debug_assert!(f.readers.is_empty());
         self.unpin(f.cluster);
         for w in self.locks.unlock(f.cluster) {

@@ -223,10 +223,12 @@ enum Ev {
     FillData(usize),
 }
 
-pub(crate) struct Core {
+/// One core's state, generic over its I/O layer: the real io_uring here, a
+/// seeded simulation in tests that replay faults and crashes.
+pub(crate) struct Core<I: Io = Uring> {
     id: usize,
     shared: Arc<Shared>,
-    io: Uring,
+    io: I,
     inbox: Receiver<Msg>,
     sleeping: Arc<AtomicBool>,
     wake_armed: bool,
@@ -244,6 +246,13 @@ pub(crate) struct Core {
     commit: cor::Commit,
     /// Flush and close requests waiting for the next commit.
     flush_waiters: Vec<Arc<Request>>,
+    /// Flushes waiting for the fills that were in flight when they arrived
+    /// (so a read, then a flush, leaves the read's clusters in the overlay),
+    /// with the fill sequence number they wait for.
+    fill_barriers: VecDeque<(u64, Arc<Request>)>,
+    /// Sequence numbers of the fills in flight, and the next one.
+    live_fills: std::collections::BTreeSet<u64>,
+    next_fill_seq: u64,
     closing: Option<Arc<Request>>,
     stopped: bool,
     cqes: Vec<Cqe>,
@@ -252,14 +261,14 @@ pub(crate) struct Core {
     segs: Vec<crate::backing::Segment>,
 }
 
-impl Core {
+impl<I: Io> Core<I> {
     fn new(
         id: usize,
         shared: Arc<Shared>,
-        io: Uring,
+        io: I,
         inbox: Receiver<Msg>,
         sleeping: Arc<AtomicBool>,
-    ) -> Core {
+    ) -> Core<I> {
         let per_core = shared.metadata_cache_bytes / shared.router.cores().max(1);
         Core {
             id,
@@ -281,6 +290,9 @@ impl Core {
             reserve: (0, 0),
             commit: cor::Commit::default(),
             flush_waiters: Vec::new(),
+            fill_barriers: VecDeque::new(),
+            live_fills: std::collections::BTreeSet::new(),
+            next_fill_seq: 0,
             closing: None,
             stopped: false,
             cqes: Vec::with_capacity(256),
@@ -390,6 +402,9 @@ impl Core {
             p.req.finish_part(Some(e.clone()));
         }
         for r in self.flush_waiters.drain(..) {
+            r.finish_part(Some(e.clone()));
+        }
+        for (_, r) in self.fill_barriers.drain(..) {
             r.finish_part(Some(e.clone()));
         }
         if let Some(r) = self.closing.take() {

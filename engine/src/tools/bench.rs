@@ -303,6 +303,11 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let elapsed = start.elapsed();
+    if opts.write || opts.copy_on_read {
+        // Untimed, as qemu-img bench does not flush either; but write-backs
+        // finish behind the reads, and the counters should include them.
+        disk.flush().map_err(|e| e.context("flushing"))?;
+    }
     Ok(BenchReport {
         count: opts.count,
         depth: opts.depth,

@@ -166,6 +166,11 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
         }
     }
     out.sync_all().map_err(|e| out_err(e, "syncing"))?;
+    if opts.copy_on_read {
+        // Write-backs finish behind the reads: wait for them, so the
+        // counters (and the time) include the whole copy-on-read.
+        disk.flush().map_err(|e| e.context("flushing"))?;
+    }
     Ok(ConvertReport {
         size_bytes: size,
         written_bytes: written,
