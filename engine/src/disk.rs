@@ -135,7 +135,9 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn shutdown(&mut self) -> Result<()> {
+    /// Sends Close to every core and waits for their final commits. The
+    /// first caller does it; later ones return at once.
+    fn stop_cores(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
@@ -149,7 +151,14 @@ impl Inner {
             });
         }
         req.wait();
-        let mut result = req.take_result().map(|_| ());
+        req.take_result().map(|_| ())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut result = self.stop_cores();
         for c in &mut self.cores {
             if let Some(t) = c.thread.take() {
                 if t.join().is_err() && result.is_ok() {
@@ -157,8 +166,7 @@ impl Inner {
                 }
             }
         }
-        let closed = self.shared.meta.close();
-        result.and(closed)
+        result.and(self.shared.meta.close())
     }
 }
 
@@ -484,24 +492,14 @@ impl Disk {
     pub fn close(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
             Ok(mut inner) => inner.shutdown(),
-            Err(shared) => {
-                // Other handles exist: shut down through a raw pointer-free path.
-                let inner = &shared;
-                if inner.closed.swap(true, Ordering::SeqCst) {
+            Err(inner) => {
+                // Other clones exist: stop the cores now; their threads end
+                // on their own and the clones fail with ShuttingDown.
+                if inner.closed.load(Ordering::SeqCst) {
                     return Ok(());
                 }
-                let req = Request::new(ReqKind::Close, Vec::new(), inner.cores.len());
-                for c in &inner.cores {
-                    c.send(Msg::Part {
-                        req: req.clone(),
-                        offset: 0,
-                        len: 0,
-                        buf_off: 0,
-                    });
-                }
-                req.wait();
-                let r = req.take_result().map(|_| ());
-                r.and(inner.shared.meta.close())
+                inner.stop_cores()?;
+                inner.shared.meta.close()
             }
         }
     }

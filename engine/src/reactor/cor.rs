@@ -425,6 +425,12 @@ impl<I: Io> Core<I> {
 
     // ----- pieces ----------------------------------------------------------
 
+    /// Cluster, byte offset within it, and length of piece `id`.
+    fn span(&self, id: usize) -> (u64, u64, u64) {
+        let p = &self.pieces[id];
+        (p.cluster, p.start, p.len)
+    }
+
     pub(super) fn run_piece(&mut self, id: usize) {
         let r = match self.pieces[id].kind {
             ReqKind::Read => self.run_read(id),
@@ -438,10 +444,7 @@ impl<I: Io> Core<I> {
     }
 
     fn run_read(&mut self, id: usize) -> Result<()> {
-        let (cluster, start, len) = {
-            let p = &self.pieces[id];
-            (p.cluster, p.start, p.len)
-        };
+        let (cluster, start, len) = self.span(id);
         let Some(raw) = self.lookup(id, cluster) else {
             return Ok(());
         };
@@ -480,10 +483,7 @@ impl<I: Io> Core<I> {
     }
 
     fn read_unallocated(&mut self, id: usize) -> Result<()> {
-        let (cluster, start, len) = {
-            let p = &self.pieces[id];
-            (p.cluster, p.start, p.len)
-        };
+        let (cluster, start, len) = self.span(id);
         if self.shared.chain.is_none() {
             self.deliver_zeros(id);
             self.finish_piece(id, Ok(()));
@@ -955,10 +955,7 @@ impl<I: Io> Core<I> {
     }
 
     fn run_status(&mut self, id: usize) -> Result<()> {
-        let (cluster, start, len) = {
-            let p = &self.pieces[id];
-            (p.cluster, p.start, p.len)
-        };
+        let (cluster, start, len) = self.span(id);
         let Some(raw) = self.lookup(id, cluster) else {
             return Ok(());
         };

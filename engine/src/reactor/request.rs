@@ -55,26 +55,11 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn new(kind: ReqKind, buf: Vec<u8>, parts: usize) -> Arc<Request> {
-        Arc::new(Request {
-            kind,
-            buf: Mutex::new(buf),
-            status: Mutex::new(Vec::new()),
-            remaining: AtomicUsize::new(parts),
-            error: Mutex::new(None),
-            notify: Notify::Wait {
-                state: Mutex::new(WaitState::default()),
-                cv: Condvar::new(),
-            },
-            on_done: None,
-        })
-    }
-
-    pub fn with_callback(
+    fn build(
         kind: ReqKind,
         buf: Vec<u8>,
         parts: usize,
-        cb: Callback,
+        notify: Notify,
         on_done: Option<Arc<dyn Fn() + Send + Sync>>,
     ) -> Arc<Request> {
         Arc::new(Request {
@@ -83,9 +68,31 @@ impl Request {
             status: Mutex::new(Vec::new()),
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
-            notify: Notify::Callback(Mutex::new(Some(cb))),
+            notify,
             on_done,
         })
+    }
+
+    /// A request completed by waiting on it (blocking or as a `Future`).
+    pub fn new(kind: ReqKind, buf: Vec<u8>, parts: usize) -> Arc<Request> {
+        let notify = Notify::Wait {
+            state: Mutex::new(WaitState::default()),
+            cv: Condvar::new(),
+        };
+        Request::build(kind, buf, parts, notify, None)
+    }
+
+    /// A request completed by calling `cb` on the reactor thread that
+    /// finishes it.
+    pub fn with_callback(
+        kind: ReqKind,
+        buf: Vec<u8>,
+        parts: usize,
+        cb: Callback,
+        on_done: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> Arc<Request> {
+        let notify = Notify::Callback(Mutex::new(Some(cb)));
+        Request::build(kind, buf, parts, notify, on_done)
     }
 
     /// A blocking/future request that runs `on_done` when it completes.
@@ -95,9 +102,11 @@ impl Request {
         parts: usize,
         on_done: Arc<dyn Fn() + Send + Sync>,
     ) -> Arc<Request> {
-        let mut r = Request::new(kind, buf, parts);
-        Arc::get_mut(&mut r).expect("fresh request").on_done = Some(on_done);
-        r
+        let notify = Notify::Wait {
+            state: Mutex::new(WaitState::default()),
+            cv: Condvar::new(),
+        };
+        Request::build(kind, buf, parts, notify, Some(on_done))
     }
 
     /// Records the first error of the request.

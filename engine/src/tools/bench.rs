@@ -11,7 +11,6 @@
 //! Only the request loop is timed: opening and closing the disk are not.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::tools::inflight::Queue;
 use crate::tools::stats_delta;
 use crate::tools::units::mib_per_sec;
 use crate::{CacheMode, Disk, Options, Stats};
@@ -19,6 +18,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// The byte `-w` writes, as in `qemu-img bench`.
@@ -255,7 +256,7 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
         Pattern::Sequential => None,
     };
     let disk_size = disk.size();
-    let mut offsets = Offsets::new(
+    let offsets = Offsets::new(
         opts.pattern,
         opts.offset,
         step,
@@ -272,35 +273,28 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
 
     let before = disk.stats();
     let start = Instant::now();
-    let mut queue = Queue::new(disk, depth);
-    let mut submitted = 0u64;
-    let submit = |queue: &mut Queue<'_>, slot: usize, offset: u64, buf: Vec<u8>| {
-        if opts.write {
-            queue.submit_write(slot, offset, buf);
-        } else {
-            queue.submit_read(slot, offset, buf);
-        }
-    };
-    for (slot, buf) in buffers.into_iter().enumerate() {
-        if submitted == opts.count {
-            break;
-        }
-        submit(&mut queue, slot, offsets.next_offset(), buf);
-        submitted += 1;
+    let driver = Arc::new(Driver {
+        disk: disk.clone(),
+        write: opts.write,
+        count: opts.count,
+        offsets: Mutex::new(offsets),
+        submitted: AtomicU64::new(0),
+        state: Mutex::new(DriverState::default()),
+        done: Condvar::new(),
+    });
+    for buf in buffers {
+        Driver::next(&driver, buf);
     }
-    while let Some(done) = queue.next_done() {
-        let buf = match done.result {
-            Ok(buf) => buf,
-            Err(e) => {
-                queue.drain();
-                let what = if opts.write { "writing" } else { "reading" };
-                return Err(e.context(format_args!("{what} at offset {}", done.offset)));
-            }
-        };
-        if submitted < opts.count {
-            submit(&mut queue, done.slot, offsets.next_offset(), buf);
-            submitted += 1;
+    let failure = {
+        let mut st = driver.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.finished < depth as u64 {
+            st = driver.done.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        st.error.take()
+    };
+    if let Some((offset, e)) = failure {
+        let what = if opts.write { "writing" } else { "reading" };
+        return Err(e.context(format_args!("{what} at offset {offset}")));
     }
     let elapsed = start.elapsed();
     if opts.write || opts.copy_on_read {
@@ -322,6 +316,66 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
         elapsed,
         stats: stats_delta(&before, &disk.stats()),
     })
+}
+
+/// Keeps `depth` requests in flight without a thread of its own: each
+/// completion callback (which runs on the reactor that finished the request)
+/// submits the next request with the same buffer, the way an in-process
+/// client living on the reactors would. The calling thread only waits for
+/// the end, so it takes no CPU from the cores and adds no wake-ups.
+struct Driver {
+    disk: Disk,
+    write: bool,
+    count: u64,
+    offsets: Mutex<Offsets>,
+    submitted: AtomicU64,
+    state: Mutex<DriverState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct DriverState {
+    /// Request chains that have ended (one per slot).
+    finished: u64,
+    error: Option<(u64, Error)>,
+}
+
+impl Driver {
+    /// Submits the next request with `buf`, or ends this chain.
+    fn next(this: &Arc<Driver>, buf: Vec<u8>) {
+        let failed = this
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .error
+            .is_some();
+        if failed || this.submitted.fetch_add(1, Ordering::Relaxed) >= this.count {
+            let mut st = this.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.finished += 1;
+            this.done.notify_all();
+            return;
+        }
+        let offset = this
+            .offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_offset();
+        let me = this.clone();
+        let done = move |result: Result<Vec<u8>>| match result {
+            Ok(buf) => Driver::next(&me, buf),
+            Err(e) => {
+                let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.error.get_or_insert((offset, e));
+                st.finished += 1;
+                me.done.notify_all();
+            }
+        };
+        if this.write {
+            this.disk.submit_write_with(offset, buf, done);
+        } else {
+            this.disk.submit_read_with(offset, buf, done);
+        }
+    }
 }
 
 #[cfg(test)]
