@@ -186,23 +186,17 @@ impl Meta {
         }
     }
 
-    /// The L2 table for L1 index `i`, allocating a zeroed one if there is none.
-    pub fn ensure_l2_table(&self, i: u64) -> Result<u64> {
-        if let Some(off) = self.l2_table(i)? {
-            return Ok(off);
-        }
+    /// Makes host cluster offset `off` (reserved by the caller, so its
+    /// refcount is written) the zeroed L2 table for L1 index `i`. Returns
+    /// false, leaving `off` unused, if another core installed one first.
+    pub fn install_l2_table(&self, i: u64, off: u64) -> Result<bool> {
         self.check_writable()?;
-        let mut a = self.lock();
+        let _a = self.lock();
         // Another core may have allocated it while we waited for the lock.
-        if let Some(off) = self.l2_table(i)? {
-            return Ok(off);
+        if self.l2_table(i)?.is_some() {
+            return Ok(false);
         }
         let r = (|| {
-            let c = a.frontier;
-            a.frontier += 1;
-            self.ensure_refblocks(&mut a, c, 1)?;
-            self.set_refcounts(&a, c, 1, 1)?;
-            let off = c << self.cluster_bits;
             self.pwrite(
                 &vec![0u8; self.cluster_size() as usize],
                 off,
@@ -218,7 +212,7 @@ impl Meta {
                 "writing an L1 entry",
             )?;
             self.l1[i as usize].store(raw, Ordering::Release);
-            Ok(off)
+            Ok(true)
         })();
         if r.is_err() {
             self.poison();

@@ -102,6 +102,8 @@ pub trait Io {
     fn submit_and_wait(&mut self, want: usize) -> std::io::Result<()>;
     /// Moves every available completion into `out`.
     fn reap(&mut self, out: &mut Vec<Cqe>);
+    /// Whether completions wait to be reaped (no syscall).
+    fn has_completions(&mut self) -> bool;
     /// Operations pushed and not yet reaped.
     fn in_flight(&self) -> usize;
 }

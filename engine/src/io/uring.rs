@@ -133,6 +133,10 @@ impl Io for Uring {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     fn in_flight(&self) -> usize {
         self.slots.len()
     }

@@ -363,8 +363,15 @@ impl<I: Io> Core<I> {
     /// Makes `entry` the cluster's L2 entry in the cache (written by a later
     /// commit). The block must be pinned by the caller.
     fn publish(&mut self, cluster: u64, entry: L2Entry) -> Result<()> {
-        let l2e = self.cs() / 8;
-        self.shared.meta.ensure_l2_table(cluster / l2e)?;
+        let l1 = cluster / (self.cs() / 8);
+        if self.shared.meta.l2_table(l1)?.is_none() {
+            // The table comes from this core's reserve, so it sits next to
+            // the data and the file stays dense.
+            let off = self.alloc_cluster()?;
+            if !self.shared.meta.install_l2_table(l1, off)? {
+                self.spare.push(off);
+            }
+        }
         self.l2.set_entry(
             cluster / BLOCK_ENTRIES as u64,
             (cluster % BLOCK_ENTRIES as u64) as usize,
@@ -379,6 +386,9 @@ impl<I: Io> Core<I> {
 
     /// A free host cluster from this core's reserve (refilled in batches).
     fn alloc_cluster(&mut self) -> Result<u64> {
+        if let Some(off) = self.spare.pop() {
+            return Ok(off);
+        }
         if self.reserve.0 == self.reserve.1 {
             let batch = (32u64 << 20 >> self.cluster_bits()).clamp(1, 256);
             let first = self.shared.meta.reserve(batch)?;
@@ -1171,6 +1181,9 @@ impl<I: Io> Core<I> {
         let (next, end) = self.reserve;
         self.shared.meta.give_back(next, end - next);
         self.reserve = (0, 0);
+        for off in std::mem::take(&mut self.spare) {
+            self.shared.meta.give_back(off >> self.cluster_bits(), 1);
+        }
         if let Some(r) = self.closing.take() {
             r.finish_part(err);
         }

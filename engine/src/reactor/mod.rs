@@ -51,6 +51,8 @@ pub struct Shared {
     pub copy_on_read: bool,
     pub read_only: bool,
     pub metadata_cache_bytes: usize,
+    /// Microseconds a core polls for work before it sleeps.
+    pub poll_us: u64,
     pub stats: Vec<CoreStats>,
 }
 
@@ -243,6 +245,8 @@ pub(crate) struct Core<I: Io = Uring> {
     events: VecDeque<Ev>,
     /// Reserved host clusters `[next, end)`.
     reserve: (u64, u64),
+    /// Reserved clusters taken out and not used (host offsets).
+    spare: Vec<u64>,
     commit: cor::Commit,
     /// Flush and close requests waiting for the next commit.
     flush_waiters: Vec<Arc<Request>>,
@@ -288,6 +292,7 @@ impl<I: Io> Core<I> {
             },
             events: VecDeque::new(),
             reserve: (0, 0),
+            spare: Vec::new(),
             commit: cor::Commit::default(),
             flush_waiters: Vec::new(),
             fill_barriers: VecDeque::new(),
@@ -315,7 +320,7 @@ impl<I: Io> Core<I> {
             if self.stopped {
                 break;
             }
-            let busy = !self.events.is_empty() || !self.inbox.is_empty();
+            let busy = !self.events.is_empty() || !self.inbox.is_empty() || self.poll_briefly();
             let want = if busy { 0 } else { self.sleep_prepare() };
             if let Err(e) = self.io.submit_and_wait(want) {
                 // The ring itself failed: nothing on this core can make
@@ -337,6 +342,29 @@ impl<I: Io> Core<I> {
                 crate::ErrorKind::ShuttingDown,
                 "the disk is closed",
             )));
+        }
+    }
+
+    /// Before sleeping, submits what this turn queued and polls for a
+    /// moment for new messages or completions: a sleep and an eventfd
+    /// wake-up cost more than a short spin when requests keep coming.
+    fn poll_briefly(&mut self) -> bool {
+        let spin = self.shared.poll_us;
+        if spin == 0 {
+            return false;
+        }
+        if self.io.submit_and_wait(0).is_err() {
+            return false;
+        }
+        let t = std::time::Instant::now();
+        loop {
+            if !self.inbox.is_empty() || self.io.has_completions() {
+                return true;
+            }
+            if t.elapsed().as_micros() as u64 >= spin {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
