@@ -58,7 +58,11 @@ impl Default for Options {
             cache: CacheMode::None,
             read_only: false,
             metadata_cache_bytes: 32 << 20,
-            poll_us: 50,
+            // BACKFILL_POLL_US overrides the default, for measurements.
+            poll_us: std::env::var("BACKFILL_POLL_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50),
         }
     }
 }

@@ -34,9 +34,21 @@ pub struct Uring {
 impl Uring {
     /// A ring with `files` registered; `FileId(i)` names `files[i]`.
     pub fn new(files: &[RawFd]) -> io::Result<Uring> {
+        // Completions run as task work on this thread when it enters the
+        // kernel (COOP_TASKRUN) instead of interrupting it, and the ring
+        // flags when such work waits (TASKRUN_FLAG), so a polling reactor
+        // knows to enter. Older kernels without them get a plain ring.
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
-            .build(RING_ENTRIES)?;
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .build(RING_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(RING_ENTRIES * 2)
+                    .build(RING_ENTRIES)
+            })?;
         if !files.is_empty() {
             ring.submitter().register_files(files)?;
         }
@@ -134,7 +146,7 @@ impl Io for Uring {
     }
 
     fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
     }
 
     fn in_flight(&self) -> usize {
