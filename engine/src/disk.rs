@@ -198,6 +198,7 @@ impl Disk {
             .write(!opts.read_only)
             .open(path)
             .map_err(|e| Error::io(e, format!("opening {name}")))?;
+        crate::imagelock::lock_image(&meta_file, &name, !opts.read_only)?;
         let header = Header::read_from(&meta_file, &name)?;
         if !opts.read_only {
             header.check_writable(&name)?;
@@ -234,6 +235,12 @@ impl Disk {
             )),
             None => None,
         };
+        if let Some(chain) = &chain {
+            // Nobody may change a backing image under us while we read it.
+            for i in 0..chain.depth() {
+                crate::imagelock::lock_image(chain.layer_file(i), chain.layer_name(i), false)?;
+            }
+        }
         let size = header.size;
         let cluster_bits = header.cluster_bits;
         let meta = Meta::open(&name, header, meta_file, opts.read_only)?;

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     BackingUnavailable,
     /// The disk is read-only.
     ReadOnly,
+    /// Another process (QEMU or backfill) holds a conflicting image lock.
+    Locked,
     /// The disk is closing or closed; the request was not started.
     ShuttingDown,
     /// An earlier metadata write failed; the image accepts no further writes.
@@ -103,6 +105,7 @@ impl Error {
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::OutOfBounds | ErrorKind::InvalidInput => libc::EINVAL,
             ErrorKind::ReadOnly => libc::EPERM,
+            ErrorKind::Locked => libc::EBUSY,
             ErrorKind::ShuttingDown => libc::ESHUTDOWN,
         }
     }

@@ -17,6 +17,7 @@
 pub mod backing;
 pub mod disk;
 pub mod error;
+mod imagelock;
 pub mod io;
 pub mod locks;
 pub mod meta;
