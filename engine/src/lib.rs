@@ -14,6 +14,8 @@
 //! # Ok::<(), backfill::Error>(())
 //! ```
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod backing;
 pub mod disk;
 pub mod error;

@@ -8,6 +8,7 @@
 
 pub mod buf;
 pub mod uring;
+pub mod wake;
 
 pub use buf::{IoBuf, IO_ALIGN};
 

@@ -20,6 +20,7 @@ pub mod create;
 pub mod entry;
 pub mod header;
 pub mod info;
+pub mod repair;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -17,6 +17,7 @@ pub mod request;
 use crate::backing::{Chain, ChainCache};
 use crate::error::{Error, Result};
 use crate::io::uring::Uring;
+use crate::io::wake::EventFd;
 use crate::io::{Cqe, FileId, Io, IoBuf, Op, OpKind};
 use crate::locks::LockTable;
 use crate::meta::Meta;
@@ -26,7 +27,7 @@ use l2cache::L2Cache;
 use request::Request;
 use slab::Slab;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,7 +86,7 @@ pub enum Msg {
 /// The client side of a core: its inbox and wake-up.
 pub struct CoreHandle {
     pub tx: Sender<Msg>,
-    wake: OwnedFd,
+    wake: EventFd,
     sleeping: Arc<AtomicBool>,
     pub thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -99,31 +100,15 @@ impl CoreHandle {
         // message before it sleeps, or we see it sleeping and wake it.
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.sleeping.load(Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-            let _ = unsafe {
-                libc::write(
-                    self.wake.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            self.wake.signal();
         }
     }
 }
 
 /// Starts core `id`: its thread, ring and state. Fails if the ring cannot be made.
 pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandle> {
-    // SAFETY: eventfd(2) has no memory arguments; the result is checked.
-    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if efd < 0 {
-        return Err(Error::io(
-            std::io::Error::last_os_error(),
-            "creating an eventfd",
-        ));
-    }
-    // SAFETY: efd is a fresh descriptor that nothing else owns.
-    let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+    let wake = EventFd::new().map_err(|e| Error::io(e, "creating an eventfd"))?;
+    let efd = wake.raw_fd();
     let (tx, rx) = crossbeam_channel::unbounded();
     let sleeping = Arc::new(AtomicBool::new(false));
     let mut files = vec![data_fd, efd];
