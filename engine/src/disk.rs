@@ -176,7 +176,7 @@ impl Inner {
                 }
             }
         }
-        result.and(self.shared.meta.close())
+        result.and(self.shared.release())
     }
 }
 
@@ -517,7 +517,7 @@ impl Disk {
                     return Ok(());
                 }
                 inner.stop_cores()?;
-                inner.shared.meta.close()
+                inner.shared.release()
             }
         }
     }

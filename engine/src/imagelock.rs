@@ -95,6 +95,19 @@ pub fn lock_image(file: &File, path: &str, writable: bool) -> Result<()> {
     Ok(())
 }
 
+/// Drops every lock `lock_image` took on `file` (the file stays open).
+pub fn unlock_image(file: &File) {
+    // SAFETY: flock is a plain C struct for which all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = PERM_BASE;
+    fl.l_len = SHARED_BASE + PERM_NAMES.len() as i64 - PERM_BASE;
+    // SAFETY: `fl` lives on this stack frame for the whole call. An error
+    // leaves the locks to go with the file when it closes.
+    let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+}
+
 fn conflict(path: &str, perm: i64) -> Error {
     Error::new(
         ErrorKind::Locked,

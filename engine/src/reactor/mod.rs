@@ -57,6 +57,22 @@ pub struct Shared {
     pub stats: Vec<CoreStats>,
 }
 
+impl Shared {
+    /// After the cores stopped: frees unused clusters, syncs, and drops the
+    /// image locks, so the image can be opened again at once, even while
+    /// clones of the closed handle still exist.
+    pub fn release(&self) -> Result<()> {
+        let r = self.meta.close();
+        crate::imagelock::unlock_image(&self.meta.file);
+        if let Some(chain) = &self.chain {
+            for i in 0..chain.depth() {
+                crate::imagelock::unlock_image(chain.layer_file(i));
+            }
+        }
+        r
+    }
+}
+
 /// Counters of one core; only that core writes them.
 #[derive(Default)]
 pub struct CoreStats {
