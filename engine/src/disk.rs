@@ -193,13 +193,27 @@ impl Disk {
                 format!("cores must be 1 to 256, not {}", opts.cores),
             ));
         }
-        let meta_file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(|e| Error::io(e, format!("opening {name}")))?;
-        crate::imagelock::lock_image(&meta_file, &name, !opts.read_only)?;
-        let header = Header::read_from(&meta_file, &name)?;
+        let open_locked = || -> Result<(std::fs::File, Header)> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .open(path)
+                .map_err(|e| Error::io(e, format!("opening {name}")))?;
+            crate::imagelock::lock_image(&f, &name, !opts.read_only)?;
+            let h = Header::read_from(&f, &name)?;
+            Ok((f, h))
+        };
+        let (mut meta_file, mut header) = open_locked()?;
+        if !opts.read_only && header.is_dirty() && !header.is_corrupt() {
+            // A lazy-refcounts writer crashed: its refcounts may be stale.
+            // Rebuild them from the L1/L2 tables (as QEMU does on open),
+            // then open again. The repair takes the image lock itself.
+            drop(meta_file);
+            crate::qcow2::repair::rebuild_refcounts(path).map_err(|e| {
+                e.context(format!("{name}: repairing the refcounts of a dirty image"))
+            })?;
+            (meta_file, header) = open_locked()?;
+        }
         if !opts.read_only {
             header.check_writable(&name)?;
             if header.version >= 3 && header.autoclear_features != 0 {

@@ -362,8 +362,11 @@ fn write_at(file: &File, buf: &[u8], offset: u64, path: &str, what: &str) -> Res
 /// from its L1/L2 tables and rewrites the refcount structures to match, then
 /// clears the dirty bit. See the module documentation for what is trusted,
 /// what is refused (`Corrupt`, file untouched), and the write ordering.
-/// Refcount widths other than 16 bits are `Unsupported`. An image whose
-/// refcounts are already right and that is not dirty is not written at all.
+/// Refcount widths other than 16 bits are `Unsupported`, as is everything
+/// the header parser refuses (internal snapshots, encryption, external data
+/// files, extended L2 entries). An image in use by another process (QEMU's
+/// image locks) is refused with `Locked`. An image whose refcounts are
+/// already right and that is not dirty is not written at all.
 pub fn rebuild_refcounts(path: impl AsRef<Path>) -> Result<RepairReport> {
     let path = path.as_ref();
     let path_s = path.display().to_string();
@@ -572,18 +575,43 @@ mod tests {
         u64::from_be_bytes(b)
     }
 
-    fn set_refcount(path: &Path, cluster: u64, v: u16) {
+    /// Byte offset of the stored refcount of `cluster`.
+    fn refcount_at(path: &Path, cluster: u64) -> u64 {
         let cs = 1u64 << (read_u64(path, 16) & 0xffff_ffff);
         let per_block = cs / 2;
         let rt = read_u64(path, HDR_REFCOUNT_TABLE_OFFSET);
         let block = read_u64(path, rt + 8 * (cluster / per_block)) & REFT_OFFSET_MASK;
         assert_ne!(block, 0, "no refcount block for cluster {cluster}");
-        patch(path, block + 2 * (cluster % per_block), &v.to_be_bytes());
+        block + 2 * (cluster % per_block)
+    }
+
+    fn set_refcount(path: &Path, cluster: u64, v: u16) {
+        patch(path, refcount_at(path, cluster), &v.to_be_bytes());
+    }
+
+    fn get_refcount(path: &Path, cluster: u64) -> u16 {
+        let f = File::open(path).unwrap();
+        let mut b = [0u8; 2];
+        f.read_exact_at(&mut b, refcount_at(path, cluster)).unwrap();
+        u16::from_be_bytes(b)
+    }
+
+    fn read_bytes(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut b, offset)
+            .unwrap();
+        b
     }
 
     fn set_dirty(path: &Path) {
         let f = read_u64(path, HDR_INCOMPATIBLE_FEATURES);
-        patch(path, HDR_INCOMPATIBLE_FEATURES, &(f | INCOMPAT_DIRTY).to_be_bytes());
+        patch(
+            path,
+            HDR_INCOMPATIBLE_FEATURES,
+            &(f | INCOMPAT_DIRTY).to_be_bytes(),
+        );
     }
 
     fn is_dirty(path: &Path) -> bool {
@@ -805,6 +833,20 @@ mod tests {
         assert_clean(&img);
         qemu_io(&img, "qcow2", &["read -P 0x11 0 300k"]);
 
+        // A refcount table entry pointing at the L2 table: the entry is
+        // replaced, and the L2 table (trusted) is never written over.
+        let img = create(dir.path(), "c.qcow2", "cluster_size=4k", "64M");
+        qemu_io(&img, "qcow2", &["write -P 0x33 0 300k"]);
+        let l2 = first_l2(&img);
+        let l2_bytes = read_bytes(&img, l2, cs);
+        patch(&img, rt, &l2.to_be_bytes());
+        let r = rebuild_refcounts(&img).unwrap();
+        assert!(r.errors_fixed > 0, "{r}");
+        assert_eq!(read_bytes(&img, l2, cs), l2_bytes);
+        assert_ne!(read_u64(&img, rt), l2);
+        assert_clean(&img);
+        qemu_io(&img, "qcow2", &["read -P 0x33 0 300k"]);
+
         // A data cluster at 9 MiB in a sparse file, mapped by hand.
         let img = create(dir.path(), "b.qcow2", "cluster_size=4k", "64M");
         qemu_io(&img, "qcow2", &["write -P 0x22 0 64k"]);
@@ -864,12 +906,15 @@ mod tests {
         assert!(new_rt > host, "new table at the end: {new_rt:#x}");
         assert_eq!(read_u64(&img, 56) >> 32, 2, "two clusters of table");
         assert_clean(&img);
-        // The old table's cluster is free: qemu-img reports no leak for it,
-        // and our own check sees refcount 0 there.
-        let ours = check(&img).unwrap();
-        assert_eq!(ours.leaks, 0, "{ours}");
-        let _ = old_rt;
-        qemu_io(&img, "qcow2", &["read -P 0x44 0 64k", "read -P 0x99 800k 4k"]);
+        // The old table's cluster is free; the new table's are in use.
+        assert_eq!(get_refcount(&img, old_rt / cs), 0);
+        assert_eq!(get_refcount(&img, new_rt / cs), 1);
+        assert_eq!(get_refcount(&img, new_rt / cs + 1), 1);
+        qemu_io(
+            &img,
+            "qcow2",
+            &["read -P 0x44 0 64k", "read -P 0x99 800k 4k"],
+        );
         // QEMU can keep allocating with the new structures.
         qemu_io(&img, "qcow2", &["write -P 0x55 1M 1M"]);
         assert_clean(&img);
@@ -905,10 +950,14 @@ mod tests {
             let e = read_u64(img, l2);
             patch(img, l2 + 8 * 100, &e.to_be_bytes());
         });
-        refused(&img, ErrorKind::Corrupt, "guest offset 0x6400000");
+        refused(&img, ErrorKind::Corrupt, "guest offset 0x640000 ");
         // An L2 entry past the end of the file.
         let img = damaged("eof.qcow2", &|img, l2| {
-            patch(img, l2 + 8 * 100, &((1u64 << 40) | OFLAG_COPIED).to_be_bytes());
+            patch(
+                img,
+                l2 + 8 * 100,
+                &((1u64 << 40) | OFLAG_COPIED).to_be_bytes(),
+            );
         });
         refused(&img, ErrorKind::Corrupt, "beyond the end of the file");
         // A misaligned L2 entry.
@@ -928,6 +977,18 @@ mod tests {
         let l1 = read_u64(&img, 40);
         patch(&img, l1 + 8, &((1u64 << 40) | OFLAG_COPIED).to_be_bytes());
         refused(&img, ErrorKind::Corrupt, "L2 table of L1 entry 1");
+
+        // An image another process has open for writing (QEMU's locks).
+        let img = damaged("locked.qcow2", &|_, _| {});
+        let holder = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        crate::imagelock::lock_image(&holder, "holder", true).unwrap();
+        refused(&img, ErrorKind::Locked, "lock");
+        drop(holder);
+        assert!(rebuild_refcounts(&img).unwrap().dirty_cleared);
 
         // Refcounts other than 16 bits.
         let img = create(dir.path(), "rc8.qcow2", "refcount_bits=8", "16M");
