@@ -329,13 +329,11 @@ impl Disk {
         }
     }
 
-    /// Counts the request in `Stats::in_flight` until it completes.
-    fn in_flight_guard(&self) -> Arc<dyn Fn() + Send + Sync> {
-        let in_flight = self.inner.in_flight.clone();
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        Arc::new(move || {
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-        })
+    /// Counts a new request in `Stats::in_flight`; it uncounts itself when
+    /// it completes.
+    fn count_in_flight(&self) -> Arc<AtomicU64> {
+        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.inner.in_flight.clone()
     }
 
     fn parts(&self, offset: u64, len: u64) -> usize {
@@ -355,7 +353,7 @@ impl Disk {
             }
         }
         let parts = self.parts(offset, len);
-        let req = Request::with_on_done(kind, buf, parts.max(1), self.in_flight_guard());
+        let req = Request::counted(kind, buf, parts.max(1), self.count_in_flight());
         if parts == 0 {
             req.finish_part(None);
             return Completion::new(req, map_buf);
@@ -468,7 +466,7 @@ impl Disk {
             done(Ok(buf));
             return;
         }
-        let req = Request::with_callback(kind, buf, parts, done, Some(self.in_flight_guard()));
+        let req = Request::with_callback(kind, buf, parts, done, Some(self.count_in_flight()));
         self.send(req, offset, len);
     }
 

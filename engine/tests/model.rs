@@ -64,6 +64,8 @@ struct Config {
     compat: Compat,
     cores: usize,
     cache: CacheMode,
+    /// `Options::metadata_cache_bytes`, or 0 for the default.
+    metadata_cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -748,6 +750,11 @@ fn run_epoch(
             cores: cfg.cores,
             copy_on_read: true,
             cache: cfg.cache,
+            metadata_cache_bytes: if cfg.metadata_cache_bytes == 0 {
+                Options::default().metadata_cache_bytes
+            } else {
+                cfg.metadata_cache_bytes
+            },
             ..Options::default()
         },
     );
@@ -853,6 +860,7 @@ fn model_64k_two_cores() {
         compat: Compat::V3,
         cores: 2,
         cache: CacheMode::None,
+        metadata_cache_bytes: 0,
     });
 }
 
@@ -864,6 +872,7 @@ fn model_4k_two_cores() {
         compat: Compat::V3,
         cores: 2,
         cache: CacheMode::None,
+        metadata_cache_bytes: 0,
     });
 }
 
@@ -875,6 +884,21 @@ fn model_64k_all_cores_writeback() {
         compat: Compat::V3,
         cores: available_cores(),
         cache: CacheMode::Writeback,
+        metadata_cache_bytes: 0,
+    });
+}
+
+/// A metadata cache of two L2 blocks per core: blocks are evicted and
+/// loaded again all the time, while fills and writes publish into them.
+#[test]
+fn model_4k_tiny_metadata_cache() {
+    run(Config {
+        name: "4k_tiny_metadata_cache",
+        cluster: 4 * KIB,
+        compat: Compat::V3,
+        cores: 2,
+        cache: CacheMode::None,
+        metadata_cache_bytes: 1,
     });
 }
 
@@ -888,6 +912,7 @@ fn model_64k_compat_v2() {
         compat: Compat::V2,
         cores: 2,
         cache: CacheMode::None,
+        metadata_cache_bytes: 0,
     });
 }
 

@@ -52,7 +52,7 @@ impl L2Cache {
             map: HashMap::new(),
             dirty: Vec::new(),
             clock: VecDeque::new(),
-            max_blocks: (budget_bytes / BLOCK_BYTES).max(16),
+            max_blocks: (budget_bytes / BLOCK_BYTES).max(2),
         }
     }
 
@@ -153,6 +153,7 @@ mod tests {
     #[test]
     fn evicts_only_clean_unpinned_blocks() {
         let mut c = L2Cache::new(16 * BLOCK_BYTES);
+        assert_eq!(L2Cache::new(0).max_blocks, 2, "a tiny budget still works");
         for k in 0..16 {
             c.insert(k, BlockState::Ready, Box::new([0; BLOCK_ENTRIES]));
         }

@@ -9,7 +9,7 @@ use crate::disk::BlockStatus;
 use crate::error::{Error, ErrorKind, Result};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -51,7 +51,7 @@ pub struct Request {
     remaining: AtomicUsize,
     error: Mutex<Option<Error>>,
     notify: Notify,
-    on_done: Option<Arc<dyn Fn() + Send + Sync>>,
+    in_flight: Option<Arc<AtomicU64>>,
 }
 
 impl Request {
@@ -60,7 +60,7 @@ impl Request {
         buf: Vec<u8>,
         parts: usize,
         notify: Notify,
-        on_done: Option<Arc<dyn Fn() + Send + Sync>>,
+        in_flight: Option<Arc<AtomicU64>>,
     ) -> Arc<Request> {
         Arc::new(Request {
             kind,
@@ -69,7 +69,7 @@ impl Request {
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
             notify,
-            on_done,
+            in_flight,
         })
     }
 
@@ -89,24 +89,24 @@ impl Request {
         buf: Vec<u8>,
         parts: usize,
         cb: Callback,
-        on_done: Option<Arc<dyn Fn() + Send + Sync>>,
+        in_flight: Option<Arc<AtomicU64>>,
     ) -> Arc<Request> {
         let notify = Notify::Callback(Mutex::new(Some(cb)));
-        Request::build(kind, buf, parts, notify, on_done)
+        Request::build(kind, buf, parts, notify, in_flight)
     }
 
-    /// A blocking/future request that runs `on_done` when it completes.
-    pub fn with_on_done(
+    /// A blocking/future request counted in `in_flight` until it completes.
+    pub fn counted(
         kind: ReqKind,
         buf: Vec<u8>,
         parts: usize,
-        on_done: Arc<dyn Fn() + Send + Sync>,
+        in_flight: Arc<AtomicU64>,
     ) -> Arc<Request> {
         let notify = Notify::Wait {
             state: Mutex::new(WaitState::default()),
             cv: Condvar::new(),
         };
-        Request::build(kind, buf, parts, notify, Some(on_done))
+        Request::build(kind, buf, parts, notify, Some(in_flight))
     }
 
     /// Records the first error of the request.
@@ -126,8 +126,8 @@ impl Request {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        if let Some(f) = &self.on_done {
-            f();
+        if let Some(n) = &self.in_flight {
+            n.fetch_sub(1, Ordering::Relaxed);
         }
         match &self.notify {
             Notify::Wait { state, cv } => {
