@@ -404,11 +404,15 @@ impl Disk {
             .map(|_| ())
     }
 
-    /// Discards `[offset, offset + len)`. Over a backing image the range must
-    /// not show old backing data again, so it is recorded as zeros, exactly
-    /// like [`Disk::write_zeroes`].
+    /// Discards `[offset, offset + len)`: it reads as zeros afterwards (over
+    /// a backing image the range must not show old backing data again, so it
+    /// is recorded as zero), and the host clusters of whole discarded
+    /// clusters are freed (refcount 0, hole punched) once the L2 change is
+    /// durable.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes(offset, len)
+        self.submit(ReqKind::Discard, offset, Vec::new(), len)
+            .wait()
+            .map(|_| ())
     }
 
     /// Reads `buf.len()` bytes at `offset`; the buffer comes back filled.

@@ -179,6 +179,24 @@ impl Meta {
         Ok(first)
     }
 
+    /// Frees host clusters that no durable L2 entry points to any more:
+    /// refcount 0, and the space handed back to the file system. The caller
+    /// guarantees the L2 change is durable (invariant 2, in reverse). The
+    /// clusters are never handed out again: allocation only moves forward.
+    pub fn free_clusters(&self, hosts: &[u64]) -> Result<()> {
+        let a = self.lock();
+        for &h in hosts {
+            let r = self.set_refcounts(&a, h >> self.cluster_bits, 1, 0);
+            if let Err(e) = r {
+                self.poison();
+                return Err(e);
+            }
+            // Losing only the space, not data: a failed punch is ignored.
+            let _ = crate::io::punch_hole(&self.file, h, self.cluster_size());
+        }
+        Ok(())
+    }
+
     /// Hands back unused reserved clusters; they are freed at `close`.
     pub fn give_back(&self, first: u64, n: u64) {
         if n > 0 {

@@ -185,3 +185,67 @@ fn dirty_image_refcounts_are_rebuilt_on_open() {
     let info = qemu_img(&["info", "--output=json", ovs]);
     assert!(info.contains("\"dirty-flag\": false"), "{info}");
 }
+
+#[test]
+fn discard_frees_whole_clusters() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = d.path().join("base.raw");
+    std::fs::write(&base, vec![0x11u8; 8 << 20]).unwrap();
+    let ov = d.path().join("ov.qcow2");
+    let ovs = ov.to_str().unwrap();
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ovs, "8M",
+    ]);
+    let disk = Disk::open(&ov, Options::default()).unwrap();
+    disk.write_at(&vec![0x22u8; 6 << 20], 0).unwrap();
+    disk.close().unwrap();
+    let used_before = std::fs::metadata(&ov).unwrap().blocks() * 512;
+
+    // No copy-on-read here: the read below must not allocate anything.
+    let no_cor = Options {
+        copy_on_read: false,
+        ..Options::default()
+    };
+    let disk = Disk::open(&ov, no_cor).unwrap();
+    // Whole clusters [64K, 4M) are freed; the unaligned edges are zeroed.
+    disk.discard(1000, (4 << 20) - 1000).unwrap();
+    let mut b = vec![1u8; 8 << 20];
+    disk.read_at(&mut b, 0).unwrap();
+    disk.close().unwrap();
+    let mut want = vec![0x22u8; 6 << 20];
+    want[1000..4 << 20].fill(0);
+    want.resize(8 << 20, 0x11);
+    assert!(b == want, "reads after discard");
+
+    let check = qemu_img(&["check", ovs]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let r = d.path().join("ref.raw");
+    std::fs::write(&r, &want).unwrap();
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        ovs,
+        r.to_str().unwrap(),
+    ]);
+    assert!(cmp.contains("identical"), "{cmp}");
+    let used_after = std::fs::metadata(&ov).unwrap().blocks() * 512;
+    assert!(
+        used_before - used_after >= (4 << 20) - (128 << 10),
+        "discard did not give space back: {used_before} -> {used_after} bytes"
+    );
+    // The discarded range is recorded as zero (it hides base.raw) without a
+    // host cluster.
+    let map = qemu_img(&["map", "--output=json", ovs]);
+    let zero_line = map
+        .lines()
+        .find(|l| l.contains("\"start\": 65536"))
+        .unwrap_or_else(|| panic!("no extent at 64 KiB: {map}"));
+    assert!(
+        zero_line.contains("\"zero\": true") && !zero_line.contains("\"offset\""),
+        "{zero_line}"
+    );
+}

@@ -14,6 +14,26 @@ pub use buf::{IoBuf, IO_ALIGN};
 
 use std::rc::Rc;
 
+/// Gives the file system back the space of `[offset, offset + len)` of
+/// `file`; the range then reads as zeros and the file keeps its size.
+pub fn punch_hole(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate(2) takes no pointers; the descriptor is borrowed
+    // from a live File for the duration of the call.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A file registered with the I/O layer, by index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId(pub u32);

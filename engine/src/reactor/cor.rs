@@ -100,6 +100,8 @@ pub struct Commit {
     error: Option<Error>,
     /// A close asked for this commit: hand back the reserve after it.
     closing: bool,
+    /// Host clusters to free once this commit is durable.
+    freeing: Vec<u64>,
 }
 
 const PHASE_SYNC1: usize = 0;
@@ -159,7 +161,7 @@ impl<I: Io> Core<I> {
             }
             _ => {}
         }
-        if matches!(req.kind, ReqKind::Write | ReqKind::Zero) {
+        if matches!(req.kind, ReqKind::Write | ReqKind::Zero | ReqKind::Discard) {
             if let Err(e) = self.shared.meta.check_writable() {
                 req.finish_part(Some(e));
                 return;
@@ -236,7 +238,9 @@ impl<I: Io> Core<I> {
             if part.error.is_none() {
                 match part.req.kind {
                     ReqKind::Read => self.bump(|s| &s.bytes_read, part.bytes),
-                    ReqKind::Write | ReqKind::Zero => self.bump(|s| &s.bytes_written, part.bytes),
+                    ReqKind::Write | ReqKind::Zero | ReqKind::Discard => {
+                        self.bump(|s| &s.bytes_written, part.bytes)
+                    }
                     _ => {}
                 }
             }
@@ -444,7 +448,7 @@ impl<I: Io> Core<I> {
     pub(super) fn run_piece(&mut self, id: usize) {
         let r = match self.pieces[id].kind {
             ReqKind::Read => self.run_read(id),
-            ReqKind::Write | ReqKind::Zero => self.run_write(id),
+            ReqKind::Write | ReqKind::Zero | ReqKind::Discard => self.run_write(id),
             ReqKind::Status => self.run_status(id),
             k => unreachable!("{k:?} has no pieces"),
         };
@@ -725,10 +729,17 @@ impl<I: Io> Core<I> {
         };
         let entry = self.decode(raw?)?;
         self.pin(id);
-        let zero = kind == ReqKind::Zero;
+        let zero = matches!(kind, ReqKind::Zero | ReqKind::Discard);
         let valid = self.valid_len(cluster);
         let whole = start == 0 && start + len >= valid;
         let v3 = self.version() >= 3;
+        if kind == ReqKind::Discard && whole && v3 {
+            if let L2Entry::Data { host } | L2Entry::Zero { host: Some(host) } = entry {
+                self.discard_cluster(cluster, host)?;
+                self.finish_piece(id, Ok(()));
+                return Ok(());
+            }
+        }
         match entry {
             L2Entry::Compressed(_) => Err(Error::unsupported(format!(
                 "{}: compressed clusters are not supported yet",
@@ -829,6 +840,26 @@ impl<I: Io> Core<I> {
         }
     }
 
+    /// Drops the host cluster of a whole discarded cluster: the entry says
+    /// zero (or unallocated, with no backing image to hide), and the host
+    /// cluster is freed once a commit has made that entry durable.
+    fn discard_cluster(&mut self, cluster: u64, host: u64) -> Result<()> {
+        let entry = if self.shared.chain.is_some() {
+            L2Entry::Zero { host: None }
+        } else {
+            L2Entry::Unallocated
+        };
+        self.publish(cluster, entry)?;
+        let key = cluster / BLOCK_ENTRIES as u64;
+        let generation = self
+            .l2
+            .peek(key)
+            .expect("published block is cached")
+            .generation;
+        self.frees.push((key, generation, host));
+        Ok(())
+    }
+
     /// Backing data for a write to an unallocated cluster is in the piece's
     /// buffer: merge the client's bytes and write the whole cluster.
     fn gathered(&mut self, id: usize) -> Result<()> {
@@ -848,7 +879,7 @@ impl<I: Io> Core<I> {
         let p = &self.pieces[id];
         let at = (p.start - p.span_lo) as usize;
         let dst = &mut IoBuf::unique_mut(buf)[at..at + p.len as usize];
-        if p.kind == ReqKind::Zero {
+        if matches!(p.kind, ReqKind::Zero | ReqKind::Discard) {
             dst.fill(0);
         } else {
             let req = &self.parts[p.part].req;
@@ -1082,6 +1113,14 @@ impl<I: Io> Core<I> {
             .collect();
         c.waiters = std::mem::take(&mut self.flush_waiters);
         c.closing = closing;
+        // Frees whose L2 change this commit writes; they are applied after
+        // the commit's second sync has made the change durable.
+        let blocks = &c.blocks;
+        let (covered, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.frees)
+            .into_iter()
+            .partition(|&(k, g, _)| blocks.iter().any(|&(bk, bg)| bk == k && g <= bg));
+        self.frees = rest;
+        c.freeing = covered.into_iter().map(|(_, _, h)| h).collect();
         c.error = None;
         c.pending = 1;
         // Snapshot the dirty blocks now: every entry in them points to data
@@ -1153,7 +1192,10 @@ impl<I: Io> Core<I> {
                         b.committed = b.committed.max(generation);
                     }
                 }
-                if self.commit.waiters.is_empty() && !self.commit.closing {
+                if self.commit.waiters.is_empty()
+                    && !self.commit.closing
+                    && self.commit.freeing.is_empty()
+                {
                     self.end_commit(None);
                 } else {
                     self.commit.phase = PHASE_SYNC2 as u8;
@@ -1169,6 +1211,14 @@ impl<I: Io> Core<I> {
     fn end_commit(&mut self, err: Option<Error>) {
         let c = std::mem::take(&mut self.commit);
         self.bump(|s| &s.commits, 1);
+        // The L2 entries no longer point to these clusters, durably (the
+        // commit ended with a sync): their refcounts may drop. On an error
+        // they stay allocated: a leak, never a dangling reference.
+        let err = if err.is_none() && !c.freeing.is_empty() {
+            self.shared.meta.free_clusters(&c.freeing).err()
+        } else {
+            err
+        };
         for r in c.waiters {
             r.finish_part(err.clone());
         }

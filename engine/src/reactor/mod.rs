@@ -248,6 +248,9 @@ pub(crate) struct Core<I: Io = Uring> {
     reserve: (u64, u64),
     /// Reserved clusters taken out and not used (host offsets).
     spare: Vec<u64>,
+    /// Clusters discarded from the L2 entries of block `key` at generation
+    /// `generation`; freed after a commit has made that generation durable.
+    frees: Vec<(u64, u64, u64)>,
     commit: cor::Commit,
     /// Flush and close requests waiting for the next commit.
     flush_waiters: Vec<Arc<Request>>,
@@ -294,6 +297,7 @@ impl<I: Io> Core<I> {
             events: VecDeque::new(),
             reserve: (0, 0),
             spare: Vec::new(),
+            frees: Vec::new(),
             commit: cor::Commit::default(),
             flush_waiters: Vec::new(),
             fill_barriers: VecDeque::new(),

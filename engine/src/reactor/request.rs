@@ -17,8 +17,11 @@ use std::task::{Context, Poll, Waker};
 pub enum ReqKind {
     Read,
     Write,
-    /// Write-zeroes and discard (both record zeros).
+    /// Write-zeroes: the range reads as zeros after it.
     Zero,
+    /// Discard: reads as zeros after it too (over a backing image it must,
+    /// or old backing data would show), and whole clusters are freed.
+    Discard,
     /// Block status query.
     Status,
     /// Flush: every core commits and syncs.
