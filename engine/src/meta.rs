@@ -2,8 +2,10 @@
 //! allocation. These are the only structures more than one core touches.
 //!
 //! - The L1 table is a vector of atomics: every core reads it lock-free on
-//!   the hot path; it only changes when an L2 table is allocated, which
-//!   happens under the allocator mutex and is rare (once per L2 table).
+//!   the hot path; it only changes when an L2 table is installed, under the
+//!   allocator mutex, once per table. The core that installed a table
+//!   writes its L1 entry in its next commit, after that commit's first
+//!   fdatasync (see [`Meta::install_l2_table`]).
 //! - Host clusters come from the end of the used file (the "frontier").
 //!   Cores take them in batches ([`Meta::reserve`]) so the hot path never
 //!   waits on another core; the mutex is taken once per batch.
@@ -61,7 +63,7 @@ impl Meta {
         let mut raw = vec![0u8; l1_bytes];
         file.read_exact_at(&mut raw, header.l1_table_offset)
             .map_err(|e| Error::io(e, format!("{path}: reading the L1 table")))?;
-        let l1 = raw
+        let l1: Vec<AtomicU64> = raw
             .chunks_exact(8)
             .map(|b| AtomicU64::new(u64::from_be_bytes(b.try_into().unwrap())))
             .collect();
@@ -81,6 +83,19 @@ impl Meta {
             if rb != 0 && (!rb.is_multiple_of(cs) || rb + cs > file_len.next_multiple_of(cs)) {
                 return Err(Error::corrupt(format!(
                     "{path}: refcount block {i} at offset {rb:#x} is unaligned or past the end of the file"
+                )));
+            }
+        }
+        // Hostile images: every L2 table must lie inside the file. (Tables
+        // installed later, by us, may lie past its end: they read as zeros.)
+        for (i, e) in l1.iter().enumerate() {
+            let off = e.load(Ordering::Relaxed) & L1E_OFFSET_MASK;
+            if off != 0
+                && (!off.is_multiple_of(cs)
+                    || off.saturating_add(cs) > file_len.next_multiple_of(cs))
+            {
+                return Err(Error::corrupt(format!(
+                    "{path}: L1 entry {i} points to offset {off:#x}, unaligned or past the end of the file"
                 )));
             }
         }
@@ -204,38 +219,59 @@ impl Meta {
         }
     }
 
-    /// Makes host cluster offset `off` (reserved by the caller, so its
-    /// refcount is written) the zeroed L2 table for L1 index `i`. Returns
-    /// false, leaving `off` unused, if another core installed one first.
+    /// Makes host cluster offset `off` the L2 table for L1 index `i`, in
+    /// memory. Returns false, leaving `off` unused, if another core
+    /// installed one first.
+    ///
+    /// No zeroing and no sync are needed here:
+    /// - `off` was reserved by the caller, and reserved clusters lie past
+    ///   the end the file had when it was opened and are used once, so it
+    ///   has never been written: it reads as zeros, an empty table, even
+    ///   after a crash. The file is extended over it (`fallocate`, which
+    ///   never shrinks), so the table lies inside the file as every reader
+    ///   expects; the new size is durable with the next fdatasync, which
+    ///   comes before the L1 entry is written.
+    /// - Its refcount was written when it was reserved. The L1 entry
+    ///   reaches the disk only through [`Meta::write_l1_entries`], which a
+    ///   commit calls after its first fdatasync, so the refcount is durable
+    ///   first (invariant 2).
     pub fn install_l2_table(&self, i: u64, off: u64) -> Result<bool> {
         self.check_writable()?;
         let _a = self.lock();
-        // Another core may have allocated it while we waited for the lock.
         if self.l2_table(i)?.is_some() {
             return Ok(false);
         }
-        let r = (|| {
-            self.pwrite(
-                &vec![0u8; self.cluster_size() as usize],
-                off,
-                "zeroing a new L2 table",
-            )?;
-            // The zeroed table and its refcount are durable before the L1
-            // entry that points to it can be.
-            self.sync("allocating an L2 table")?;
-            let raw = off | OFLAG_COPIED;
-            self.pwrite(
+        crate::io::allocate(&self.file, off, self.cluster_size()).map_err(|e| {
+            Error::io(
+                e,
+                format!(
+                    "{}: extending the file for a new L2 table at {off:#x}",
+                    self.path
+                ),
+            )
+        })?;
+        self.l1[i as usize].store(off | OFLAG_COPIED, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Writes L1 entries `indexes` as they are in memory. Called by a commit
+    /// after its first fdatasync (see [`Meta::install_l2_table`]). Each
+    /// entry is written alone (8 bytes, buffered), so cores writing
+    /// neighbouring entries never overwrite each other's.
+    pub fn write_l1_entries(&self, indexes: &[u64]) -> Result<()> {
+        for &i in indexes {
+            let raw = self.l1[i as usize].load(Ordering::Acquire);
+            let r = self.pwrite(
                 &raw.to_be_bytes(),
                 self.header.l1_table_offset + i * 8,
                 "writing an L1 entry",
-            )?;
-            self.l1[i as usize].store(raw, Ordering::Release);
-            Ok(true)
-        })();
-        if r.is_err() {
-            self.poison();
+            );
+            if let Err(e) = r {
+                self.poison();
+                return Err(e);
+            }
         }
-        r
+        Ok(())
     }
 
     fn pwrite(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {

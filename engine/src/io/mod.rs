@@ -34,6 +34,27 @@ pub fn punch_hole(file: &std::fs::File, offset: u64, len: u64) -> std::io::Resul
     Ok(())
 }
 
+/// Makes sure `[offset, offset + len)` of `file` exists (allocated, reading
+/// as zeros where it was a hole), extending the file if needed. Never
+/// shrinks it, so it is safe while other threads write past its end.
+pub fn allocate(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate(2) takes no pointers; the descriptor is borrowed
+    // from a live File for the duration of the call.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            0,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A file registered with the I/O layer, by index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId(pub u32);

@@ -102,6 +102,8 @@ pub struct Commit {
     closing: bool,
     /// Host clusters to free once this commit is durable.
     freeing: Vec<u64>,
+    /// L1 entries (tables this core installed) to write after the first sync.
+    l1: Vec<u64>,
 }
 
 const PHASE_SYNC1: usize = 0;
@@ -307,18 +309,16 @@ impl<I: Io> Core<I> {
     }
 
     pub(super) fn l2_loaded(&mut self, key: u64, cqe: Cqe) {
-        let buf = cqe.buf.expect("L2 load has a buffer");
+        let mut buf = cqe.buf.expect("L2 load has a buffer");
         let res = kernel_result(cqe.result, || {
             format!("{}: reading L2 block {key}", self.shared.meta.path)
         })
-        .and_then(|n| {
-            if n == BLOCK_BYTES {
-                Ok(())
-            } else {
-                Err(Error::corrupt(format!(
-                    "{}: L2 block {key} lies past the end of the file",
-                    self.shared.meta.path
-                )))
+        .map(|n| {
+            // A table installed this session may lie past the end of the
+            // file, never written: it reads as zeros. (Tables the image came
+            // with were checked against the file's end at open.)
+            if n < BLOCK_BYTES {
+                IoBuf::unique_mut(&mut buf)[n..BLOCK_BYTES].fill(0);
             }
         });
         let b = self.l2.get(key).expect("loading block is cached");
@@ -372,7 +372,10 @@ impl<I: Io> Core<I> {
             // The table comes from this core's reserve, so it sits next to
             // the data and the file stays dense.
             let off = self.alloc_cluster()?;
-            if !self.shared.meta.install_l2_table(l1, off)? {
+            if self.shared.meta.install_l2_table(l1, off)? {
+                // Written to disk by this core's next commit.
+                self.l1_dirty.push(l1);
+            } else {
                 self.spare.push(off);
             }
         }
@@ -1113,6 +1116,7 @@ impl<I: Io> Core<I> {
             .collect();
         c.waiters = std::mem::take(&mut self.flush_waiters);
         c.closing = closing;
+        c.l1 = std::mem::take(&mut self.l1_dirty);
         // Frees whose L2 change this commit writes; they are applied after
         // the commit's second sync has made the change durable.
         let blocks = &c.blocks;
@@ -1163,6 +1167,14 @@ impl<I: Io> Core<I> {
         }
         match phase {
             PHASE_SYNC1 => {
+                // Refcounts of the new tables are durable now; their L1
+                // entries may follow.
+                let l1 = std::mem::take(&mut self.commit.l1);
+                if let Err(e) = self.shared.meta.write_l1_entries(&l1) {
+                    self.commit_bufs.clear();
+                    self.end_commit(Some(e));
+                    return;
+                }
                 let bufs = std::mem::take(&mut self.commit_bufs);
                 let l2e = self.cs() / 8;
                 let mut n = 0;

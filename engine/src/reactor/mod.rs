@@ -248,6 +248,8 @@ pub(crate) struct Core<I: Io = Uring> {
     reserve: (u64, u64),
     /// Reserved clusters taken out and not used (host offsets).
     spare: Vec<u64>,
+    /// L1 indexes of tables this core installed, not yet written.
+    l1_dirty: Vec<u64>,
     /// Clusters discarded from the L2 entries of block `key` at generation
     /// `generation`; freed after a commit has made that generation durable.
     frees: Vec<(u64, u64, u64)>,
@@ -297,6 +299,7 @@ impl<I: Io> Core<I> {
             events: VecDeque::new(),
             reserve: (0, 0),
             spare: Vec::new(),
+            l1_dirty: Vec::new(),
             frees: Vec::new(),
             commit: cor::Commit::default(),
             flush_waiters: Vec::new(),
