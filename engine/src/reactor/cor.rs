@@ -440,6 +440,20 @@ impl<I: Io> Core<I> {
         (n, bytes)
     }
 
+    /// Reads the backing segments in `self.segs` into `buf` for piece `id`,
+    /// which goes on at `step` when they are in.
+    fn read_backing_into(&mut self, id: usize, mut buf: Rc<IoBuf>, step: Step) {
+        let (n, bytes) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
+        self.bump(|s| &s.bytes_fetched, bytes);
+        let p = &mut self.pieces[id];
+        p.buf = Some(buf);
+        p.step = step;
+        p.io_pending = n;
+        if n == 0 {
+            self.piece_step_done(id);
+        }
+    }
+
     // ----- pieces ----------------------------------------------------------
 
     /// Cluster, byte offset within it, and length of piece `id`.
@@ -512,16 +526,8 @@ impl<I: Io> Core<I> {
             self.bump(|s| &s.misses, 1);
             let base = cluster << self.cluster_bits();
             self.resolve(base + start, len)?;
-            let mut buf = self.pool.get(len as usize);
-            let (n, bytes) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
-            self.bump(|s| &s.bytes_fetched, bytes);
-            let p = &mut self.pieces[id];
-            p.buf = Some(buf);
-            p.step = Step::PassThrough;
-            p.io_pending = n;
-            if n == 0 {
-                self.piece_step_done(id);
-            }
+            let buf = self.pool.get(len as usize);
+            self.read_backing_into(id, buf, Step::PassThrough);
             return Ok(());
         }
         match self.locks.holder(cluster) {
@@ -826,15 +832,7 @@ impl<I: Io> Core<I> {
                         self.finish_piece(id, Ok(()));
                         return Ok(());
                     }
-                    let (n, bytes) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
-                    self.bump(|s| &s.bytes_fetched, bytes);
-                    let p = &mut self.pieces[id];
-                    p.buf = Some(buf);
-                    p.step = Step::Gather;
-                    p.io_pending = n;
-                    if n == 0 {
-                        self.piece_step_done(id);
-                    }
+                    self.read_backing_into(id, buf, Step::Gather);
                     return Ok(());
                 }
                 self.pieces[id].buf = Some(buf);
