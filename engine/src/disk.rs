@@ -180,7 +180,49 @@ impl Inner {
     }
 }
 
+use crate::reactor::request::Callback;
 pub use crate::reactor::request::Completion;
+
+/// A read's data, and the ranges of it (offset into `data`, length; in
+/// order, merged) that the engine knew to be zero without reading them.
+#[derive(Debug, Default)]
+pub struct SparseRead {
+    pub data: Vec<u8>,
+    pub zeros: Vec<(u64, u64)>,
+}
+
+/// Sorts and merges touching ranges.
+fn merge_ranges(v: Option<Vec<(u64, u64)>>) -> Vec<(u64, u64)> {
+    let mut v = v.unwrap_or_default();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (o, l) in v {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == o => last.1 += l,
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+/// A status request's extents, in order, adjacent ones of a kind merged.
+fn take_status(req: &Request) -> Vec<BlockStatus> {
+    let mut v = std::mem::take(&mut *req.status.lock().unwrap_or_else(|p| p.into_inner()));
+    v.sort_by_key(|e| e.offset);
+    let mut out: Vec<BlockStatus> = Vec::with_capacity(v.len());
+    for e in v {
+        match out.last_mut() {
+            Some(l) if l.kind == e.kind && l.offset + l.len == e.offset => l.len += e.len,
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+/// A callback that only wants to know whether the request succeeded.
+fn unit<F: FnOnce(Result<()>) + Send + 'static>(done: F) -> Callback {
+    Box::new(move |r: &Request| done(r.take_result().map(|_| ())))
+}
 
 impl Disk {
     /// Opens a qcow2 overlay (and its backing chain) and starts the reactors.
@@ -432,7 +474,35 @@ impl Disk {
     where
         F: FnOnce(Result<Vec<u8>>) + Send + 'static,
     {
-        self.submit_with(ReqKind::Read, offset, buf, Box::new(done))
+        let len = buf.len() as u64;
+        self.submit_cb(
+            ReqKind::Read,
+            offset,
+            len,
+            buf,
+            false,
+            Box::new(move |r| done(r.take_result())),
+        )
+    }
+
+    /// Like `submit_read_with`, and also says which ranges of the buffer
+    /// the engine knew to read as zeros without any I/O (zero clusters,
+    /// ranges allocated nowhere): an NBD server sends those as holes.
+    pub fn submit_read_sparse_with<F>(&self, offset: u64, buf: Vec<u8>, done: F)
+    where
+        F: FnOnce(Result<SparseRead>) + Send + 'static,
+    {
+        let len = buf.len() as u64;
+        let cb =
+            Box::new(move |r: &Request| {
+                done(r.take_result().map(|data| SparseRead {
+                    data,
+                    zeros: merge_ranges(r.zeros.as_ref().map(|z| {
+                        std::mem::take(&mut *z.lock().unwrap_or_else(|p| p.into_inner()))
+                    })),
+                }))
+            });
+        self.submit_cb(ReqKind::Read, offset, len, buf, true, cb)
     }
 
     /// Like `submit_write`, calling `done` (on a reactor thread) instead.
@@ -440,38 +510,100 @@ impl Disk {
     where
         F: FnOnce(Result<Vec<u8>>) + Send + 'static,
     {
-        self.submit_with(ReqKind::Write, offset, buf, Box::new(done))
+        let len = buf.len() as u64;
+        self.submit_cb(
+            ReqKind::Write,
+            offset,
+            len,
+            buf,
+            false,
+            Box::new(move |r| done(r.take_result())),
+        )
     }
 
-    fn submit_with(
-        &self,
-        kind: ReqKind,
-        offset: u64,
-        buf: Vec<u8>,
-        done: Box<dyn FnOnce(Result<Vec<u8>>) + Send>,
-    ) {
-        let len = buf.len() as u64;
-        let check = self
-            .check_open()
-            .and_then(|_| self.check_range(offset, len));
-        let check = check.and_then(|_| {
-            if kind == ReqKind::Read {
-                Ok(())
-            } else {
-                self.inner.shared.meta.check_writable()
-            }
-        });
-        if let Err(e) = check {
+    /// [`Disk::write_zeroes`] that calls `done` (on a reactor thread).
+    pub fn submit_zeroes_with<F>(&self, offset: u64, len: u64, done: F)
+    where
+        F: FnOnce(Result<()>) + Send + 'static,
+    {
+        self.submit_cb(ReqKind::Zero, offset, len, Vec::new(), false, unit(done))
+    }
+
+    /// [`Disk::discard`] that calls `done` (on a reactor thread).
+    pub fn submit_discard_with<F>(&self, offset: u64, len: u64, done: F)
+    where
+        F: FnOnce(Result<()>) + Send + 'static,
+    {
+        self.submit_cb(ReqKind::Discard, offset, len, Vec::new(), false, unit(done))
+    }
+
+    /// [`Disk::flush`] that calls `done` (on a reactor thread).
+    pub fn submit_flush_with<F>(&self, done: F)
+    where
+        F: FnOnce(Result<()>) + Send + 'static,
+    {
+        if let Err(e) = self.check_open() {
             done(Err(e));
             return;
         }
-        let parts = self.parts(offset, len);
-        if parts == 0 {
-            done(Ok(buf));
-            return;
+        let n = self.inner.cores.len();
+        let req = Request::with_callback(
+            ReqKind::Flush,
+            Vec::new(),
+            n,
+            unit(done),
+            Some(self.count_in_flight()),
+        );
+        for c in &self.inner.cores {
+            c.send(Msg::Part {
+                req: req.clone(),
+                offset: 0,
+                len: 0,
+                buf_off: 0,
+            });
         }
-        let req = Request::with_callback(kind, buf, parts, done, Some(self.count_in_flight()));
-        self.send(req, offset, len);
+    }
+
+    /// [`Disk::block_status`] that calls `done` (on a reactor thread).
+    pub fn submit_status_with<F>(&self, offset: u64, len: u64, done: F)
+    where
+        F: FnOnce(Result<Vec<BlockStatus>>) + Send + 'static,
+    {
+        let cb = Box::new(move |r: &Request| done(r.take_result().map(|_| take_status(r))));
+        self.submit_cb(ReqKind::Status, offset, len, Vec::new(), false, cb)
+    }
+
+    /// Checks, splits and sends a request whose completion calls `cb`.
+    fn submit_cb(
+        &self,
+        kind: ReqKind,
+        offset: u64,
+        len: u64,
+        buf: Vec<u8>,
+        track_zeros: bool,
+        cb: Callback,
+    ) {
+        let check = self
+            .check_open()
+            .and_then(|_| self.check_range(offset, len))
+            .and_then(|_| match kind {
+                ReqKind::Read | ReqKind::Status => Ok(()),
+                _ => self.inner.shared.meta.check_writable(),
+            });
+        let parts = self.parts(offset, len);
+        let in_flight = Some(self.count_in_flight());
+        let req = if track_zeros {
+            Request::with_callback_tracking_zeros(kind, buf, parts.max(1), cb, in_flight)
+        } else {
+            Request::with_callback(kind, buf, parts.max(1), cb, in_flight)
+        };
+        if let Err(e) = check {
+            req.finish_part(Some(e));
+        } else if parts == 0 {
+            req.finish_part(None);
+        } else {
+            self.send(req, offset, len);
+        }
     }
 
     /// Where `[offset, offset + len)` lives: in the overlay (data or zero), in
@@ -488,16 +620,7 @@ impl Disk {
         self.send(req.clone(), offset, len);
         req.wait();
         req.take_result()?;
-        let mut v = std::mem::take(&mut *req.status.lock().unwrap_or_else(|p| p.into_inner()));
-        v.sort_by_key(|e| e.offset);
-        let mut out: Vec<BlockStatus> = Vec::with_capacity(v.len());
-        for e in v {
-            match out.last_mut() {
-                Some(l) if l.kind == e.kind && l.offset + l.len == e.offset => l.len += e.len,
-                _ => out.push(e),
-            }
-        }
-        Ok(out)
+        Ok(take_status(&req))
     }
 
     pub fn stats(&self) -> Stats {

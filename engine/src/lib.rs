@@ -23,12 +23,13 @@ mod imagelock;
 pub mod io;
 pub mod locks;
 pub mod meta;
+pub mod nbd;
 pub mod qcow2;
 mod reactor;
 pub mod router;
 pub mod tools;
 
-pub use disk::{BlockStatus, CacheMode, Completion, Disk, ExtentKind, Options, Stats};
+pub use disk::{BlockStatus, CacheMode, Completion, Disk, ExtentKind, Options, SparseRead, Stats};
 pub use error::{Error, ErrorKind, Result};
 pub use qcow2::check::{check, CheckReport};
 pub use qcow2::create::{create, Compat, CreateOptions};

@@ -6,7 +6,7 @@
 //! `backfill: <message>` on stderr and exit 1; `check` exits with its
 //! report's code instead (0 clean, 2 corrupt, 3 leaks).
 
-use backfill::tools::{bench, convert, create, demo, info, units};
+use backfill::tools::{bench, convert, create, demo, info, serve, units};
 use backfill::CacheMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -97,6 +97,28 @@ enum Command {
         /// Offset of the first request.
         #[arg(short = 'o', value_name = "OFFSET", default_value = "0")]
         offset: String,
+        filename: PathBuf,
+    },
+    /// Serve the disk over NBD (until SIGINT or SIGTERM).
+    Serve {
+        /// Listen on a Unix socket at PATH.
+        #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// Listen on TCP HOST:PORT (default 127.0.0.1:10809; port 0 picks one).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// Export name ("" always reaches it too).
+        #[arg(long, value_name = "NAME", default_value = "")]
+        export: String,
+        /// Refuse writes; never modify the image.
+        #[arg(long)]
+        read_only: bool,
+        /// Pass reads of data not in the overlay through to the backing image.
+        #[arg(long)]
+        no_copy_on_read: bool,
+        /// Reactor threads (default: all cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<usize>,
         filename: PathBuf,
     },
     /// Check an image's consistency; exit 0 clean, 2 corrupt, 3 leaked clusters.
@@ -236,6 +258,30 @@ fn run(command: Command) -> Outcome {
                 seed,
             };
             println!("{}", bench::run(&filename, &opts)?);
+            Ok(0)
+        }
+        Command::Serve {
+            socket,
+            listen,
+            export,
+            read_only,
+            no_copy_on_read,
+            cores,
+            filename,
+        } => {
+            let listen = match (socket, listen) {
+                (Some(p), _) => serve::Listen::Unix(p),
+                (None, Some(a)) => serve::Listen::Tcp(a),
+                (None, None) => serve::Listen::Tcp(serve::DEFAULT_LISTEN.to_string()),
+            };
+            let opts = serve::ServeOptions {
+                listen,
+                export,
+                read_only,
+                copy_on_read: !no_copy_on_read,
+                cores,
+            };
+            serve::serve(&filename, &opts)?;
             Ok(0)
         }
         Command::Check { filename } => {

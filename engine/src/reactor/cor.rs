@@ -265,6 +265,7 @@ impl<I: Io> Core<I> {
         let mut buf = req.buf.lock().unwrap_or_else(|e| e.into_inner());
         let o = p.buf_off as usize;
         buf[o..o + p.len as usize].fill(0);
+        req.note_zeros(p.buf_off, p.len);
     }
 
     // ----- L2 lookups ------------------------------------------------------

@@ -30,7 +30,9 @@ pub enum ReqKind {
     Close,
 }
 
-type Callback = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
+/// Called once, on the reactor thread that finishes the request, with the
+/// finished request (its result, status extents and zero ranges).
+pub type Callback = Box<dyn FnOnce(&Request) + Send>;
 
 enum Notify {
     Wait {
@@ -51,6 +53,9 @@ pub struct Request {
     /// Read destination or write source.
     pub buf: Mutex<Vec<u8>>,
     pub status: Mutex<Vec<BlockStatus>>,
+    /// Ranges of a read (offsets into `buf`) that the engine knew to be
+    /// zero without reading anything, when the caller asked for them.
+    pub zeros: Option<Mutex<Vec<(u64, u64)>>>,
     remaining: AtomicUsize,
     error: Mutex<Option<Error>>,
     notify: Notify,
@@ -69,6 +74,7 @@ impl Request {
             kind,
             buf: Mutex::new(buf),
             status: Mutex::new(Vec::new()),
+            zeros: None,
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
             notify,
@@ -96,6 +102,29 @@ impl Request {
     ) -> Arc<Request> {
         let notify = Notify::Callback(Mutex::new(Some(cb)));
         Request::build(kind, buf, parts, notify, in_flight)
+    }
+
+    /// Like `with_callback`, for a read that also records the ranges it
+    /// knew to be zero (see `zeros`).
+    pub fn with_callback_tracking_zeros(
+        kind: ReqKind,
+        buf: Vec<u8>,
+        parts: usize,
+        cb: Callback,
+        in_flight: Option<Arc<AtomicU64>>,
+    ) -> Arc<Request> {
+        let mut req = Request::with_callback(kind, buf, parts, cb, in_flight);
+        Arc::get_mut(&mut req)
+            .expect("a new request is unshared")
+            .zeros = Some(Mutex::new(Vec::new()));
+        req
+    }
+
+    /// Records that `[off, off + len)` of the buffer reads as zeros.
+    pub fn note_zeros(&self, off: u64, len: u64) {
+        if let Some(z) = &self.zeros {
+            z.lock().unwrap_or_else(|p| p.into_inner()).push((off, len));
+        }
     }
 
     /// A blocking/future request counted in `in_flight` until it completes.
@@ -147,7 +176,7 @@ impl Request {
             Notify::Callback(cb) => {
                 let cb = cb.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(cb) = cb {
-                    cb(self.take_result());
+                    cb(self);
                 }
             }
         }

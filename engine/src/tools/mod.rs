@@ -17,6 +17,7 @@ pub mod create;
 pub mod demo;
 pub mod inflight;
 pub mod info;
+pub mod serve;
 pub mod units;
 
 use crate::Stats;

@@ -1,0 +1,368 @@
+//! The NBD server frontend: serves a [`Disk`] to QEMU, `qemu-img`,
+//! `nbdcopy`, fio or the kernel's NBD client (`doc/proto.md` in
+//! NetworkBlockDevice/nbd).
+//!
+//! One listener, any number of connections to one export (multi-conn: a
+//! FLUSH on one connection flushes the whole disk, so it covers writes
+//! completed on every connection). Each connection has a reader thread,
+//! which runs the handshake and then submits requests to the engine, and a
+//! writer thread that sends replies in completion order (see [`conn`]).
+//! A connection's memory is bounded by its budget, and a connection that
+//! misbehaves is answered with an error or dropped without touching the
+//! others.
+//!
+//! [`Server::run`] returns after [`StopHandle::stop`]: no new connections,
+//! requests in flight finish and are answered, then connections close. The
+//! caller then closes the disk (flush, clean).
+
+mod conn;
+pub mod handshake;
+pub mod proto;
+
+use crate::error::{Error, Result};
+use crate::Disk;
+use conn::{Budget, Conn, End};
+use handshake::{Export, Outcome};
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to finish the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// On stop, connections get this long to take their last replies before
+/// they are cut.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to export, and how.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Export name ("" is the default export; it always works too).
+    pub export: String,
+    /// Shown to clients that ask (NBD_INFO_DESCRIPTION, LIST).
+    pub description: String,
+    /// Refuse writes with EPERM and advertise the export read-only.
+    pub read_only: bool,
+}
+
+/// A bound listening socket.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Listens on a Unix socket at `path`, replacing a stale socket there.
+    pub fn unix(path: &Path) -> Result<Listener> {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if m.file_type().is_socket() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let l = UnixListener::bind(path)
+            .map_err(|e| Error::io(e, format!("listening on {}", path.display())))?;
+        Ok(Listener::Unix(l, path.to_path_buf()))
+    }
+
+    /// Listens on TCP `addr` (port 0 picks a free port).
+    pub fn tcp(addr: &str) -> Result<Listener> {
+        let l =
+            TcpListener::bind(addr).map_err(|e| Error::io(e, format!("listening on {addr}")))?;
+        Ok(Listener::Tcp(l))
+    }
+
+    /// The NBD URI clients use to reach `export` here.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Listener::Unix(_, p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(SocketAddr::V6(a)) => format!("nbd://[{}]:{}/{export}", a.ip(), a.port()),
+                Ok(a) => format!("nbd://{a}/{export}"),
+                Err(_) => "nbd://?".to_string(),
+            },
+        }
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        }
+    }
+
+    /// Connects to this listener (to wake a blocked accept).
+    fn poke(&self) {
+        match self {
+            Listener::Unix(_, p) => drop(UnixStream::connect(p)),
+            Listener::Tcp(l) => {
+                if let Ok(a) = l.local_addr() {
+                    drop(TcpStream::connect(a));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A connected client socket.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        };
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Inner {
+    disk: Disk,
+    export: Arc<Export>,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    /// Live connections, for shutdown: a clone of each socket.
+    conns: Mutex<HashMap<u64, Stream>>,
+    gone: Condvar,
+}
+
+/// Serves one disk over NBD.
+pub struct Server {
+    inner: Arc<Inner>,
+    listener: Arc<Listener>,
+}
+
+/// Stops a running [`Server`] from another thread (e.g. a signal handler
+/// thread).
+#[derive(Clone)]
+pub struct StopHandle {
+    inner: Arc<Inner>,
+    listener: Arc<Listener>,
+}
+
+impl StopHandle {
+    /// Stops accepting and makes [`Server::run`] wind down and return.
+    pub fn stop(&self) {
+        if !self.inner.stopping.swap(true, Ordering::SeqCst) {
+            self.listener.poke();
+        }
+    }
+}
+
+impl Server {
+    pub fn new(disk: Disk, listener: Listener, cfg: Config) -> Server {
+        let export = Export {
+            name: cfg.export,
+            description: cfg.description,
+            size: disk.size(),
+            read_only: cfg.read_only,
+        };
+        Server {
+            inner: Arc::new(Inner {
+                disk,
+                export: Arc::new(export),
+                stopping: AtomicBool::new(false),
+                next_id: AtomicU64::new(0),
+                conns: Mutex::new(HashMap::new()),
+                gone: Condvar::new(),
+            }),
+            listener: Arc::new(listener),
+        }
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            inner: self.inner.clone(),
+            listener: self.listener.clone(),
+        }
+    }
+
+    /// Accepts and serves connections until stopped; then lets requests in
+    /// flight finish and closes every connection.
+    pub fn run(&self) -> Result<()> {
+        let inner = &self.inner;
+        while !inner.stopping.load(Ordering::SeqCst) {
+            let stream = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors and the like: say so, keep serving
+                    // the connections there are.
+                    eprintln!("backfill serve: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if inner.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(clone) = stream.try_clone() else {
+                continue;
+            };
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut conns = inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+                if conns.len() >= MAX_CONNECTIONS {
+                    eprintln!(
+                        "backfill serve: {MAX_CONNECTIONS} connections already; refusing one"
+                    );
+                    continue;
+                }
+                conns.insert(id, clone);
+            }
+            let inner2 = inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    serve_connection(&inner2, stream);
+                    let mut conns = inner2.conns.lock().unwrap_or_else(|p| p.into_inner());
+                    conns.remove(&id);
+                    inner2.gone.notify_all();
+                });
+            if spawned.is_err() {
+                inner
+                    .conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+        }
+        self.drain();
+        Ok(())
+    }
+
+    /// Stops reading new requests on every connection, waits for what is in
+    /// flight to be answered, and cuts connections whose clients do not take
+    /// their replies.
+    fn drain(&self) {
+        let inner = &self.inner;
+        let mut conns = inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for s in conns.values() {
+            s.shutdown(Shutdown::Read);
+        }
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        while !conns.is_empty() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                for s in conns.values() {
+                    s.shutdown(Shutdown::Both);
+                }
+                conns = inner.gone.wait(conns).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            conns = inner
+                .gone
+                .wait_timeout(conns, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// One connection from handshake to close.
+fn serve_connection(inner: &Arc<Inner>, mut stream: Stream) {
+    if stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).is_err() {
+        return;
+    }
+    let stopping = || inner.stopping.load(Ordering::SeqCst);
+    let neg = match handshake::negotiate(&mut stream, &inner.export, &stopping) {
+        Ok(Outcome::Transmission(neg)) => neg,
+        Ok(Outcome::Closed) => return,
+        Err(e) => {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                eprintln!("backfill serve: dropped a client during the handshake: {e}");
+            }
+            return;
+        }
+    };
+    let (Ok(()), Ok(wstream), Ok(cut)) = (
+        stream.set_read_timeout(None),
+        stream.try_clone(),
+        stream.try_clone(),
+    ) else {
+        return;
+    };
+    let budget = Budget::new();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let wbudget = budget.clone();
+    let Ok(writer) = std::thread::Builder::new()
+        .name("nbd-writer".into())
+        .spawn(move || conn::writer(wstream, rx, wbudget, || cut.shutdown(Shutdown::Both)))
+    else {
+        return;
+    };
+    let conn = Conn {
+        disk: inner.disk.clone(),
+        export: inner.export.clone(),
+        neg,
+        budget,
+        tx,
+    };
+    let mut reader = BufReader::with_capacity(256 << 10, stream);
+    if let End::Dropped(why) = conn.serve(&mut reader) {
+        eprintln!("backfill serve: dropped a client: {why}");
+    }
+    drop(conn);
+    let _ = writer.join();
+}

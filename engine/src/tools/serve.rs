@@ -1,0 +1,80 @@
+//! `backfill serve`: open a disk and serve it over NBD until SIGINT or
+//! SIGTERM, then finish what is in flight, flush and close the image clean.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::{Config, Listener, Server};
+use crate::{Disk, Options};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Where to listen.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+/// Default listen address: loopback only, the NBD port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: Listen,
+    pub export: String,
+    pub read_only: bool,
+    pub copy_on_read: bool,
+    pub cores: Option<usize>,
+}
+
+/// Serves `path` until a signal stops it. Prints `serving PATH at URI` on
+/// stdout once clients can connect (scripts wait for that line).
+pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
+    let mut o = Options {
+        copy_on_read: opts.copy_on_read,
+        read_only: opts.read_only,
+        ..Options::default()
+    };
+    if let Some(n) = opts.cores {
+        o.cores = n;
+    }
+    // Signals are taken before any thread starts, so every thread has them
+    // routed to the handler thread rather than killing the process.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::io(e, "installing signal handlers"))?;
+    let disk = Disk::open(path, o)?;
+    let listener = match &opts.listen {
+        Listen::Unix(p) => Listener::unix(p)?,
+        Listen::Tcp(a) => Listener::tcp(a)?,
+    };
+    let uri = listener.uri(&opts.export);
+    let cfg = Config {
+        export: opts.export.clone(),
+        description: format!("backfill copy-on-read disk {}", path.display()),
+        read_only: opts.read_only,
+    };
+    let server = Server::new(disk.clone(), listener, cfg);
+    let stop = server.stop_handle();
+    let handle = signals.handle();
+    let waiter = std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            stop.stop();
+        }
+    });
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "serving {} at {uri}", path.display())
+            .and_then(|_| out.flush())
+            .map_err(|e| Error::io(e, "writing to stdout"))?;
+    }
+    let result = server.run();
+    handle.close();
+    let _ = waiter.join();
+    drop(server);
+    let closed = disk.close();
+    result.and(closed).map_err(|e| match e.kind() {
+        ErrorKind::ShuttingDown => e,
+        _ => e.context("backfill serve"),
+    })
+}
