@@ -137,6 +137,23 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if !self.closed.load(Ordering::SeqCst) && reactor::on_core_thread() {
+            // The last handle went away inside a callback on a reactor
+            // thread, which cannot wait for the cores (itself among them):
+            // another thread closes the disk.
+            if let Ok(file) = self._data_file.try_clone() {
+                let rest = Inner {
+                    shared: self.shared.clone(),
+                    cores: std::mem::take(&mut self.cores),
+                    closed: AtomicBool::new(false),
+                    in_flight: self.in_flight.clone(),
+                    _data_file: file,
+                };
+                self.closed.store(true, Ordering::SeqCst);
+                std::thread::spawn(move || drop(rest));
+                return;
+            }
+        }
         if !self.closed.load(Ordering::SeqCst) {
             // Best effort: a disk dropped without close() still flushes.
             let _ = self.shutdown();
@@ -335,6 +352,16 @@ impl Disk {
     /// Cluster size of the overlay in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.inner.shared.meta.cluster_size()
+    }
+
+    /// Reactor threads serving this disk.
+    pub(crate) fn cores(&self) -> usize {
+        self.inner.cores.len()
+    }
+
+    /// Runs `task` on core `core`'s frontend slot (see `reactor::Frontend`).
+    pub(crate) fn run_on_core(&self, core: usize, task: reactor::FrontTask) {
+        self.inner.cores[core % self.inner.cores.len()].send(Msg::Front(task));
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {

@@ -70,6 +70,10 @@ pub enum OpKind {
     Fsync,
     /// Read 8 bytes from an eventfd (the reactor's wake-up).
     WakeRead,
+    /// Receive up to `len` bytes from socket `fd` into `buf[buf_off..]`.
+    Recv,
+    /// Send `buf[buf_off..buf_off+len]` on socket `fd` (never raising SIGPIPE).
+    Send,
 }
 
 /// One operation, owned by the I/O layer until its completion is reaped.
@@ -81,6 +85,8 @@ pub struct Op {
     pub len: u32,
     pub buf: Option<Rc<IoBuf>>,
     pub buf_off: usize,
+    /// The socket of `Recv` and `Send` (not registered); -1 otherwise.
+    pub fd: i32,
 }
 
 impl Op {
@@ -96,6 +102,7 @@ impl Op {
             len: u32::try_from(len).expect("I/O larger than 4 GiB"),
             buf: Some(buf),
             buf_off,
+            fd: -1,
         }
     }
 
@@ -111,6 +118,7 @@ impl Op {
             len: u32::try_from(len).expect("I/O larger than 4 GiB"),
             buf: Some(buf),
             buf_off,
+            fd: -1,
         }
     }
 
@@ -122,6 +130,37 @@ impl Op {
             len: 0,
             buf: None,
             buf_off: 0,
+            fd: -1,
+        }
+    }
+
+    /// Receives into `buf[buf_off..buf_off+len]` from socket `fd`.
+    pub fn recv(fd: i32, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+        assert!(
+            buf_off + len <= buf.len(),
+            "recv past the end of its buffer"
+        );
+        Op {
+            kind: OpKind::Recv,
+            file: FileId(u32::MAX),
+            offset: 0,
+            len: u32::try_from(len).expect("I/O larger than 4 GiB"),
+            buf: Some(buf),
+            buf_off,
+            fd,
+        }
+    }
+
+    /// Sends `buf[buf_off..buf_off+len]` on socket `fd`.
+    pub fn send(fd: i32, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+        assert!(
+            buf_off + len <= buf.len(),
+            "send past the end of its buffer"
+        );
+        Op {
+            kind: OpKind::Send,
+            fd,
+            ..Op::recv(fd, buf, buf_off, len)
         }
     }
 }

@@ -79,6 +79,15 @@ impl Uring {
             OpKind::WakeRead => opcode::Read::new(fd, ptr.expect("wake read needs a buffer"), 8)
                 .offset(u64::MAX)
                 .build(),
+            OpKind::Recv => {
+                opcode::Recv::new(types::Fd(op.fd), ptr.expect("recv needs a buffer"), op.len)
+                    .build()
+            }
+            OpKind::Send => {
+                opcode::Send::new(types::Fd(op.fd), ptr.expect("send needs a buffer"), op.len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            }
         };
         sqe.user_data(user_data)
     }

@@ -1,27 +1,21 @@
-//! The transmission phase of one connection.
+//! The transmission phase of one connection, independent of transport:
+//! checking requests, submitting them to the engine, and encoding replies.
 //!
-//! The connection's thread reads requests and submits them to the engine
-//! with callbacks; each callback encodes its reply on the reactor thread
-//! that finished the request and hands it to the connection's writer
-//! thread, so replies go out as soon as each request completes, in any
-//! order. What one connection holds is bounded by its [`Budget`]: when a
-//! client does not read its replies, its writer blocks, the budget runs
-//! out, and the reader stops reading from that client; nobody else waits.
+//! Each request is submitted with a callback; the callback encodes the
+//! reply on the reactor thread that finished the request and hands it to
+//! the connection's [`Sink`], so replies go out as soon as each request
+//! completes, in any order. The transport (see `ring`) reads requests,
+//! sends replies, and bounds what a connection holds with each request's
+//! [`cost`].
 
 use super::handshake::{Export, Negotiated};
 use super::proto::*;
 use crate::disk::{BlockStatus, ExtentKind, SparseRead};
 use crate::{Disk, Error, ErrorKind};
-use crossbeam_channel::{Receiver, Sender};
-use std::io::{self, IoSlice, Read, Write};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
-/// Bytes of requests and replies one connection may hold in memory.
-pub const BUDGET_BYTES: u64 = 64 << 20;
-/// Requests one connection may have in flight.
-pub const BUDGET_REQUESTS: u64 = 1024;
 /// What a request without payload is charged.
-const BASE_COST: u64 = 256;
+pub const BASE_COST: u64 = 256;
 /// Holes shorter than this are sent as data: a chunk header costs more.
 const MIN_HOLE: u64 = 4096;
 /// A CACHE request is populated in pieces of this size, one after another.
@@ -30,76 +24,34 @@ const CACHE_PIECE: u64 = 4 << 20;
 /// lets a server answer less than asked; the client asks again).
 const STATUS_MAX_CLUSTERS: u64 = 1 << 16;
 
-/// In-flight bytes and requests of a connection.
-pub struct Budget {
-    used: Mutex<(u64, u64)>,
-    cv: Condvar,
-}
-
-impl Budget {
-    pub fn new() -> Arc<Budget> {
-        Arc::new(Budget {
-            used: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        })
-    }
-
-    /// Waits until `cost` more bytes and one more request fit.
-    fn acquire(&self, cost: u64) {
-        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        while u.1 > 0 && (u.0 + cost > BUDGET_BYTES || u.1 >= BUDGET_REQUESTS) {
-            u = self.cv.wait(u).unwrap_or_else(|p| p.into_inner());
-        }
-        u.0 += cost;
-        u.1 += 1;
-    }
-
-    fn release(&self, cost: u64) {
-        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        u.0 -= cost;
-        u.1 -= 1;
-        self.cv.notify_all();
-    }
-
-    /// Waits until every request has been answered (or dropped).
-    pub fn wait_idle(&self) {
-        let mut u = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        while u.1 > 0 {
-            u = self.cv.wait(u).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
 /// One encoded reply: header bytes interleaved with slices of a data buffer.
 pub struct Reply {
+    /// What its request cost the connection's budget (given back once sent).
+    pub cost: u64,
     bytes: Vec<u8>,
     data: Vec<u8>,
     /// (from `data`?, start, end), in wire order.
     segs: Vec<(bool, usize, usize)>,
-    cost: u64,
+    /// `bytes` up to here are in `segs`.
+    marked: usize,
 }
 
 impl Reply {
-    fn new(cost: u64) -> Reply {
+    pub fn new(cost: u64) -> Reply {
         Reply {
             bytes: Vec::with_capacity(32),
             data: Vec::new(),
             segs: Vec::new(),
+            marked: 0,
             cost,
         }
     }
 
     /// Marks the header bytes written since the last mark as a segment.
-    fn mark_bytes(&mut self) {
-        let start = self
-            .segs
-            .iter()
-            .filter(|s| !s.0)
-            .map(|s| s.2)
-            .max()
-            .unwrap_or(0);
-        if self.bytes.len() > start {
-            self.segs.push((false, start, self.bytes.len()));
+    pub fn mark_bytes(&mut self) {
+        if self.bytes.len() > self.marked {
+            self.segs.push((false, self.marked, self.bytes.len()));
+            self.marked = self.bytes.len();
         }
     }
 
@@ -108,7 +60,12 @@ impl Reply {
         self.segs.push((true, start, end));
     }
 
-    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.segs.iter().map(|&(_, s, e)| e - s).sum()
+    }
+
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
         self.segs.iter().map(|&(d, s, e)| {
             if d {
                 &self.data[s..e]
@@ -117,63 +74,6 @@ impl Reply {
             }
         })
     }
-}
-
-/// Sends replies to the client in batches, one vectored write per batch.
-/// After a write error (the client is gone) it keeps taking replies, only
-/// to release their budget, and shuts the socket so the reader stops too.
-pub fn writer<W: Write>(mut w: W, rx: Receiver<Reply>, budget: Arc<Budget>, on_error: impl Fn()) {
-    let mut dead = false;
-    let mut batch: Vec<Reply> = Vec::with_capacity(64);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        if !dead {
-            if let Err(e) = write_batch(&mut w, &batch) {
-                tracing_conn_error(&e);
-                dead = true;
-                on_error();
-            }
-        }
-        for r in batch.drain(..) {
-            budget.release(r.cost);
-        }
-    }
-}
-
-fn tracing_conn_error(e: &io::Error) {
-    if e.kind() != io::ErrorKind::BrokenPipe && e.kind() != io::ErrorKind::ConnectionReset {
-        eprintln!("backfill serve: a client connection failed: {e}");
-    }
-}
-
-fn write_batch<W: Write>(w: &mut W, batch: &[Reply]) -> io::Result<()> {
-    let mut slices: Vec<&[u8]> = batch.iter().flat_map(|r| r.slices()).collect();
-    let mut first = 0;
-    while first < slices.len() {
-        let io: Vec<IoSlice> = slices[first..]
-            .iter()
-            .take(512)
-            .map(|s| IoSlice::new(s))
-            .collect();
-        let mut n = w.write_vectored(&io)?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while first < slices.len() && n >= slices[first].len() {
-            n -= slices[first].len();
-            first += 1;
-        }
-        if n > 0 {
-            slices[first] = &slices[first][n..];
-        }
-    }
-    Ok(())
 }
 
 /// The engine error as one of the errors NBD defines.
@@ -194,115 +94,65 @@ fn nbd_errno(e: &Error) -> u32 {
     }
 }
 
-/// Why the reader stopped.
-pub enum End {
-    /// NBD_CMD_DISC or end of stream at a request boundary.
-    Clean,
-    /// A protocol violation or I/O error: the connection is dropped.
-    Dropped(String),
+/// Where a connection's replies go. Called on whatever thread finished the
+/// request (a reactor thread, or the transport's for refusals).
+pub type Sink = Arc<dyn Fn(Reply) + Send + Sync>;
+
+/// What a request costs its connection's budget until its reply is sent:
+/// its payload or data, plus a little for the rest.
+pub fn cost(req: &RequestHeader) -> u64 {
+    match req.kind {
+        CMD_READ | CMD_WRITE => BASE_COST + req.len as u64,
+        CMD_CACHE => BASE_COST + CACHE_PIECE,
+        _ => BASE_COST,
+    }
 }
 
-/// One connection in the transmission phase.
-pub struct Conn {
+/// One connection's protocol state in the transmission phase.
+pub struct Session {
     pub disk: Disk,
     pub export: Arc<Export>,
     pub neg: Negotiated,
-    pub budget: Arc<Budget>,
-    pub tx: Sender<Reply>,
+    pub sink: Sink,
 }
 
-impl Conn {
-    /// Reads and dispatches requests until the client disconnects or
-    /// breaks the protocol, then waits for the requests still in flight.
-    pub fn serve<R: Read>(&self, r: &mut R) -> End {
-        let end = self.read_loop(r);
-        self.budget.wait_idle();
-        end
-    }
-
-    fn read_loop<R: Read>(&self, r: &mut R) -> End {
-        let mut h = [0u8; REQUEST_HEADER_LEN];
-        loop {
-            match read_full(r, &mut h) {
-                Ok(true) => {}
-                Ok(false) => return End::Clean,
-                Err(e) => return End::Dropped(format!("reading a request: {e}")),
-            }
-            let Some(req) = RequestHeader::parse(&h) else {
-                return End::Dropped("bad request magic".into());
-            };
-            if req.kind == CMD_DISC {
-                return End::Clean;
-            }
-            if let Err(e) = self.dispatch(r, req) {
-                return End::Dropped(e);
-            }
-        }
-    }
-
+impl Session {
     /// Sends an error reply for `req` (structured when negotiated).
-    fn fail(&self, req: &RequestHeader, errno: u32, msg: &str) {
+    pub fn refuse(&self, req: &RequestHeader, errno: u32, msg: &str) {
         let mut reply = Reply::new(BASE_COST);
-        self.budget.acquire(BASE_COST);
         encode_error(&mut reply, self.neg.structured, req.cookie, errno, msg);
-        self.send(reply);
-    }
-
-    fn send(&self, mut reply: Reply) {
         reply.mark_bytes();
-        if let Err(e) = self.tx.send(reply) {
-            // The writer is gone: give the budget back ourselves.
-            self.budget.release(e.0.cost);
-        }
+        (self.sink)(reply);
     }
 
-    /// Validates a request and starts it. Errs only when the connection
-    /// must be dropped.
-    fn dispatch<R: Read>(&self, r: &mut R, req: RequestHeader) -> Result<(), String> {
+    /// Why `req` must be refused (its NBD error and a message), if it must.
+    /// A refused WRITE's payload is still read and dropped by the caller.
+    pub fn check(&self, req: &RequestHeader) -> Option<(u32, String)> {
         let size = self.export.size;
         let allowed = match req.kind {
             CMD_READ => CMD_FLAG_FUA | if self.neg.structured { CMD_FLAG_DF } else { 0 },
             CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
             CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
             CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-            _ => 0,
+            _ => return Some((EINVAL, format!("unknown command {}", req.kind))),
         };
-        let payload = if req.kind == CMD_WRITE {
-            req.len as u64
-        } else {
-            0
-        };
-        let known = matches!(
-            req.kind,
-            CMD_READ
-                | CMD_WRITE
-                | CMD_FLUSH
-                | CMD_TRIM
-                | CMD_CACHE
-                | CMD_WRITE_ZEROES
-                | CMD_BLOCK_STATUS
-        );
-        let end = req.offset.checked_add(req.len as u64);
-        let in_bounds = end.is_some_and(|e| e <= size);
+        let in_bounds = req
+            .offset
+            .checked_add(req.len as u64)
+            .is_some_and(|e| e <= size);
         let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-        let refusal = if !known {
-            Some((EINVAL, format!("unknown command {}", req.kind)))
-        } else if req.flags & !allowed != 0 {
-            Some((
-                EINVAL,
-                format!(
-                    "flags {:#x} are not valid for command {}",
-                    req.flags, req.kind
-                ),
-            ))
+        if req.flags & !allowed != 0 {
+            let msg = format!(
+                "flags {:#x} are not valid for command {}",
+                req.flags, req.kind
+            );
+            Some((EINVAL, msg))
         } else if matches!(req.kind, CMD_READ | CMD_WRITE) && req.len > MAX_PAYLOAD {
-            Some((
-                EINVAL,
-                format!(
-                    "{} bytes is more than the maximum of {MAX_PAYLOAD}",
-                    req.len
-                ),
-            ))
+            let msg = format!(
+                "{} bytes is more than the maximum of {MAX_PAYLOAD}",
+                req.len
+            );
+            Some((EINVAL, msg))
         } else if writes && self.export.read_only {
             Some((EPERM, "the export is read-only".to_string()))
         } else if req.kind != CMD_FLUSH && !in_bounds {
@@ -311,13 +161,11 @@ impl Conn {
             } else {
                 EINVAL
             };
-            Some((
-                errno,
-                format!(
-                    "offset {} length {} is past the end of the disk ({size} bytes)",
-                    req.offset, req.len
-                ),
-            ))
+            let msg = format!(
+                "offset {} length {} is past the end of the disk ({size} bytes)",
+                req.offset, req.len
+            );
+            Some((errno, msg))
         } else if req.kind == CMD_BLOCK_STATUS
             && !(self.neg.base_allocation || self.neg.allocation_depth)
         {
@@ -326,77 +174,45 @@ impl Conn {
             Some((EINVAL, "block status of an empty range".to_string()))
         } else {
             None
-        };
-        if let Some((errno, msg)) = refusal {
-            skip(r, payload).map_err(|e| format!("reading a write payload: {e}"))?;
-            self.fail(&req, errno, &msg);
-            return Ok(());
         }
-        match req.kind {
-            CMD_READ => self.read(req),
-            CMD_WRITE => {
-                let cost = BASE_COST + payload;
-                self.budget.acquire(cost);
-                let mut buf = vec![0u8; req.len as usize];
-                if let Err(e) = r.read_exact(&mut buf) {
-                    self.budget.release(cost);
-                    return Err(format!("reading a write payload: {e}"));
-                }
-                let tail = self.tail(req, cost);
-                self.disk
-                    .submit_write_with(req.offset, buf, move |res| tail.done(res.map(|_| ())));
-            }
-            CMD_FLUSH => {
-                let tail = self.tail(req, BASE_COST);
-                self.budget.acquire(BASE_COST);
-                self.disk.submit_flush_with(move |res| tail.reply_unit(res));
-            }
-            CMD_TRIM => {
-                let tail = self.tail(req, BASE_COST);
-                self.budget.acquire(BASE_COST);
-                self.disk
-                    .submit_discard_with(req.offset, req.len as u64, move |res| tail.done(res));
-            }
-            CMD_WRITE_ZEROES => {
-                // Zeroes are recorded in metadata, which is always fast, so
-                // FAST_ZERO is honoured; NO_HOLE only asks that the range
-                // read as zeros, which it does either way.
-                let tail = self.tail(req, BASE_COST);
-                self.budget.acquire(BASE_COST);
-                self.disk
-                    .submit_zeroes_with(req.offset, req.len as u64, move |res| tail.done(res));
-            }
-            CMD_CACHE => {
-                self.budget.acquire(BASE_COST + CACHE_PIECE);
-                let tail = self.tail(req, BASE_COST + CACHE_PIECE);
-                cache(
-                    self.disk.clone(),
-                    req.offset,
-                    req.offset + req.len as u64,
-                    tail,
-                );
-            }
-            CMD_BLOCK_STATUS => self.status(req),
-            _ => unreachable!("unknown commands were refused above"),
-        }
-        Ok(())
     }
 
-    fn tail(&self, req: RequestHeader, cost: u64) -> Tail {
+    /// Starts a request that passed `check`; `payload` is a WRITE's data.
+    pub fn start(&self, req: RequestHeader, payload: Vec<u8>) {
+        let tail = self.tail(req);
+        let len = req.len as u64;
+        match req.kind {
+            CMD_READ => self.read(req, tail),
+            CMD_WRITE => self
+                .disk
+                .submit_write_with(req.offset, payload, move |res| tail.done(res.map(|_| ()))),
+            CMD_FLUSH => self.disk.submit_flush_with(move |res| tail.reply_unit(res)),
+            CMD_TRIM => self
+                .disk
+                .submit_discard_with(req.offset, len, move |res| tail.done(res)),
+            // Zeroes are recorded in metadata, which is always fast, so
+            // FAST_ZERO is honoured; NO_HOLE only asks that the range read
+            // as zeros, which it does either way.
+            CMD_WRITE_ZEROES => self
+                .disk
+                .submit_zeroes_with(req.offset, len, move |res| tail.done(res)),
+            CMD_CACHE => cache(self.disk.clone(), req.offset, req.offset + len, tail),
+            CMD_BLOCK_STATUS => self.status(req, tail),
+            _ => tail.error(&Error::new(ErrorKind::InvalidInput, "unknown command")),
+        }
+    }
+
+    fn tail(&self, req: RequestHeader) -> Tail {
         Tail {
             req,
-            cost,
+            cost: cost(&req),
             structured: self.neg.structured,
-            tx: self.tx.clone(),
-            budget: self.budget.clone(),
+            sink: self.sink.clone(),
             fua: (req.flags & CMD_FLAG_FUA != 0).then(|| self.disk.clone()),
         }
     }
 
-    fn read(&self, req: RequestHeader) {
-        let cost = BASE_COST + req.len as u64;
-        self.budget.acquire(cost);
-        let tail = self.tail(req, cost);
+    fn read(&self, req: RequestHeader, tail: Tail) {
         let buf = vec![0u8; req.len as usize];
         self.disk
             .submit_read_sparse_with(req.offset, buf, move |res| match res {
@@ -408,12 +224,10 @@ impl Conn {
             });
     }
 
-    fn status(&self, req: RequestHeader) {
+    fn status(&self, req: RequestHeader, tail: Tail) {
         let cluster = self.disk.cluster_size();
         let max = STATUS_MAX_CLUSTERS * cluster;
         let len = (req.len as u64).min(max - req.offset % cluster);
-        self.budget.acquire(BASE_COST);
-        let tail = self.tail(req, BASE_COST);
         let neg = self.neg;
         self.disk
             .submit_status_with(req.offset, len, move |res| match res {
@@ -422,28 +236,19 @@ impl Conn {
                     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
                     let mut chunks: Vec<(u32, Vec<(u32, u32)>)> = Vec::new();
                     if neg.base_allocation {
-                        chunks.push((
-                            CONTEXT_BASE_ALLOCATION.0,
-                            descriptors(&extents, one, base_flags),
-                        ));
+                        let ds = descriptors(&extents, one, base_flags);
+                        chunks.push((CONTEXT_BASE_ALLOCATION.0, ds));
                     }
                     if neg.allocation_depth {
-                        chunks.push((
-                            CONTEXT_ALLOCATION_DEPTH.0,
-                            descriptors(&extents, one, depth),
-                        ));
+                        let ds = descriptors(&extents, one, depth);
+                        chunks.push((CONTEXT_ALLOCATION_DEPTH.0, ds));
                     }
                     let n = chunks.len();
                     for (i, (id, ds)) in chunks.into_iter().enumerate() {
                         let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
                         let len = 4 + 8 * ds.len() as u32;
-                        chunk_header(
-                            &mut reply.bytes,
-                            req.cookie,
-                            flags,
-                            REPLY_TYPE_BLOCK_STATUS,
-                            len,
-                        );
+                        let kind = REPLY_TYPE_BLOCK_STATUS;
+                        chunk_header(&mut reply.bytes, req.cookie, flags, kind, len);
                         reply.bytes.extend_from_slice(&id.to_be_bytes());
                         for (l, f) in ds {
                             reply.bytes.extend_from_slice(&l.to_be_bytes());
@@ -516,8 +321,7 @@ struct Tail {
     req: RequestHeader,
     cost: u64,
     structured: bool,
-    tx: Sender<Reply>,
-    budget: Arc<Budget>,
+    sink: Sink,
     /// With FUA, the disk to flush before answering.
     fua: Option<Disk>,
 }
@@ -525,9 +329,7 @@ struct Tail {
 impl Tail {
     fn send(&self, mut reply: Reply) {
         reply.mark_bytes();
-        if let Err(e) = self.tx.send(reply) {
-            self.budget.release(e.0.cost);
-        }
+        (self.sink)(reply);
     }
 
     fn error(&self, e: &Error) {
@@ -640,31 +442,6 @@ fn encode_error(reply: &mut Reply, structured: bool, cookie: u64, errno: u32, ms
     }
 }
 
-/// Reads exactly `buf.len()` bytes. Ok(false) at a clean end of stream
-/// before the first byte; an end in the middle is an error.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-/// Reads and drops `n` bytes (the payload of a refused write).
-fn skip<R: Read>(r: &mut R, n: u64) -> io::Result<()> {
-    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
-    if copied < n {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,17 +477,14 @@ mod tests {
     }
 
     #[test]
-    fn writes_of_a_batch_cover_every_byte() {
-        let budget = Budget::new();
+    fn reply_slices_interleave_headers_and_data() {
         let mut r = Reply::new(0);
         r.bytes.extend_from_slice(b"head");
         r.data = b"0123456789".to_vec();
         r.push_data(2, 6);
         r.bytes.extend_from_slice(b"tail");
         r.mark_bytes();
-        budget.acquire(0);
-        let mut out = Vec::new();
-        write_batch(&mut out, &[r]).unwrap();
+        let out: Vec<u8> = r.slices().flatten().copied().collect();
         assert_eq!(out, b"head2345tail");
     }
 }

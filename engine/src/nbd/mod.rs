@@ -4,12 +4,13 @@
 //!
 //! One listener, any number of connections to one export (multi-conn: a
 //! FLUSH on one connection flushes the whole disk, so it covers writes
-//! completed on every connection). Each connection has a reader thread,
-//! which runs the handshake and then submits requests to the engine, and a
-//! writer thread that sends replies in completion order (see [`conn`]).
-//! A connection's memory is bounded by its budget, and a connection that
-//! misbehaves is answered with an error or dropped without touching the
-//! others.
+//! completed on every connection). The accept loop runs on the caller's
+//! thread and each handshake on a short-lived thread of its own (with a
+//! timeout); then the connection moves to a reactor core, round robin, and
+//! is served on that core's io_uring (see [`ring`]), replies going out as
+//! each request completes. A connection's memory is bounded by its budget,
+//! and a connection that misbehaves is answered with an error or dropped
+//! without touching the others.
 //!
 //! [`Server::run`] returns after [`StopHandle::stop`]: no new connections,
 //! requests in flight finish and are answered, then connections close. The
@@ -18,14 +19,15 @@
 mod conn;
 pub mod handshake;
 pub mod proto;
+mod ring;
 
 use crate::error::{Error, Result};
 use crate::Disk;
-use conn::{Budget, Conn, End};
 use handshake::{Export, Outcome};
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -142,6 +144,13 @@ impl Stream {
         };
     }
 
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
@@ -166,14 +175,25 @@ impl Write for Stream {
             Stream::Tcp(s) => s.write(buf),
         }
     }
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
-    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Live connections, for shutdown: a clone of each socket by id.
+pub(crate) struct Registry {
+    conns: Mutex<HashMap<u64, Stream>>,
+    gone: Condvar,
+}
+
+impl Registry {
+    /// A connection closed.
+    fn remove(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.gone.notify_all();
     }
 }
 
@@ -182,9 +202,7 @@ struct Inner {
     export: Arc<Export>,
     stopping: AtomicBool,
     next_id: AtomicU64,
-    /// Live connections, for shutdown: a clone of each socket.
-    conns: Mutex<HashMap<u64, Stream>>,
-    gone: Condvar,
+    registry: Arc<Registry>,
 }
 
 /// Serves one disk over NBD.
@@ -224,8 +242,10 @@ impl Server {
                 export: Arc::new(export),
                 stopping: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
-                conns: Mutex::new(HashMap::new()),
-                gone: Condvar::new(),
+                registry: Arc::new(Registry {
+                    conns: Mutex::new(HashMap::new()),
+                    gone: Condvar::new(),
+                }),
             }),
             listener: Arc::new(listener),
         }
@@ -262,7 +282,11 @@ impl Server {
             };
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             {
-                let mut conns = inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+                let mut conns = inner
+                    .registry
+                    .conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 if conns.len() >= MAX_CONNECTIONS {
                     eprintln!(
                         "backfill serve: {MAX_CONNECTIONS} connections already; refusing one"
@@ -275,17 +299,12 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    serve_connection(&inner2, stream);
-                    let mut conns = inner2.conns.lock().unwrap_or_else(|p| p.into_inner());
-                    conns.remove(&id);
-                    inner2.gone.notify_all();
+                    if !handshake_and_adopt(&inner2, stream, id) {
+                        inner2.registry.remove(id);
+                    }
                 });
             if spawned.is_err() {
-                inner
-                    .conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                inner.registry.remove(id);
             }
         }
         self.drain();
@@ -296,8 +315,8 @@ impl Server {
     /// flight to be answered, and cuts connections whose clients do not take
     /// their replies.
     fn drain(&self) {
-        let inner = &self.inner;
-        let mut conns = inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let reg = &self.inner.registry;
+        let mut conns = reg.conns.lock().unwrap_or_else(|p| p.into_inner());
         for s in conns.values() {
             s.shutdown(Shutdown::Read);
         }
@@ -308,10 +327,10 @@ impl Server {
                 for s in conns.values() {
                     s.shutdown(Shutdown::Both);
                 }
-                conns = inner.gone.wait(conns).unwrap_or_else(|p| p.into_inner());
+                conns = reg.gone.wait(conns).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            conns = inner
+            conns = reg
                 .gone
                 .wait_timeout(conns, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
@@ -320,49 +339,41 @@ impl Server {
     }
 }
 
-/// One connection from handshake to close.
-fn serve_connection(inner: &Arc<Inner>, mut stream: Stream) {
+/// Runs the handshake of connection `id`, then hands it to a core. False
+/// when the connection ended here (the caller unregisters it).
+fn handshake_and_adopt(inner: &Arc<Inner>, mut stream: Stream, id: u64) -> bool {
     if stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).is_err() {
-        return;
+        return false;
     }
     let stopping = || inner.stopping.load(Ordering::SeqCst);
     let neg = match handshake::negotiate(&mut stream, &inner.export, &stopping) {
         Ok(Outcome::Transmission(neg)) => neg,
-        Ok(Outcome::Closed) => return,
+        Ok(Outcome::Closed) => return false,
         Err(e) => {
             if e.kind() != io::ErrorKind::UnexpectedEof {
                 eprintln!("backfill serve: dropped a client during the handshake: {e}");
             }
-            return;
+            return false;
         }
     };
-    let (Ok(()), Ok(wstream), Ok(cut)) = (
-        stream.set_read_timeout(None),
-        stream.try_clone(),
-        stream.try_clone(),
-    ) else {
-        return;
-    };
-    let budget = Budget::new();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let wbudget = budget.clone();
-    let Ok(writer) = std::thread::Builder::new()
-        .name("nbd-writer".into())
-        .spawn(move || conn::writer(wstream, rx, wbudget, || cut.shutdown(Shutdown::Both)))
-    else {
-        return;
-    };
-    let conn = Conn {
-        disk: inner.disk.clone(),
-        export: inner.export.clone(),
-        neg,
-        budget,
-        tx,
-    };
-    let mut reader = BufReader::with_capacity(256 << 10, stream);
-    if let End::Dropped(why) = conn.serve(&mut reader) {
-        eprintln!("backfill serve: dropped a client: {why}");
+    if stream.set_read_timeout(None).is_err() {
+        return false;
     }
-    drop(conn);
-    let _ = writer.join();
+    let disk = inner.disk.clone();
+    let export = inner.export.clone();
+    let make = move |sink| conn::Session {
+        disk,
+        export,
+        neg,
+        sink,
+    };
+    let core = id as usize % inner.disk.cores();
+    ring::adopt(
+        stream,
+        (inner.registry.clone(), id),
+        make,
+        &inner.disk,
+        core,
+    );
+    true
 }

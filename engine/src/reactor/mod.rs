@@ -88,8 +88,36 @@ pub struct CoreStats {
     pub commits: AtomicU64,
 }
 
+/// Something that lives on a core besides the engine (the NBD server's
+/// connections): it runs on the core thread, uses the core's ring for its
+/// socket operations, and gets their completions.
+pub trait Frontend: std::any::Any {
+    /// Completion of an operation pushed with `token`.
+    fn completion(&mut self, token: u64, result: i32, ctx: &mut FrontCtx);
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// What a frontend may do on its core: queue operations on the ring.
+pub struct FrontCtx {
+    pub core: usize,
+    ops: Vec<(u64, Op)>,
+}
+
+impl FrontCtx {
+    /// Queues `op`; its completion comes back with `token` (56 bits).
+    pub fn push(&mut self, token: u64, op: Op) {
+        debug_assert!(token & TAG_MASK == 0, "frontend token too large");
+        self.ops.push((token, op));
+    }
+}
+
+/// Work sent to a core's frontend slot (which it may fill or replace).
+pub type FrontTask = Box<dyn FnOnce(&mut Option<Box<dyn Frontend>>, &mut FrontCtx) + Send>;
+
 /// A message to a core.
 pub enum Msg {
+    /// Run a task on the core's frontend.
+    Front(FrontTask),
     /// One part of a request: `[offset, offset + len)` at `buf_off` in its buffer.
     Part {
         req: Arc<Request>,
@@ -121,6 +149,16 @@ impl CoreHandle {
     }
 }
 
+thread_local! {
+    static ON_CORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a reactor thread (which must never block
+/// waiting for the cores, itself among them).
+pub fn on_core_thread() -> bool {
+    ON_CORE.with(|c| c.get())
+}
+
 /// Starts core `id`: its thread, ring and state. Fails if the ring cannot be made.
 pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandle> {
     let wake = EventFd::new().map_err(|e| Error::io(e, "creating an eventfd"))?;
@@ -136,6 +174,7 @@ pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandl
     let thread = std::thread::Builder::new()
         .name(format!("backfill-core-{id}"))
         .spawn(move || {
+            ON_CORE.with(|c| c.set(true));
             let ring = match Uring::new(&files) {
                 Ok(r) => r,
                 Err(e) => {
@@ -172,6 +211,7 @@ const TAG_FILL: u64 = 2 << 56;
 const TAG_L2: u64 = 3 << 56;
 const TAG_COMMIT: u64 = 4 << 56;
 const TAG_WAKE: u64 = 5 << 56;
+const TAG_FRONT: u64 = 6 << 56;
 const TAG_MASK: u64 = 0xff << 56;
 
 /// Free aligned buffers by power-of-two size class (4 KiB and up).
@@ -269,6 +309,8 @@ pub(crate) struct Core<I: Io = Uring> {
     /// Snapshots of the dirty L2 blocks of the commit in flight.
     commit_bufs: Vec<Rc<IoBuf>>,
     segs: Vec<crate::backing::Segment>,
+    front: Option<Box<dyn Frontend>>,
+    front_ctx: FrontCtx,
 }
 
 impl<I: Io> Core<I> {
@@ -311,6 +353,11 @@ impl<I: Io> Core<I> {
             cqes: Vec::with_capacity(256),
             commit_bufs: Vec::new(),
             segs: Vec::new(),
+            front: None,
+            front_ctx: FrontCtx {
+                core: id,
+                ops: Vec::new(),
+            },
             shared,
         }
     }
@@ -345,12 +392,15 @@ impl<I: Io> Core<I> {
             self.cqes = cqes;
         }
         // Parts that arrived after the close: fail them rather than hang.
-        while let Ok(Msg::Part { req, .. }) = self.inbox.try_recv() {
-            req.finish_part(Some(Error::new(
-                crate::ErrorKind::ShuttingDown,
-                "the disk is closed",
-            )));
+        while let Ok(msg) = self.inbox.try_recv() {
+            if let Msg::Part { req, .. } = msg {
+                req.finish_part(Some(Error::new(
+                    crate::ErrorKind::ShuttingDown,
+                    "the disk is closed",
+                )));
+            }
         }
+        self.front = None;
     }
 
     /// Before sleeping, submits what this turn queued and polls for a
@@ -390,6 +440,7 @@ impl<I: Io> Core<I> {
                     len: 8,
                     buf: Some(buf),
                     buf_off: 0,
+                    fd: -1,
                 },
             );
             self.wake_armed = true;
@@ -412,8 +463,18 @@ impl<I: Io> Core<I> {
                     len,
                     buf_off,
                 }) => self.start_part(req, offset, len, buf_off),
+                Ok(Msg::Front(task)) => {
+                    task(&mut self.front, &mut self.front_ctx);
+                    self.push_front_ops();
+                }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
             }
+        }
+    }
+
+    fn push_front_ops(&mut self) {
+        for (token, op) in self.front_ctx.ops.drain(..) {
+            self.io.push(TAG_FRONT | token, op);
         }
     }
 
@@ -426,6 +487,15 @@ impl<I: Io> Core<I> {
             TAG_COMMIT => self.commit_io_done(id, cqe),
             TAG_WAKE => {
                 self.wake_armed = false;
+            }
+            TAG_FRONT => {
+                // The frontend gets its buffer back unshared.
+                let Cqe { result, buf, .. } = cqe;
+                drop(buf);
+                if let Some(f) = self.front.as_mut() {
+                    f.completion(id as u64, result, &mut self.front_ctx);
+                }
+                self.push_front_ops();
             }
             t => unreachable!("completion with unknown tag {t:#x}"),
         }

@@ -1,0 +1,407 @@
+//! The NBD transport on the reactors: each connection lives on one core,
+//! which receives its requests and sends its replies with RECV and SEND
+//! operations on that core's io_uring, batched with the engine's own I/O
+//! in the same loop turn.
+//!
+//! Receiving: one RECV at a time into the connection's buffer; every whole
+//! request in it is started at once (a WRITE's payload is gathered first).
+//! Sending: replies arrive from whichever core finished their request (as
+//! a task on this core's inbox) and queue; one SEND at a time carries as
+//! many queued replies as fit in the send buffer.
+//!
+//! Bounds: a connection holds at most [`BUDGET_BYTES`] of requests and
+//! replies and [`BUDGET_REQUESTS`] requests; past that it stops receiving
+//! until replies are sent, so a client that does not read its replies
+//! stalls only itself.
+
+use super::conn::{cost, Reply, Session, BASE_COST};
+use super::proto::*;
+use super::Registry;
+use crate::io::{IoBuf, Op};
+use crate::reactor::{FrontCtx, Frontend};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Bytes of requests and replies one connection may hold in memory.
+pub const BUDGET_BYTES: u64 = 64 << 20;
+/// Requests one connection may have in flight.
+pub const BUDGET_REQUESTS: u64 = 1024;
+/// Receive buffer of a connection.
+const RX_BYTES: usize = 256 << 10;
+/// Send buffer of a connection (a larger reply gets a buffer of its size).
+const TX_BYTES: usize = 256 << 10;
+
+const TOKEN_RECV: u64 = 0;
+const TOKEN_SEND: u64 = 1;
+
+/// The connections of one core.
+#[derive(Default)]
+pub struct Connections {
+    conns: slab::Slab<Conn>,
+}
+
+struct Conn {
+    /// The socket; closed when the connection is dropped.
+    stream: super::Stream,
+    fd: i32,
+    /// The server's registry entry, removed at close.
+    reg: (Arc<Registry>, u64),
+    session: Session,
+    rx: Rc<IoBuf>,
+    rx_lo: usize,
+    rx_hi: usize,
+    recv_pending: bool,
+    /// A WRITE whose payload is still arriving: header, data so far.
+    partial: Option<(RequestHeader, Vec<u8>)>,
+    /// Payload bytes of a refused WRITE still to drop.
+    skip: u64,
+    out: VecDeque<Reply>,
+    tx: Rc<IoBuf>,
+    tx_lo: usize,
+    tx_hi: usize,
+    /// Cost of the replies in `tx`, given back when it has been sent.
+    tx_cost: u64,
+    tx_count: u64,
+    send_pending: bool,
+    used_bytes: u64,
+    used_reqs: u64,
+    /// False after end of stream, DISC, a protocol violation or an error.
+    reading: bool,
+    /// Sending failed: the client is gone; replies are dropped.
+    dead: bool,
+}
+
+impl Frontend for Connections {
+    fn completion(&mut self, token: u64, result: i32, ctx: &mut FrontCtx) {
+        let id = (token >> 1) as usize;
+        if !self.conns.contains(id) {
+            return;
+        }
+        if token & 1 == TOKEN_RECV {
+            self.received(id, result, ctx);
+        } else {
+            self.sent(id, result, ctx);
+        }
+        self.maybe_close(id);
+    }
+
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// The connections on the core that runs `ctx`, made on first use.
+fn on_core(slot: &mut Option<Box<dyn Frontend>>) -> &mut Connections {
+    let f = slot.get_or_insert_with(|| Box::new(Connections::default()));
+    f.as_any()
+        .downcast_mut::<Connections>()
+        .expect("the core's frontend is the NBD server")
+}
+
+/// Hands a connection that finished its handshake to core `core`.
+pub fn adopt(
+    stream: super::Stream,
+    reg: (Arc<Registry>, u64),
+    make_session: impl FnOnce(super::conn::Sink) -> Session + Send + 'static,
+    disk: &crate::Disk,
+    core: usize,
+) {
+    let d = disk.clone();
+    disk.run_on_core(
+        core,
+        Box::new(move |slot, ctx| {
+            let conns = on_core(slot);
+            let entry = conns.conns.vacant_entry();
+            let id = entry.key();
+            let core = ctx.core;
+            // Replies come back to this core as tasks on its inbox.
+            let sink: super::conn::Sink = Arc::new(move |reply: Reply| {
+                d.run_on_core(
+                    core,
+                    Box::new(move |slot, ctx| on_core(slot).deliver(id, reply, ctx)),
+                )
+            });
+            let fd = stream.raw_fd();
+            entry.insert(Conn {
+                stream,
+                fd,
+                reg,
+                session: make_session(sink),
+                rx: Rc::new(IoBuf::zeroed(RX_BYTES)),
+                rx_lo: 0,
+                rx_hi: 0,
+                recv_pending: false,
+                partial: None,
+                skip: 0,
+                out: VecDeque::new(),
+                tx: Rc::new(IoBuf::zeroed(TX_BYTES)),
+                tx_lo: 0,
+                tx_hi: 0,
+                tx_cost: 0,
+                tx_count: 0,
+                send_pending: false,
+                used_bytes: 0,
+                used_reqs: 0,
+                reading: true,
+                dead: false,
+            });
+            conns.arm_recv(id, ctx);
+        }),
+    );
+}
+
+impl Connections {
+    /// A reply from whichever core finished the request.
+    fn deliver(&mut self, id: usize, reply: Reply, ctx: &mut FrontCtx) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.dead {
+            c.release(reply.cost, 1);
+        } else {
+            c.out.push_back(reply);
+            c.flush(id, ctx);
+        }
+        // Budget came back: take more requests.
+        self.resume(id, ctx);
+        self.maybe_close(id);
+    }
+
+    fn arm_recv(&mut self, id: usize, ctx: &mut FrontCtx) {
+        let c = &mut self.conns[id];
+        if c.recv_pending || !c.reading || c.over_budget() {
+            return;
+        }
+        if c.rx_hi == RX_BYTES {
+            // Full of unparsed bytes only while over budget; parse first.
+            return;
+        }
+        c.recv_pending = true;
+        let op = Op::recv(c.fd, c.rx.clone(), c.rx_hi, RX_BYTES - c.rx_hi);
+        ctx.push((id as u64) << 1 | TOKEN_RECV, op);
+    }
+
+    fn received(&mut self, id: usize, result: i32, ctx: &mut FrontCtx) {
+        let c = &mut self.conns[id];
+        c.recv_pending = false;
+        if result <= 0 {
+            // End of stream (or the server shut the socket for reading),
+            // or an error: take no more requests.
+            if result < 0 && result != -libc::ECONNRESET {
+                let e = std::io::Error::from_raw_os_error(-result);
+                eprintln!("backfill serve: receiving from a client: {e}");
+            }
+            if c.partial.is_some() || c.rx_lo < c.rx_hi {
+                eprintln!("backfill serve: a client went away in the middle of a request");
+            }
+            c.reading = false;
+            return;
+        }
+        c.rx_hi += result as usize;
+        self.resume(id, ctx);
+    }
+
+    /// Parses and starts what the receive buffer holds, then receives more.
+    fn resume(&mut self, id: usize, ctx: &mut FrontCtx) {
+        let c = &mut self.conns[id];
+        if c.reading {
+            c.parse();
+        }
+        self.arm_recv(id, ctx);
+    }
+
+    fn sent(&mut self, id: usize, result: i32, ctx: &mut FrontCtx) {
+        let c = &mut self.conns[id];
+        c.send_pending = false;
+        if result <= 0 {
+            if result != -libc::EPIPE && result != -libc::ECONNRESET {
+                let e = std::io::Error::from_raw_os_error(-result);
+                eprintln!("backfill serve: sending to a client: {e}");
+            }
+            c.kill();
+            return;
+        }
+        c.tx_lo += result as usize;
+        if c.tx_lo < c.tx_hi {
+            c.push_send(id, ctx);
+            return;
+        }
+        let (cost, n) = (c.tx_cost, c.tx_count);
+        c.tx_cost = 0;
+        c.tx_count = 0;
+        c.release(cost, n);
+        c.flush(id, ctx);
+        self.resume(id, ctx);
+    }
+
+    /// Closes a connection that takes no more requests and has nothing in
+    /// flight; its socket closes with it.
+    fn maybe_close(&mut self, id: usize) {
+        let Some(c) = self.conns.get(id) else {
+            return;
+        };
+        if c.reading || c.recv_pending || c.send_pending || c.used_reqs > 0 {
+            return;
+        }
+        let c = self.conns.remove(id);
+        let (reg, key) = &c.reg;
+        reg.remove(*key);
+    }
+}
+
+impl Conn {
+    fn over_budget(&self) -> bool {
+        self.used_bytes >= BUDGET_BYTES || self.used_reqs >= BUDGET_REQUESTS
+    }
+
+    fn charge(&mut self, cost: u64) {
+        self.used_bytes += cost;
+        self.used_reqs += 1;
+    }
+
+    fn release(&mut self, cost: u64, n: u64) {
+        self.used_bytes -= cost;
+        self.used_reqs -= n;
+    }
+
+    /// The client is gone: drop queued replies and take no more requests.
+    fn kill(&mut self) {
+        self.dead = true;
+        self.reading = false;
+        let (cost, n) = (self.tx_cost, self.tx_count);
+        self.tx_cost = 0;
+        self.tx_count = 0;
+        self.tx_lo = 0;
+        self.tx_hi = 0;
+        self.release(cost, n);
+        while let Some(r) = self.out.pop_front() {
+            self.release(r.cost, 1);
+        }
+        self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// A protocol violation: answer nothing more, drop the connection once
+    /// the requests in flight are done.
+    fn violation(&mut self, why: &str) {
+        eprintln!("backfill serve: dropping a client: {why}");
+        self.reading = false;
+        self.stream.shutdown(std::net::Shutdown::Read);
+    }
+
+    /// Starts every whole request in the receive buffer, while the budget
+    /// allows.
+    fn parse(&mut self) {
+        while self.reading && !self.over_budget() {
+            let avail = self.rx_hi - self.rx_lo;
+            if self.skip > 0 {
+                let n = (self.skip as usize).min(avail);
+                self.rx_lo += n;
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    break;
+                }
+                continue;
+            }
+            if let Some((req, mut data)) = self.partial.take() {
+                let want = req.len as usize - data.len();
+                let n = want.min(avail);
+                data.extend_from_slice(&self.rx.as_slice()[self.rx_lo..self.rx_lo + n]);
+                self.rx_lo += n;
+                if n < want {
+                    self.partial = Some((req, data));
+                    break;
+                }
+                self.session.start(req, data);
+                continue;
+            }
+            if avail < REQUEST_HEADER_LEN {
+                break;
+            }
+            let head: &[u8; REQUEST_HEADER_LEN] = self.rx.as_slice()
+                [self.rx_lo..self.rx_lo + REQUEST_HEADER_LEN]
+                .try_into()
+                .expect("header length");
+            let Some(req) = RequestHeader::parse(head) else {
+                self.violation("bad request magic");
+                break;
+            };
+            self.rx_lo += REQUEST_HEADER_LEN;
+            if req.kind == CMD_DISC {
+                self.reading = false;
+                break;
+            }
+            if let Some((errno, msg)) = self.session.check(&req) {
+                if req.kind == CMD_WRITE {
+                    self.skip = req.len as u64;
+                }
+                self.charge(BASE_COST);
+                self.session.refuse(&req, errno, &msg);
+                continue;
+            }
+            self.charge(cost(&req));
+            if req.kind == CMD_WRITE && req.len > 0 {
+                self.partial = Some((req, Vec::with_capacity(req.len as usize)));
+            } else {
+                self.session.start(req, Vec::new());
+            }
+        }
+        // Keep the unparsed bytes at the front of the buffer (not while a
+        // receive is writing behind them).
+        if self.recv_pending {
+            return;
+        }
+        if self.rx_lo == self.rx_hi {
+            self.rx_lo = 0;
+            self.rx_hi = 0;
+        } else if self.rx_lo > 0 {
+            let (lo, hi) = (self.rx_lo, self.rx_hi);
+            IoBuf::unique_mut(&mut self.rx).copy_within(lo..hi, 0);
+            self.rx_lo = 0;
+            self.rx_hi = hi - lo;
+        }
+    }
+
+    /// Sends queued replies, if no send is in flight.
+    fn flush(&mut self, id: usize, ctx: &mut FrontCtx) {
+        if self.send_pending || self.dead || self.out.is_empty() {
+            return;
+        }
+        let first = self.out.front().map_or(0, Reply::len);
+        if first > self.tx.len() {
+            self.tx = Rc::new(IoBuf::zeroed(first.next_power_of_two()));
+        } else if self.tx.len() > TX_BYTES && first <= TX_BYTES {
+            // Back to the usual size after a large reply.
+            self.tx = Rc::new(IoBuf::zeroed(TX_BYTES));
+        }
+        let cap = self.tx.len();
+        let buf = IoBuf::unique_mut(&mut self.tx);
+        let mut at = 0;
+        while let Some(r) = self.out.front() {
+            if at + r.len() > cap {
+                break;
+            }
+            for s in r.slices() {
+                buf[at..at + s.len()].copy_from_slice(s);
+                at += s.len();
+            }
+            let r = self.out.pop_front().expect("front exists");
+            self.tx_cost += r.cost;
+            self.tx_count += 1;
+        }
+        self.tx_lo = 0;
+        self.tx_hi = at;
+        self.push_send(id, ctx);
+    }
+
+    fn push_send(&mut self, id: usize, ctx: &mut FrontCtx) {
+        self.send_pending = true;
+        let op = Op::send(
+            self.fd,
+            self.tx.clone(),
+            self.tx_lo,
+            self.tx_hi - self.tx_lo,
+        );
+        ctx.push((id as u64) << 1 | TOKEN_SEND, op);
+    }
+}
