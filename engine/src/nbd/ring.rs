@@ -195,7 +195,7 @@ impl Connections {
             if c.partial.is_some() || c.rx_lo < c.rx_hi {
                 eprintln!("backfill serve: a client went away in the middle of a request");
             }
-            c.reading = false;
+            c.stop_reading();
             return;
         }
         c.rx_hi += result as usize;
@@ -265,10 +265,18 @@ impl Conn {
         self.used_reqs -= n;
     }
 
+    /// Takes no more requests; a WRITE whose payload never came is dropped.
+    fn stop_reading(&mut self) {
+        self.reading = false;
+        if let Some((req, _)) = self.partial.take() {
+            self.release(cost(&req), 1);
+        }
+    }
+
     /// The client is gone: drop queued replies and take no more requests.
     fn kill(&mut self) {
         self.dead = true;
-        self.reading = false;
+        self.stop_reading();
         let (cost, n) = (self.tx_cost, self.tx_count);
         self.tx_cost = 0;
         self.tx_count = 0;
@@ -328,7 +336,10 @@ impl Conn {
             };
             self.rx_lo += REQUEST_HEADER_LEN;
             if req.kind == CMD_DISC {
+                // Answer what is in flight, then close; a receive still
+                // pending ends now.
                 self.reading = false;
+                self.stream.shutdown(std::net::Shutdown::Read);
                 break;
             }
             if let Some((errno, msg)) = self.session.check(&req) {
