@@ -422,7 +422,9 @@ impl<I: Io> Core<I> {
             if t.elapsed().as_micros() as u64 >= spin {
                 return false;
             }
-            std::hint::spin_loop();
+            // Let another runnable thread (a client sharing the cores) have
+            // the CPU rather than spin against it.
+            std::thread::yield_now();
         }
     }
 
