@@ -7,6 +7,7 @@
 //! the engine's I/O path lives in this module.
 
 pub mod buf;
+pub mod merge;
 pub mod uring;
 pub mod wake;
 

@@ -16,6 +16,7 @@ pub mod request;
 
 use crate::backing::{Chain, ChainCache};
 use crate::error::{Error, Result};
+use crate::io::merge::Merge;
 use crate::io::uring::Uring;
 use crate::io::wake::EventFd;
 use crate::io::{Cqe, FileId, Io, IoBuf, Op, OpKind};
@@ -183,7 +184,7 @@ pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandl
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            let mut core = Core::new(id, shared, ring, rx, sleeping2);
+            let mut core = Core::new(id, shared, Merge::new(ring), rx, sleeping2);
             core.run();
         })
         .map_err(|e| Error::io(e, "spawning a reactor thread"))?;

@@ -1,0 +1,316 @@
+//! Merging of adjacent operations: an [`Io`] layer over another.
+//!
+//! Copy-on-read works cluster by cluster, so a large sequential read of
+//! missing data becomes many cluster-sized backing reads and write-backs.
+//! Submitted one by one, the write-backs reach the device as small writes,
+//! which cost far more than one large one. This layer looks at what one loop
+//! turn queued, and joins reads (or writes) of one file at contiguous
+//! offsets into one operation of up to [`MAX_MERGED`] bytes through a
+//! staging buffer: written data is copied in at submission, read data is
+//! copied out at completion, and each original operation completes with its
+//! own token, buffer and share of the result. Nothing above notices, except
+//! that there are fewer, larger I/Os.
+//!
+//! Operations of one turn carry no order among themselves (no links), so
+//! merging them keeps every guarantee the caller had.
+
+use super::{Cqe, Io, IoBuf, Op, OpKind};
+use slab::Slab;
+use std::rc::Rc;
+
+/// Largest merged operation.
+pub const MAX_MERGED: usize = 1 << 20;
+/// Staging buffers kept for reuse.
+const SPARE_BUFFERS: usize = 16;
+/// Token tag of a merged operation (a top byte no caller uses).
+const TAG_MERGED: u64 = 0xfe << 56;
+const TAG_MASK: u64 = 0xff << 56;
+
+/// One original operation inside a merged one.
+struct Member {
+    token: u64,
+    buf: Option<Rc<IoBuf>>,
+    buf_off: usize,
+    len: usize,
+}
+
+struct Group {
+    kind: OpKind,
+    members: Vec<Member>,
+}
+
+pub struct Merge<I: Io> {
+    inner: I,
+    queued: Vec<(u64, Op)>,
+    groups: Slab<Group>,
+    spare: Vec<Rc<IoBuf>>,
+    /// Original operations pushed and not yet reaped.
+    in_flight: usize,
+}
+
+impl<I: Io> Merge<I> {
+    pub fn new(inner: I) -> Merge<I> {
+        Merge {
+            inner,
+            queued: Vec::new(),
+            groups: Slab::new(),
+            spare: Vec::new(),
+            in_flight: 0,
+        }
+    }
+
+    fn mergeable(op: &Op) -> bool {
+        matches!(op.kind, OpKind::Read | OpKind::Write) && op.buf.is_some()
+    }
+
+    fn staging(&mut self, len: usize) -> Rc<IoBuf> {
+        if len <= MAX_MERGED {
+            if let Some(b) = self.spare.pop() {
+                return b;
+            }
+            return Rc::new(IoBuf::zeroed(MAX_MERGED));
+        }
+        Rc::new(IoBuf::zeroed(len))
+    }
+
+    /// Hands the queued operations to the inner layer, merged where they
+    /// touch.
+    fn flush_queue(&mut self) {
+        if self.queued.len() < 2 {
+            for (t, op) in self.queued.drain(..) {
+                self.inner.push(t, op);
+            }
+            return;
+        }
+        let mut ops = std::mem::take(&mut self.queued);
+        // Mergeable ones sorted by (kind, file, offset); the rest keep their
+        // order and go first.
+        ops.sort_by_key(|(_, op)| {
+            (
+                Self::mergeable(op),
+                op.kind == OpKind::Write,
+                op.file.0,
+                op.offset,
+            )
+        });
+        let mut run: Vec<(u64, Op)> = Vec::new();
+        let mut run_len = 0usize;
+        for (t, op) in ops {
+            let joins = run.last().is_some_and(|(_, last)| {
+                Self::mergeable(last)
+                    && Self::mergeable(&op)
+                    && last.kind == op.kind
+                    && last.file == op.file
+                    && last.offset + last.len as u64 == op.offset
+                    && run_len + op.len as usize <= MAX_MERGED
+            });
+            if !joins {
+                self.push_run(&mut run);
+                run_len = 0;
+            }
+            run_len += op.len as usize;
+            run.push((t, op));
+        }
+        self.push_run(&mut run);
+    }
+
+    /// Pushes a run of contiguous operations: as is when alone, else merged.
+    fn push_run(&mut self, run: &mut Vec<(u64, Op)>) {
+        if run.len() == 1 {
+            let (t, op) = run.pop().expect("one op");
+            self.inner.push(t, op);
+        } else if run.len() > 1 {
+            self.push_group(run);
+            run.clear();
+        }
+    }
+
+    /// Pushes `ops` (contiguous, same kind and file) as one operation.
+    fn push_group(&mut self, ops: &mut [(u64, Op)]) {
+        let kind = ops[0].1.kind;
+        let file = ops[0].1.file;
+        let offset = ops[0].1.offset;
+        let total: usize = ops.iter().map(|(_, o)| o.len as usize).sum();
+        let mut staging = self.staging(total);
+        let mut members = Vec::with_capacity(ops.len());
+        let mut at = 0;
+        {
+            let dst = IoBuf::unique_mut(&mut staging);
+            for (t, op) in ops.iter_mut() {
+                let len = op.len as usize;
+                let buf = op.buf.take();
+                if kind == OpKind::Write {
+                    let src = buf.as_ref().expect("mergeable ops have buffers");
+                    dst[at..at + len]
+                        .copy_from_slice(&src.as_slice()[op.buf_off..op.buf_off + len]);
+                }
+                members.push(Member {
+                    token: *t,
+                    buf,
+                    buf_off: op.buf_off,
+                    len,
+                });
+                at += len;
+            }
+        }
+        let gid = self.groups.insert(Group { kind, members });
+        let op = match kind {
+            OpKind::Write => Op::write(file, offset, staging, 0, total),
+            _ => Op::read(file, offset, staging, 0, total),
+        };
+        self.inner.push(TAG_MERGED | gid as u64, op);
+    }
+
+    /// Splits a merged completion into its members' completions.
+    fn split(&mut self, gid: usize, cqe: Cqe, out: &mut Vec<Cqe>) {
+        let group = self.groups.remove(gid);
+        let mut staging = cqe.buf.expect("merged ops have a staging buffer");
+        let mut at = 0usize;
+        for m in group.members {
+            let result = if cqe.result < 0 {
+                cqe.result
+            } else {
+                (cqe.result as usize).saturating_sub(at).min(m.len) as i32
+            };
+            if group.kind == OpKind::Read && result > 0 {
+                let n = result as usize;
+                let dst = m.buf.as_ref().expect("members have buffers");
+                dst.fill_for_read(m.buf_off, &staging.as_slice()[at..at + n]);
+            }
+            at += m.len;
+            out.push(Cqe {
+                token: m.token,
+                result,
+                buf: m.buf,
+            });
+        }
+        if staging.len() == MAX_MERGED && self.spare.len() < SPARE_BUFFERS {
+            // Keep it only if nobody else holds it.
+            if Rc::get_mut(&mut staging).is_some() {
+                self.spare.push(staging);
+            }
+        }
+    }
+}
+
+impl<I: Io> Io for Merge<I> {
+    fn push(&mut self, token: u64, op: Op) {
+        debug_assert!(
+            token & TAG_MASK != TAG_MERGED,
+            "token collides with merged ops"
+        );
+        self.in_flight += 1;
+        self.queued.push((token, op));
+    }
+
+    /// Waits for at least one completion when `want` is not 0: merged
+    /// operations complete several of the caller's at once, so counting the
+    /// caller's could wait for completions that never come.
+    fn submit_and_wait(&mut self, want: usize) -> std::io::Result<()> {
+        self.flush_queue();
+        self.inner.submit_and_wait(want.min(1))
+    }
+
+    fn reap(&mut self, out: &mut Vec<Cqe>) {
+        let start = out.len();
+        let mut raw = Vec::new();
+        self.inner.reap(&mut raw);
+        for cqe in raw {
+            if cqe.token & TAG_MASK == TAG_MERGED {
+                let gid = (cqe.token & !TAG_MASK) as usize;
+                self.split(gid, cqe, out);
+            } else {
+                out.push(cqe);
+            }
+        }
+        self.in_flight -= out.len() - start;
+    }
+
+    fn has_completions(&mut self) -> bool {
+        self.inner.has_completions()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::uring::Uring;
+    use crate::io::FileId;
+    use std::os::fd::AsRawFd;
+
+    fn filled(len: usize, byte: u8) -> Rc<IoBuf> {
+        let mut b = IoBuf::zeroed(len);
+        b.as_mut_slice().fill(byte);
+        Rc::new(b)
+    }
+
+    fn run<I: Io>(io: &mut I, n: usize) -> Vec<Cqe> {
+        let mut out = Vec::new();
+        io.submit_and_wait(n).unwrap();
+        while out.len() < n {
+            io.reap(&mut out);
+            if out.len() < n {
+                io.submit_and_wait(1).unwrap();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn adjacent_writes_and_reads_merge_and_complete_one_by_one() {
+        let f = tempfile::tempfile().unwrap();
+        let mut io = Merge::new(Uring::new(&[f.as_raw_fd()]).unwrap());
+        // Four 4 KiB writes at 8K, 12K, 16K (out of order) and a lone one.
+        for (t, off, byte) in [
+            (1u64, 12288u64, 2u8),
+            (2, 8192, 1),
+            (3, 16384, 3),
+            (4, 65536, 9),
+        ] {
+            io.push(t, Op::write(FileId(0), off, filled(4096, byte), 0, 4096));
+        }
+        let mut done = run(&mut io, 4);
+        done.sort_by_key(|c| c.token);
+        assert_eq!(
+            done.iter().map(|c| (c.token, c.result)).collect::<Vec<_>>(),
+            vec![(1, 4096), (2, 4096), (3, 4096), (4, 4096)]
+        );
+        assert_eq!(io.in_flight(), 0);
+        // Read back in pieces; the middle one into the second half of a buffer.
+        let a = Rc::new(IoBuf::zeroed(4096));
+        let b = Rc::new(IoBuf::zeroed(8192));
+        let c = Rc::new(IoBuf::zeroed(4096));
+        io.push(10, Op::read(FileId(0), 8192, a.clone(), 0, 4096));
+        io.push(11, Op::read(FileId(0), 12288, b.clone(), 4096, 4096));
+        io.push(12, Op::read(FileId(0), 16384, c.clone(), 0, 4096));
+        let done = run(&mut io, 3);
+        assert!(done.iter().all(|c| c.result == 4096));
+        drop(done);
+        assert!(a.as_slice().iter().all(|&x| x == 1));
+        assert!(b.as_slice()[4096..].iter().all(|&x| x == 2));
+        assert!(c.as_slice().iter().all(|&x| x == 3));
+    }
+
+    #[test]
+    fn a_short_merged_read_is_shared_out_in_order() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096 + 100).unwrap();
+        let mut io = Merge::new(Uring::new(&[f.as_raw_fd()]).unwrap());
+        for t in 0..3u64 {
+            io.push(
+                t,
+                Op::read(FileId(0), t * 4096, Rc::new(IoBuf::zeroed(4096)), 0, 4096),
+            );
+        }
+        let mut done = run(&mut io, 3);
+        done.sort_by_key(|c| c.token);
+        assert_eq!(
+            done.iter().map(|c| c.result).collect::<Vec<_>>(),
+            vec![4096, 100, 0]
+        );
+    }
+}
