@@ -72,23 +72,6 @@ impl IoBuf {
     }
 }
 
-impl IoBuf {
-    /// Writes `src` at `at` on behalf of an in-flight READ into this buffer
-    /// (the merging layer, doing the kernel's part of a merged read).
-    pub(crate) fn fill_for_read(&self, at: usize, src: &[u8]) {
-        assert!(
-            at + src.len() <= self.len,
-            "fill past the end of the buffer"
-        );
-        // SAFETY: in bounds (asserted); `src` is another buffer (a staging
-        // buffer), so the ranges do not overlap. Like a kernel READ, this
-        // writes through the raw pointer while the operation owns the
-        // range: by the ring's contract no one reads it until the
-        // operation's completion is reaped, and this runs just before that.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(at), src.len()) }
-    }
-}
-
 impl Drop for IoBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with the same layout.

@@ -5,11 +5,10 @@
 //! Submitted one by one, the write-backs reach the device as small writes,
 //! which cost far more than one large one. This layer looks at what one loop
 //! turn queued, and joins reads (or writes) of one file at contiguous
-//! offsets into one operation of up to [`MAX_MERGED`] bytes through a
-//! staging buffer: written data is copied in at submission, read data is
-//! copied out at completion, and each original operation completes with its
-//! own token, buffer and share of the result. Nothing above notices, except
-//! that there are fewer, larger I/Os.
+//! offsets into one vectored operation (READV/WRITEV over the original
+//! buffers, nothing copied) of up to [`MAX_MERGED`] bytes; each original
+//! operation completes with its own token, buffer and share of the result.
+//! Nothing above notices, except that there are fewer, larger I/Os.
 //!
 //! Operations of one turn carry no order among themselves (no links), so
 //! merging them keeps every guarantee the caller had.
@@ -18,10 +17,9 @@ use super::{Cqe, Io, IoBuf, Op, OpKind};
 use slab::Slab;
 use std::rc::Rc;
 
-/// Largest merged operation.
+/// Largest merged operation, in bytes and in pieces (well under IOV_MAX).
 pub const MAX_MERGED: usize = 1 << 20;
-/// Staging buffers kept for reuse.
-const SPARE_BUFFERS: usize = 16;
+pub const MAX_PIECES: usize = 256;
 /// Token tag of a merged operation (a top byte no caller uses).
 const TAG_MERGED: u64 = 0xfe << 56;
 const TAG_MASK: u64 = 0xff << 56;
@@ -29,21 +27,14 @@ const TAG_MASK: u64 = 0xff << 56;
 /// One original operation inside a merged one.
 struct Member {
     token: u64,
-    buf: Option<Rc<IoBuf>>,
-    buf_off: usize,
+    buf: Rc<IoBuf>,
     len: usize,
-}
-
-struct Group {
-    kind: OpKind,
-    members: Vec<Member>,
 }
 
 pub struct Merge<I: Io> {
     inner: I,
     queued: Vec<(u64, Op)>,
-    groups: Slab<Group>,
-    spare: Vec<Rc<IoBuf>>,
+    groups: Slab<Vec<Member>>,
     /// Original operations pushed and not yet reaped.
     in_flight: usize,
 }
@@ -54,23 +45,12 @@ impl<I: Io> Merge<I> {
             inner,
             queued: Vec::new(),
             groups: Slab::new(),
-            spare: Vec::new(),
             in_flight: 0,
         }
     }
 
     fn mergeable(op: &Op) -> bool {
         matches!(op.kind, OpKind::Read | OpKind::Write) && op.buf.is_some()
-    }
-
-    fn staging(&mut self, len: usize) -> Rc<IoBuf> {
-        if len <= MAX_MERGED {
-            if let Some(b) = self.spare.pop() {
-                return b;
-            }
-            return Rc::new(IoBuf::zeroed(MAX_MERGED));
-        }
-        Rc::new(IoBuf::zeroed(len))
     }
 
     /// Hands the queued operations to the inner layer, merged where they
@@ -103,6 +83,7 @@ impl<I: Io> Merge<I> {
                     && last.file == op.file
                     && last.offset + last.len as u64 == op.offset
                     && run_len + op.len as usize <= MAX_MERGED
+                    && run.len() < MAX_PIECES
             });
             if !joins {
                 self.push_run(&mut run);
@@ -125,70 +106,44 @@ impl<I: Io> Merge<I> {
         }
     }
 
-    /// Pushes `ops` (contiguous, same kind and file) as one operation.
+    /// Pushes `ops` (contiguous, same kind and file) as one vectored
+    /// operation.
     fn push_group(&mut self, ops: &mut [(u64, Op)]) {
         let kind = ops[0].1.kind;
         let file = ops[0].1.file;
         let offset = ops[0].1.offset;
-        let total: usize = ops.iter().map(|(_, o)| o.len as usize).sum();
-        let mut staging = self.staging(total);
         let mut members = Vec::with_capacity(ops.len());
-        let mut at = 0;
-        {
-            let dst = IoBuf::unique_mut(&mut staging);
-            for (t, op) in ops.iter_mut() {
-                let len = op.len as usize;
-                let buf = op.buf.take();
-                if kind == OpKind::Write {
-                    let src = buf.as_ref().expect("mergeable ops have buffers");
-                    dst[at..at + len]
-                        .copy_from_slice(&src.as_slice()[op.buf_off..op.buf_off + len]);
-                }
-                members.push(Member {
-                    token: *t,
-                    buf,
-                    buf_off: op.buf_off,
-                    len,
-                });
-                at += len;
-            }
+        let mut iov = Vec::with_capacity(ops.len());
+        for (t, op) in ops.iter_mut() {
+            let buf = op.buf.take().expect("mergeable ops have buffers");
+            iov.push((buf.clone(), op.buf_off, op.len as usize));
+            members.push(Member {
+                token: *t,
+                buf,
+                len: op.len as usize,
+            });
         }
-        let gid = self.groups.insert(Group { kind, members });
-        let op = match kind {
-            OpKind::Write => Op::write(file, offset, staging, 0, total),
-            _ => Op::read(file, offset, staging, 0, total),
-        };
+        let gid = self.groups.insert(members);
+        let op = Op::vectored(kind, file, offset, iov);
         self.inner.push(TAG_MERGED | gid as u64, op);
     }
 
-    /// Splits a merged completion into its members' completions.
-    fn split(&mut self, gid: usize, cqe: Cqe, out: &mut Vec<Cqe>) {
-        let group = self.groups.remove(gid);
-        let mut staging = cqe.buf.expect("merged ops have a staging buffer");
+    /// Splits a merged completion into its members' completions: each gets
+    /// its share of the bytes transferred, in order, or the error.
+    fn split(&mut self, gid: usize, result: i32, out: &mut Vec<Cqe>) {
         let mut at = 0usize;
-        for m in group.members {
-            let result = if cqe.result < 0 {
-                cqe.result
+        for m in self.groups.remove(gid) {
+            let r = if result < 0 {
+                result
             } else {
-                (cqe.result as usize).saturating_sub(at).min(m.len) as i32
+                (result as usize).saturating_sub(at).min(m.len) as i32
             };
-            if group.kind == OpKind::Read && result > 0 {
-                let n = result as usize;
-                let dst = m.buf.as_ref().expect("members have buffers");
-                dst.fill_for_read(m.buf_off, &staging.as_slice()[at..at + n]);
-            }
             at += m.len;
             out.push(Cqe {
                 token: m.token,
-                result,
-                buf: m.buf,
+                result: r,
+                buf: Some(m.buf),
             });
-        }
-        if staging.len() == MAX_MERGED && self.spare.len() < SPARE_BUFFERS {
-            // Keep it only if nobody else holds it.
-            if Rc::get_mut(&mut staging).is_some() {
-                self.spare.push(staging);
-            }
         }
     }
 }
@@ -218,7 +173,7 @@ impl<I: Io> Io for Merge<I> {
         for cqe in raw {
             if cqe.token & TAG_MASK == TAG_MERGED {
                 let gid = (cqe.token & !TAG_MASK) as usize;
-                self.split(gid, cqe, out);
+                self.split(gid, cqe.result, out);
             } else {
                 out.push(cqe);
             }

@@ -88,6 +88,9 @@ pub struct Op {
     pub buf_off: usize,
     /// The socket of `Recv` and `Send` (not registered); -1 otherwise.
     pub fd: i32,
+    /// A vectored `Read` or `Write`: these (buffer, offset, length) pieces
+    /// in order, instead of `buf` (which is then `None`).
+    pub iov: Vec<(Rc<IoBuf>, usize, usize)>,
 }
 
 impl Op {
@@ -104,6 +107,7 @@ impl Op {
             buf: Some(buf),
             buf_off,
             fd: -1,
+            iov: Vec::new(),
         }
     }
 
@@ -120,6 +124,7 @@ impl Op {
             buf: Some(buf),
             buf_off,
             fd: -1,
+            iov: Vec::new(),
         }
     }
 
@@ -132,6 +137,39 @@ impl Op {
             buf: None,
             buf_off: 0,
             fd: -1,
+            iov: Vec::new(),
+        }
+    }
+
+    /// A vectored read or write of `kind` at `offset`: the pieces of `iov`
+    /// (buffer, offset in it, length) one after another in the file.
+    pub fn vectored(
+        kind: OpKind,
+        file: FileId,
+        offset: u64,
+        iov: Vec<(Rc<IoBuf>, usize, usize)>,
+    ) -> Op {
+        assert!(
+            matches!(kind, OpKind::Read | OpKind::Write),
+            "only reads and writes are vectored"
+        );
+        let mut len = 0usize;
+        for (b, off, l) in &iov {
+            assert!(
+                off + l <= b.len(),
+                "vectored I/O past the end of its buffer"
+            );
+            len += l;
+        }
+        Op {
+            kind,
+            file,
+            offset,
+            len: u32::try_from(len).expect("I/O larger than 4 GiB"),
+            buf: None,
+            buf_off: 0,
+            fd: -1,
+            iov,
         }
     }
 
@@ -149,6 +187,7 @@ impl Op {
             buf: Some(buf),
             buf_off,
             fd,
+            iov: Vec::new(),
         }
     }
 

@@ -22,6 +22,10 @@ struct Slot {
     token: u64,
     /// Keeps the buffer alive while the kernel uses it.
     buf: Option<Rc<super::IoBuf>>,
+    /// A vectored operation's buffers and the iovec array the kernel reads
+    /// (a boxed slice: its address does not move while the slot lives).
+    _iov: Vec<Rc<super::IoBuf>>,
+    _iovecs: Box<[libc::iovec]>,
 }
 
 pub struct Uring {
@@ -59,8 +63,20 @@ impl Uring {
         })
     }
 
-    fn entry(op: &Op, user_data: u64) -> squeue::Entry {
+    fn entry(op: &Op, iovecs: &[libc::iovec], user_data: u64) -> squeue::Entry {
         let fd = types::Fixed(op.file.0);
+        if !iovecs.is_empty() {
+            let n = iovecs.len() as u32;
+            let sqe = match op.kind {
+                OpKind::Read => opcode::Readv::new(fd, iovecs.as_ptr(), n)
+                    .offset(op.offset)
+                    .build(),
+                _ => opcode::Writev::new(fd, iovecs.as_ptr(), n)
+                    .offset(op.offset)
+                    .build(),
+            };
+            return sqe.user_data(user_data);
+        }
         let ptr = op.buf.as_ref().map(|b| {
             // SAFETY: buf_off + len <= buf.len() was asserted when the Op was
             // built, so the pointer stays inside the allocation.
@@ -98,8 +114,9 @@ impl Uring {
             {
                 let mut sq = self.ring.submission();
                 for e in self.backlog.iter() {
-                    // SAFETY: every entry's buffer is held by its slot in
-                    // `self.slots` until the matching completion is reaped.
+                    // SAFETY: every entry's buffers (and a vectored entry's
+                    // iovec array) are held by its slot in `self.slots`
+                    // until the matching completion is reaped.
                     if unsafe { sq.push(e) }.is_err() {
                         break;
                     }
@@ -117,13 +134,28 @@ impl Uring {
 }
 
 impl Io for Uring {
-    fn push(&mut self, token: u64, op: Op) {
+    fn push(&mut self, token: u64, mut op: Op) {
+        let iovecs: Box<[libc::iovec]> = op
+            .iov
+            .iter()
+            .map(|(b, off, len)| libc::iovec {
+                // SAFETY: off + len <= b.len() was asserted when the Op was
+                // built, so the pointer stays inside the allocation.
+                iov_base: unsafe { b.raw_ptr().add(*off) }.cast(),
+                iov_len: *len,
+            })
+            .collect();
+        let iov = op.iov.drain(..).map(|(b, _, _)| b).collect();
+        let entry = Self::entry(&op, &iovecs, 0);
         let slot = self.slots.insert(Slot {
             token,
             buf: op.buf.clone(),
+            _iov: iov,
+            _iovecs: iovecs,
         });
-        let entry = Self::entry(&op, slot as u64);
-        self.backlog.push(entry);
+        // The iovec array moved into the slot as a box: its heap address,
+        // which the entry points at, is the same.
+        self.backlog.push(entry.user_data(slot as u64));
     }
 
     fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {

@@ -444,6 +444,7 @@ impl<I: Io> Core<I> {
                     buf: Some(buf),
                     buf_off: 0,
                     fd: -1,
+                    iov: Vec::new(),
                 },
             );
             self.wake_armed = true;
