@@ -42,9 +42,11 @@ pub struct Options {
     /// Memory budget for cached metadata (L2 tables), all cores together.
     pub metadata_cache_bytes: usize,
     /// Microseconds a core keeps polling for new requests and completions
-    /// before it sleeps in the kernel. A short poll saves the sleep and the
+    /// before it sleeps in the kernel. Polling saves the sleep and the
     /// eventfd wake-up when requests keep coming (it made two cores scale on
-    /// a CPU-bound workload); 0 sleeps at once and never spins.
+    /// a CPU-bound workload, and cut warm-read latency); the poll yields the
+    /// CPU to any other runnable thread, so a client sharing the cores is
+    /// not starved. 0 sleeps at once and never polls.
     pub poll_us: u64,
 }
 
@@ -62,7 +64,7 @@ impl Default for Options {
             poll_us: std::env::var("BACKFILL_POLL_US")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(50),
+                .unwrap_or(1000),
         }
     }
 }
@@ -162,13 +164,8 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    /// Sends Close to every core and waits for their final commits. The
-    /// first caller does it; later ones return at once.
-    fn stop_cores(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let req = Request::new(ReqKind::Close, Vec::new(), self.cores.len());
+    /// Sends a whole-disk request (flush, close) to every core.
+    fn send_all(&self, req: &Arc<Request>) {
         for c in &self.cores {
             c.send(Msg::Part {
                 req: req.clone(),
@@ -177,6 +174,16 @@ impl Inner {
                 buf_off: 0,
             });
         }
+    }
+
+    /// Sends Close to every core and waits for their final commits. The
+    /// first caller does it; later ones return at once.
+    fn stop_cores(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let req = Request::new(ReqKind::Close, Vec::new(), self.cores.len());
+        self.send_all(&req);
         req.wait();
         req.take_result().map(|_| ())
     }
@@ -454,14 +461,7 @@ impl Disk {
         self.check_open()?;
         let n = self.inner.cores.len();
         let req = Request::new(ReqKind::Flush, Vec::new(), n);
-        for c in &self.inner.cores {
-            c.send(Msg::Part {
-                req: req.clone(),
-                offset: 0,
-                len: 0,
-                buf_off: 0,
-            });
-        }
+        self.inner.send_all(&req);
         req.wait();
         req.take_result().map(|_| ())
     }
@@ -581,14 +581,7 @@ impl Disk {
             unit(done),
             Some(self.count_in_flight()),
         );
-        for c in &self.inner.cores {
-            c.send(Msg::Part {
-                req: req.clone(),
-                offset: 0,
-                len: 0,
-                buf_off: 0,
-            });
-        }
+        self.inner.send_all(&req);
     }
 
     /// [`Disk::block_status`] that calls `done` (on a reactor thread).
