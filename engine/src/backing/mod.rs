@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -60,6 +60,9 @@ struct Layer {
     /// The path as resolved (what messages and `layer_name` show).
     name: String,
     file: File,
+    /// The same file opened with O_DIRECT, for aligned data reads (no page
+    /// cache copy); None where the file system refuses O_DIRECT.
+    direct: Option<File>,
     file_len: u64,
     /// Virtual size: the header's for qcow2, the file length for raw.
     size: u64,
@@ -167,6 +170,7 @@ impl Chain {
                 "raw" => Layer {
                     name: path_s,
                     file,
+                    direct: None,
                     file_len,
                     size: file_len,
                     format: Format::Raw,
@@ -192,6 +196,7 @@ impl Chain {
                     Layer {
                         name: path_s,
                         file,
+                        direct: None,
                         file_len,
                         size: header.size,
                         format: Format::Qcow2 { header, l1 },
@@ -204,7 +209,14 @@ impl Chain {
                     )));
                 }
             };
-            layers.push(layer);
+            layers.push(Layer {
+                direct: std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&path)
+                    .ok(),
+                ..layer
+            });
             parent = path;
         }
         Ok(Chain {
@@ -222,6 +234,20 @@ impl Chain {
     /// They stay valid as long as the chain lives.
     pub fn layer_files(&self) -> Vec<RawFd> {
         self.layers.iter().map(|l| l.file.as_raw_fd()).collect()
+    }
+
+    /// Per layer, an fd opened with O_DIRECT (the buffered one where the
+    /// file system refuses O_DIRECT), to register after `layer_files`.
+    pub fn direct_files(&self) -> Vec<RawFd> {
+        self.layers
+            .iter()
+            .map(|l| l.direct.as_ref().unwrap_or(&l.file).as_raw_fd())
+            .collect()
+    }
+
+    /// Whether layer `i` has an O_DIRECT descriptor.
+    pub fn has_direct(&self, i: usize) -> bool {
+        self.layers[i].direct.is_some()
     }
 
     /// The open file of a layer, for synchronous reads.

@@ -426,9 +426,22 @@ impl<I: Io> Core<I> {
         let mut pos = at;
         let mut n = 0;
         let mut bytes = 0;
+        let chain = self.shared.chain.as_ref();
+        let depth = chain.map_or(0, |c| c.depth()) as u32;
+        let align = IO_ALIGN as u64;
         for s in &self.segs {
             if let Source::File { layer, host_offset } = s.source {
-                let file = FileId(FILE_BACKING0 + layer as u32);
+                // Aligned reads bypass the page cache (no copy out of it);
+                // the rest (a tail at the backing file's end, pass-through
+                // pieces) read through it.
+                let aligned =
+                    host_offset % align == 0 && s.len % align == 0 && pos as u64 % align == 0;
+                let direct = aligned && chain.is_some_and(|c| c.has_direct(layer));
+                let file = if direct {
+                    FileId(FILE_BACKING0 + depth + layer as u32)
+                } else {
+                    FileId(FILE_BACKING0 + layer as u32)
+                };
                 self.io.push(
                     token,
                     Op::read(file, host_offset, buf.clone(), pos, s.len as usize),

@@ -36,7 +36,8 @@ use std::sync::Arc;
 /// Registered file indexes on every ring.
 pub const FILE_DATA: FileId = FileId(0);
 pub const FILE_WAKE: FileId = FileId(1);
-/// Backing layer `i` is registered as `FileId(FILE_BACKING0 + i)`.
+/// Backing layer `i` is registered as `FileId(FILE_BACKING0 + i)`, and
+/// again, opened with O_DIRECT, as `FileId(FILE_BACKING0 + depth + i)`.
 pub const FILE_BACKING0: u32 = 2;
 
 /// Dirty L2 blocks that trigger a commit while the core is busy.
@@ -169,6 +170,7 @@ pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandl
     let mut files = vec![data_fd, efd];
     if let Some(chain) = &shared.chain {
         files.extend(chain.layer_files());
+        files.extend(chain.direct_files());
     }
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(1);
     let sleeping2 = sleeping.clone();
