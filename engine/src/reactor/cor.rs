@@ -434,8 +434,9 @@ impl<I: Io> Core<I> {
                 // Aligned reads bypass the page cache (no copy out of it);
                 // the rest (a tail at the backing file's end, pass-through
                 // pieces) read through it.
-                let aligned =
-                    host_offset % align == 0 && s.len % align == 0 && pos as u64 % align == 0;
+                let aligned = host_offset.is_multiple_of(align)
+                    && s.len.is_multiple_of(align)
+                    && (pos as u64).is_multiple_of(align);
                 let direct = aligned && chain.is_some_and(|c| c.has_direct(layer));
                 let file = if direct {
                     FileId(FILE_BACKING0 + depth + layer as u32)
