@@ -418,6 +418,91 @@ fn check_exit_codes_follow_qemu_img() {
     );
 }
 
+/// `check --repair` fixes what `qemu-img check -r all` fixes (a leak, a
+/// refcount too low on a live table), judged by `qemu-img check` and by
+/// comparing the repaired image's content with the undamaged one's.
+#[test]
+fn check_repair_fixes_leaks_and_refcount_errors_like_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let images = Images::new();
+    write_base(&images.file("base.raw"), 2 * MIB, 5);
+    for name in ["reference.qcow2", "leaky.qcow2", "low.qcow2"] {
+        images.qemu_overlay(name, "base.raw", None);
+        images.qemu_io(name, &["write -P 0x11 0 64k", "write -P 0x22 1M 4k"]);
+    }
+    set_refcount(&images.file("leaky.qcow2"), 0, 2);
+    let l1_table = be64(&fs::read(images.file("low.qcow2")).unwrap(), 40);
+    set_refcount(&images.file("low.qcow2"), l1_table, 0);
+    for (name, damaged_code) in [("leaky.qcow2", 3), ("low.qcow2", 2)] {
+        assert_eq!(images.qemu_check(name), damaged_code, "{name} is damaged");
+        // The same damage repaired by qemu-img, for comparison.
+        let copy = format!("qemu-{name}");
+        fs::copy(images.file(name), images.file(&copy)).unwrap();
+        let out = images.run(&mut qemu_img(&["check", "-r", "all", &copy]));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "qemu-img check -r all {copy}: {}",
+            text(&out.stdout)
+        );
+
+        let out = images.run(&mut bf(&["check", "--repair", name]));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "backfill check --repair {name}:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("refcounts rebuilt"),
+            "{}",
+            text(&out.stdout)
+        );
+        assert_eq!(
+            images.qemu_check(name),
+            0,
+            "{name} is clean after the repair"
+        );
+        assert_eq!(images.run(&mut bf(&["check", name])).status.code(), Some(0));
+        for other in ["reference.qcow2", copy.as_str()] {
+            images.ok(&mut qemu_img(&[
+                "compare", "-f", "qcow2", "-F", "qcow2", name, other,
+            ]));
+        }
+    }
+
+    // Broken mapping metadata is not a refcount problem: refused, untouched.
+    images.qemu_overlay("broken.qcow2", "base.raw", None);
+    images.qemu_io("broken.qcow2", &["write -P 0x33 0 64k"]);
+    let header = fs::read(images.file("broken.qcow2")).unwrap();
+    let l2 = be64(&header, be64(&header, 40) as usize) & 0x00ff_ffff_ffff_fe00;
+    let mut bytes = header.clone();
+    let at = l2 as usize + 8;
+    bytes[at..at + 8].copy_from_slice(&((1u64 << 40) | (1 << 63)).to_be_bytes());
+    fs::write(images.file("broken.qcow2"), &bytes).unwrap();
+    let out = images.run(&mut bf(&["check", "--repair", "broken.qcow2"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("not repaired"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        fs::read(images.file("broken.qcow2")).unwrap(),
+        bytes,
+        "left untouched"
+    );
+}
+
 // ------------------------------------------------------------------ convert
 
 /// An overlay larger than its backing file, with qemu-io patterns written
