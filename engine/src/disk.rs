@@ -48,6 +48,10 @@ pub struct Options {
     /// CPU to any other runnable thread, so a client sharing the cores is
     /// not starved. 0 sleeps at once and never polls.
     pub poll_us: u64,
+    /// Refuse backing files outside this directory (after resolving `..`
+    /// and symbolic links): for images someone else supplied, whose header
+    /// could otherwise name any file the process can read.
+    pub backing_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -65,6 +69,7 @@ impl Default for Options {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000),
+            backing_dir: None,
         }
     }
 }
@@ -310,8 +315,13 @@ impl Disk {
         })?;
         let chain = match &header.backing_file {
             Some(b) => Some(Arc::new(
-                Chain::open(path, b, header.backing_format.as_deref())
-                    .map_err(|e| e.context(format!("{name}: opening its backing image")))?,
+                Chain::open_confined(
+                    path,
+                    b,
+                    header.backing_format.as_deref(),
+                    opts.backing_dir.as_deref(),
+                )
+                .map_err(|e| e.context(format!("{name}: opening its backing image")))?,
             )),
             None => None,
         };

@@ -104,6 +104,25 @@ impl Chain {
         backing_file: &str,
         backing_format: Option<&str>,
     ) -> Result<Chain> {
+        Chain::open_confined(overlay_path, backing_file, backing_format, None)
+    }
+
+    /// Like [`Chain::open`]; with `confine`, every file of the chain must
+    /// lie inside that directory once symbolic links and `..` are resolved
+    /// (for serving images someone else supplied), or the open is refused.
+    pub fn open_confined(
+        overlay_path: &Path,
+        backing_file: &str,
+        backing_format: Option<&str>,
+        confine: Option<&Path>,
+    ) -> Result<Chain> {
+        let confine = match confine {
+            Some(d) => Some(
+                std::fs::canonicalize(d)
+                    .map_err(|e| Error::io(e, format!("backing directory {}", d.display())))?,
+            ),
+            None => None,
+        };
         let overlay_name = overlay_path.display().to_string();
         let mut names = vec![overlay_name.clone()];
         let mut seen = Vec::new();
@@ -150,6 +169,25 @@ impl Chain {
                 );
                 err = Error::new(ErrorKind::BackingUnavailable, err.message().to_string());
                 err
+            };
+            let path = match &confine {
+                Some(dir) => {
+                    // Open what the name really resolves to, checked.
+                    let real = std::fs::canonicalize(&path).map_err(unavailable)?;
+                    if !real.starts_with(dir) {
+                        return Err(Error::new(
+                            ErrorKind::InvalidInput,
+                            format!(
+                                "backing file {name:?} of {parent_name} resolves to {}, outside \
+                                 the allowed backing directory {}",
+                                real.display(),
+                                dir.display()
+                            ),
+                        ));
+                    }
+                    real
+                }
+                None => path,
             };
             let file = File::open(&path).map_err(unavailable)?;
             let meta = file.metadata().map_err(unavailable)?;
@@ -805,6 +843,34 @@ mod tests {
             ErrorKind::Unsupported
         );
         assert_eq!(Chain::open(&ov, "file:r.raw", None).unwrap().depth(), 1);
+        // Confined to a directory: inside works; `..` and a symlink out do not.
+        let dir = ov.parent().unwrap();
+        assert_eq!(
+            Chain::open_confined(&ov, "r.raw", None, Some(dir))
+                .unwrap()
+                .depth(),
+            1
+        );
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.raw"), b"secret").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret.raw"), dir.join("link.raw"))
+            .unwrap();
+        let escape = outside.path().join("secret.raw");
+        for name in ["link.raw", escape.to_str().unwrap()] {
+            let e = Chain::open_confined(&ov, name, Some("raw"), Some(dir))
+                .err()
+                .unwrap();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{name}: {e}");
+            assert!(
+                e.to_string()
+                    .contains("outside the allowed backing directory"),
+                "{e}"
+            );
+        }
+        assert!(
+            Chain::open(&ov, "link.raw", Some("raw")).is_ok(),
+            "unconfined follows links"
+        );
 
         // a -> b -> a: a loop. Made with -u since qemu-img refuses loops too.
         let a = d.join("a.qcow2");

@@ -119,6 +119,9 @@ enum Command {
         /// Reactor threads (default: all cores).
         #[arg(long, value_name = "N")]
         cores: Option<usize>,
+        /// Refuse backing files outside DIR (for images someone else supplied).
+        #[arg(long, value_name = "DIR")]
+        backing_dir: Option<PathBuf>,
         filename: PathBuf,
     },
     /// Check an image's consistency; exit 0 clean, 2 corrupt, 3 leaked clusters.
@@ -274,6 +277,7 @@ fn run(command: Command) -> Outcome {
             read_only,
             no_copy_on_read,
             cores,
+            backing_dir,
             filename,
         } => {
             let listen = match (socket, listen) {
@@ -287,6 +291,7 @@ fn run(command: Command) -> Outcome {
                 read_only,
                 copy_on_read: !no_copy_on_read,
                 cores,
+                backing_dir,
             };
             serve::serve(&filename, &opts)?;
             Ok(0)

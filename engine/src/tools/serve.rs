@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub read_only: bool,
     pub copy_on_read: bool,
     pub cores: Option<usize>,
+    /// Refuse backing files outside this directory.
+    pub backing_dir: Option<PathBuf>,
 }
 
 /// Serves `path` until a signal stops it. Prints `serving PATH at URI` on
@@ -34,6 +36,7 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     let mut o = Options {
         copy_on_read: opts.copy_on_read,
         read_only: opts.read_only,
+        backing_dir: opts.backing_dir.clone(),
         ..Options::default()
     };
     if let Some(n) = opts.cores {
