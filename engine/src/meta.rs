@@ -42,6 +42,9 @@ pub struct Meta {
     alloc: Mutex<Alloc>,
     poisoned: AtomicBool,
     read_only: bool,
+    /// End of the clusters in use (the frontier, in bytes): no L2 entry may
+    /// point at or past it. Kept beside `Alloc` so reads check it lock-free.
+    frontier_bytes: AtomicU64,
 }
 
 struct Alloc {
@@ -79,10 +82,22 @@ impl Meta {
             .metadata()
             .map_err(|e| Error::io(e, format!("{path}: stat")))?
             .len();
+        // Clusters that hold the header and the tables: nothing else may
+        // live there (a refcount block inside the refcount table would have
+        // us overwrite the table with counts).
+        let l1_range = header.l1_table_offset..header.l1_table_offset + l1_bytes as u64;
+        let rt_range = header.refcount_table_offset..header.refcount_table_offset + rt_bytes as u64;
+        let overlaps_tables =
+            |off: u64| off < cs || l1_range.contains(&off) || rt_range.contains(&off);
         for (i, &rb) in reftable.iter().enumerate() {
             if rb != 0 && (!rb.is_multiple_of(cs) || rb + cs > file_len.next_multiple_of(cs)) {
                 return Err(Error::corrupt(format!(
                     "{path}: refcount block {i} at offset {rb:#x} is unaligned or past the end of the file"
+                )));
+            }
+            if rb != 0 && overlaps_tables(rb) {
+                return Err(Error::corrupt(format!(
+                    "{path}: refcount block {i} at offset {rb:#x} overlaps the header, the L1 table or the refcount table"
                 )));
             }
         }
@@ -98,11 +113,17 @@ impl Meta {
                     "{path}: L1 entry {i} points to offset {off:#x}, unaligned or past the end of the file"
                 )));
             }
+            if off != 0 && overlaps_tables(off) {
+                return Err(Error::corrupt(format!(
+                    "{path}: L1 entry {i} points to offset {off:#x}, inside the header, the L1 table or the refcount table"
+                )));
+            }
         }
         let frontier = file_len.div_ceil(cs);
+        let cluster_bits = header.cluster_bits;
         Ok(Meta {
             path: path.to_string(),
-            cluster_bits: header.cluster_bits,
+            cluster_bits,
             alloc: Mutex::new(Alloc {
                 frontier,
                 reftable,
@@ -115,7 +136,21 @@ impl Meta {
             l1,
             poisoned: AtomicBool::new(false),
             read_only,
+            frontier_bytes: AtomicU64::new(frontier << cluster_bits),
         })
+    }
+
+    /// Whether a data cluster at host offset `host` lies inside the clusters
+    /// in use (an entry pointing past them is corruption: it would read as
+    /// invented zeros, or a write would land past the end of the file).
+    pub fn host_in_use(&self, host: u64) -> bool {
+        host < self.frontier_bytes.load(Ordering::Acquire)
+    }
+
+    /// Publishes the frontier after a change (under the allocation lock).
+    fn frontier_moved(&self, a: &Alloc) {
+        self.frontier_bytes
+            .store(a.frontier << self.cluster_bits, Ordering::Release);
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -184,6 +219,7 @@ impl Meta {
         let mut a = self.lock();
         let first = a.frontier;
         a.frontier += n;
+        self.frontier_moved(&a);
         let r = self
             .ensure_refblocks(&mut a, first, n)
             .and_then(|()| self.set_refcounts(&a, first, n, 1));
@@ -313,6 +349,7 @@ impl Meta {
         let rbe = self.rb_entries();
         let c = a.frontier;
         a.frontier += 1;
+        self.frontier_moved(a);
         let mut block = vec![0u8; self.cluster_size() as usize];
         let self_covered = c / rbe == bi;
         if self_covered {
@@ -356,6 +393,7 @@ impl Meta {
         }
         let first = a.frontier;
         a.frontier += new_clusters;
+        self.frontier_moved(a);
         a.reftable.resize((new_clusters * cs / 8) as usize, 0);
         a.reftable_offset = first << self.cluster_bits;
         a.reftable_clusters = new_clusters;

@@ -389,7 +389,16 @@ impl<I: Io> Core<I> {
     }
 
     fn decode(&self, raw: u64) -> Result<L2Entry> {
-        decode_l2(raw, self.version(), self.cs())
+        let e = decode_l2(raw, self.version(), self.cs())?;
+        if let L2Entry::Data { host } = e {
+            if !self.shared.meta.host_in_use(host) {
+                return Err(Error::corrupt(format!(
+                    "{}: L2 entry {raw:#x} points to host offset {host:#x}, past the clusters in use",
+                    self.shared.meta.path
+                )));
+            }
+        }
+        Ok(e)
     }
 
     /// A free host cluster from this core's reserve (refilled in batches).
