@@ -41,6 +41,17 @@ fn have_qemu() -> bool {
     have("qemu-img") && have("qemu-io")
 }
 
+/// Asserts the exit code, showing the command's output when it differs.
+fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -375,13 +386,7 @@ fn check_exit_codes_follow_qemu_img() {
     }
 
     let out = images.run(&mut bf(&["check", "clean.qcow2"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_exit(&out, 0);
     assert!(
         !text(&out.stdout).trim().is_empty(),
         "check prints its verdict"
@@ -391,13 +396,7 @@ fn check_exit_codes_follow_qemu_img() {
     set_refcount(&images.file("leaky.qcow2"), 0, 2);
     assert_eq!(images.qemu_check("leaky.qcow2"), 3, "the damage is a leak");
     let out = images.run(&mut bf(&["check", "leaky.qcow2"]));
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_exit(&out, 3);
 
     // A zero refcount on the live L1 table is corruption: exit 2.
     let header = fs::read(images.file("corrupt.qcow2")).unwrap();
@@ -409,13 +408,7 @@ fn check_exit_codes_follow_qemu_img() {
         "the damage is corruption"
     );
     let out = images.run(&mut bf(&["check", "corrupt.qcow2"]));
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_exit(&out, 2);
 }
 
 /// `check --repair` fixes what `qemu-img check -r all` fixes (a leak, a
@@ -484,13 +477,7 @@ fn check_repair_fixes_leaks_and_refcount_errors_like_qemu_img() {
     bytes[at..at + 8].copy_from_slice(&((1u64 << 40) | (1 << 63)).to_be_bytes());
     fs::write(images.file("broken.qcow2"), &bytes).unwrap();
     let out = images.run(&mut bf(&["check", "--repair", "broken.qcow2"]));
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_exit(&out, 2);
     assert!(
         text(&out.stderr).contains("not repaired"),
         "{}",
@@ -538,13 +525,7 @@ fn serve_confines_backing_files_to_a_directory() {
                 "inside/disk.qcow2",
             ]),
     );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_exit(&out, 1);
     assert!(
         text(&out.stderr).contains("outside the allowed backing directory"),
         "{}",
