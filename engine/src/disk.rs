@@ -590,6 +590,7 @@ impl Disk {
             n,
             unit(done),
             Some(self.count_in_flight()),
+            false,
         );
         self.inner.send_all(&req);
     }
@@ -622,11 +623,7 @@ impl Disk {
             });
         let parts = self.parts(offset, len);
         let in_flight = Some(self.count_in_flight());
-        let req = if track_zeros {
-            Request::with_callback_tracking_zeros(kind, buf, parts.max(1), cb, in_flight)
-        } else {
-            Request::with_callback(kind, buf, parts.max(1), cb, in_flight)
-        };
+        let req = Request::with_callback(kind, buf, parts.max(1), cb, in_flight, track_zeros);
         if let Err(e) = check {
             req.finish_part(Some(e));
         } else if parts == 0 {

@@ -34,6 +34,8 @@ struct Member {
 pub struct Merge<I: Io> {
     inner: I,
     queued: Vec<(u64, Op)>,
+    /// Scratch: the run of contiguous operations being gathered.
+    run: Vec<(u64, Op)>,
     groups: Slab<Vec<Member>>,
     /// Original operations pushed and not yet reaped.
     in_flight: usize,
@@ -44,6 +46,7 @@ impl<I: Io> Merge<I> {
         Merge {
             inner,
             queued: Vec::new(),
+            run: Vec::new(),
             groups: Slab::new(),
             in_flight: 0,
         }
@@ -62,10 +65,12 @@ impl<I: Io> Merge<I> {
             }
             return;
         }
+        // Both vectors are taken and put back, so no loop turn allocates.
         let mut ops = std::mem::take(&mut self.queued);
-        // Mergeable ones sorted by (kind, file, offset); the rest keep their
-        // order and go first.
-        ops.sort_by_key(|(_, op)| {
+        let mut run = std::mem::take(&mut self.run);
+        // Mergeable ones sorted by (kind, file, offset); the rest go first
+        // (operations of one turn have no order among them).
+        ops.sort_unstable_by_key(|(_, op)| {
             (
                 Self::mergeable(op),
                 op.kind == OpKind::Write,
@@ -73,9 +78,8 @@ impl<I: Io> Merge<I> {
                 op.offset,
             )
         });
-        let mut run: Vec<(u64, Op)> = Vec::new();
         let mut run_len = 0usize;
-        for (t, op) in ops {
+        for (t, op) in ops.drain(..) {
             let joins = run.last().is_some_and(|(_, last)| {
                 Self::mergeable(last)
                     && Self::mergeable(&op)
@@ -93,6 +97,8 @@ impl<I: Io> Merge<I> {
             run.push((t, op));
         }
         self.push_run(&mut run);
+        self.queued = ops;
+        self.run = run;
     }
 
     /// Pushes a run of contiguous operations: as is when alone, else merged.
@@ -168,14 +174,16 @@ impl<I: Io> Io for Merge<I> {
 
     fn reap(&mut self, out: &mut Vec<Cqe>) {
         let start = out.len();
-        let mut raw = Vec::new();
-        self.inner.reap(&mut raw);
-        for cqe in raw {
-            if cqe.token & TAG_MASK == TAG_MERGED {
-                let gid = (cqe.token & !TAG_MASK) as usize;
-                self.split(gid, cqe.result, out);
+        self.inner.reap(out);
+        // Replace each merged completion by its members' (appended; the
+        // order of completions means nothing).
+        let mut i = start;
+        while i < out.len() {
+            if out[i].token & TAG_MASK == TAG_MERGED {
+                let cqe = out.swap_remove(i);
+                self.split((cqe.token & !TAG_MASK) as usize, cqe.result, out);
             } else {
-                out.push(cqe);
+                i += 1;
             }
         }
         self.in_flight -= out.len() - start;

@@ -69,12 +69,13 @@ impl Request {
         parts: usize,
         notify: Notify,
         in_flight: Option<Arc<AtomicU64>>,
+        track_zeros: bool,
     ) -> Arc<Request> {
         Arc::new(Request {
             kind,
             buf: Mutex::new(buf),
             status: Mutex::new(Vec::new()),
-            zeros: None,
+            zeros: track_zeros.then(|| Mutex::new(Vec::new())),
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
             notify,
@@ -82,42 +83,31 @@ impl Request {
         })
     }
 
-    /// A request completed by waiting on it (blocking or as a `Future`).
-    pub fn new(kind: ReqKind, buf: Vec<u8>, parts: usize) -> Arc<Request> {
-        let notify = Notify::Wait {
+    fn waited() -> Notify {
+        Notify::Wait {
             state: Mutex::new(WaitState::default()),
             cv: Condvar::new(),
-        };
-        Request::build(kind, buf, parts, notify, None)
+        }
+    }
+
+    /// A request completed by waiting on it (blocking or as a `Future`).
+    pub fn new(kind: ReqKind, buf: Vec<u8>, parts: usize) -> Arc<Request> {
+        Request::build(kind, buf, parts, Request::waited(), None, false)
     }
 
     /// A request completed by calling `cb` on the reactor thread that
-    /// finishes it.
+    /// finishes it. With `track_zeros`, a read also records the ranges it
+    /// knew to be zero (see `zeros`).
     pub fn with_callback(
         kind: ReqKind,
         buf: Vec<u8>,
         parts: usize,
         cb: Callback,
         in_flight: Option<Arc<AtomicU64>>,
+        track_zeros: bool,
     ) -> Arc<Request> {
         let notify = Notify::Callback(Mutex::new(Some(cb)));
-        Request::build(kind, buf, parts, notify, in_flight)
-    }
-
-    /// Like `with_callback`, for a read that also records the ranges it
-    /// knew to be zero (see `zeros`).
-    pub fn with_callback_tracking_zeros(
-        kind: ReqKind,
-        buf: Vec<u8>,
-        parts: usize,
-        cb: Callback,
-        in_flight: Option<Arc<AtomicU64>>,
-    ) -> Arc<Request> {
-        let mut req = Request::with_callback(kind, buf, parts, cb, in_flight);
-        Arc::get_mut(&mut req)
-            .expect("a new request is unshared")
-            .zeros = Some(Mutex::new(Vec::new()));
-        req
+        Request::build(kind, buf, parts, notify, in_flight, track_zeros)
     }
 
     /// Records that `[off, off + len)` of the buffer reads as zeros.
@@ -134,11 +124,7 @@ impl Request {
         parts: usize,
         in_flight: Arc<AtomicU64>,
     ) -> Arc<Request> {
-        let notify = Notify::Wait {
-            state: Mutex::new(WaitState::default()),
-            cv: Condvar::new(),
-        };
-        Request::build(kind, buf, parts, notify, Some(in_flight))
+        Request::build(kind, buf, parts, Request::waited(), Some(in_flight), false)
     }
 
     /// Records the first error of the request.
