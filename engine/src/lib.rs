@@ -27,6 +27,7 @@ pub mod nbd;
 pub mod qcow2;
 mod reactor;
 pub mod router;
+pub mod testing;
 pub mod tools;
 
 pub use disk::{BlockStatus, CacheMode, Completion, Disk, ExtentKind, Options, SparseRead, Stats};

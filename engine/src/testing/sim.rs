@@ -1,0 +1,1 @@
+//! The seeded simulated I/O layer and its crash journal.
