@@ -52,6 +52,10 @@ pub struct Options {
     /// and symbolic links): for images someone else supplied, whose header
     /// could otherwise name any file the process can read.
     pub backing_dir: Option<std::path::PathBuf>,
+    /// Run the cores on this simulated I/O layer instead of io_uring
+    /// (deterministic tests and crash replay; see `testing::sim`). Polling
+    /// is off under simulation.
+    pub sim: Option<Arc<crate::testing::sim::Sim>>,
 }
 
 impl Default for Options {
@@ -70,6 +74,7 @@ impl Default for Options {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000),
             backing_dir: None,
+            sim: None,
         }
     }
 }
@@ -333,7 +338,10 @@ impl Disk {
         }
         let size = header.size;
         let cluster_bits = header.cluster_bits;
-        let meta = Meta::open(&name, header, meta_file, opts.read_only)?;
+        let mut meta = Meta::open(&name, header, meta_file, opts.read_only)?;
+        if let Some(sim) = &opts.sim {
+            meta.attach_sim(sim.clone());
+        }
         let shared = Arc::new(Shared {
             meta,
             chain,
@@ -342,13 +350,21 @@ impl Disk {
             copy_on_read: opts.copy_on_read && !opts.read_only,
             read_only: opts.read_only,
             metadata_cache_bytes: opts.metadata_cache_bytes,
-            poll_us: opts.poll_us,
+            poll_us: if opts.sim.is_some() { 0 } else { opts.poll_us },
             stats: (0..opts.cores).map(|_| CoreStats::default()).collect(),
         });
         let data_fd = data_file.as_raw_fd();
         let mut cores = Vec::with_capacity(opts.cores);
         for i in 0..opts.cores {
-            cores.push(reactor::spawn(i, shared.clone(), data_fd)?);
+            cores.push(reactor::spawn(
+                i,
+                shared.clone(),
+                data_fd,
+                opts.sim.clone(),
+            )?);
+        }
+        if let Some(sim) = &opts.sim {
+            sim.wait_parked(opts.cores);
         }
         Ok(Disk {
             inner: Arc::new(Inner {

@@ -45,6 +45,8 @@ pub struct Meta {
     /// End of the clusters in use (the frontier, in bytes): no L2 entry may
     /// point at or past it. Kept beside `Alloc` so reads check it lock-free.
     frontier_bytes: AtomicU64,
+    /// The simulation that records (and may fail) these writes, in tests.
+    sim: Option<std::sync::Arc<crate::testing::sim::Sim>>,
 }
 
 struct Alloc {
@@ -137,7 +139,13 @@ impl Meta {
             poisoned: AtomicBool::new(false),
             read_only,
             frontier_bytes: AtomicU64::new(frontier << cluster_bits),
+            sim: None,
         })
+    }
+
+    /// Routes the metadata writes and syncs through a simulation (tests).
+    pub(crate) fn attach_sim(&mut self, sim: std::sync::Arc<crate::testing::sim::Sim>) {
+        self.sim = Some(sim);
     }
 
     /// Whether a data cluster at host offset `host` lies inside the clusters
@@ -243,7 +251,11 @@ impl Meta {
                 return Err(e);
             }
             // Losing only the space, not data: a failed punch is ignored.
-            let _ = crate::io::punch_hole(&self.file, h, self.cluster_size());
+            if crate::io::punch_hole(&self.file, h, self.cluster_size()).is_ok() {
+                if let Some(sim) = &self.sim {
+                    sim.meta_punch(h, self.cluster_size());
+                }
+            }
         }
         Ok(())
     }
@@ -286,6 +298,9 @@ impl Meta {
                 ),
             )
         })?;
+        if let Some(sim) = &self.sim {
+            sim.meta_set_len(off + self.cluster_size(), true);
+        }
         self.l1[i as usize].store(off | OFLAG_COPIED, Ordering::Release);
         Ok(true)
     }
@@ -311,12 +326,20 @@ impl Meta {
     }
 
     fn pwrite(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
-        self.file
-            .write_all_at(buf, off)
-            .map_err(|e| Error::io(e, format!("{}: {what} at offset {off:#x}", self.path)))
+        match &self.sim {
+            Some(sim) => sim.meta_write(&self.file, buf, off),
+            None => self.file.write_all_at(buf, off),
+        }
+        .map_err(|e| Error::io(e, format!("{}: {what} at offset {off:#x}", self.path)))
     }
 
     fn sync(&self, what: &str) -> Result<()> {
+        if let Some(sim) = &self.sim {
+            // The simulation records what the sync makes durable; the
+            // file's contents are already what a reader sees.
+            sim.meta_sync();
+            return Ok(());
+        }
         self.file
             .sync_data()
             .map_err(|e| Error::io(e, format!("{}: fdatasync ({what})", self.path)))
@@ -464,6 +487,9 @@ impl Meta {
             self.file
                 .set_len(end)
                 .map_err(|e| Error::io(e, format!("{}: truncating free clusters", self.path)))?;
+            if let Some(sim) = &self.sim {
+                sim.meta_set_len(end, false);
+            }
         }
         self.sync("closing")
     }

@@ -46,6 +46,7 @@
 
 mod common;
 
+use backfill::testing::sim::{Sim, SimConfig};
 use backfill::{CacheMode, Completion, Disk, Options};
 use common::*;
 use std::collections::{HashMap, VecDeque};
@@ -66,6 +67,10 @@ struct Config {
     cache: CacheMode,
     /// `Options::metadata_cache_bytes`, or 0 for the default.
     metadata_cache_bytes: usize,
+    /// Run the cores on the seeded simulated I/O layer (free-running:
+    /// completions delayed by up to 8 loop turns and reordered) instead of
+    /// io_uring.
+    simulated: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -755,6 +760,14 @@ fn run_epoch(
             } else {
                 cfg.metadata_cache_bytes
             },
+            sim: cfg.simulated.then(|| {
+                Sim::new(SimConfig {
+                    seed,
+                    lockstep: false,
+                    max_delay_turns: 8,
+                    ..SimConfig::default()
+                })
+            }),
             ..Options::default()
         },
     );
@@ -861,6 +874,7 @@ fn model_64k_two_cores() {
         cores: 2,
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
+        simulated: false,
     });
 }
 
@@ -873,6 +887,7 @@ fn model_4k_two_cores() {
         cores: 2,
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
+        simulated: false,
     });
 }
 
@@ -885,6 +900,7 @@ fn model_64k_all_cores_writeback() {
         cores: available_cores(),
         cache: CacheMode::Writeback,
         metadata_cache_bytes: 0,
+        simulated: false,
     });
 }
 
@@ -899,6 +915,22 @@ fn model_4k_tiny_metadata_cache() {
         cores: 2,
         cache: CacheMode::None,
         metadata_cache_bytes: 1,
+        simulated: false,
+    });
+}
+
+/// The same races on the simulated I/O layer: completions come back late
+/// and out of order, as a loaded device returns them.
+#[test]
+fn model_4k_two_cores_simulated() {
+    run(Config {
+        name: "4k_two_cores_simulated",
+        cluster: 4 * KIB,
+        compat: Compat::V3,
+        cores: 2,
+        cache: CacheMode::None,
+        metadata_cache_bytes: 0,
+        simulated: true,
     });
 }
 
@@ -913,6 +945,7 @@ fn model_64k_compat_v2() {
         cores: 2,
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
+        simulated: false,
     });
 }
 

@@ -228,3 +228,55 @@ pub trait Io {
     /// Operations pushed and not yet reaped.
     fn in_flight(&self) -> usize;
 }
+
+/// Runs a read or write of `op` at once, with positioned system calls on
+/// `fd`, moving at most `limit` bytes (a simulated short transfer). Returns
+/// what the kernel would complete it with: bytes moved, or -errno. The
+/// simulated I/O layer uses this; the real one goes through io_uring.
+pub(crate) fn run_blocking(fd: std::os::fd::RawFd, op: &Op, limit: usize) -> i32 {
+    let pieces: Vec<(&Rc<IoBuf>, usize, usize)> = match &op.buf {
+        Some(b) => vec![(b, op.buf_off, op.len as usize)],
+        None => op.iov.iter().map(|(b, o, l)| (b, *o, *l)).collect(),
+    };
+    let mut done = 0usize;
+    for (buf, off, len) in pieces {
+        let len = len.min(limit - done.min(limit));
+        let mut at = 0usize;
+        while at < len {
+            let ptr = buf.raw_ptr().wrapping_add(off + at);
+            let pos = (op.offset + (done + at) as u64) as libc::off_t;
+            // SAFETY: `op` holds an `Rc` of `buf` for the whole call, and
+            // `off + len <= buf.len()` was asserted when the op was built, so
+            // the kernel reads or writes memory that stays allocated. As with
+            // the ring, nobody reads a buffer before its operation completes.
+            let r = unsafe {
+                match op.kind {
+                    OpKind::Read => libc::pread(fd, ptr.cast(), len - at, pos),
+                    OpKind::Write => libc::pwrite(fd, ptr.cast(), len - at, pos),
+                    _ => unreachable!("only reads and writes run blocking"),
+                }
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return if done + at > 0 {
+                    (done + at) as i32
+                } else {
+                    -e.raw_os_error().unwrap_or(libc::EIO)
+                };
+            }
+            if r == 0 {
+                // End of file: a short read.
+                return (done + at) as i32;
+            }
+            at += r as usize;
+        }
+        done += len;
+        if done >= limit {
+            break;
+        }
+    }
+    done as i32
+}

@@ -73,6 +73,14 @@ pub struct Piece {
     io_len: usize,
     /// A short overlay read: bytes actually read (the rest is past EOF).
     short: Option<usize>,
+    /// Bytes of the current overlay write already done by earlier, short
+    /// attempts (see `piece_io_done`).
+    written: usize,
+    /// The last attempt of the current write transferred nothing.
+    stalled: bool,
+    /// Bytes the backing reads of the current step asked for, and got.
+    backing_want: u64,
+    backing_got: u64,
     pinned: bool,
     locked: bool,
 }
@@ -87,7 +95,9 @@ pub struct Fill {
     readers: Vec<usize>,
     error: Option<Error>,
     host: u64,
+    /// Bytes the backing reads asked for, and got.
     fetched: u64,
+    got: u64,
 }
 
 #[derive(Default)]
@@ -203,6 +213,10 @@ impl<I: Io> Core<I> {
                 publish: false,
                 io_len: 0,
                 short: None,
+                written: 0,
+                stalled: false,
+                backing_want: 0,
+                backing_got: 0,
                 pinned: false,
                 locked: false,
             });
@@ -473,6 +487,8 @@ impl<I: Io> Core<I> {
         p.buf = Some(buf);
         p.step = step;
         p.io_pending = n;
+        p.backing_want = bytes;
+        p.backing_got = 0;
         if n == 0 {
             self.piece_step_done(id);
         }
@@ -600,6 +616,7 @@ impl<I: Io> Core<I> {
             error: None,
             host: 0,
             fetched: 0,
+            got: 0,
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
@@ -642,11 +659,15 @@ impl<I: Io> Core<I> {
                 f.error
                     .get_or_insert(Error::new(ErrorKind::Io, "short copy-on-read write-back"));
             }
+            Ok(n) if !f.writing => f.got += n as u64,
             Ok(_) => {}
         }
         f.pending -= 1;
         if f.pending > 0 {
             return;
+        }
+        if !f.writing && f.error.is_none() && f.got < f.fetched {
+            f.error = Some(short_backing_read(f.got, f.fetched));
         }
         if f.writing {
             self.fill_written(fid);
@@ -924,6 +945,8 @@ impl<I: Io> Core<I> {
         p.step = Step::WriteData;
         p.io_pending = 1;
         p.io_len = len;
+        p.written = 0;
+        p.stalled = false;
     }
 
     pub(super) fn piece_io_done(&mut self, id: usize, cqe: Cqe) {
@@ -942,25 +965,54 @@ impl<I: Io> Core<I> {
                 };
                 p.io_error.get_or_insert(e);
             }
-            // A short write is an error. Short reads stop at the end of a
-            // file: backing buffers were zeroed before the read, and a short
-            // overlay read is zero-filled when its step completes.
-            Ok(n) if p.step == Step::WriteData && n != p.io_len => {
-                p.io_error.get_or_insert(Error::new(
-                    ErrorKind::Io,
-                    format!(
-                        "{path}: short write ({n} of {} bytes) to cluster {}",
-                        p.io_len, p.cluster
-                    ),
-                ));
+            // A short write is retried for the rest, as write(2) asks: the
+            // file system ran out of room part way (or the write reached
+            // RLIMIT_FSIZE), and only the retry gets the reason (ENOSPC,
+            // EFBIG, EDQUOT), which the client needs; a "short write" would
+            // reach an NBD client as EIO. A merged write that stopped short
+            // completes the operations after the stop with 0 bytes: they
+            // were not tried, so they are retried too. Two attempts in a row
+            // that transfer nothing are an error. Short reads stop at the
+            // end of a file: backing buffers were zeroed before the read,
+            // and a short overlay read is zero-filled when its step completes.
+            Ok(n) if p.step == Step::WriteData && p.written + n < p.io_len => {
+                if n == 0 && p.stalled {
+                    p.io_error.get_or_insert(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "{path}: short write ({} of {} bytes) to cluster {}",
+                            p.written, p.io_len, p.cluster
+                        ),
+                    ));
+                } else if p.io_error.is_none() {
+                    p.stalled = n == 0;
+                    p.written += n;
+                    let at = p.host + p.span_lo + p.written as u64;
+                    let buf = p.buf.clone().expect("write buffer");
+                    let (off, rest) = (p.written, p.io_len - p.written);
+                    self.io.push(
+                        TAG_PIECE | id as u64,
+                        Op::write(FILE_DATA, at, buf, off, rest),
+                    );
+                    return;
+                }
             }
             Ok(n) if matches!(p.step, Step::OverlayRead | Step::RmwRead) && n < p.io_len => {
                 p.short = Some(n);
+            }
+            Ok(n) if matches!(p.step, Step::PassThrough | Step::Gather) => {
+                p.backing_got += n as u64;
             }
             Ok(_) => {}
         }
         p.io_pending -= 1;
         if p.io_pending == 0 {
+            if matches!(p.step, Step::PassThrough | Step::Gather)
+                && p.io_error.is_none()
+                && p.backing_got < p.backing_want
+            {
+                p.io_error = Some(short_backing_read(p.backing_got, p.backing_want));
+            }
             self.piece_step_done(id);
         }
     }
@@ -1273,4 +1325,16 @@ impl<I: Io> Core<I> {
         }
         self.stopped = true;
     }
+}
+
+/// Backing reads are clamped to the size each layer had when it was opened,
+/// so one that comes back short means the file shrank under us or the
+/// medium misbehaved: an error, never zeros passed off as data.
+fn short_backing_read(got: u64, want: u64) -> Error {
+    Error::new(
+        ErrorKind::BackingUnavailable,
+        format!(
+            "short read from the backing image: {got} of {want} bytes (did the backing file shrink?)"
+        ),
+    )
 }

@@ -162,7 +162,13 @@ pub fn on_core_thread() -> bool {
 }
 
 /// Starts core `id`: its thread, ring and state. Fails if the ring cannot be made.
-pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandle> {
+/// With `sim`, the core runs on the simulated I/O layer instead of a ring.
+pub fn spawn(
+    id: usize,
+    shared: Arc<Shared>,
+    data_fd: RawFd,
+    sim: Option<Arc<crate::testing::sim::Sim>>,
+) -> Result<CoreHandle> {
     let wake = EventFd::new().map_err(|e| Error::io(e, "creating an eventfd"))?;
     let efd = wake.raw_fd();
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -178,6 +184,12 @@ pub fn spawn(id: usize, shared: Arc<Shared>, data_fd: RawFd) -> Result<CoreHandl
         .name(format!("backfill-core-{id}"))
         .spawn(move || {
             ON_CORE.with(|c| c.set(true));
+            if let Some(sim) = sim {
+                let io = crate::testing::sim::SimIo::new(sim, id, files);
+                let _ = ready_tx.send(Ok(()));
+                Core::new(id, shared, Merge::new(io), rx, sleeping2).run();
+                return;
+            }
             let ring = match Uring::new(&files) {
                 Ok(r) => r,
                 Err(e) => {

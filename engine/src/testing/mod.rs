@@ -4,5 +4,6 @@
 //!
 //! Nothing here runs in production paths unless a test asks for it.
 
+pub mod crash;
 pub mod fuzz;
 pub mod sim;

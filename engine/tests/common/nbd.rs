@@ -169,6 +169,17 @@ impl Server {
     /// not start a thread per CPU for every test). Returns once the server
     /// has printed its ready line, which is checked against the arguments.
     pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Server {
+        Server::start_with(dir, image, args, |_| {})
+    }
+
+    /// Like [`Server::start`], with `prepare` applied to the command before
+    /// it is spawned: a `pre_exec` that sets a resource limit, say.
+    pub fn start_with(
+        dir: &Path,
+        image: &Path,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Server {
         let mut argv: Vec<String> = vec!["serve".into()];
         argv.extend(args.iter().map(|s| s.to_string()));
         let tcp = args.contains(&"--listen");
@@ -201,11 +212,13 @@ impl Server {
         let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
         let log = dir.join(format!("serve{n}.log"));
         let log_file = std::fs::File::create(&log).expect("creating the server log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_backfill"))
-            .args(&argv)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_backfill"));
+        cmd.args(&argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log_file)
+            .stderr(log_file);
+        prepare(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning backfill {argv:?}: {e}"));
         let pid = child.id() as libc::pid_t;
@@ -308,6 +321,15 @@ impl Server {
         h.structured_reply();
         h.set_meta_context("", &[BASE_ALLOCATION, ALLOCATION_DEPTH]);
         h.go("")
+    }
+
+    /// The exit status, if the server has exited (without a signal from the
+    /// test: it died). Reaps it, so that the test can report how it ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("server already stopped");
+        let status = child.try_wait().expect("polling the server process")?;
+        self.child = None;
+        Some(status)
     }
 
     /// What the server wrote on stderr so far.
