@@ -58,7 +58,18 @@ struct Alloc {
     reftable_clusters: u64,
     /// Batches handed back by cores (unused reserved clusters), freed at close.
     returned: Vec<(u64, u64)>,
+    /// The file's size as we last set it (see [`EXTEND_AHEAD_BYTES`]).
+    file_len: u64,
 }
+
+/// How far ahead of the clusters in use the file is extended (a sparse
+/// tail, no blocks allocated). Writes inside the file's size are cheaper
+/// than writes that extend it: on ext4 an extending O_DIRECT write takes
+/// the inode lock exclusively and joins the orphan list until its size
+/// update is journaled; inside the size it only fills a hole. `close` cuts
+/// the tail off again; after a crash it is a harmless sparse tail (the
+/// next open allocates after it), which `qemu-img check` ignores.
+pub const EXTEND_AHEAD_BYTES: u64 = 64 << 20;
 
 impl Meta {
     /// Reads the L1 and refcount tables of an already validated header.
@@ -132,6 +143,7 @@ impl Meta {
                 reftable_offset: header.refcount_table_offset,
                 reftable_clusters: header.refcount_table_clusters as u64,
                 returned: Vec::new(),
+                file_len,
             }),
             header,
             file,
@@ -230,12 +242,42 @@ impl Meta {
         self.frontier_moved(&a);
         let r = self
             .ensure_refblocks(&mut a, first, n)
-            .and_then(|()| self.set_refcounts(&a, first, n, 1));
+            .and_then(|()| self.set_refcounts(&a, first, n, 1))
+            .and_then(|()| self.extend_ahead(&mut a));
         if let Err(e) = r {
             self.poison();
             return Err(e);
         }
         Ok(first)
+    }
+
+    /// Keeps the file's size at least [`EXTEND_AHEAD_BYTES`] past the
+    /// frontier's half-way mark, so the data writes of reserved clusters
+    /// stay inside it. Never shrinks the file.
+    fn extend_ahead(&self, a: &mut Alloc) -> Result<()> {
+        let end = a.frontier << self.cluster_bits;
+        if end + EXTEND_AHEAD_BYTES / 2 <= a.file_len {
+            return Ok(());
+        }
+        let want = end + EXTEND_AHEAD_BYTES;
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(e, format!("{}: stat", self.path)))?
+            .len();
+        if len < want {
+            self.file.set_len(want).map_err(|e| {
+                Error::io(
+                    e,
+                    format!("{}: extending the file to {want} bytes", self.path),
+                )
+            })?;
+            if let Some(sim) = &self.sim {
+                sim.meta_set_len(want, true);
+            }
+        }
+        a.file_len = want.max(len);
+        Ok(())
     }
 
     /// Frees host clusters that no durable L2 entry points to any more:

@@ -13,16 +13,25 @@
 //! client made, with every write acknowledged before a completed flush
 //! there.
 //!
-//! Scale: `BACKFILL_CRASH_POINTS` (default 1200 crash points in all),
+//! Scale: `BACKFILL_CRASH_POINTS` (default 1050 crash points in all),
 //! `BACKFILL_SIM_SEEDS` (fault-injection seeds, default 24). Replay: the base
 //! seed is printed; `BACKFILL_SEED` sets it.
 
 mod common;
 
 use backfill::testing::crash::{self, Config, Run};
-use backfill::testing::sim::{Faults, Landing};
+use backfill::testing::sim::{CrashImage, Faults, Landing};
 use common::*;
 use std::path::Path;
+
+/// The tests of this file run one at a time. Each closes and reopens
+/// images while others start `qemu-img`: a child forked from this process
+/// holds copies of every open descriptor until it execs, image locks
+/// included, and a reopen that met one would fail to get its lock.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The independent oracle: qemu-img check must find no corruption (exit 0
 /// clean, 3 leaks only).
@@ -67,7 +76,7 @@ fn configs(seed: u64) -> Vec<Config> {
 
 /// Checks crash points of `run` until `budget` are done: every prefix
 /// first (sampled evenly if there are more positions than budget), then
-/// durable-only and torn images at evenly spread positions. Two threads.
+/// durable-only and torn images at evenly spread positions.
 fn replay(run: &Run, budget: usize) -> (usize, usize) {
     let n = run.journal.len();
     let mut points: Vec<(usize, Landing)> = Vec::new();
@@ -88,33 +97,22 @@ fn replay(run: &Run, budget: usize) -> (usize, usize) {
         };
         points.push((k, landing));
     }
-    let leaks = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for half in points.chunks(points.len().div_ceil(2)) {
-            let leaks = &leaks;
-            s.spawn(move || {
-                for &(k, landing) in half {
-                    match run.check_crash(k, landing, &mut qemu_check) {
-                        Ok(r) => {
-                            leaks.fetch_add(
-                                r.images_with_leaks,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-            });
+    let mut leaks = 0;
+    for &(k, landing) in &points {
+        match run.check_crash(k, landing, &mut qemu_check) {
+            Ok(r) => leaks += r.images_with_leaks,
+            Err(e) => panic!("{e}"),
         }
-    });
-    (points.len(), leaks.into_inner())
+    }
+    (points.len(), leaks)
 }
 
 #[test]
 fn crash_replay() {
+    let _serial = serial();
     require_tool("qemu-img");
     let seed = seed_from_env("crash_replay");
-    let budget = env_u64("BACKFILL_CRASH_POINTS", 1200) as usize;
+    let budget = env_u64("BACKFILL_CRASH_POINTS", 1050) as usize;
     let cfgs = configs(seed);
     let mut total = 0;
     for cfg in &cfgs {
@@ -143,10 +141,15 @@ fn crash_replay() {
 /// data was lost while its metadata survived.
 #[test]
 fn crash_checker_rejects_lost_writes() {
+    let _serial = serial();
     let dir = tempdir("crash-checker");
     let run = crash::run(dir.path(), &Config::default()).unwrap_or_else(|e| panic!("{e}"));
     let n = run.journal.len();
-    let lost = run.check_bytes(&run.base, n, &mut |_| Ok(()));
+    let base = CrashImage {
+        bytes: run.base.clone(),
+        size: run.base.len() as u64,
+    };
+    let lost = run.check_bytes(&base, n, &mut |_| Ok(()));
     assert!(
         lost.is_err(),
         "an image without any of the flushed writes passed"
@@ -168,6 +171,7 @@ fn crash_checker_rejects_lost_writes() {
 /// crash images along the way still check clean.
 #[test]
 fn simulated_faults() {
+    let _serial = serial();
     require_tool("qemu-img");
     let base = seed_from_env("simulated_faults");
     let seeds = env_u64("BACKFILL_SIM_SEEDS", 24);
@@ -213,6 +217,7 @@ fn simulated_faults() {
 /// A seed replays a run exactly: the same journal, byte for byte.
 #[test]
 fn simulation_is_deterministic() {
+    let _serial = serial();
     let cfg = Config {
         seed: 0xdec1de,
         faults: Faults {
@@ -230,4 +235,23 @@ fn simulation_is_deterministic() {
         format!("{:?}", a.journal.entries) == format!("{:?}", b.journal.entries),
         "the same seed wrote a different journal"
     );
+}
+
+/// The fuzz target's entry point (ops from bytes, a crash countdown) on a
+/// few fixed inputs, so it is exercised on the stable toolchain too.
+#[test]
+fn fuzz_entry_point_runs() {
+    let _serial = serial();
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for n in 0..12 {
+        let bytes: Vec<u8> = (0..(64 + n * 97))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        backfill::testing::crash::fuzz_ops_with_crash(&bytes).unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -181,6 +181,37 @@ struct Done {
 /// read against the model, then closes the disk and checks the whole final
 /// image against it too.
 pub fn run(dir: &Path, cfg: &Config) -> Result<Run, String> {
+    run_with(dir, cfg, None)
+}
+
+/// Where the workload's choices come from: the seed, or the bytes of a fuzz
+/// input (two bytes a choice; the workload ends when they run out).
+struct Draws<'a> {
+    rng: StdRng,
+    bytes: Option<&'a [u8]>,
+    exhausted: bool,
+}
+
+impl Draws<'_> {
+    /// A number below `n`.
+    fn below(&mut self, n: u64) -> u64 {
+        match &mut self.bytes {
+            None => self.rng.random_range(0..n),
+            Some(b) if b.len() >= 2 => {
+                let v = u64::from(u16::from_le_bytes([b[0], b[1]]));
+                *b = &b[2..];
+                v % n
+            }
+            Some(_) => {
+                self.exhausted = true;
+                0
+            }
+        }
+    }
+}
+
+/// [`run`] with the workload's choices taken from `bytes` when given.
+pub fn run_with(dir: &Path, cfg: &Config, bytes: Option<&[u8]>) -> Result<Run, String> {
     let fail = |m: String| format!("seed {}: {m}", cfg.seed);
     assert!(cfg.disk_bytes.is_multiple_of(SECTOR) && cfg.backing_bytes.is_multiple_of(SECTOR));
     let sectors = cfg.disk_bytes / SECTOR;
@@ -230,7 +261,11 @@ pub fn run(dir: &Path, cfg: &Config) -> Result<Run, String> {
     // the disk (which waits for them) would wait for turns forever.
     let _unlock = FreeRunOnDrop(sim.clone());
 
-    let mut rng = StdRng::seed_from_u64(mix(cfg.seed ^ 0x5eed));
+    let mut d = Draws {
+        rng: StdRng::seed_from_u64(mix(cfg.seed ^ 0x5eed)),
+        bytes,
+        exhausted: false,
+    };
     let mut ops: Vec<OpRec> = Vec::with_capacity(cfg.ops);
     let mut hist: Vec<Vec<u32>> = vec![Vec::new(); sectors as usize];
     let done: Arc<Mutex<Vec<Done>>> = Arc::new(Mutex::new(Vec::new()));
@@ -244,13 +279,13 @@ pub fn run(dir: &Path, cfg: &Config) -> Result<Run, String> {
     let mut window_at = 0u64;
     let mut idle_steps = 0u64;
 
-    while ops.len() < cfg.ops || !in_flight.is_empty() {
+    while (ops.len() < cfg.ops && !d.exhausted) || !in_flight.is_empty() {
         // Submit up to the queue depth.
-        while ops.len() < cfg.ops && in_flight.len() < cfg.queue_depth {
-            if rng.random_ratio(1, 16) {
+        while ops.len() < cfg.ops && !d.exhausted && in_flight.len() < cfg.queue_depth {
+            if d.below(16) == 0 {
                 window_at = (window_at + 1) % (clusters - window + 1);
             }
-            let roll = rng.random_range(0..100);
+            let roll = d.below(100);
             let mut kind = match roll {
                 0..45 => Kind::Read,
                 45..75 => Kind::Write,
@@ -259,9 +294,9 @@ pub fn run(dir: &Path, cfg: &Config) -> Result<Run, String> {
                 _ => Kind::Flush,
             };
             let (offset, len) = {
-                let start = window_at * cs + rng.random_range(0..window * cs / SECTOR) * SECTOR;
-                let max = if rng.random_ratio(1, 4) { 3 * cs } else { cs };
-                let len = (rng.random_range(1..=max / SECTOR) * SECTOR)
+                let start = window_at * cs + d.below(window * cs / SECTOR) * SECTOR;
+                let max = if d.below(4) == 0 { 3 * cs } else { cs };
+                let len = ((1 + d.below(max / SECTOR)) * SECTOR)
                     .min(cfg.disk_bytes - start.min(cfg.disk_bytes));
                 if len == 0 {
                     (0, SECTOR)
@@ -516,7 +551,7 @@ impl Run {
     /// wrong one on purpose).
     pub fn check_bytes(
         &self,
-        img: &[u8],
+        img: &super::sim::CrashImage,
         k: usize,
         external: &mut dyn FnMut(&Path) -> Result<(), String>,
     ) -> Result<CrashReport, String> {
@@ -524,7 +559,7 @@ impl Run {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("crash-{n}.qcow2"));
-        std::fs::write(&path, img).map_err(|e| e.to_string())?;
+        img.write_to(&path).map_err(|e| e.to_string())?;
         let r = self.check_image(&path, k, self.flush_cut(k), external);
         if r.is_ok() {
             let _ = std::fs::remove_file(&path);
@@ -588,4 +623,34 @@ impl Run {
             images_with_leaks: usize::from(report.leaks > 0),
         })
     }
+}
+
+/// The fuzz target "engine operations with a crash countdown": the first
+/// bytes pick the configuration and a crash point, the rest drive the
+/// operations. The run's reads are checked against the model, then the
+/// image a crash at the countdown leaves (torn by the input) is checked
+/// with `backfill check`, opened and read against the model. Returns an
+/// error for a violated invariant (the fuzz target panics on it).
+pub fn fuzz_ops_with_crash(data: &[u8]) -> Result<(), String> {
+    if data.len() < 4 {
+        return Ok(());
+    }
+    let (head, ops) = data.split_at(4);
+    let cfg = Config {
+        seed: u64::from(head[0]),
+        ops: 256,
+        queue_depth: 1 + usize::from(head[1] % 16),
+        cores: 1 + usize::from(head[1] >> 7),
+        cluster_size: if head[0] & 1 == 0 { 4096 } else { 65536 },
+        disk_bytes: (1 << 20) + 3 * SECTOR,
+        backing_bytes: (768 << 10) + SECTOR,
+        max_delay_turns: u32::from(head[0] >> 5),
+        faults: Faults::default(),
+    };
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let run = run_with(dir.path(), &cfg, Some(ops))?;
+    let countdown = usize::from(u16::from_le_bytes([head[2], head[3]]));
+    let k = countdown % (run.journal.len() + 1);
+    run.check_crash(k, Landing::Torn(u64::from(head[3])), &mut |_| Ok(()))
+        .map(|_| ())
 }

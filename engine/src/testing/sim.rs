@@ -560,14 +560,16 @@ impl Journal {
     }
 
     /// The file a crash after entry `k` could leave, starting from `base`
-    /// (the file before the journal began).
-    pub fn crash_image(&self, base: &[u8], k: usize, landing: Landing) -> Vec<u8> {
+    /// (the file before the journal began): its bytes up to the last one
+    /// written, and its size (a sparse tail past the bytes reads as zeros).
+    pub fn crash_image(&self, base: &[u8], k: usize, landing: Landing) -> CrashImage {
         let d = self.durable_prefix(k);
         let mut rng = match landing {
             Landing::Torn(seed) => Some(StdRng::seed_from_u64(seed)),
             _ => None,
         };
         let mut img = base.to_vec();
+        let mut size = base.len() as u64;
         // Entries after the crash point whose write was submitted before
         // it were in flight: they may have landed too (torn only).
         let in_flight = self.entries[k..]
@@ -603,14 +605,32 @@ impl Journal {
                 }
                 Entry::SetLen { len, grow_only } => {
                     let lands = lands_whole || rng.as_mut().is_some_and(|r| r.random_bool(0.5));
-                    if lands && (!grow_only || *len > img.len() as u64) {
-                        img.resize(*len as usize, 0);
+                    if lands && (!grow_only || *len > size) {
+                        size = *len;
+                        img.truncate(size as usize);
                     }
                 }
                 Entry::Sync { .. } => {}
             }
+            size = size.max(img.len() as u64);
         }
-        img
+        CrashImage { bytes: img, size }
+    }
+}
+
+/// A file rebuilt from a journal: `bytes`, then zeros up to `size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashImage {
+    pub bytes: Vec<u8>,
+    pub size: u64,
+}
+
+impl CrashImage {
+    /// Writes it to `path`, sparse past `bytes`.
+    pub fn write_to(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let f = std::fs::File::create(path)?;
+        std::io::Write::write_all(&mut &f, &self.bytes)?;
+        f.set_len(self.size)
     }
 }
 
