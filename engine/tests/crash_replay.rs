@@ -121,12 +121,13 @@ fn crash_replay() {
         let (points, leaky) = replay(&run, budget / cfgs.len());
         total += points;
         eprintln!(
-            "crash_replay: seed {:#x}, {} KiB clusters, {} core(s): {} ops ({} reads checked), {} journal entries ({} syncs); {points} crash points checked, {leaky} with leaks, 0 corrupt",
+            "crash_replay: seed {:#x}, {} KiB clusters, {} core(s): {} ops ({} reads checked, {} FUA writes), {} journal entries ({} syncs); {points} crash points checked, {leaky} with leaks, 0 corrupt",
             cfg.seed,
             cfg.cluster_size / 1024,
             cfg.cores,
             run.report.ops,
             run.report.reads_checked,
+            run.report.fua_writes,
             run.report.journal_entries,
             run.report.syncs,
         );

@@ -81,6 +81,8 @@ pub enum Kind {
 #[derive(Debug, Clone)]
 pub struct OpRec {
     pub kind: Kind,
+    /// A write with FUA: a flush follows its completion.
+    pub fua: bool,
     pub offset: u64,
     pub len: u64,
     /// Driver time of submission and of completion.
@@ -97,6 +99,7 @@ pub struct OpRec {
 pub struct Report {
     pub ops: usize,
     pub reads_checked: usize,
+    pub fua_writes: usize,
     pub failed_ops: usize,
     pub steps: u64,
     /// A metadata write failed, so the image refused writes from then on.
@@ -278,10 +281,14 @@ pub fn run_with(dir: &Path, cfg: &Config, bytes: Option<&[u8]>) -> Result<Run, S
     let window = 6u64.min(clusters);
     let mut window_at = 0u64;
     let mut idle_steps = 0u64;
+    // Flushes owed to FUA writes that completed, submitted before anything else.
+    let mut fua_flushes = 0usize;
 
-    while (ops.len() < cfg.ops && !d.exhausted) || !in_flight.is_empty() {
+    while (ops.len() < cfg.ops && !d.exhausted) || !in_flight.is_empty() || fua_flushes > 0 {
         // Submit up to the queue depth.
-        while ops.len() < cfg.ops && !d.exhausted && in_flight.len() < cfg.queue_depth {
+        while (fua_flushes > 0 || (ops.len() < cfg.ops && !d.exhausted))
+            && in_flight.len() < cfg.queue_depth
+        {
             if d.below(16) == 0 {
                 window_at = (window_at + 1) % (clusters - window + 1);
             }
@@ -293,6 +300,13 @@ pub fn run_with(dir: &Path, cfg: &Config, bytes: Option<&[u8]>) -> Result<Run, S
                 81..87 => Kind::Discard,
                 _ => Kind::Flush,
             };
+            // FUA (as NBD clients send it): a write whose completion is
+            // followed at once by a flush, which makes it durable.
+            let fua = kind == Kind::Write && roll >= 70;
+            if fua_flushes > 0 {
+                fua_flushes -= 1;
+                kind = Kind::Flush;
+            }
             let (offset, len) = {
                 let start = window_at * cs + d.below(window * cs / SECTOR) * SECTOR;
                 let max = if d.below(4) == 0 { 3 * cs } else { cs };
@@ -320,6 +334,7 @@ pub fn run_with(dir: &Path, cfg: &Config, bytes: Option<&[u8]>) -> Result<Run, S
             t += 1;
             ops.push(OpRec {
                 kind,
+                fua: fua && kind == Kind::Write,
                 offset,
                 len,
                 submit_t: t,
@@ -359,6 +374,10 @@ pub fn run_with(dir: &Path, cfg: &Config, bytes: Option<&[u8]>) -> Result<Run, S
             o.ack_t = Some(t);
             o.ack_pos = Some(d.pos);
             o.ok = d.ok;
+            if o.fua && o.ok {
+                fua_flushes += 1;
+                report.fua_writes += 1;
+            }
             in_flight.retain(|&i| i != d.op);
             if !d.ok {
                 report.failed_ops += 1;
