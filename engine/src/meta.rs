@@ -242,8 +242,10 @@ impl Meta {
         self.frontier_moved(&a);
         let r = self
             .ensure_refblocks(&mut a, first, n)
-            .and_then(|()| self.set_refcounts(&a, first, n, 1))
-            .and_then(|()| self.extend_ahead(&mut a));
+            .and_then(|()| self.set_refcounts(&a, first, n, 1));
+        if r.is_ok() {
+            self.extend_ahead(&mut a);
+        }
         if let Err(e) = r {
             self.poison();
             return Err(e);
@@ -253,31 +255,39 @@ impl Meta {
 
     /// Keeps the file's size at least [`EXTEND_AHEAD_BYTES`] past the
     /// frontier's half-way mark, so the data writes of reserved clusters
-    /// stay inside it. Never shrinks the file.
-    fn extend_ahead(&self, a: &mut Alloc) -> Result<()> {
+    /// stay inside it. Best effort: a failure only costs speed (the writes
+    /// extend the file themselves, and fail on their own if there is no
+    /// room). Never shrinks the file, and never goes past the process's
+    /// file size limit (`RLIMIT_FSIZE`), where the attempt would raise
+    /// SIGXFSZ.
+    fn extend_ahead(&self, a: &mut Alloc) {
         let end = a.frontier << self.cluster_bits;
         if end + EXTEND_AHEAD_BYTES / 2 <= a.file_len {
-            return Ok(());
+            return;
         }
-        let want = end + EXTEND_AHEAD_BYTES;
-        let len = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(e, format!("{}: stat", self.path)))?
-            .len();
-        if len < want {
-            self.file.set_len(want).map_err(|e| {
-                Error::io(
-                    e,
-                    format!("{}: extending the file to {want} bytes", self.path),
-                )
-            })?;
+        let mut want = end + EXTEND_AHEAD_BYTES;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) writes one rlimit into `lim`, a live local.
+        if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) } == 0
+            && lim.rlim_cur != libc::RLIM_INFINITY
+        {
+            want = want.min(lim.rlim_cur);
+        }
+        let Ok(meta) = self.file.metadata() else {
+            return;
+        };
+        let len = meta.len();
+        if len < want && self.file.set_len(want).is_ok() {
             if let Some(sim) = &self.sim {
                 sim.meta_set_len(want, true);
             }
+            a.file_len = want;
+        } else {
+            a.file_len = len.max(a.file_len);
         }
-        a.file_len = want.max(len);
-        Ok(())
     }
 
     /// Frees host clusters that no durable L2 entry points to any more:
@@ -296,6 +306,57 @@ impl Meta {
             if crate::io::punch_hole(&self.file, h, self.cluster_size()).is_ok() {
                 if let Some(sim) = &self.sim {
                     sim.meta_punch(h, self.cluster_size());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops one use of each host cluster in `hosts` (one entry per use:
+    /// the clusters a compressed cluster's data touched, which other
+    /// compressed clusters may share). A cluster whose count reaches 0 is
+    /// freed as in [`Meta::free_clusters`]. The caller guarantees the L2
+    /// change that dropped the uses is durable.
+    ///
+    /// A count that is already 0, or a cluster without a refcount block or
+    /// past the clusters in use, belongs to a corrupt image: it is left
+    /// alone (never wrapped round), and `check` reports it.
+    pub fn drop_refs(&self, hosts: &[u64]) -> Result<()> {
+        let a = self.lock();
+        let rbe = self.rb_entries();
+        for &h in hosts {
+            let c = h >> self.cluster_bits;
+            let block = a.reftable.get((c / rbe) as usize).copied().unwrap_or(0);
+            if block == 0 || c >= a.frontier {
+                continue;
+            }
+            let at = block + (c % rbe) * 2;
+            let mut b = [0u8; 2];
+            let r = self
+                .file
+                .read_exact_at(&mut b, at)
+                .map_err(|e| Error::io(e, format!("{}: reading a refcount at {at:#x}", self.path)))
+                .and_then(|()| {
+                    let n = u16::from_be_bytes(b);
+                    if n == 0 {
+                        return Ok(false);
+                    }
+                    self.pwrite(&(n - 1).to_be_bytes(), at, "writing refcounts")?;
+                    Ok(n == 1)
+                });
+            match r {
+                Ok(true) => {
+                    // Losing only the space, not data: a failed punch is ignored.
+                    if crate::io::punch_hole(&self.file, h, self.cluster_size()).is_ok() {
+                        if let Some(sim) = &self.sim {
+                            sim.meta_punch(h, self.cluster_size());
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.poison();
+                    return Err(e);
                 }
             }
         }

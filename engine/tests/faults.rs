@@ -164,13 +164,34 @@ fn limit_file_size_on_exec(cmd: &mut Command, bytes: u64, ignore_sigxfsz: bool) 
     }
 }
 
-/// The limit for an image: its current end (rounded up to a cluster) plus
-/// `FREE_CLUSTERS` clusters.
+/// The limit for an image: the end of its data (rounded up to a cluster)
+/// plus `FREE_CLUSTERS` clusters. The end of the data, not of the file: the
+/// engine keeps the file's size ahead of the clusters it uses (a sparse
+/// tail), and the kernel checks the limit against each write's position.
 fn limit_after(image: &Path) -> u64 {
-    let len = std::fs::metadata(image)
-        .unwrap_or_else(|e| panic!("{}: {e}", image.display()))
-        .len();
-    round_up(len, CLUSTER) + FREE_CLUSTERS * CLUSTER
+    round_up(data_end(image), CLUSTER) + FREE_CLUSTERS * CLUSTER
+}
+
+/// The end of the last data extent of a file (`SEEK_DATA`/`SEEK_HOLE`).
+fn data_end(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fd = f.as_raw_fd();
+    let mut end = 0i64;
+    let mut at = 0i64;
+    loop {
+        // SAFETY: lseek(2) takes no pointers; `f` keeps the descriptor open.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data at or after `at`.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        assert!(hole >= data, "{}: SEEK_HOLE failed", path.display());
+        end = hole;
+        at = hole;
+    }
+    end as u64
 }
 
 // ------------------------------------------------------------------ oracles
@@ -624,12 +645,12 @@ fn full_overlay_over_nbd() {
     good.write_ok(g_at, &g, 0);
     good.flush_ok();
     apply(&mut model, g_at, &g);
-    let len = std::fs::metadata(&f.image).unwrap().len();
+    let len = data_end(&f.image);
     let free = (limit - round_up(len, CLUSTER)) / CLUSTER;
     assert!(
         (1..=32).contains(&free),
         "the limit ({limit}) should leave a few clusters free after the first writes, \
-         the file is {len} bytes"
+         the data ends at {len} bytes"
     );
 
     // The fault, from qemu-io on another thread: a write of one cluster

@@ -16,6 +16,7 @@
 //! inside the file it was parsed against.
 
 pub mod check;
+pub mod compress;
 pub mod create;
 pub mod entry;
 pub mod header;
@@ -25,6 +26,7 @@ pub mod repair;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+pub use compress::{compressed_data, compressed_host_clusters, decompress, CompressionType};
 pub use entry::{decode_l1, decode_l2, encode_l1, encode_l2, refcount_get, refcount_set, L2Entry};
 pub use header::{l1_entries_needed, Extension, Header};
 

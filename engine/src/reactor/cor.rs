@@ -36,7 +36,10 @@ use crate::disk::{BlockStatus, ExtentKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Cqe, FileId, Io, IoBuf, Op, IO_ALIGN};
 use crate::locks::Holder;
-use crate::qcow2::{decode_l2, encode_l2, L2Entry};
+use crate::qcow2::{
+    compressed_data, compressed_host_clusters, decode_l2, decompress, encode_l2, CompressionType,
+    L2Entry,
+};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -48,6 +51,40 @@ pub enum Step {
     RmwRead,
     Gather,
     WriteData,
+    /// Reading an overlay compressed cluster's bytes, to answer a read.
+    CompressedRead,
+    /// Reading an overlay compressed cluster's bytes, to rewrite the
+    /// cluster uncompressed with the client's bytes merged in.
+    CompressedRmw,
+}
+
+/// A compressed cluster whose bytes a step is reading into `buf`; once
+/// every read of the step is in, it is decompressed and bytes
+/// `[in_cluster, in_cluster + len)` of the cluster go to offset `dst` of the
+/// step's buffer.
+pub struct Inflate {
+    buf: Rc<IoBuf>,
+    /// Bytes of `buf` that hold the compressed data (from offset 0).
+    data_len: usize,
+    kind: CompressionType,
+    cluster_bits: u32,
+    in_cluster: usize,
+    len: usize,
+    dst: usize,
+    /// Backing layer, and host offset, for messages.
+    layer: usize,
+    host_offset: u64,
+}
+
+/// What a commit releases once the L2 change that dropped it is durable.
+#[derive(Clone, Copy, Debug)]
+pub enum Release {
+    /// A data cluster the entry owned alone: refcount 0.
+    Cluster(u64),
+    /// One use of a host cluster a compressed cluster's data touched:
+    /// refcount minus one (the host cluster may hold other compressed
+    /// clusters' data too).
+    Shared(u64),
 }
 
 pub struct Piece {
@@ -81,6 +118,11 @@ pub struct Piece {
     /// Bytes the backing reads of the current step asked for, and got.
     backing_want: u64,
     backing_got: u64,
+    /// Compressed backing clusters the current step's reads fetch.
+    inflates: Vec<Inflate>,
+    /// The cluster's compressed L2 descriptor, when it had one: read from,
+    /// and released once the entry that replaces it is published.
+    compressed: Option<u64>,
     pinned: bool,
     locked: bool,
 }
@@ -98,6 +140,8 @@ pub struct Fill {
     /// Bytes the backing reads asked for, and got.
     fetched: u64,
     got: u64,
+    /// Compressed backing clusters the reads fetch.
+    inflates: Vec<Inflate>,
 }
 
 #[derive(Default)]
@@ -110,8 +154,8 @@ pub struct Commit {
     error: Option<Error>,
     /// A close asked for this commit: hand back the reserve after it.
     closing: bool,
-    /// Host clusters to free once this commit is durable.
-    freeing: Vec<u64>,
+    /// Host clusters to release once this commit is durable.
+    freeing: Vec<Release>,
     /// L1 entries (tables this core installed) to write after the first sync.
     l1: Vec<u64>,
 }
@@ -217,6 +261,8 @@ impl<I: Io> Core<I> {
                 stalled: false,
                 backing_want: 0,
                 backing_got: 0,
+                inflates: Vec::new(),
+                compressed: None,
                 pinned: false,
                 locked: false,
             });
@@ -412,6 +458,16 @@ impl<I: Io> Core<I> {
                 )));
             }
         }
+        if let L2Entry::Compressed(raw) = e {
+            let (off, len) = compressed_data(raw, self.cluster_bits());
+            if off < self.cs() || !self.shared.meta.host_in_use(off + len - 1) {
+                return Err(Error::corrupt(format!(
+                    "{}: compressed L2 entry {raw:#x} names host bytes {off:#x}+{len}, in the \
+                     header or past the clusters in use",
+                    self.shared.meta.path
+                )));
+            }
+        }
         Ok(e)
     }
 
@@ -442,8 +498,15 @@ impl<I: Io> Core<I> {
     }
 
     /// Pushes reads of `self.segs` into `buf` (zeroed first). Returns the
-    /// number of reads and the bytes they fetch.
-    fn push_backing_reads(&mut self, token: u64, buf: &mut Rc<IoBuf>, at: usize) -> (u32, u64) {
+    /// number of reads, the bytes they fetch, and the compressed clusters
+    /// among them (read into buffers of their own; [`Core::run_inflates`]
+    /// finishes them once every read is in).
+    fn push_backing_reads(
+        &mut self,
+        token: u64,
+        buf: &mut Rc<IoBuf>,
+        at: usize,
+    ) -> (u32, u64, Vec<Inflate>) {
         let total: u64 = self.segs.iter().map(|s| s.len).sum();
         IoBuf::unique_mut(buf)[at..at + total as usize].fill(0);
         let mut pos = at;
@@ -452,7 +515,43 @@ impl<I: Io> Core<I> {
         let chain = self.shared.chain.as_ref();
         let depth = chain.map_or(0, |c| c.depth()) as u32;
         let align = IO_ALIGN as u64;
+        let mut inflates = Vec::new();
         for s in &self.segs {
+            if let Source::Compressed {
+                layer,
+                host_offset,
+                data_len,
+                in_cluster,
+                cluster_bits,
+                kind,
+            } = s.source
+            {
+                // Any alignment: read through the page cache.
+                let packed = self.pool.get(data_len as usize);
+                self.io.push(
+                    token,
+                    Op::read(
+                        FileId(FILE_BACKING0 + layer as u32),
+                        host_offset,
+                        packed.clone(),
+                        0,
+                        data_len as usize,
+                    ),
+                );
+                inflates.push(Inflate {
+                    buf: packed,
+                    data_len: data_len as usize,
+                    kind,
+                    cluster_bits,
+                    in_cluster: in_cluster as usize,
+                    len: s.len as usize,
+                    dst: pos,
+                    layer,
+                    host_offset,
+                });
+                n += 1;
+                bytes += data_len;
+            }
             if let Source::File { layer, host_offset } = s.source {
                 // Aligned reads bypass the page cache (no copy out of it);
                 // the rest (a tail at the backing file's end, pass-through
@@ -475,16 +574,123 @@ impl<I: Io> Core<I> {
             }
             pos += s.len as usize;
         }
-        (n, bytes)
+        (n, bytes, inflates)
+    }
+
+    /// Decompresses the compressed backing clusters a step has read and
+    /// copies their wanted bytes into `dst`. Runs on the core: the data is
+    /// in memory, and one cluster's inflate is short next to its fetch.
+    fn run_inflates(&mut self, jobs: Vec<Inflate>, dst: &mut Rc<IoBuf>) -> Result<()> {
+        let mut r = Ok(());
+        for j in jobs {
+            if r.is_ok() {
+                let cs = 1usize << j.cluster_bits;
+                let mut scratch = self.pool.get(cs);
+                let out = &mut IoBuf::unique_mut(&mut scratch)[..cs];
+                r = decompress(j.kind, &j.buf.as_slice()[..j.data_len], out).map_err(|e| {
+                    let name = self
+                        .shared
+                        .chain
+                        .as_ref()
+                        .map_or("?", |c| c.layer_name(j.layer));
+                    e.context(format!(
+                        "backing file {name}: compressed cluster at host offset {:#x}",
+                        j.host_offset
+                    ))
+                });
+                if r.is_ok() {
+                    IoBuf::unique_mut(dst)[j.dst..j.dst + j.len]
+                        .copy_from_slice(&out[j.in_cluster..j.in_cluster + j.len]);
+                }
+                self.pool.put(scratch);
+            }
+            self.pool.put(j.buf);
+        }
+        r
+    }
+
+    /// Decompresses the overlay's own compressed cluster `raw`, whose bytes
+    /// piece `id` read into its buffer (from the aligned offset `span_lo`),
+    /// into a fresh cluster buffer.
+    fn inflate_overlay(&mut self, id: usize) -> Result<Rc<IoBuf>> {
+        let p = &mut self.pieces[id];
+        let packed = p.buf.take().expect("compressed read buffer");
+        let raw = p.compressed.expect("compressed piece has a descriptor");
+        let (cluster, lo) = (p.cluster, p.span_lo);
+        let cb = self.cluster_bits();
+        let (off, len) = compressed_data(raw, cb);
+        let kind = self.compression()?;
+        let cs = self.cs() as usize;
+        let mut out = self.pool.get(cs);
+        let at = (off - lo) as usize;
+        let r = decompress(
+            kind,
+            &packed.as_slice()[at..at + len as usize],
+            &mut IoBuf::unique_mut(&mut out)[..cs],
+        );
+        self.pool.put(packed);
+        match r {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                self.pool.put(out);
+                Err(e.context(format!(
+                    "{}: compressed cluster of guest offset {:#x} at host offset {off:#x}",
+                    self.shared.meta.path,
+                    cluster << cb
+                )))
+            }
+        }
+    }
+
+    fn compression(&self) -> Result<CompressionType> {
+        CompressionType::from_header(self.shared.meta.header.compression_type)
+    }
+
+    /// Reads the bytes of the overlay's compressed cluster `raw` for piece
+    /// `id` (an aligned span, for O_DIRECT), which goes on at `step`.
+    fn read_compressed(&mut self, id: usize, raw: u64, step: Step) {
+        let (off, len) = compressed_data(raw, self.cluster_bits());
+        let lo = off & !(IO_ALIGN as u64 - 1);
+        let hi = (off + len).next_multiple_of(IO_ALIGN as u64);
+        let n = (hi - lo) as usize;
+        let buf = self.pool.get(n);
+        self.io.push(
+            TAG_PIECE | id as u64,
+            Op::read(FILE_DATA, lo, buf.clone(), 0, n),
+        );
+        let p = &mut self.pieces[id];
+        p.buf = Some(buf);
+        p.io_len = n;
+        p.span_lo = lo;
+        p.compressed = Some(raw);
+        p.step = step;
+        p.io_pending = 1;
+    }
+
+    /// Queues the release of the host clusters the overlay's compressed
+    /// cluster `raw` used, after the commit that makes the entry just
+    /// published for `cluster` durable.
+    fn release_compressed(&mut self, cluster: u64, raw: u64) {
+        let key = cluster / BLOCK_ENTRIES as u64;
+        let generation = self
+            .l2
+            .peek(key)
+            .expect("published block is cached")
+            .generation;
+        let cb = self.cluster_bits();
+        for c in compressed_host_clusters(raw, cb) {
+            self.frees.push((key, generation, Release::Shared(c << cb)));
+        }
     }
 
     /// Reads the backing segments in `self.segs` into `buf` for piece `id`,
     /// which goes on at `step` when they are in.
     fn read_backing_into(&mut self, id: usize, mut buf: Rc<IoBuf>, step: Step) {
-        let (n, bytes) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
+        let (n, bytes, inflates) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
         self.bump(|s| &s.bytes_fetched, bytes);
         let p = &mut self.pieces[id];
         p.buf = Some(buf);
+        p.inflates = inflates;
         p.step = step;
         p.io_pending = n;
         p.backing_want = bytes;
@@ -545,10 +751,11 @@ impl<I: Io> Core<I> {
                 self.finish_piece(id, Ok(()));
                 Ok(())
             }
-            L2Entry::Compressed(_) => Err(Error::unsupported(format!(
-                "{}: compressed clusters are not supported yet",
-                self.shared.meta.path
-            ))),
+            L2Entry::Compressed(raw) => {
+                self.bump(|s| &s.overlay_hits, 1);
+                self.read_compressed(id, raw, Step::CompressedRead);
+                Ok(())
+            }
             L2Entry::Unallocated => self.read_unallocated(id),
         }
     }
@@ -617,6 +824,7 @@ impl<I: Io> Core<I> {
             host: 0,
             fetched: 0,
             got: 0,
+            inflates: Vec::new(),
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
@@ -625,10 +833,11 @@ impl<I: Io> Core<I> {
         self.l2.get(key).expect("looked-up block is cached").pins += 1;
         let mut buf = self.pool.get(self.cs() as usize);
         IoBuf::unique_mut(&mut buf).fill(0);
-        let (n, bytes) = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
+        let (n, bytes, inflates) = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
         self.bump(|s| &s.misses, 1);
         let f = &mut self.fills[fid];
         f.buf = Some(buf);
+        f.inflates = inflates;
         f.pending = n;
         f.fetched = bytes;
         if n == 0 {
@@ -669,6 +878,25 @@ impl<I: Io> Core<I> {
         if !f.writing && f.error.is_none() && f.got < f.fetched {
             f.error = Some(short_backing_read(f.got, f.fetched));
         }
+        let jobs = std::mem::take(&mut f.inflates);
+        if !f.writing && !jobs.is_empty() {
+            let mut buf = f.buf.take().expect("fill has a buffer");
+            let failed = f.error.is_some();
+            let r = if failed {
+                for j in jobs {
+                    self.pool.put(j.buf);
+                }
+                Ok(())
+            } else {
+                self.run_inflates(jobs, &mut buf)
+            };
+            let f = &mut self.fills[fid];
+            f.buf = Some(buf);
+            if let Err(e) = r {
+                f.error = Some(e);
+            }
+        }
+        let f = &mut self.fills[fid];
         if f.writing {
             self.fill_written(fid);
         } else {
@@ -679,7 +907,13 @@ impl<I: Io> Core<I> {
     pub(super) fn fill_data_ready(&mut self, fid: usize) {
         let readers = std::mem::take(&mut self.fills[fid].readers);
         if let Some(e) = self.fills[fid].error.take() {
-            let e = Error::new(ErrorKind::BackingUnavailable, e.to_string());
+            // Malformed backing data stays `Corrupt`; anything else is the
+            // backing medium failing.
+            let e = if e.kind() == ErrorKind::Corrupt {
+                e
+            } else {
+                Error::new(ErrorKind::BackingUnavailable, e.to_string())
+            };
             for r in readers {
                 self.finish_piece(r, Err(e.clone()));
             }
@@ -795,10 +1029,40 @@ impl<I: Io> Core<I> {
             }
         }
         match entry {
-            L2Entry::Compressed(_) => Err(Error::unsupported(format!(
-                "{}: compressed clusters are not supported yet",
-                self.shared.meta.path
-            ))),
+            L2Entry::Compressed(raw) => {
+                // Never rewritten in place: the cluster becomes an ordinary
+                // one (or a zero entry), and the compressed data's host
+                // clusters lose this use once that entry is durable.
+                self.pieces[id].compressed = Some(raw);
+                if zero && whole {
+                    let e = if v3 {
+                        Some(L2Entry::Zero { host: None })
+                    } else if self.shared.chain.is_none() {
+                        Some(L2Entry::Unallocated)
+                    } else {
+                        None
+                    };
+                    if let Some(e) = e {
+                        self.publish(cluster, e)?;
+                        self.release_compressed(cluster, raw);
+                        self.finish_piece(id, Ok(()));
+                        return Ok(());
+                    }
+                }
+                let p = &mut self.pieces[id];
+                p.publish = true;
+                if whole {
+                    // Nothing of the old contents survives.
+                    let mut buf = self.pool.get(self.cs() as usize);
+                    IoBuf::unique_mut(&mut buf).fill(0);
+                    let p = &mut self.pieces[id];
+                    p.span_lo = 0;
+                    p.buf = Some(buf);
+                    return self.gathered(id);
+                }
+                self.read_compressed(id, raw, Step::CompressedRmw);
+                Ok(())
+            }
             L2Entry::Data { host } => {
                 if zero && whole && v3 {
                     self.publish(cluster, L2Entry::Zero { host: Some(host) })?;
@@ -902,7 +1166,7 @@ impl<I: Io> Core<I> {
             .peek(key)
             .expect("published block is cached")
             .generation;
-        self.frees.push((key, generation, host));
+        self.frees.push((key, generation, Release::Cluster(host)));
         Ok(())
     }
 
@@ -997,7 +1261,12 @@ impl<I: Io> Core<I> {
                     return;
                 }
             }
-            Ok(n) if matches!(p.step, Step::OverlayRead | Step::RmwRead) && n < p.io_len => {
+            Ok(n)
+                if matches!(
+                    p.step,
+                    Step::OverlayRead | Step::RmwRead | Step::CompressedRead | Step::CompressedRmw
+                ) && n < p.io_len =>
+            {
                 p.short = Some(n);
             }
             Ok(n) if matches!(p.step, Step::PassThrough | Step::Gather) => {
@@ -1031,6 +1300,17 @@ impl<I: Io> Core<I> {
                 IoBuf::unique_mut(b)[n..len].fill(0);
             }
         }
+        if !self.pieces[id].inflates.is_empty() {
+            let p = &mut self.pieces[id];
+            let jobs = std::mem::take(&mut p.inflates);
+            let mut buf = p.buf.take().expect("backing read buffer");
+            let r = self.run_inflates(jobs, &mut buf);
+            self.pieces[id].buf = Some(buf);
+            if let Err(e) = r {
+                self.finish_piece(id, Err(e));
+                return;
+            }
+        }
         let r = match self.pieces[id].step {
             Step::OverlayRead | Step::PassThrough => {
                 let p = &self.pieces[id];
@@ -1054,11 +1334,27 @@ impl<I: Io> Core<I> {
                 Ok(())
             }
             Step::Gather => self.gathered(id),
+            Step::CompressedRead => self.inflate_overlay(id).map(|cluster| {
+                let (start, len) = (self.pieces[id].start as usize, self.pieces[id].len as usize);
+                self.deliver(id, &cluster.as_slice()[start..start + len]);
+                self.pool.put(cluster);
+                self.finish_piece(id, Ok(()));
+            }),
+            Step::CompressedRmw => self.inflate_overlay(id).and_then(|cluster| {
+                let p = &mut self.pieces[id];
+                p.span_lo = 0;
+                p.buf = Some(cluster);
+                self.gathered(id)
+            }),
             Step::WriteData => {
                 let p = &self.pieces[id];
                 let r = if p.publish {
-                    let (c, host) = (p.cluster, p.host);
-                    self.publish(c, L2Entry::Data { host })
+                    let (c, host, old) = (p.cluster, p.host, p.compressed);
+                    self.publish(c, L2Entry::Data { host }).map(|()| {
+                        if let Some(raw) = old {
+                            self.release_compressed(c, raw);
+                        }
+                    })
                 } else {
                     Ok(())
                 };
@@ -1301,7 +1597,18 @@ impl<I: Io> Core<I> {
         // commit ended with a sync): their refcounts may drop. On an error
         // they stay allocated: a leak, never a dangling reference.
         let err = if err.is_none() && !c.freeing.is_empty() {
-            self.shared.meta.free_clusters(&c.freeing).err()
+            let (mut whole, mut shared) = (Vec::new(), Vec::new());
+            for r in &c.freeing {
+                match *r {
+                    Release::Cluster(h) => whole.push(h),
+                    Release::Shared(h) => shared.push(h),
+                }
+            }
+            self.shared
+                .meta
+                .free_clusters(&whole)
+                .and_then(|()| self.shared.meta.drop_refs(&shared))
+                .err()
         } else {
             err
         };

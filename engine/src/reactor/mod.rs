@@ -307,7 +307,7 @@ pub(crate) struct Core<I: Io = Uring> {
     l1_dirty: Vec<u64>,
     /// Clusters discarded from the L2 entries of block `key` at generation
     /// `generation`; freed after a commit has made that generation durable.
-    frees: Vec<(u64, u64, u64)>,
+    frees: Vec<(u64, u64, cor::Release)>,
     commit: cor::Commit,
     /// Flush and close requests waiting for the next commit.
     flush_waiters: Vec<Arc<Request>>,
