@@ -16,7 +16,7 @@ use std::fs::File;
 use std::path::Path;
 
 use super::entry::{compressed_extent, decode_l1, decode_l2, refcount_get, L2Entry};
-use super::header::{read_exact_at, Header};
+use super::header::{read_exact_at, Header, EXT_BITMAPS};
 use super::{OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
 
@@ -281,6 +281,15 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
         }
     }
 
+    // Persistent bitmaps: valid only while autoclear bit 0 is set (a writer
+    // that does not know them clears it); then qemu-img counts their
+    // directory, tables and data clusters as references too.
+    if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+        if let Some(ext) = h.extensions.iter().find(|e| e.kind == EXT_BITMAPS) {
+            walk_bitmaps(&mut w, &ext.data)?;
+        }
+    }
+
     // Compare: below is corruption (the cluster could be handed out again
     // while in use), above is a leak (wasted space only).
     let mut highest = None;
@@ -300,6 +309,80 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
     }
     w.report.image_end_offset = highest.map_or(0, |h| (h + 1) * cs);
     Ok(w.report)
+}
+
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Offset bits of a bitmap table entry (qcow2.rst, "Bitmap table").
+const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bytes of one bitmap directory entry before its extra data and name.
+const BITMAP_DIR_ENTRY_LEN: usize = 24;
+
+fn be32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+fn be64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// Counts references to the bitmap directory, to each bitmap table and to
+/// the data clusters the tables name (qcow2.rst, "Bitmaps extension"). Every
+/// offset is checked against the file length (by `reference`) before it is
+/// read, so a hostile directory cannot make us allocate more than the file.
+fn walk_bitmaps(w: &mut Walk<'_>, ext: &[u8]) -> Result<()> {
+    if ext.len() < 24 {
+        w.report
+            .corruption("ERROR bitmaps extension is shorter than 24 bytes".into());
+        return Ok(());
+    }
+    let count = be32_at(ext, 0);
+    let dir_len = be64_at(ext, 8);
+    let dir_offset = be64_at(ext, 16);
+    if !dir_offset.is_multiple_of(w.cs) {
+        w.report.corruption(format!(
+            "ERROR bitmap directory at {dir_offset:#x} is not cluster aligned"
+        ));
+        return Ok(());
+    }
+    if !w.reference(dir_offset, dir_len, &|| "bitmap directory".into()) {
+        return Ok(());
+    }
+    let mut dir = vec![0u8; dir_len as usize];
+    read_exact_at(w.file, &mut dir, dir_offset, w.path)?;
+    let mut pos = 0usize;
+    for i in 0..count {
+        let Some(e) = dir.get(pos..pos + BITMAP_DIR_ENTRY_LEN) else {
+            w.report
+                .corruption(format!("ERROR bitmap directory ends before bitmap {i}"));
+            break;
+        };
+        let table_offset = be64_at(e, 0);
+        let table_len = u64::from(be32_at(e, 8)) * 8;
+        let name_len = usize::from(u16::from_be_bytes([e[18], e[19]]));
+        let extra_len = be32_at(e, 20) as usize;
+        // Cannot overflow: `pos` stays within the directory (checked above)
+        // plus one entry's at most 4 GiB + 64 KiB.
+        pos = (pos + BITMAP_DIR_ENTRY_LEN + extra_len + name_len).next_multiple_of(8);
+        if !table_offset.is_multiple_of(w.cs) {
+            w.report.corruption(format!(
+                "ERROR table of bitmap {i} at {table_offset:#x} is not cluster aligned"
+            ));
+            continue;
+        }
+        if !w.reference(table_offset, table_len, &|| format!("table of bitmap {i}")) {
+            continue;
+        }
+        let mut table = vec![0u8; table_len as usize];
+        read_exact_at(w.file, &mut table, table_offset, w.path)?;
+        for (j, entry) in table.chunks_exact(8).enumerate() {
+            let off = u64::from_be_bytes(entry.try_into().expect("8 bytes")) & BME_OFFSET_MASK;
+            if off != 0 {
+                w.reference(off, w.cs, &|| format!("data cluster {j} of bitmap {i}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the refcount table and blocks into one 16-bit counter per host

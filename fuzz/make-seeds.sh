@@ -1,0 +1,481 @@
+#!/usr/bin/env bash
+# Regenerates the seed corpora in fuzz/corpus/<target>/ (see fuzz/README.md).
+#
+#   open_and_read     qcow2 images made by qemu-img and written by qemu-io:
+#                     v2 and v3, clusters from 512 bytes to 2 MiB, extended
+#                     L2, refcount widths, lazy refcounts left dirty by a
+#                     crash, compressed clusters, bitmaps, an internal
+#                     snapshot, an external data file, zero clusters and
+#                     discards, backing files named relatively (base.raw,
+#                     base.qcow2, as the harness provides them) and hostile
+#                     backing names. Small 4 KiB cluster images are stored
+#                     as they are; the rest in the harness's sparse encoding
+#                     (SPARSE_MAGIC "BFSP"), which keeps only their nonzero
+#                     bytes.
+#   nbd_client_bytes  what real clients (nbdinfo, qemu-io, qemu-img, nbdcopy)
+#                     send, captured by a recording proxy in front of
+#                     `backfill serve`, plus hand-built handshakes and
+#                     requests (raw and in the harness's compact encoding).
+#   nbd_handshake     the handshake part of the same client bytes, and
+#                     hand-built option sequences.
+#   lock_table_ops    a few hand-built operation sequences.
+#
+# Needs qemu-img and qemu-io (qemu-utils), nbdinfo and nbdcopy (libnbd-bin),
+# python3, and builds `backfill` (release) for the recorded NBD sessions.
+# Seeds are deterministic except for the recorded sessions' cookies. Seeds
+# with the same names are overwritten; minimized corpus entries (named by
+# their hash) are left alone.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+out=$here/corpus
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops; do
+    mkdir -p "$out/$t"
+done
+
+cat > "$work/tool.py" <<'PY'
+import os, socket, struct, sys, threading
+
+SPARSE_MAGIC = b"BFSP"
+RAW_MAX = 48 << 10
+
+
+def sparse(data):
+    """Records (u32 offset, u16 length, bytes) of the nonzero runs."""
+    out = bytearray(SPARSE_MAGIC + struct.pack(">I", len(data)))
+    i, n = 0, len(data)
+    while i < n:
+        if data[i] == 0:
+            i += 1
+            continue
+        j, last = i, i
+        # Extend over short zero gaps; stop at long ones or 64 KiB.
+        while j < n and j - i < 0xFFFF and j - last <= 32:
+            if data[j]:
+                last = j
+            j += 1
+        end = last + 1
+        out += struct.pack(">IH", i, end - i) + data[i:end]
+        i = end
+    return bytes(out)
+
+
+def seed(image, dest, mode):
+    data = open(image, "rb").read()
+    if mode == "raw" and len(data) <= RAW_MAX:
+        body = data
+    else:
+        body = sparse(data)
+    open(dest, "wb").write(body)
+
+
+def unformat(image):
+    """Drops the header extensions (backing format included), as images
+    written before QEMU recorded the backing format look."""
+    with open(image, "r+b") as f:
+        h = f.read(112)
+        version = struct.unpack(">I", h[4:8])[0]
+        hdr_len = struct.unpack(">I", h[100:104])[0] if version >= 3 else 72
+        f.seek(hdr_len)
+        f.write(b"\0" * 8)
+
+
+# --- NBD -------------------------------------------------------------------
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REQ_MAGIC = 0x25609513
+DISK = (4 << 20) + 1536
+EXPORT = b"fuzz"
+OPT = dict(EXPORT_NAME=1, ABORT=2, LIST=3, STARTTLS=5, INFO=6, GO=7,
+           STRUCTURED_REPLY=8, LIST_META_CONTEXT=9, SET_META_CONTEXT=10,
+           EXTENDED_HEADERS=11)
+CMD = dict(READ=0, WRITE=1, DISC=2, FLUSH=3, TRIM=4, CACHE=5,
+           WRITE_ZEROES=6, BLOCK_STATUS=7)
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+
+
+def option(opt, data=b""):
+    return struct.pack(">QII", IHAVEOPT, OPT[opt] if isinstance(opt, str) else opt,
+                       len(data)) + data
+
+
+def name_and_infos(name=EXPORT, infos=()):
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos)) + \
+        b"".join(struct.pack(">H", i) for i in infos)
+
+
+def meta(queries, name=EXPORT):
+    d = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    for q in queries:
+        d += struct.pack(">I", len(q)) + q
+    return d
+
+
+FLAGS = struct.pack(">I", 3)  # FIXED_NEWSTYLE | NO_ZEROES
+CONTEXTS = [b"base:allocation", b"qemu:allocation-depth"]
+GO_SR_META = FLAGS + option("STRUCTURED_REPLY") + \
+    option("SET_META_CONTEXT", meta(CONTEXTS)) + option("GO", name_and_infos(infos=(3,)))
+
+
+def request(cmd, off=0, length=0, flags=0, cookie=1):
+    c = CMD[cmd] if isinstance(cmd, str) else cmd
+    h = struct.pack(">IHHQQI", REQ_MAGIC, flags, c, cookie, off, length)
+    if cmd == "WRITE":
+        h += bytes((cookie * 37 + i) & 0xFF for i in range(length))
+    return h
+
+
+def compact(cmd, off=0, length=0, flags=0):
+    c = CMD[cmd] if isinstance(cmd, str) else cmd
+    return struct.pack(">BB", c, flags) + off.to_bytes(3, "big") + length.to_bytes(3, "big")
+
+
+SEQUENCES = {
+    "reads": [("READ", 0, 4096), ("READ", 4096 * 3 + 17, 5000),
+              ("READ", DISK - 1000, 1000), ("READ", (3 << 20) - 50, 200)],
+    "write-read": [("WRITE", 8192, 4096, FUA), ("READ", 8192, 4096),
+                   ("WRITE", 12288 + 100, 300), ("READ", 12288, 4096)],
+    "zeroes-trim": [("WRITE_ZEROES", 65536, 65536), ("WRITE_ZEROES", 1000, 100, NO_HOLE),
+                    ("WRITE_ZEROES", 200000, 8192, FAST_ZERO), ("TRIM", 131072, 8192),
+                    ("READ", 65536, 8192), ("FLUSH",)],
+    "cache-status": [("CACHE", 0, 1 << 20), ("BLOCK_STATUS", 0, 1 << 20),
+                     ("BLOCK_STATUS", 4096, 4096, REQ_ONE), ("READ", 0, 65536, DF)],
+    "cor-race": [("READ", 20480, 4096), ("WRITE", 20480, 512), ("READ", 20480, 4096),
+                 ("READ", 20480 + 512, 100), ("TRIM", 20480, 4096), ("READ", 20480, 4096)],
+    "errors": [("READ", DISK - 10, 20), ("WRITE", DISK, 1), (9, 0, 0), ("READ", 0, 0),
+               ("BLOCK_STATUS", 0, 0), ("READ", 0, 4096, 0x20), ("FLUSH",)],
+    "disc": [("READ", 0, 4096), ("DISC",), ("READ", 0, 4096)],
+}
+
+
+def seq_items(seq):
+    for item in seq:
+        cmd = item[0]
+        off = item[1] if len(item) > 1 else 0
+        length = item[2] if len(item) > 2 else 0
+        flags = item[3] if len(item) > 3 else 0
+        yield cmd, off, length, flags
+
+
+def nbd_seeds(outdir, hsdir):
+    def put(d, name, data):
+        open(os.path.join(d, name), "wb").write(data)
+
+    # Compact requests after each opening (mode: top bit + opening).
+    openings = {"go": 0x82, "go-sr": 0x83, "go-sr-meta": 0x84, "export-name": 0x85}
+    for oname, mode in openings.items():
+        for sname, seq in SEQUENCES.items():
+            body = b"".join(compact(c, o, l, f) for c, o, l, f in seq_items(seq))
+            put(outdir, f"compact-{oname}-{sname}", bytes([mode]) + body)
+    # The same requests as raw bytes after a handshake.
+    for sname, seq in SEQUENCES.items():
+        body = b"".join(request(c, o, l, f, cookie=i + 1)
+                        for i, (c, o, l, f) in enumerate(seq_items(seq)))
+        put(outdir, f"raw-after-go-sr-meta-{sname}", bytes([0x04]) + body)
+        put(outdir, f"raw-after-go-{sname}", bytes([0x02]) + body)
+    # Option haggling (after valid client flags), and whole handshakes.
+    options = {
+        "list": option("LIST"),
+        "info": option("INFO", name_and_infos(infos=(0, 1, 2, 3))),
+        "info-unknown": option("INFO", name_and_infos(b"nope")),
+        "go-default": option("GO", name_and_infos(b"")),
+        "starttls": option("STARTTLS"),
+        "extended-headers": option("EXTENDED_HEADERS"),
+        "meta-without-sr": option("SET_META_CONTEXT", meta(CONTEXTS)),
+        "list-meta": option("STRUCTURED_REPLY") + option("LIST_META_CONTEXT", meta([]))
+        + option("LIST_META_CONTEXT", meta([b"qemu:", b"base:"])),
+        "set-meta-unknown": option("STRUCTURED_REPLY")
+        + option("SET_META_CONTEXT", meta([b"qemu:dirty-bitmap:x"])),
+        "malformed-go": option("GO", b"\xff\xff\xff\xff"),
+        "unknown": option(42, b"abc"),
+        "abort": option("LIST") + option("ABORT"),
+        "export-name-unknown": option("EXPORT_NAME", b"nope"),
+    }
+    for n, o in options.items():
+        put(outdir, f"options-{n}", bytes([0x01]) + o)
+        for cfg in (0, 1, 2):
+            put(hsdir, f"options-{n}-cfg{cfg}", bytes([cfg]) + FLAGS + o)
+    put(hsdir, "go-sr-meta", b"\x00" + GO_SR_META)
+    put(hsdir, "export-name-zeroes", b"\x00" + struct.pack(">I", 1) + option("EXPORT_NAME", EXPORT))
+    put(outdir, "raw-go-sr-meta-read", b"\x00" + GO_SR_META + request("READ", 0, 4096))
+    put(outdir, "raw-bad-flags", b"\x00" + struct.pack(">I", 0xFF))
+    put(outdir, "raw-bad-request-magic", bytes([0x04]) + b"\x25\x60\x95\x14" + b"\0" * 24)
+    put(outdir, "raw-partial-write", bytes([0x04]) + request("WRITE", 0, 4096)[:28 + 100])
+
+
+def lock_seeds(outdir):
+    # (op, arg) pairs: 0 read, 1 write, 2 release, 3 run woken, 4 query.
+    seqs = {
+        "fill-join-release": [0, 0, 0, 0, 2, 0, 4, 0],
+        "write-waiters-fifo": [1, 3, 0, 3, 1, 3, 0, 3, 2, 0, 3, 3, 2, 0, 3, 3, 2, 0],
+        "many-clusters": [1, 0, 1, 1, 0, 2, 0, 3, 1, 8, 0, 9, 2, 1, 2, 0, 3, 3],
+        "contention": [1, 5] * 6 + [0, 5] * 4 + [2, 0, 3, 3] * 8,
+    }
+    for n, s in seqs.items():
+        open(os.path.join(outdir, n), "wb").write(bytes(s))
+
+
+# --- A recording proxy ------------------------------------------------------
+
+def proxy(listen, upstream, prefix):
+    """Relays connections on `listen` to `upstream`, saving what each
+    client sent to prefix-N."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(listen)
+    srv.listen(16)
+    n = 0
+    while True:
+        c, _ = srv.accept()
+        u = socket.socket(socket.AF_UNIX)
+        u.connect(upstream)
+        path = f"{prefix}-{n}"
+        n += 1
+
+        def pump(a, b, rec):
+            f = open(rec, "wb") if rec else None
+            try:
+                while True:
+                    d = a.recv(65536)
+                    if not d:
+                        break
+                    if f:
+                        f.write(d)
+                        f.flush()
+                    b.sendall(d)
+            except OSError:
+                pass
+            finally:
+                if f:
+                    f.close()
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(c, u, path), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c, None), daemon=True).start()
+
+
+def captured(capdir, outdir, hsdir, name):
+    """Turns recorded client bytes into seeds: raw from the first byte."""
+    for i, f in enumerate(sorted(os.listdir(capdir))):
+        data = open(os.path.join(capdir, f), "rb").read()
+        if not data:
+            continue
+        open(os.path.join(outdir, f"captured-{name}-{i}"), "wb").write(b"\x00" + data)
+        open(os.path.join(hsdir, f"captured-{name}-{i}"), "wb").write(b"\x00" + data[:4096])
+        os.remove(os.path.join(capdir, f))
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "seed":
+        seed(*args)
+    elif cmd == "unformat":
+        unformat(*args)
+    elif cmd == "nbd-seeds":
+        nbd_seeds(*args)
+    elif cmd == "lock-seeds":
+        lock_seeds(*args)
+    elif cmd == "proxy":
+        proxy(*args)
+    elif cmd == "captured":
+        captured(*args)
+    else:
+        sys.exit(f"unknown command {cmd}")
+PY
+
+tool() { python3 "$work/tool.py" "$@"; }
+img() { qemu-img create -q -f qcow2 "$@"; }
+io() { local f=$1; shift; qemu-io -f qcow2 "$@" "$f" >/dev/null; }
+
+# --- open_and_read ---------------------------------------------------------
+cd "$work"
+# Backing files as the harness names them. Mostly zeros, so that qemu's
+# copy-on-write of partial clusters stays sparse.
+qemu-img create -q -f raw base.raw 1M
+qemu-io -f raw -c "write -P 0x5a 0 4k" base.raw >/dev/null
+img -o cluster_size=4k -b base.raw -F raw base.qcow2 512k
+io base.qcow2 -c "write -P 0x6b 8k 4k" -c "write -z 16k 4k"
+
+n=0
+save() { # save NAME MODE: store image.qcow2 as seed NAME, raw or sparse
+    tool seed image.qcow2 "$out/open_and_read/$1" "$2"
+    rm -f image.qcow2
+    n=$((n + 1))
+}
+writes() { # a few data, zero and discard operations, cluster size $1
+    local cs=$1
+    io image.qcow2 -c "write -P 0x11 0 4k" -c "write -P 0x22 $((cs * 3 + 17)) 1000" \
+        -c "write -z $((cs * 5)) $cs" -c "discard $((cs * 7)) $cs" \
+        -c "write -P 0x33 $((cs * 9)) 4k" -c "write -P 0x34 $((cs * 20)) 512"
+}
+
+for compat in 0.10 1.1; do
+    v=v3; [ $compat = 0.10 ] && v=v2
+    img -o compat=$compat,cluster_size=4k image.qcow2 1M
+    save $v-c4k-empty raw
+    img -o compat=$compat,cluster_size=4k image.qcow2 1M
+    writes 4096
+    save $v-c4k-data raw
+    img -o compat=$compat,cluster_size=4k -b base.raw -F raw image.qcow2 1M
+    writes 4096
+    save $v-c4k-backing-raw raw
+    img -o compat=$compat,cluster_size=4k -b base.qcow2 -F qcow2 image.qcow2 768k
+    writes 4096
+    save $v-c4k-backing-qcow2 sparse
+    img -o compat=$compat,cluster_size=64k -b base.raw -F raw image.qcow2 8M
+    writes 65536
+    save $v-c64k-backing-raw sparse
+done
+
+# Cluster sizes, from below what backfill takes to the largest.
+for cs in 512 1k 16k 64k 256k 2M; do
+    img -o cluster_size=$cs image.qcow2 16M
+    io image.qcow2 -c "write -P 0x44 0 4k" -c "write -P 0x55 8M 512"
+    save v3-c$cs-data sparse
+done
+img -o cluster_size=2M -b base.raw -F raw image.qcow2 8M
+io image.qcow2 -c "write -P 0x66 2M 4k"
+save v3-c2M-backing-raw sparse
+
+# Extended L2 entries (subclusters).
+for cs in 16k 64k; do
+    img -o cluster_size=$cs,extended_l2=on -b base.raw -F raw image.qcow2 2M
+    io image.qcow2 -c "write -P 0x77 1k 1k" -c "write -z 64k 2k" -c "write -P 0x78 200k 4k"
+    save v3-c$cs-extl2 sparse
+done
+
+# A virtual size that is not a multiple of the cluster size, over a
+# backing file that ends before it.
+img -o cluster_size=4k -b base.raw -F raw image.qcow2 1000000
+io image.qcow2 -c "write -P 0x12 999000 1000" -c "write -P 0x13 4096 4096"
+save v3-c4k-odd-size raw
+
+# Refcount widths.
+for bits in 1 8 32 64; do
+    img -o cluster_size=4k,refcount_bits=$bits image.qcow2 1M
+    io image.qcow2 -c "write -P 0x21 0 8k"
+    save v3-c4k-refcount$bits sparse
+done
+
+# Lazy refcounts, left dirty by a crash (qemu-io's abort).
+img -o cluster_size=4k,lazy_refcounts=on -b base.raw -F raw image.qcow2 1M
+qemu-io -f qcow2 -c "write -P 0x31 0 12k" -c "write -P 0x32 100k 4k" -c abort image.qcow2 \
+    >/dev/null 2>&1 || true
+save v3-c4k-lazy-dirty sparse
+
+# Compressed clusters, zlib and zstd.
+for ct in zlib zstd; do
+    img -o cluster_size=4k,compression_type=$ct image.qcow2 1M
+    io image.qcow2 -c "write -c -P 0x41 0 4k" -c "write -c -P 0x42 16k 4k" -c "write -P 0x43 8k 4k"
+    save v3-c4k-compressed-$ct sparse
+done
+
+# A persistent bitmap (autoclear bit and bitmaps extension).
+img -o cluster_size=4k image.qcow2 1M
+qemu-img bitmap -f qcow2 --add image.qcow2 bm0
+io image.qcow2 -c "write -P 0x51 0 4k"
+save v3-c4k-bitmap sparse
+
+# An internal snapshot (shared clusters with refcount 2, a snapshot table).
+img -o cluster_size=4k image.qcow2 1M
+io image.qcow2 -c "write -P 0x91 0 8k"
+qemu-img snapshot -c snap1 image.qcow2
+io image.qcow2 -c "write -P 0x92 0 4k"
+save v3-c4k-snapshot sparse
+
+# An external data file (which the harness does not provide).
+img -o cluster_size=4k,data_file=image.data image.qcow2 1M
+io image.qcow2 -c "write -P 0x61 0 4k"
+rm -f image.data
+save v3-c4k-data-file sparse
+
+# Preallocated metadata; many L2 tables; a huge virtual size.
+img -o cluster_size=4k,preallocation=metadata image.qcow2 256k
+save v3-c4k-prealloc-metadata sparse
+img -o cluster_size=4k image.qcow2 64M
+for i in $(seq 0 31); do echo "write -P $i $((i * 2 * 1024 * 1024 + i * 4096)) 512"; done |
+    qemu-io -f qcow2 image.qcow2 >/dev/null
+save v3-c4k-scattered sparse
+img -o cluster_size=4k image.qcow2 1T
+io image.qcow2 -c "write -P 0x71 0 4k" -c "write -P 0x72 1023G 4k"
+save v3-c4k-1T sparse
+img -o cluster_size=64k image.qcow2 16T
+io image.qcow2 -c "write -P 0x73 15T 4k"
+save v3-c64k-16T sparse
+
+# A backing file named without its format (as older QEMU wrote it).
+img -o cluster_size=4k -b base.raw -F raw image.qcow2 1M
+io image.qcow2 -c "write -P 0x81 4k 4k"
+tool unformat image.qcow2
+save v3-c4k-backing-probed raw
+img -o compat=0.10,cluster_size=4k -b base.qcow2 -F qcow2 image.qcow2 1M
+tool unformat image.qcow2
+save v2-c4k-backing-probed raw
+
+# Backing names the harness must refuse or cannot open: outside its
+# directory, absolute, a protocol, itself, missing.
+for b in ../outside.raw /etc/hostname nbd://localhost/x missing.raw; do
+    img -o cluster_size=4k -u -b "$b" -F raw image.qcow2 1M
+    save "v3-c4k-backing-$(echo "$b" | tr -c 'a-z0-9\n' '-')" sparse
+done
+img -o cluster_size=4k image.qcow2 1M
+qemu-img rebase -q -u -f qcow2 -b image.qcow2 -F qcow2 image.qcow2
+save v3-c4k-backing-itself sparse
+echo "open_and_read: $n seeds"
+
+# --- NBD ---------------------------------------------------------------------
+tool nbd-seeds "$out/nbd_client_bytes" "$out/nbd_handshake"
+tool lock-seeds "$out/lock_table_ops"
+
+# Real clients, recorded on their way to `backfill serve` serving a disk
+# like the harness's (4 MiB + 1536 bytes, 4 KiB clusters, over a raw backing
+# file). Not qemu-nbd: clients would negotiate extended headers with it,
+# which backfill does not offer, and the recorded requests would not fit.
+(cd "$here/.." && cargo build -q --release -p backfill --bin backfill)
+qemu-img create -q -f raw nbdbase.raw 3M
+img -o cluster_size=4k -b nbdbase.raw -F raw nbd.qcow2 $(((4 << 20) + 1536))
+"$here/../target/release/backfill" serve --socket "$work/up.sock" --export fuzz --cores 1 \
+    nbd.qcow2 >/dev/null &
+pids+=($!)
+mkdir cap
+for _ in $(seq 100); do [ -S up.sock ] && break; sleep 0.1; done
+python3 "$work/tool.py" proxy "$work/proxy.sock" "$work/up.sock" "$work/cap/c" &
+pids+=($!)
+for _ in $(seq 100); do [ -S proxy.sock ] && break; sleep 0.1; done
+uri="nbd+unix:///fuzz?socket=$work/proxy.sock"
+capture() { # capture NAME COMMAND...: run a client, keep what it sent
+    local name=$1
+    shift
+    "$@" >/dev/null 2>&1 || echo "warning: $name: client failed" >&2
+    sleep 0.3 # let the proxy finish writing
+    tool captured cap "$out/nbd_client_bytes" "$out/nbd_handshake" "$name"
+}
+capture nbdinfo nbdinfo "$uri"
+capture nbdinfo-list nbdinfo --list "nbd+unix://?socket=$work/proxy.sock"
+capture nbdinfo-map nbdinfo --map "$uri"
+capture nbdinfo-map-depth nbdinfo --map=qemu:allocation-depth "$uri"
+capture qemu-img-map qemu-img map -f raw --output=json "$uri"
+capture qemu-img-info qemu-img info -f raw "$uri"
+capture nbdcopy nbdcopy --connections=1 --requests=4 "$uri" null:
+capture qemu-io qemu-io -f raw -c "read 0 64k" -c "write -P 0x5a 4k 4k" -c "write -z 64k 64k" \
+    -c "discard 128k 64k" -c "flush" -c "write -P 0x33 $(((4 << 20) + 512)) 1024" \
+    -c "read 3145000 2000" "$uri"
+capture qemu-io-fua qemu-io -f raw -c "write -f -P 0x44 8k 512" -c "write -z -u 16k 8k" \
+    -c "write -z -f 32k 4k" -c "aio_write -P 1 0 4k" -c "aio_read 0 4k" -c "aio_flush" "$uri"
+echo "nbd_client_bytes: $(ls "$out/nbd_client_bytes" | wc -l) files," \
+    "nbd_handshake: $(ls "$out/nbd_handshake" | wc -l)," \
+    "lock_table_ops: $(ls "$out/lock_table_ops" | wc -l)"
+du -sh --apparent-size "$out"/*
