@@ -564,7 +564,16 @@ fn check_counts_persistent_bitmap_clusters() {
     let dir = tempdir("interop-bitmaps");
     let img = dir.path().join("bitmaps.qcow2");
     let img_s = img.to_str().unwrap();
-    qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img_s, "8M"]);
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        img_s,
+        "8M",
+    ]);
     qemu_img(["bitmap", "--add", img_s, "b0"]);
     qemu_img(["bitmap", "--add", "-g", "512", img_s, "b1"]);
     let cmds: Vec<String> = (0..41)
