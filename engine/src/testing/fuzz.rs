@@ -38,20 +38,50 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+/// Scratch directories are named `SCRATCH_PREFIX<kind>-<pid>-<random>`.
+const SCRATCH_PREFIX: &str = "backfill-fuzz-";
+
 /// A directory for scratch files: tmpfs when there is one (fast, and it
 /// takes O_DIRECT), else the system's temporary directory.
-fn scratch_dir(prefix: &str) -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
+///
+/// The harness keeps its scratch directories in statics for the whole
+/// process, and a fuzzer process ends in `exit` or `abort`, which run no
+/// destructors; so each new one first removes those of processes that are
+/// gone (tmpfs is memory).
+fn scratch_dir(kind: &str) -> tempfile::TempDir {
+    let prefix = format!("{SCRATCH_PREFIX}{kind}-{}-", std::process::id());
+    let make = |base: &Path| {
+        remove_stale_scratch(base);
+        tempfile::Builder::new().prefix(&prefix).tempdir_in(base)
     };
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(&base)
-        .or_else(|_| tempfile::Builder::new().prefix(prefix).tempdir())
-        .unwrap_or_else(|e| panic!("fuzz harness: no scratch directory: {e}"))
+    let shm = Path::new("/dev/shm");
+    let tmp = std::env::temp_dir();
+    let dir = if shm.is_dir() {
+        make(shm).or_else(|_| make(&tmp))
+    } else {
+        make(&tmp)
+    };
+    dir.unwrap_or_else(|e| panic!("fuzz harness: no scratch directory: {e}"))
+}
+
+/// Removes the scratch directories in `base` whose process has ended.
+fn remove_stale_scratch(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SCRATCH_PREFIX)) else {
+            continue;
+        };
+        // <kind>-<pid>-<random>
+        let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// Locks a harness mutex; a panic that poisoned it was already reported.
@@ -156,7 +186,7 @@ static IMAGE_SCRATCH: Mutex<Option<ImageScratch>> = Mutex::new(None);
 
 impl ImageScratch {
     fn new() -> ImageScratch {
-        let dir = scratch_dir("backfill-fuzz-image-");
+        let dir = scratch_dir("image");
         let base_raw = dir.path().join(BASE_RAW);
         std::fs::write(&base_raw, pattern(BASE_RAW_LEN))
             .unwrap_or_else(|e| panic!("fuzz harness: writing {}: {e}", base_raw.display()));
@@ -853,7 +883,7 @@ impl Live {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         }
-        let dir = scratch_dir("backfill-fuzz-nbd-");
+        let dir = scratch_dir("nbd");
         let fail = |e: &dyn std::fmt::Display| -> ! { panic!("fuzz harness: nbd server: {e}") };
         std::fs::write(dir.path().join(BASE_RAW), pattern(NBD_BASE_LEN))
             .unwrap_or_else(|e| fail(&e));
