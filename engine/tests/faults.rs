@@ -196,40 +196,6 @@ fn data_end(path: &Path) -> u64 {
 
 // ------------------------------------------------------------------ oracles
 
-/// `qemu-img check`: no corruption and no check errors. Leaked clusters are
-/// allowed (exit status 3): a write that failed for lack of room may leave
-/// the cluster it had reserved. Returns the number of leaks.
-fn check_no_corruption(image: &Path) -> u64 {
-    let out = run_status(
-        "qemu-img",
-        [
-            "check".as_ref(),
-            "--output=json".as_ref(),
-            image.as_os_str(),
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(3)),
-        "qemu-img check {} exited with {} (2 = corruption, 3 = leaks only)\n{stdout}\n{stderr}",
-        image.display(),
-        out.status
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("parsing qemu-img check: {e}\n{stdout}"));
-    for field in ["check-errors", "corruptions"] {
-        let n = report.get(field).and_then(|v| v.as_u64()).unwrap_or(0);
-        assert_eq!(
-            n,
-            0,
-            "qemu-img check {}: {field} = {n}\n{stdout}",
-            image.display()
-        );
-    }
-    report.get("leaks").and_then(|v| v.as_u64()).unwrap_or(0)
-}
-
 /// A write whose outcome is unknown (it failed, or its client vanished
 /// before the reply) left every cluster it touches either as it was or with
 /// the write applied, never a mix (invariant 4). `seen` holds what the disk
@@ -798,17 +764,6 @@ fn file_size_limit_does_not_kill_the_server() {
 }
 
 // ---------------------------------------------------------- vanishing clients
-
-fn encode_request(flags: u16, typ: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut m = Vec::with_capacity(28);
-    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m
-}
 
 /// Runs `f` on a thread and returns its result, or fails after
 /// [`HANG_GUARD`] naming `what` (a hang guard, not a timing assertion).

@@ -137,17 +137,6 @@ fn start(server: &Server) -> Handshake {
     h
 }
 
-fn encode_request(flags: u16, typ: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut m = Vec::with_capacity(28);
-    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m
-}
-
 /// A well-framed but invalid option: one ERR_INVALID (or ERR_UNSUP) reply,
 /// and the connection stays in negotiation.
 #[track_caller]

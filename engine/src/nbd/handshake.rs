@@ -177,31 +177,6 @@ pub fn negotiate<S: Read + Write>(
     }
 }
 
-/// A little reader over option data that fails instead of panicking.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(be32)
-    }
-    /// A string prefixed by its 32-bit length.
-    fn string(&mut self) -> Option<&'a [u8]> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-}
-
 /// NBD_OPT_INFO / NBD_OPT_GO. Returns true when the export was described
 /// (GO then enters transmission).
 fn info(out: &mut Vec<u8>, opt: u32, data: &[u8], export: &Export, structured: bool) -> bool {

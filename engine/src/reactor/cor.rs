@@ -671,16 +671,22 @@ impl<I: Io> Core<I> {
     /// cluster `raw` used, after the commit that makes the entry just
     /// published for `cluster` durable.
     fn release_compressed(&mut self, cluster: u64, raw: u64) {
+        let cb = self.cluster_bits();
+        for c in compressed_host_clusters(raw, cb) {
+            self.release_after_commit(cluster, Release::Shared(c << cb));
+        }
+    }
+
+    /// Queues `release` for after the commit that makes the entry just
+    /// published for `cluster` durable (its L2 block's current generation).
+    fn release_after_commit(&mut self, cluster: u64, release: Release) {
         let key = cluster / BLOCK_ENTRIES as u64;
         let generation = self
             .l2
             .peek(key)
             .expect("published block is cached")
             .generation;
-        let cb = self.cluster_bits();
-        for c in compressed_host_clusters(raw, cb) {
-            self.frees.push((key, generation, Release::Shared(c << cb)));
-        }
+        self.frees.push((key, generation, release));
     }
 
     /// Reads the backing segments in `self.segs` into `buf` for piece `id`,
@@ -1160,13 +1166,7 @@ impl<I: Io> Core<I> {
             L2Entry::Unallocated
         };
         self.publish(cluster, entry)?;
-        let key = cluster / BLOCK_ENTRIES as u64;
-        let generation = self
-            .l2
-            .peek(key)
-            .expect("published block is cached")
-            .generation;
-        self.frees.push((key, generation, Release::Cluster(host)));
+        self.release_after_commit(cluster, Release::Cluster(host));
         Ok(())
     }
 

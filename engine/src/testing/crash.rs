@@ -500,22 +500,15 @@ fn check_read(
     let ack_t = r.ack_t.expect("completed");
     for (i, sector) in data.chunks(SECTOR as usize).enumerate() {
         let lba = r.offset / SECTOR + i as u64;
-        let h = &hist[lba as usize];
-        // The last write that succeeded before the read was submitted.
-        let last = h.iter().rposition(|&w| {
-            let w = &ops[w as usize];
-            w.ok && w.ack_t.is_some_and(|a| a < r.submit_t)
-        });
-        let mut allowed = vec![match last {
-            Some(j) => version_of(h[j] as usize, ops[h[j] as usize].kind),
-            None => initial[lba as usize],
-        }];
-        let from = last.map_or(0, |j| j + 1);
-        for &w in &h[from..] {
-            if ops[w as usize].submit_t < ack_t {
-                allowed.push(version_of(w as usize, ops[w as usize].kind));
-            }
-        }
+        // The last write that succeeded before the read was submitted, or
+        // any write submitted before the read completed.
+        let allowed = allowed_versions(
+            ops,
+            &hist[lba as usize],
+            initial[lba as usize],
+            |w| w.ack_t.is_some_and(|a| a < r.submit_t),
+            |w| w.submit_t < ack_t,
+        );
         let got = decode(sector, lba);
         if !got.is_some_and(|v| allowed.contains(&v)) {
             return Err(format!(
@@ -525,6 +518,33 @@ fn check_read(
         }
     }
     Ok(())
+}
+
+/// The versions one sector may hold: the last of the writes `hist` (in
+/// submission order) that succeeded and is `settled` (or `initial` if none
+/// is), and every later write that is `seen`, failed ones included (a
+/// failed write may have landed in part).
+fn allowed_versions(
+    ops: &[OpRec],
+    hist: &[u32],
+    initial: u32,
+    settled: impl Fn(&OpRec) -> bool,
+    seen: impl Fn(&OpRec) -> bool,
+) -> Vec<u32> {
+    let last = hist.iter().rposition(|&w| {
+        let w = &ops[w as usize];
+        w.ok && settled(w)
+    });
+    let mut allowed = vec![match last {
+        Some(j) => version_of(hist[j] as usize, ops[hist[j] as usize].kind),
+        None => initial,
+    }];
+    for &w in &hist[last.map_or(0, |j| j + 1)..] {
+        if seen(&ops[w as usize]) {
+            allowed.push(version_of(w as usize, ops[w as usize].kind));
+        }
+    }
+    allowed
 }
 
 /// What the engine found in a crash image.
@@ -615,19 +635,14 @@ impl Run {
         disk.close().map_err(|e| format!("close: {e}"))?;
         for (lba, sector) in data.chunks(SECTOR as usize).enumerate() {
             let h = &self.hist[lba];
-            let durable = h.iter().rposition(|&w| {
-                let w = &self.ops[w as usize];
-                w.ok && w.ack_t.is_some_and(|a| a < cut)
-            });
-            let mut allowed = vec![match durable {
-                Some(j) => version_of(h[j] as usize, self.ops[h[j] as usize].kind),
-                None => self.initial[lba],
-            }];
-            for &w in &h[durable.map_or(0, |j| j + 1)..] {
-                if self.ops[w as usize].submit_pos < k {
-                    allowed.push(version_of(w as usize, self.ops[w as usize].kind));
-                }
-            }
+            // The last durable write, or any write submitted before the crash.
+            let allowed = allowed_versions(
+                &self.ops,
+                h,
+                self.initial[lba],
+                |w| w.ack_t.is_some_and(|a| a < cut),
+                |w| w.submit_pos < k,
+            );
             let got = decode(sector, lba as u64);
             if !got.is_some_and(|v| allowed.contains(&v)) {
                 return Err(format!(

@@ -103,31 +103,14 @@ fn pattern(len: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Reads fixed-size fields off the front of fuzz input; `None` at its end.
-struct Input<'a>(&'a [u8]);
+// Fuzz input is read like option data: big-endian fields off the front,
+// `None` at its end.
+use crate::nbd::proto::Cursor as Input;
 
-impl<'a> Input<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u24(&mut self) -> Option<u32> {
-        self.take(3)
-            .map(|b| u32::from_be_bytes([0, b[0], b[1], b[2]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(be32)
-    }
+/// A 24-bit big-endian field.
+fn u24(inp: &mut Input<'_>) -> Option<u32> {
+    inp.take(3)
+        .map(|b| u32::from_be_bytes([0, b[0], b[1], b[2]]))
 }
 
 // ---------------------------------------------------------------------------
@@ -1070,7 +1053,7 @@ fn encode_compact(rest: &[u8], out: &mut Vec<u8>) -> BTreeMap<u64, Sent> {
     let mut read_bytes = 0u64;
     let mut disconnected = false;
     while let (Some(cmd), Some(fl), Some(off), Some(len)) =
-        (inp.u8(), inp.u8(), inp.u24(), inp.u24())
+        (inp.u8(), inp.u8(), u24(&mut inp), u24(&mut inp))
     {
         let kind = u16::from(cmd & 15);
         let len = if kind == CMD_WRITE {

@@ -1070,13 +1070,7 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) {
-        let mut m = Vec::with_capacity(28 + payload.len());
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&typ.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
+        let mut m = encode_request(flags, typ, cookie, offset, len);
         m.extend_from_slice(payload);
         if typ != CMD_DISC {
             let old = self.pending.insert(cookie, Pending { typ, offset, len });
@@ -1476,4 +1470,16 @@ pub fn merge_extents(v: &[(u64, u64, u32)]) -> Vec<(u64, u64, u32)> {
         }
     }
     out
+}
+
+/// The 28 bytes of a request header (doc/proto.md, "Request message").
+pub fn encode_request(flags: u16, typ: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(28);
+    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&typ.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m
 }
