@@ -22,6 +22,7 @@ pub mod entry;
 pub mod header;
 pub mod info;
 pub mod repair;
+pub mod snapshot;
 
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -57,5 +58,7 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table QEMU accepts (8 MiB), for the same reason.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Most internal snapshots QEMU accepts in one image.
+pub const MAX_SNAPSHOTS: u32 = 65536;
 /// Longest backing file name QEMU accepts.
 pub const MAX_BACKING_NAME_LEN: u32 = 1023;
