@@ -460,8 +460,15 @@ impl HttpBacking {
         // met in a row; one more is a server closing fresh connections too.
         let mut stale = 0usize;
         loop {
-            if let Some(e) = self.changed.get() {
-                return Err(e.clone());
+            if let Some(first_report) = self.changed.get() {
+                return Err(HttpError::new(
+                    HttpErrorKind::Changed,
+                    format!(
+                        "{}: the remote image changed since it was opened (not sent: an earlier \
+                         request found it: {first_report})",
+                        self.context(first, last)
+                    ),
+                ));
             }
             let mut lease = self.pool.acquire();
             let result = self.attempt(&mut lease, &mut exchange);
@@ -471,9 +478,8 @@ impl HttpBacking {
                 Err(Failure::Fatal(mut e)) => {
                     e.message = format!("{}: {}", self.context(first, last), e.message);
                     if e.kind == HttpErrorKind::Changed {
-                        // Keep the first report: it says what changed.
+                        // Only the first report is kept: it says what changed.
                         let _ = self.changed.set(e.clone());
-                        return Err(self.changed.get().cloned().unwrap_or(e));
                     }
                     return Err(e);
                 }
@@ -608,6 +614,20 @@ impl HttpBacking {
         let (etag, last_modified) = (owned(head.etag), owned(head.last_modified));
         match head.status {
             206 => {}
+            // An empty file: nothing is satisfiable, not even byte 0, so
+            // servers answer 416 (RFC 9110) or the whole, empty, file (nginx).
+            // Either way no read will ever need a range.
+            416 | 200
+                if head.content_range == Some(ContentRange::Unsatisfied { total: 0 })
+                    || (head.status == 200 && head.content_length == Some(0)) =>
+            {
+                let probe = Probe {
+                    size: 0,
+                    etag,
+                    last_modified,
+                };
+                return Ok((probe, false));
+            }
             200 => {
                 return Err(Failure::Fatal(HttpError::new(
                     HttpErrorKind::RangesUnsupported,
@@ -621,15 +641,6 @@ impl HttpBacking {
                         }
                     ),
                 )))
-            }
-            // An empty file: nothing is satisfiable, not even byte 0.
-            416 if head.content_range == Some(ContentRange::Unsatisfied { total: 0 }) => {
-                let probe = Probe {
-                    size: 0,
-                    etag,
-                    last_modified,
-                };
-                return Ok((probe, false));
             }
             _ => return Err(status_failure(&head)),
         }
