@@ -22,6 +22,9 @@
 //! * `server_closing_keep_alive_connections`: nginx `keepalive_requests 2`
 //!   closes every connection after two requests; reads go on, and no
 //!   request is ever sent on a closed connection.
+//! * `server_closing_idle_connections`: an nginx reload closes the pooled
+//!   idle connection silently; the next read notices before any response
+//!   byte and goes again at once on a new connection, as no retry.
 //! * `connection_refused_at_open`, `not_found_is_not_retried`,
 //!   `server_without_ranges_is_refused`, `retry_after_is_capped`,
 //!   `silent_server_times_out`, `empty_file`: the error policy.
@@ -41,9 +44,10 @@ use nginx_common::{make_test_ca, Nginx, TlsFiles};
 
 /// A directory with nginx serving `www/` below it.
 struct Site {
-    _dir: tempfile::TempDir,
-    www: PathBuf,
+    // Fields drop in this order: nginx must stop before its directory goes.
     nginx: Nginx,
+    www: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Site {
@@ -53,9 +57,9 @@ impl Site {
         std::fs::create_dir_all(&www).unwrap();
         let nginx = Nginx::start(&dir.path().join("nginx"), &www, server_extra, tls);
         Site {
-            _dir: dir,
-            www,
             nginx,
+            www,
+            _dir: dir,
         }
     }
 
@@ -350,6 +354,33 @@ fn server_closing_keep_alive_connections() {
     assert_eq!(stats.requests, READS + 1);
     assert_eq!(stats.retries, 0);
     assert_eq!(stats.connections_opened, (READS + 1).div_ceil(2));
+}
+
+#[test]
+fn server_closing_idle_connections() {
+    let mut rng = Rng::new(seed_from_env("server_closing_idle_connections"));
+    let mut site = Site::start("http-idle", "", None);
+    let len = MIB + 5;
+    let data = site.put_random("disk.raw", len, rng.next_u64());
+    let opts = HttpOptions {
+        max_connections: 1,
+        ..quick_options()
+    };
+    let backing = open(&site.url("disk.raw"), opts);
+    check_read(&backing, &data, 0, 4096);
+    // The pooled connection is idle; the old worker closes it silently.
+    site.nginx.reload_and_wait_for_old_workers();
+    for _ in 0..5 {
+        let n = rng.range(1, 64 * KIB);
+        check_read(&backing, &data, rng.below(len - n), n as usize);
+    }
+    let stats = backing.stats();
+    // The first read after the reload met the closed connection before any
+    // byte of a response, and went again at once on a new connection: one
+    // extra request, no retry counted, no backoff.
+    assert_eq!(stats.requests, 1 + 1 + 1 + 5, "{stats:?}");
+    assert_eq!(stats.retries, 0);
+    assert_eq!(stats.connections_opened, 2);
 }
 
 #[test]

@@ -329,6 +329,12 @@ impl fmt::Debug for HttpBacking {
     }
 }
 
+/// `read_at` is called from many fetch threads at once.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<HttpBacking>();
+};
+
 /// What the open probe learned.
 struct Probe {
     size: u64,

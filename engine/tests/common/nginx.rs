@@ -66,7 +66,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// A running nginx. Killed (and reaped) on drop.
+/// A running nginx, stopped (and reaped) on drop, which must come before
+/// its directory is removed: stopping goes through the pid file.
 pub struct Nginx {
     child: Child,
     pub port: u16,
@@ -145,6 +146,56 @@ impl Nginx {
         Err(false)
     }
 
+    /// Reloads the configuration (`nginx -s reload`) and waits until the
+    /// old worker processes have exited. A worker that is told to stop
+    /// closes its idle keep-alive connections at once, without a word to
+    /// the client, and exits when it has no connection left: when this
+    /// returns, every idle connection to the server has been closed by it.
+    pub fn reload_and_wait_for_old_workers(&mut self) {
+        let master = self.child.id();
+        let old = children_of(master);
+        assert!(!old.is_empty(), "nginx master {master} has no worker");
+        if let Err(e) = self.signal("reload") {
+            panic!("nginx -s reload: {e}");
+        }
+        for _ in 0..READY_ATTEMPTS {
+            if old
+                .iter()
+                .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            {
+                return;
+            }
+            std::thread::sleep(READY_POLL);
+        }
+        panic!(
+            "nginx's old workers {old:?} did not exit after a reload; error log:\n{}",
+            self.error_log()
+        );
+    }
+
+    /// `nginx -s SIGNAL` for this server (through its pid file).
+    fn signal(&self, signal: &str) -> Result<(), String> {
+        let out = Command::new(nginx_binary())
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg(self.dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(self.dir.join("logs/error.log"))
+            .arg("-g")
+            .arg(format!(
+                "daemon off; pid {};",
+                self.dir.join("nginx.pid").display()
+            ))
+            .args(["-s", signal])
+            .output()
+            .map_err(|e| e.to_string())?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+
     /// The URL of `path` (relative to the server's root, no leading slash).
     pub fn url(&self, path: &str) -> String {
         let scheme = if self.https { "https" } else { "http" };
@@ -159,11 +210,47 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SIGKILL to the master only: its workers notice the parent's death
-        // and exit on their own; their sockets close with them.
+        // `nginx -s stop` (SIGTERM to the master), which stops its workers
+        // and waits for them before it exits. Killing the master outright
+        // would leave the workers running, orphaned.
+        if self.child.try_wait().ok().flatten().is_none() && self.signal("stop").is_ok() {
+            for _ in 0..READY_ATTEMPTS {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(READY_POLL);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The processes whose parent is `pid` (from /proc/*/stat).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses,
+        // so the fields are counted from the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|f| f.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
 }
 
 /// A port of 127.0.0.1 that was free a moment ago.

@@ -144,7 +144,10 @@ pub fn parse_head(head: &[u8]) -> Result<Head<'_>, String> {
     // A body whose length we do not know ends when the connection closes
     // (RFC 9112 section 6.3), so such a connection cannot be reused either.
     let delimited = h.chunked || h.content_length.is_some();
-    h.keep_alive = delimited && !close && (!http10 || keep_alive_token);
+    // Both framings at once is how request smuggling starts: chunked wins
+    // (RFC 9112 section 6.3), and the connection is not trusted again.
+    let ambiguous = h.chunked && h.content_length.is_some();
+    h.keep_alive = delimited && !ambiguous && !close && (!http10 || keep_alive_token);
     Ok(h)
 }
 
@@ -312,6 +315,9 @@ mod tests {
         assert!(!head("HTTP/1.1 206 x\r\n\r\n").unwrap().keep_alive);
         let h = head("HTTP/1.1 206 x\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(h.keep_alive && h.chunked);
+        let h = head("HTTP/1.1 206 x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
+        let h = h.unwrap();
+        assert!(h.chunked && !h.keep_alive);
         // No reason phrase at all is legal.
         assert_eq!(head("HTTP/1.1 503\r\n\r\n").unwrap().status, 503);
     }
