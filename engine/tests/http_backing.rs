@@ -12,8 +12,10 @@
 //!   three connections; every byte agrees and no more than three
 //!   connections are ever opened.
 //! * `https_with_a_private_ca`: nginx with a certificate from a CA made by
-//!   `openssl`; trusted through the CA-file option, refused without it
-//!   (a TLS error, not retried).
+//!   `openssl`, for 127.0.0.1 and localhost; trusted through the CA-file
+//!   option (by address and by name), refused without it (a TLS error, not
+//!   retried).
+//! * `ipv6_literal`: `http://[::1]:PORT/` against nginx listening on ::1.
 //! * `replaced_file_is_a_clear_error` and
 //!   `replaced_file_is_caught_by_last_modified`: a new file renamed over the
 //!   old one makes the next read fail with "the remote image changed",
@@ -224,6 +226,14 @@ fn https_with_a_private_ca() {
     }
     assert_eq!(backing.stats().retries, 0);
 
+    // By name: resolution, and the certificate checked against the name.
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let opts = HttpOptions {
+        ca_file: Some(ca.clone()),
+        ..quick_options()
+    };
+    check_read(&open(&by_name, opts), &data, len - 100, 100);
+
     // Without the CA the server's certificate is refused, once, clearly.
     let err = HttpBacking::open(&url, quick_options()).unwrap_err();
     eprintln!("expected error: {err}");
@@ -354,6 +364,21 @@ fn server_closing_keep_alive_connections() {
     assert_eq!(stats.requests, READS + 1);
     assert_eq!(stats.retries, 0);
     assert_eq!(stats.connections_opened, (READS + 1).div_ceil(2));
+}
+
+#[test]
+fn ipv6_literal() {
+    let mut rng = Rng::new(seed_from_env("ipv6_literal"));
+    let site = Site::start("http-ipv6", "listen [::1]:{PORT};", None);
+    let len = MIB + 1;
+    let data = site.put_random("disk.raw", len, rng.next_u64());
+    let url = format!("http://[::1]:{}/disk.raw", site.nginx.port);
+    let backing = open(&url, quick_options());
+    assert_eq!(backing.size(), len);
+    for _ in 0..20 {
+        let n = rng.range(1, 128 * KIB);
+        check_read(&backing, &data, rng.below(len), n as usize);
+    }
 }
 
 #[test]

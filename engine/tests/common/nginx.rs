@@ -78,7 +78,8 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx serving the files under `root`, with `server_extra`
     /// (directives inside the `server` block, e.g. `keepalive_requests 2;`
-    /// or `location ...`) and TLS when `tls` is given. `dir` holds its
+    /// or `location ...`; `{PORT}` in it stands for the port, e.g. for
+    /// `listen [::1]:{PORT};`) and TLS when `tls` is given. `dir` holds its
     /// configuration, logs and temporary files.
     pub fn start(dir: &Path, root: &Path, server_extra: &str, tls: Option<&TlsFiles>) -> Nginx {
         let nginx = nginx_binary();
@@ -301,7 +302,8 @@ http {{
     }}
 }}
 "#,
-        root = root.display()
+        root = root.display(),
+        server_extra = server_extra.replace("{PORT}", &port.to_string()),
     )
 }
 
