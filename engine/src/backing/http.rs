@@ -748,12 +748,21 @@ impl HttpBacking {
         Ok(((), keep_alive))
     }
 
-    /// The pinned validator, for messages.
-    fn pinned(&self) -> String {
-        match &self.validator {
-            Some(Validator::ETag(tag)) => format!("ETag {tag}"),
-            Some(Validator::LastModified(date)) => format!("Last-Modified {date}"),
-            None => "no validator".into(),
+    /// The pinned validator, for messages (formatted only when one is made).
+    fn pinned(&self) -> Pinned<'_> {
+        Pinned(self.validator.as_ref())
+    }
+}
+
+/// Names a pinned validator in messages.
+struct Pinned<'a>(Option<&'a Validator>);
+
+impl fmt::Display for Pinned<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(Validator::ETag(tag)) => write!(f, "ETag {tag}"),
+            Some(Validator::LastModified(date)) => write!(f, "Last-Modified {date}"),
+            None => f.write_str("no validator"),
         }
     }
 }

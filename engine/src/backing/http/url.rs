@@ -55,6 +55,8 @@ pub struct Url {
     pub target: String,
     /// The URL as given, without its fragment: what messages show.
     text: String,
+    /// The value of the `Host` header, made once.
+    host_header: String,
 }
 
 impl Url {
@@ -88,23 +90,25 @@ impl Url {
                 "the path contains byte {bad:#04x}, which must be percent-encoded"
             ));
         }
+        let host_header = if port == scheme.default_port() {
+            host.to_string()
+        } else {
+            format!("{host}:{port}")
+        };
         Ok(Url {
             scheme,
             host,
             port,
             target,
             text: text.to_string(),
+            host_header,
         })
     }
 
     /// The value of the `Host` header: the host, and the port unless it is
     /// the scheme's default.
-    pub fn host_header(&self) -> String {
-        if self.port == self.scheme.default_port() {
-            self.host.to_string()
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+    pub fn host_header(&self) -> &str {
+        &self.host_header
     }
 }
 
