@@ -71,8 +71,8 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
 pub enum ConnectError {
     /// The network: refused, reset, unreachable, timed out. Worth retrying.
     Io(io::Error),
-    /// Name resolution found nothing, or TLS refused the peer (a bad
-    /// certificate, no common protocol). Retrying will not help.
+    /// TLS refused the peer (a bad certificate, no common protocol), or
+    /// the name resolved to no address. Retrying will not help.
     Fatal(String),
 }
 
@@ -135,9 +135,13 @@ impl Conn {
         let addrs: Vec<SocketAddr> = match &url.host {
             Host::V4(ip) => vec![SocketAddr::from((*ip, url.port))],
             Host::V6(ip) => vec![SocketAddr::from((*ip, url.port))],
+            // A failed lookup may be a passing resolver failure: it is
+            // retried like a refused connection (and as boundedly).
             Host::Name(name) => (name.as_str(), url.port)
                 .to_socket_addrs()
-                .map_err(|e| ConnectError::Fatal(format!("resolving {name}: {e}")))?
+                .map_err(|e| {
+                    ConnectError::Io(io::Error::new(e.kind(), format!("resolving {name}: {e}")))
+                })?
                 .collect(),
         };
         let mut last_err = None;
