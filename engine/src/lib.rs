@@ -27,6 +27,7 @@ pub mod nbd;
 pub mod qcow2;
 mod reactor;
 pub mod router;
+pub mod stream;
 pub mod testing;
 pub mod tools;
 
@@ -35,3 +36,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use qcow2::check::{check, CheckReport};
 pub use qcow2::create::{create, Compat, CreateOptions};
 pub use qcow2::info::{info, ImageInfo};
+pub use stream::{Stream, StreamEnd, StreamOptions, StreamProgress, StreamState};

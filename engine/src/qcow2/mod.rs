@@ -22,6 +22,7 @@ pub mod entry;
 pub mod header;
 pub mod info;
 pub mod repair;
+pub mod standalone;
 
 #[cfg(test)]
 pub(crate) mod testutil;
