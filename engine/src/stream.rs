@@ -50,8 +50,11 @@ use std::time::{Duration, Instant};
 
 /// Default bytes per populate request.
 pub const CHUNK_BYTES: u64 = 1 << 20;
-/// Default populate requests in flight while clients are idle.
-pub const WINDOW: usize = 16;
+/// Default populate requests in flight while clients are idle. Each is 16
+/// fills of 64 KiB clusters; with 16 requests (16 MiB) in flight a local
+/// disk was visibly underused (1 GiB streamed at 285-373 MiB/s, against
+/// 347-435 MiB/s with 32, in one noisy session), and 64 gained nothing.
+pub const WINDOW: usize = 32;
 /// Default populate requests in flight while clients have requests in flight.
 pub const BUSY_WINDOW: usize = 2;
 /// Bytes of the disk whose block status one scan asks for (in chunks).
