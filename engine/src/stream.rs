@@ -29,7 +29,7 @@
 //!   completes.
 //! - **Rate limit.** A token bucket over bytes submitted, refilled at the
 //!   limit and holding at most one chunk: a request goes when its bytes are
-//!   covered. Changing the limit restarts the bucket.
+//!   covered. A new limit applies from the next request.
 //! - **Zero detection** comes with the fill: backing data that is all zero
 //!   becomes a zero cluster (compat 1.1 images), not data.
 //! - **Resumable.** Progress lives in the image: a new stream (after a
@@ -347,9 +347,9 @@ struct Driver {
     cancelled: bool,
     error: Option<Error>,
     rate: Option<u64>,
-    /// Token bucket: when the current limit took effect, bytes sent since.
-    bucket_start: Instant,
-    bucket_bytes: u64,
+    /// Token bucket of the rate limit: bytes that may go now, as of when.
+    tokens: f64,
+    bucket_at: Instant,
     started: Instant,
     /// (when, populated_bytes) samples for the rate shown.
     samples: VecDeque<(Instant, u64)>,
@@ -364,6 +364,7 @@ impl Driver {
         shown: Arc<Shown>,
     ) -> Driver {
         let now = Instant::now();
+        let chunk = opts.chunk_bytes;
         Driver {
             rate: opts.rate_bytes_per_sec,
             disk,
@@ -379,8 +380,8 @@ impl Driver {
             paused: false,
             cancelled: false,
             error: None,
-            bucket_start: now,
-            bucket_bytes: 0,
+            tokens: chunk as f64,
+            bucket_at: now,
             started: now,
             samples: VecDeque::new(),
         }
@@ -475,18 +476,20 @@ impl Driver {
                 continue;
             };
             if let Some(rate) = self.rate {
-                // Tokens: the limit times the time since it took effect,
-                // plus one chunk of burst.
-                let elapsed = self.bucket_start.elapsed().as_secs_f64();
-                let allowed = rate as f64 * elapsed + self.opts.chunk_bytes as f64;
-                let want = (self.bucket_bytes + len) as f64;
-                if want > allowed {
-                    let secs = (want - allowed) / rate as f64;
+                // The bucket fills at the limit and holds one chunk at most,
+                // so that time spent paused or held back by clients is not
+                // saved up for a burst later.
+                let now = Instant::now();
+                let dt = now.duration_since(self.bucket_at).as_secs_f64();
+                self.bucket_at = now;
+                self.tokens = (self.tokens + rate as f64 * dt).min(self.opts.chunk_bytes as f64);
+                if self.tokens < len as f64 {
+                    let secs = (len as f64 - self.tokens) / rate as f64;
                     return Ok(Some(Duration::from_secs_f64(secs.min(1.0))));
                 }
+                self.tokens -= len as f64;
             }
             self.queue.pop_front();
-            self.bucket_bytes += len;
             self.in_flight += 1;
             let tx = self.tx.clone();
             self.disk.submit_populate_with(off, len, move |r| {
@@ -559,11 +562,7 @@ impl Driver {
             Event::Pause => self.paused = true,
             Event::Resume => self.paused = false,
             Event::Cancel => self.cancelled = true,
-            Event::Rate(r) => {
-                self.rate = r;
-                self.bucket_start = Instant::now();
-                self.bucket_bytes = 0;
-            }
+            Event::Rate(r) => self.rate = r,
         }
     }
 
