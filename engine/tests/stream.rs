@@ -28,7 +28,8 @@
 //!   header rewrite (a crash between any two) opens in qemu-img and in the
 //!   engine, checks clean and reads the same bytes.
 //! * `cli_stream_*`, `serve_stream_*`: `backfill stream` (with `--rate`,
-//!   `--keep-backing`, and SIGKILL midway then a second run) and
+//!   `--keep-backing`, SIGINT midway, and SIGKILL midway then a second
+//!   run, which ends with `qemu-img check` clean) and
 //!   `backfill serve --stream` with NBD clients reading and writing.
 
 mod common;
@@ -673,6 +674,41 @@ fn cli_stream_killed_midway_resumes() {
     compare_identical(&f.overlay, &f.base);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("backing file dropped"), "{stdout}");
+}
+
+#[test]
+fn cli_stream_sigint_cancels_cleanly() {
+    let size = 32 * MIB;
+    let f = fixture("stream-sigint", size, &[], 16);
+    let mut child = backfill_cmd()
+        .args(["stream", "--rate", "4M", "--cores", "2"])
+        .arg(&f.overlay)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .next()
+        .expect("a progress line")
+        .expect("reading stderr");
+    assert!(line.starts_with("stream: "), "{line}");
+    // SAFETY: kill(2) has no memory effects; the child is not reaped yet, so
+    // its pid cannot have been reused.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{rest:?}");
+    let last = rest.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("backfill: ") && last.contains("cancelled") && last.contains("resume"),
+        "{rest:?}"
+    );
+    // Closed cleanly, the backing file still there, the work kept.
+    check_clean(&f.overlay);
+    assert!(info_json(&f.overlay).get("backing-filename").is_some());
+    let held = backfill::info(&f.overlay).unwrap().overlay_data_bytes;
+    assert!(held > 0 && held < size, "{held}");
 }
 
 #[test]
