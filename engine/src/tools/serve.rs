@@ -48,7 +48,11 @@ pub const STREAM_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_
 /// then, and at the end the summary on stdout (scripts wait for the line
 /// starting with `streamed `), or the error on stderr; serving goes on
 /// either way.
-fn watch_stream(path: PathBuf, stream: Arc<Stream>) -> std::thread::JoinHandle<()> {
+fn watch_stream(
+    path: PathBuf,
+    stream: Arc<Stream>,
+    has_backing: bool,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let last = loop {
             let p = stream.wait_until_timeout(STREAM_LINE_INTERVAL, |p| p.state.is_stopped());
@@ -64,9 +68,16 @@ fn watch_stream(path: PathBuf, stream: Arc<Stream>) -> std::thread::JoinHandle<(
                 let end = StreamEnd::Finished {
                     backing_dropped: last.backing_dropped,
                 };
+                let text = if has_backing {
+                    crate::tools::stream::summary(&path, &last, end)
+                } else {
+                    format!(
+                        "streamed {}: no backing file, nothing to stream",
+                        path.display()
+                    )
+                };
                 let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{}", crate::tools::stream::summary(&path, &last, end))
-                    .and_then(|_| out.flush());
+                let _ = writeln!(out, "{text}").and_then(|_| out.flush());
             }
         }
     })
@@ -140,7 +151,8 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
                 keep_backing: s.keep_backing,
                 ..StreamOptions::default()
             })?);
-            Some((stream.clone(), watch_stream(path.to_path_buf(), stream)))
+            let watcher = watch_stream(path.to_path_buf(), stream.clone(), disk.has_backing());
+            Some((stream, watcher))
         }
         _ => None,
     };
