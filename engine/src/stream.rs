@@ -515,7 +515,7 @@ impl Driver {
         let extents = self
             .disk
             .block_status(start, end - start)
-            .map_err(|e| e.context("streaming: looking up what the overlay holds"))?;
+            .map_err(|e| e.context("streaming: looking up where the disk's data lives"))?;
         // Ranges that read from the backing chain, widened to clusters
         // (the stretch starts on a cluster boundary) and merged.
         let mut ranges: Vec<(u64, u64)> = Vec::new();

@@ -22,6 +22,10 @@
 //!   next one fetches only the rest.
 //! * `pause_resume_and_rate`: pausing, changing the rate and resuming ends
 //!   in a finished stream.
+//! * `a_broken_backing_image_fails_the_stream_clearly`: a backing L2 entry
+//!   past the end of its file fails the stream with an error naming the
+//!   range and the cause; the disk keeps serving, the image stays clean
+//!   and keeps its backing file.
 //! * `keep_backing_keeps_the_reference`: the header still names the
 //!   backing file, and `qemu-img map` finds everything in the overlay.
 //! * `every_header_rewrite_prefix_opens`: the image after each write of the
@@ -553,6 +557,66 @@ fn every_header_rewrite_prefix_opens() {
         assert_standalone(&copy);
         check_clean(&copy);
     }
+}
+
+#[test]
+fn a_broken_backing_image_fails_the_stream_clearly() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempdir("stream-broken");
+    let size = 4 * MIB;
+    let mid = dir.path().join("mid.qcow2");
+    create_qcow2(&mid, size, C64, Compat::V3, None);
+    qemu_io(&mid, "qcow2", &["write -P 0x11 0 1M".into()]);
+    // Point L2 entry 3 of the backing image past the end of its file.
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&mid)
+        .unwrap();
+    let mut b = [0u8; 8];
+    file.read_exact_at(&mut b, 40).unwrap();
+    let l1 = be(&b);
+    file.read_exact_at(&mut b, l1).unwrap();
+    let l2 = be(&b) & 0x00ff_ffff_ffff_fe00;
+    let past = round_up(file.metadata().unwrap().len(), C64) + 16 * C64;
+    file.write_all_at(&(past | 1 << 63).to_be_bytes(), l2 + 3 * 8)
+        .unwrap();
+    drop(file);
+    let overlay = dir.path().join("overlay.qcow2");
+    create_qcow2(
+        &overlay,
+        size,
+        C64,
+        Compat::V3,
+        Some(&Backing {
+            name: "mid.qcow2".into(),
+            format: "qcow2",
+        }),
+    );
+    let disk = open(&overlay, options(2, true, false));
+    let s = disk.stream(StreamOptions::default()).unwrap();
+    let last = s.wait_until(|p| p.state.is_stopped());
+    let e = s
+        .wait()
+        .expect_err("a stream over a broken backing image fails");
+    assert_eq!(last.state, StreamState::Failed);
+    let msg = e.to_string();
+    assert_eq!(last.error.as_deref(), Some(msg.as_str()));
+    assert!(
+        msg.starts_with("streaming: ")
+            && msg.contains("mid.qcow2")
+            && msg.contains("guest offset 0x30000")
+            && msg.contains("past the end of the file"),
+        "{msg}"
+    );
+    // The disk keeps serving what it can.
+    let mut buf = vec![0u8; 4096];
+    disk.read_at(&mut buf, 2 * MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    disk.close().unwrap();
+    check_clean(&overlay);
+    assert_eq!(info_json(&overlay)["backing-filename"], "mid.qcow2");
 }
 
 #[test]
