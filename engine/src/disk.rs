@@ -620,6 +620,122 @@ impl Disk {
         self.submit_cb(ReqKind::Status, offset, len, Vec::new(), false, cb)
     }
 
+    /// Copies the unallocated clusters of `[offset, offset + len)` (widened
+    /// to whole clusters) from the backing chain into the overlay, like
+    /// copy-on-read without returning data, and calls `done` (on a reactor
+    /// thread) once their write-backs have landed: the clusters are then in
+    /// the overlay, durable after the next flush. Clusters the overlay holds
+    /// are not fetched; all-zero data becomes zero clusters. Client writes
+    /// win as with copy-on-read. Needs copy-on-read on a writable disk.
+    /// These requests are not counted in `Stats::in_flight`, which streaming
+    /// reads as the clients' load.
+    pub fn submit_populate_with<F>(&self, offset: u64, len: u64, done: F)
+    where
+        F: FnOnce(Result<()>) + Send + 'static,
+    {
+        if !self.inner.shared.copy_on_read && self.inner.shared.chain.is_some() {
+            done(Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{}: populating needs copy-on-read on a writable disk",
+                    self.inner.shared.meta.path
+                ),
+            )));
+            return;
+        }
+        let check = self
+            .check_open()
+            .and_then(|_| self.check_range(offset, len))
+            .and_then(|_| self.inner.shared.meta.check_writable());
+        let parts = self.parts(offset, len);
+        let req = Request::with_callback(
+            ReqKind::Populate,
+            Vec::new(),
+            parts.max(1),
+            unit(done),
+            None,
+            false,
+        );
+        if let Err(e) = check {
+            req.finish_part(Some(e));
+        } else if parts == 0 {
+            req.finish_part(None);
+        } else {
+            self.send(req, offset, len);
+        }
+    }
+
+    /// [`Disk::submit_populate_with`], blocking until done.
+    pub fn populate(&self, offset: u64, len: u64) -> Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.submit_populate_with(offset, len, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::ShuttingDown, "the disk is closed")))
+    }
+
+    /// Client requests in flight (`Stats::in_flight`, without the cost of
+    /// summing the other counters): the streaming job's measure of load.
+    pub(crate) fn client_in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the image was opened with a backing chain.
+    pub fn has_backing(&self) -> bool {
+        self.inner.shared.chain.is_some()
+    }
+
+    /// The image's path as given to `open`.
+    pub fn path(&self) -> &str {
+        &self.inner.shared.meta.path
+    }
+
+    /// Makes the image standalone: checks that no byte of the disk still
+    /// reads from a backing image (every range is data or zero in the
+    /// overlay, or reads as zeros in the backing chain too, which an
+    /// unallocated cluster without a backing file also does: qcow2.rst),
+    /// flushes, then rewrites the header without the backing reference
+    /// (crash-safe; see `qcow2::standalone`). Fails with `InvalidInput`,
+    /// changing nothing, if data is still missing. Returns whether the
+    /// header changed. This handle keeps reading through its chain until it
+    /// closes, which gives the same bytes; the next open has no backing.
+    pub fn drop_backing(&self) -> Result<bool> {
+        self.check_open()?;
+        self.inner.shared.meta.check_writable()?;
+        let size = self.size();
+        let step = 1u64 << 30;
+        let mut pos = 0;
+        while pos < size {
+            let n = step.min(size - pos);
+            for e in self.block_status(pos, n)? {
+                if let ExtentKind::Backing { zero: false, .. } = e.kind {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "{}: cannot drop the backing file: {} bytes at offset {} still read from it",
+                            self.path(),
+                            e.len,
+                            e.offset
+                        ),
+                    ));
+                }
+            }
+            pos += n;
+        }
+        // Every L2 entry found above is durable before the header stops
+        // naming the backing file.
+        self.flush()?;
+        self.inner.shared.meta.drop_backing_reference()
+    }
+
+    /// Starts streaming: a background job that populates the whole overlay
+    /// from the backing chain, then (unless `opts.keep_backing`) drops the
+    /// backing reference. See [`crate::stream`].
+    pub fn stream(&self, opts: crate::stream::StreamOptions) -> Result<crate::stream::Stream> {
+        crate::stream::Stream::start(self.clone(), opts)
+    }
+
     /// Checks, splits and sends a request whose completion calls `cb`.
     fn submit_cb(
         &self,

@@ -28,6 +28,7 @@ pub mod qcow2;
 mod reactor;
 pub mod resize;
 pub mod router;
+pub mod stream;
 pub mod testing;
 pub mod tools;
 
@@ -37,3 +38,4 @@ pub use qcow2::check::{check, CheckReport};
 pub use qcow2::create::{create, Compat, CreateOptions};
 pub use qcow2::info::{info, ImageInfo};
 pub use resize::{resize, ResizeReport};
+pub use stream::{Stream, StreamEnd, StreamOptions, StreamProgress, StreamState};

@@ -581,6 +581,36 @@ impl Meta {
         Ok(())
     }
 
+    /// Drops the backing file reference from the header on disk (see
+    /// `qcow2::standalone` for the order of the writes and why each state
+    /// in between opens correctly), each write followed by an fdatasync.
+    /// Returns whether anything changed. The caller makes sure first that
+    /// the overlay no longer needs its backing chain and that this is
+    /// durable. The in-memory `header` keeps the old reference: it is only
+    /// read at open.
+    pub fn drop_backing_reference(&self) -> Result<bool> {
+        self.check_writable()?;
+        // Under the allocator lock: growing the refcount table also writes
+        // (other bytes of) the header and syncs.
+        let _a = self.lock();
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(e, format!("{}: stat", self.path)))?
+            .len();
+        let mut area = vec![0u8; self.cluster_size().min(len) as usize];
+        self.file
+            .read_exact_at(&mut area, 0)
+            .map_err(|e| Error::io(e, format!("{}: reading the header", self.path)))?;
+        let header = Header::parse(&area, len, &self.path)?;
+        let plan = qcow2::standalone::drop_backing_plan(&area, &header);
+        for w in &plan {
+            self.pwrite(&w.bytes, w.offset, "dropping the backing file reference")?;
+            self.sync("dropping the backing file reference")?;
+        }
+        Ok(!plan.is_empty())
+    }
+
     /// Frees clusters handed back by the cores, shrinks the file if its tail
     /// is free, and syncs. Called once, after every core has stopped.
     pub fn close(&self) -> Result<()> {

@@ -6,7 +6,7 @@
 //! `backfill: <message>` on stderr and exit 1; `check` exits with its
 //! report's code instead (0 clean, 2 corrupt, 3 leaks).
 
-use backfill::tools::{bench, convert, create, demo, info, serve, units};
+use backfill::tools::{bench, convert, create, demo, info, serve, stream, units};
 use backfill::CacheMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -122,6 +122,34 @@ enum Command {
         /// Refuse backing files outside DIR (for images someone else supplied).
         #[arg(long, value_name = "DIR")]
         backing_dir: Option<PathBuf>,
+        /// Stream the backing data into the overlay while serving (client
+        /// I/O first), at most RATE bytes/s (e.g. 50M) if given; the backing
+        /// file is dropped from the header at the end.
+        #[arg(
+            long,
+            value_name = "RATE",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = ""
+        )]
+        stream: Option<String>,
+        /// With --stream: keep the backing file reference at the end.
+        #[arg(long, requires = "stream")]
+        keep_backing: bool,
+        filename: PathBuf,
+    },
+    /// Populate the whole overlay from its backing chain, then drop the
+    /// backing file from the header (resumable: run it again after a stop).
+    Stream {
+        /// At most this many bytes per second (e.g. 50M).
+        #[arg(long, value_name = "BYTES/s")]
+        rate: Option<String>,
+        /// Keep the backing file reference at the end.
+        #[arg(long)]
+        keep_backing: bool,
+        /// Reactor threads (default: all cores).
+        #[arg(long, value_name = "N")]
+        cores: Option<usize>,
         filename: PathBuf,
     },
     /// Check an image's consistency; exit 0 clean, 2 corrupt, 3 leaked clusters.
@@ -196,6 +224,17 @@ fn main() -> ExitCode {
             eprintln!("backfill: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A rate in bytes per second, with qemu size suffixes (`50M` is 50 MiB/s).
+fn parse_rate(text: &str) -> Result<u64, backfill::Error> {
+    match units::parse_size(text)? {
+        0 => Err(backfill::Error::new(
+            backfill::ErrorKind::InvalidInput,
+            format!("rate {text:?} must be at least 1 byte/s"),
+        )),
+        n => Ok(n),
     }
 }
 
@@ -292,8 +331,21 @@ fn run(command: Command) -> Outcome {
             no_copy_on_read,
             cores,
             backing_dir,
+            stream,
+            keep_backing,
             filename,
         } => {
+            let stream = match stream.as_deref() {
+                None => None,
+                Some("") => Some(serve::StreamWhileServing {
+                    rate_bytes_per_sec: None,
+                    keep_backing,
+                }),
+                Some(rate) => Some(serve::StreamWhileServing {
+                    rate_bytes_per_sec: Some(parse_rate(rate)?),
+                    keep_backing,
+                }),
+            };
             let listen = match (socket, listen) {
                 (Some(p), _) => serve::Listen::Unix(p),
                 (None, Some(a)) => serve::Listen::Tcp(a),
@@ -306,8 +358,23 @@ fn run(command: Command) -> Outcome {
                 copy_on_read: !no_copy_on_read,
                 cores,
                 backing_dir,
+                stream,
             };
             serve::serve(&filename, &opts)?;
+            Ok(0)
+        }
+        Command::Stream {
+            rate,
+            keep_backing,
+            cores,
+            filename,
+        } => {
+            let args = stream::StreamArgs {
+                rate_bytes_per_sec: rate.as_deref().map(parse_rate).transpose()?,
+                keep_backing,
+                cores,
+            };
+            println!("{}", stream::stream(&filename, &args)?);
             Ok(0)
         }
         Command::Check { repair, filename } => {

@@ -23,6 +23,7 @@ pub mod header;
 pub mod info;
 pub mod repair;
 pub mod snapshot;
+pub mod standalone;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -142,6 +142,8 @@ pub struct Fill {
     got: u64,
     /// Compressed backing clusters the reads fetch.
     inflates: Vec<Inflate>,
+    /// Populate pieces waiting for this fill's write-back (not its data).
+    populators: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -314,6 +316,9 @@ impl<I: Io> Core<I> {
     fn deliver(&self, id: usize, data: &[u8]) {
         let p = &self.pieces[id];
         let req = &self.parts[p.part].req;
+        if req.kind == ReqKind::Populate {
+            return; // Populate returns no data.
+        }
         let mut buf = req.buf.lock().unwrap_or_else(|e| e.into_inner());
         let o = p.buf_off as usize;
         buf[o..o + data.len()].copy_from_slice(data);
@@ -322,6 +327,9 @@ impl<I: Io> Core<I> {
     fn deliver_zeros(&self, id: usize) {
         let p = &self.pieces[id];
         let req = &self.parts[p.part].req;
+        if req.kind == ReqKind::Populate {
+            return; // Populate returns no data.
+        }
         let mut buf = req.buf.lock().unwrap_or_else(|e| e.into_inner());
         let o = p.buf_off as usize;
         buf[o..o + p.len as usize].fill(0);
@@ -719,6 +727,7 @@ impl<I: Io> Core<I> {
             ReqKind::Read => self.run_read(id),
             ReqKind::Write | ReqKind::Zero | ReqKind::Discard => self.run_write(id),
             ReqKind::Status => self.run_status(id),
+            ReqKind::Populate => self.run_populate(id),
             k => unreachable!("{k:?} has no pieces"),
         };
         if let Err(e) = r {
@@ -804,6 +813,56 @@ impl<I: Io> Core<I> {
         }
     }
 
+    /// A populate piece: a cluster the overlay lacks is filled from the
+    /// backing chain (joining a fill in flight, if any) and the piece
+    /// finishes when the fill's write-back has landed; anything the
+    /// overlay holds already finishes at once, with no I/O.
+    fn run_populate(&mut self, id: usize) -> Result<()> {
+        let cluster = self.pieces[id].cluster;
+        let Some(raw) = self.lookup(id, cluster) else {
+            return Ok(());
+        };
+        if self.decode(raw?)? != L2Entry::Unallocated || self.shared.chain.is_none() {
+            self.finish_piece(id, Ok(()));
+            return Ok(());
+        }
+        if !self.shared.copy_on_read || !self.writable() {
+            self.shared.meta.check_writable()?;
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{}: populating needs copy-on-read on a writable disk",
+                    self.shared.meta.path
+                ),
+            ));
+        }
+        match self.locks.holder(cluster) {
+            Some(Holder::Fill(fid)) => {
+                self.fills[fid].populators.push(id);
+                Ok(())
+            }
+            Some(Holder::Write) => {
+                // Run again when the write is done: it allocates the cluster.
+                self.locks.wait(cluster, id);
+                Ok(())
+            }
+            None => {
+                // Started as the fill's reader (which a cluster allocated
+                // nowhere in the chain finishes at once), then moved to
+                // wait for the write-back instead of the data.
+                self.start_fill(id)?;
+                if let Some(Holder::Fill(fid)) = self.locks.holder(cluster) {
+                    let f = &mut self.fills[fid];
+                    if let Some(i) = f.readers.iter().position(|&r| r == id) {
+                        f.readers.swap_remove(i);
+                        f.populators.push(id);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn start_fill(&mut self, id: usize) -> Result<()> {
         let cluster = self.pieces[id].cluster;
         let base = cluster << self.cluster_bits();
@@ -831,6 +890,7 @@ impl<I: Io> Core<I> {
             fetched: 0,
             got: 0,
             inflates: Vec::new(),
+            populators: Vec::new(),
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
@@ -923,6 +983,7 @@ impl<I: Io> Core<I> {
             for r in readers {
                 self.finish_piece(r, Err(e.clone()));
             }
+            self.fills[fid].error = Some(e);
             self.release_fill(fid);
             return;
         }
@@ -943,15 +1004,17 @@ impl<I: Io> Core<I> {
         if self.version() >= 3 && buf.as_slice().iter().all(|&b| b == 0) {
             // Zero detection keeps the overlay sparse.
             drop(buf);
-            if self.publish(cluster, L2Entry::Zero { host: None }).is_ok() {
-                self.bump(|s| &s.cor_zero_fills, 1);
+            match self.publish(cluster, L2Entry::Zero { host: None }) {
+                Ok(()) => self.bump(|s| &s.cor_zero_fills, 1),
+                Err(e) => self.fills[fid].error = Some(e),
             }
             self.release_fill(fid);
             return;
         }
         let host = match self.alloc_cluster() {
             Ok(h) => h,
-            Err(_) => {
+            Err(e) => {
+                self.fills[fid].error = Some(e);
                 self.bump(|s| &s.writeback_errors, 1);
                 drop(buf);
                 self.release_fill(fid);
@@ -971,19 +1034,55 @@ impl<I: Io> Core<I> {
 
     fn fill_written(&mut self, fid: usize) {
         let f = &mut self.fills[fid];
-        let (cluster, host, err) = (f.cluster, f.host, f.error.take());
+        let (cluster, host, err) = (f.cluster, f.host, f.error.is_some());
         // A failed write-back loses only copy-on-read work (the reserved
-        // cluster leaks); the readers were answered already.
-        if err.is_none() && self.publish(cluster, L2Entry::Data { host }).is_ok() {
+        // cluster leaks); the readers were answered already. Its error
+        // stays in the fill for the populate pieces that wait for it.
+        let published = if err {
+            Ok(())
+        } else {
+            self.publish(cluster, L2Entry::Data { host })
+        };
+        if !err && published.is_ok() {
             self.bump(|s| &s.cor_fills, 1);
         } else {
             self.bump(|s| &s.writeback_errors, 1);
+        }
+        if let Err(e) = published {
+            self.fills[fid].error = Some(e);
         }
         self.release_fill(fid);
     }
 
     fn release_fill(&mut self, fid: usize) {
-        let f = self.fills.remove(fid);
+        let mut f = self.fills.remove(fid);
+        if !f.populators.is_empty() {
+            // A populate piece succeeds once the cluster is in the overlay
+            // (data or a zero cluster): its block is still pinned, so the
+            // cached entry is the published one.
+            let key = f.cluster / BLOCK_ENTRIES as u64;
+            let idx = (f.cluster % BLOCK_ENTRIES as u64) as usize;
+            let raw = self.l2.peek(key).expect("fill pins its block").entries[idx];
+            let result = if raw != 0 {
+                Ok(())
+            } else {
+                Err(f.error.take().unwrap_or_else(|| {
+                    let why = self.shared.meta.check_writable().err();
+                    why.unwrap_or_else(|| {
+                        Error::new(
+                            ErrorKind::Io,
+                            format!(
+                                "{}: cluster {} was not written into the overlay",
+                                self.shared.meta.path, f.cluster
+                            ),
+                        )
+                    })
+                }))
+            };
+            for p in std::mem::take(&mut f.populators) {
+                self.finish_piece(p, result.clone());
+            }
+        }
         self.live_fills.remove(&f.seq);
         // Flushes that waited for this fill (and every older one) may go.
         let oldest = self.live_fills.first().copied().unwrap_or(u64::MAX);

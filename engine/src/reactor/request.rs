@@ -24,6 +24,10 @@ pub enum ReqKind {
     Discard,
     /// Block status query.
     Status,
+    /// Populate: copy-on-read the range's unallocated clusters into the
+    /// overlay without returning data; completes once their write-backs
+    /// landed (the streaming job's request).
+    Populate,
     /// Flush: every core commits and syncs.
     Flush,
     /// Close: flush, hand back reserved clusters, stop.

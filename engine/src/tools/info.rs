@@ -62,6 +62,14 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
         )?;
     }
     if !info.backing_chain.is_empty() {
+        // What `backfill stream` still has to fetch.
+        let left = info.backing_bytes;
+        writeln!(
+            out,
+            "Streaming: {:.1}% populated ({} still read from the backing chain)",
+            percent(whole - left.min(whole), whole),
+            format_size(left)
+        )?;
         writeln!(out, "Backing chain:")?;
         for (depth, backing) in info.backing_chain.iter().enumerate() {
             writeln!(

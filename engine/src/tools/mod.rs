@@ -18,6 +18,7 @@ pub mod demo;
 pub mod inflight;
 pub mod info;
 pub mod serve;
+pub mod stream;
 pub mod units;
 
 use crate::Stats;

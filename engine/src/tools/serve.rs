@@ -3,11 +3,13 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Config, Listener, Server};
+use crate::stream::{Stream, StreamEnd, StreamOptions, StreamState};
 use crate::{Disk, Options};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where to listen.
 #[derive(Debug, Clone)]
@@ -28,6 +30,57 @@ pub struct ServeOptions {
     pub cores: Option<usize>,
     /// Refuse backing files outside this directory.
     pub backing_dir: Option<PathBuf>,
+    /// Stream the backing data into the overlay while serving.
+    pub stream: Option<StreamWhileServing>,
+}
+
+/// `serve --stream[=RATE] [--keep-backing]`.
+#[derive(Debug, Clone, Default)]
+pub struct StreamWhileServing {
+    pub rate_bytes_per_sec: Option<u64>,
+    pub keep_backing: bool,
+}
+
+/// How often `serve --stream` prints a progress line on stderr.
+pub const STREAM_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs a stream beside the server: a progress line on stderr now and
+/// then, and at the end the summary on stdout (scripts wait for the line
+/// starting with `streamed `), or the error on stderr; serving goes on
+/// either way.
+fn watch_stream(
+    path: PathBuf,
+    stream: Arc<Stream>,
+    has_backing: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let last = loop {
+            let p = stream.wait_until_timeout(STREAM_LINE_INTERVAL, |p| p.state.is_stopped());
+            if p.state.is_stopped() {
+                break p;
+            }
+            eprintln!("stream: {}", crate::tools::stream::progress_text(&p));
+        };
+        match (&last.state, &last.error) {
+            (StreamState::Failed, Some(e)) => eprintln!("backfill: stream failed: {e}"),
+            (StreamState::Cancelled, _) => {}
+            _ => {
+                let end = StreamEnd::Finished {
+                    backing_dropped: last.backing_dropped,
+                };
+                let text = if has_backing {
+                    crate::tools::stream::summary(&path, &last, end)
+                } else {
+                    format!(
+                        "streamed {}: no backing file, nothing to stream",
+                        path.display()
+                    )
+                };
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{text}").and_then(|_| out.flush());
+            }
+        }
+    })
 }
 
 /// Serves `path` until a signal stops it. Prints `serving PATH at URI` on
@@ -41,6 +94,12 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     };
     if let Some(n) = opts.cores {
         o.cores = n;
+    }
+    if opts.stream.is_some() && (opts.read_only || !opts.copy_on_read) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--stream needs a writable disk with copy-on-read (not --read-only or --no-copy-on-read)",
+        ));
     }
     // A write past RLIMIT_FSIZE (`ulimit -f`, systemd's LimitFSIZE=) raises
     // SIGXFSZ, whose default action kills the process: every client would
@@ -84,9 +143,29 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
             .and_then(|_| out.flush())
             .map_err(|e| Error::io(e, "writing to stdout"))?;
     }
+    // After the ready line, so that it is the first line on stdout.
+    let stream = match &opts.stream {
+        Some(s) => {
+            let stream = Arc::new(disk.stream(StreamOptions {
+                rate_bytes_per_sec: s.rate_bytes_per_sec,
+                keep_backing: s.keep_backing,
+                ..StreamOptions::default()
+            })?);
+            let watcher = watch_stream(path.to_path_buf(), stream.clone(), disk.has_backing());
+            Some((stream, watcher))
+        }
+        _ => None,
+    };
     let result = server.run();
     handle.close();
     let _ = waiter.join();
+    if let Some((stream, watcher)) = stream {
+        // A stream still running is cancelled (its work so far is flushed);
+        // it ends before the disk closes.
+        stream.cancel();
+        let _ = watcher.join();
+        drop(stream);
+    }
     drop(server);
     let closed = disk.close();
     result.and(closed).map_err(|e| match e.kind() {

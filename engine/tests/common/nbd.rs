@@ -332,6 +332,29 @@ impl Server {
         Some(status)
     }
 
+    /// The next line the server prints on stdout after its ready line
+    /// (empty if it closed stdout), within the hang guard.
+    pub fn read_stdout_line(&mut self) -> String {
+        let mut reader = self.stdout.take().expect("stdout already consumed");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = reader.read_line(&mut line).map(|_| line);
+            let _ = tx.send((r, reader));
+        });
+        match rx.recv_timeout(HANG_GUARD) {
+            Ok((Ok(line), reader)) => {
+                self.stdout = Some(reader);
+                line
+            }
+            Ok((Err(e), _)) => panic!("reading the server's stdout: {e}"),
+            Err(_) => panic!(
+                "backfill serve printed no line on stdout within {HANG_GUARD:?}\nstderr:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
     /// What the server wrote on stderr so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
