@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::entry::refcount_set;
-use super::header::{l1_entries_needed, qemu_feature_table, Header, V3_HEADER_LEN};
+use super::header::{
+    l1_entries_needed, qemu_feature_table, Header, INCOMPAT_EXTL2, MIN_EXTL2_CLUSTER_BITS,
+    V3_HEADER_LEN,
+};
 use super::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, QCOW_MAGIC};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -59,6 +62,10 @@ pub struct CreateOptions {
     /// Bytes; a power of two from 4 KiB to 2 MiB.
     pub cluster_size: u32,
     pub compat: Compat,
+    /// Extended L2 entries (`extended_l2=on`): 32 subclusters per cluster,
+    /// so copy-on-read and writes allocate subclusters, not whole clusters.
+    /// Needs compat 1.1 and clusters of at least 16 KiB, as in qemu-img.
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -69,6 +76,7 @@ impl Default for CreateOptions {
             backing_format: None,
             cluster_size: 64 * 1024,
             compat: Compat::V3,
+            extended_l2: false,
         }
     }
 }
@@ -176,7 +184,20 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         .checked_next_multiple_of(512)
         .filter(|s| *s <= i64::MAX as u64)
         .ok_or_else(|| invalid(format!("size {size} is too large")))?;
-    let l1_size = l1_entries_needed(size, cluster_bits);
+    if opts.extended_l2 {
+        if opts.compat != Compat::V3 {
+            return Err(invalid(
+                "extended L2 entries need compat=1.1 (qcow2 version 3)".into(),
+            ));
+        }
+        if cluster_bits < MIN_EXTL2_CLUSTER_BITS {
+            return Err(invalid(format!(
+                "extended L2 entries need a cluster size of at least {} bytes",
+                1u64 << MIN_EXTL2_CLUSTER_BITS
+            )));
+        }
+    }
+    let l1_size = l1_entries_needed(size, cluster_bits, opts.extended_l2);
     if l1_size * 8 > MAX_L1_BYTES {
         return Err(invalid(format!(
             "size {size} is too large for {cs}-byte clusters (L1 table would exceed {} MiB; \
@@ -223,7 +244,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         refcount_table_clusters: rt_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: if opts.extended_l2 { INCOMPAT_EXTL2 } else { 0 },
         compatible_features: 0,
         autoclear_features: 0,
         refcount_order: 4,
@@ -378,6 +399,7 @@ mod tests {
                             backing_format: backing.filter(|_| n % 2 == 0).map(|b| b.1.to_string()),
                             cluster_size: cs,
                             compat,
+                            extended_l2: false,
                         };
                         create(&img, &opts).unwrap();
                         let (rc, text) = qemu_check(&img);

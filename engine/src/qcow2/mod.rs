@@ -27,7 +27,10 @@ pub mod repair;
 pub(crate) mod testutil;
 
 pub use compress::{compressed_data, compressed_host_clusters, decompress, CompressionType};
-pub use entry::{decode_l1, decode_l2, encode_l1, encode_l2, refcount_get, refcount_set, L2Entry};
+pub use entry::{
+    decode_l1, decode_l2, decode_l2_ext, encode_l1, encode_l2, encode_l2_ext, refcount_get,
+    refcount_set, sub_mask, ExtL2, L2Entry, SubState, SUBCLUSTERS,
+};
 pub use header::{l1_entries_needed, Extension, Header};
 
 /// "QFI\xfb": the first four bytes of every qcow2 image.
