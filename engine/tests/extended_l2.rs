@@ -111,7 +111,7 @@ fn qemu_images_read_like_qemu() {
             );
             let disk = open(&top, options(2, false, true));
             assert_same_bytes(
-                &read_all(&disk, 1 * MIB),
+                &read_all(&disk, MIB),
                 &expected,
                 &format!("{what}, as a backing layer"),
             );
@@ -301,6 +301,13 @@ fn create_makes_extended_overlays() {
     );
     assert_eq!(info["cluster-size"], 128 * KIB, "{info}");
     check_clean(&img);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"))
+        .arg("info")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("extended l2: true"), "backfill info:\n{text}");
 
     // qemu-io writes a subcluster (4 KiB of 128 KiB clusters); backfill
     // reads it, and the backing data around it.

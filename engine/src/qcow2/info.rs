@@ -48,6 +48,8 @@ pub struct ImageInfo {
     pub compat: String,
     pub dirty: bool,
     pub corrupt: bool,
+    /// L2 entries with subcluster bitmaps (`extended_l2=on`).
+    pub extended_l2: bool,
     /// The backing chain, nearest first.
     pub backing_chain: Vec<BackingInfo>,
     /// Virtual bytes the overlay holds as data.
@@ -83,6 +85,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         compat: h.compat_name().into(),
         dirty: h.is_dirty(),
         corrupt: h.is_corrupt(),
+        extended_l2: h.extended_l2(),
         backing_chain: Vec::new(),
         overlay_data_bytes: 0,
         overlay_zero_bytes: 0,

@@ -21,6 +21,9 @@
 //!   write completed, because entries are published only on completion and
 //!   the snapshot is taken when the sync is issued.
 //!
+//! With extended L2 entries (subclusters) the same steps run on parts of a
+//! cluster: see [`subcluster`].
+//!
 //! **Invariant 4** (reads are whole): an entry is published only after its
 //! cluster's data write completed, so a reader that finds it allocated reads
 //! complete data; a reader that finds it unallocated reads backing data or
@@ -257,7 +260,7 @@ impl<I: Io> Core<I> {
             let stop = if kind == ReqKind::Status {
                 // One L2 block at most (a stripe holds two with extended entries).
                 let bc = self.block_clusters();
-                end.min((cluster / bc + 1) * bc << self.cluster_bits())
+                end.min(((cluster / bc + 1) * bc) << self.cluster_bits())
             } else {
                 end.min((cluster + 1) * cs)
             };
