@@ -104,7 +104,8 @@ pub struct BlockStatus {
 /// Counters, summed over all cores.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
-    /// Clusters whose backing data copy-on-read wrote into the overlay.
+    /// Clusters whose backing data copy-on-read wrote into the overlay (with
+    /// extended L2 entries: runs of subclusters, each fill one run).
     /// Counted when the write-back lands, which is after the read returned
     /// (a `flush` waits for the write-backs in flight).
     pub cor_fills: u64,

@@ -12,6 +12,10 @@
 //! waits and lands after it; a fill that starts after a write re-reads the L2
 //! entry under the lock and finds the cluster allocated.
 //!
+//! Images with extended L2 entries (subclusters) are locked per cluster
+//! too: a fill or write of some subclusters holds the whole cluster (see
+//! `reactor::cor::subcluster` for why).
+//!
 //! Waiters are woken all at once on release, in arrival order, and re-run
 //! their step from the L2 lookup: a reader that waited behind a write usually
 //! finds the cluster allocated and needs no lock at all.

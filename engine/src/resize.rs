@@ -37,8 +37,9 @@ use crate::backing::Chain;
 use crate::disk::{Disk, Options};
 use crate::error::{Error, ErrorKind, Result};
 use crate::meta::Meta;
+use crate::qcow2::entry::decode_l2_at;
 use crate::qcow2::header::{l1_entries_needed, Header};
-use crate::qcow2::{decode_l2, encode_l2, L2Entry, MAX_L1_BYTES};
+use crate::qcow2::{encode_l2, encode_l2_ext, ExtL2, L2Entry, MAX_L1_BYTES, SUBCLUSTERS};
 
 /// Header offsets (qcow2.rst): virtual size, L1 size and L1 offset.
 const HDR_SIZE: u64 = 24;
@@ -83,7 +84,7 @@ pub fn resize(path: impl AsRef<Path>, new_size: u64) -> Result<ResizeReport> {
     if new_size == old_size {
         return Ok(report);
     }
-    let l1_needed = l1_entries_needed(new_size, header.cluster_bits);
+    let l1_needed = l1_entries_needed(new_size, header.cluster_bits, header.extended_l2());
     if l1_needed * 8 > MAX_L1_BYTES {
         return Err(invalid(format!(
             "{name}: {new_size} bytes is too large for {}-byte clusters (the L1 table would \
@@ -249,13 +250,19 @@ fn zero_new_area(
     let cs = header.cluster_size();
     let cluster_bits = header.cluster_bits;
     let version = header.version;
-    let per_l2 = cs / 8;
+    let ext = header.extended_l2();
+    let entry_bytes = header.l2_entry_bytes() as usize;
+    let per_l2 = header.l2_entries();
     let meta_file = file
         .try_clone()
         .map_err(|e| Error::io(e, format!("{name}: dup")))?;
     let meta = Meta::open(name, header, meta_file, false)?;
     let mut replaced = Vec::new();
     let mut new_l1 = Vec::new();
+    let zeros = |at: u64, len: u64| {
+        file.write_all_at(&vec![0u8; len as usize], at)
+            .map_err(|e| Error::io(e, format!("{name}: zeroing past the old end at {at:#x}")))
+    };
 
     let first_cluster = old_size / cs;
     let end_cluster = zero_end.div_ceil(cs);
@@ -270,39 +277,83 @@ fn zero_new_area(
                 .map_err(|e| Error::io(e, format!("{name}: reading an L2 table at {off:#x}")))?;
         }
         for cc in c..stop {
-            let at = ((cc % per_l2) * 8) as usize;
-            let raw = u64::from_be_bytes(table[at..at + 8].try_into().expect("8 bytes"));
-            let entry = decode_l2(raw, version, cs)?;
-            if cc * cs < old_size {
-                // The partial last cluster: zero its tail in place.
-                if let L2Entry::Data { host } = entry {
-                    let tail = old_size - cc * cs;
-                    let zeros = vec![0u8; (cs - tail) as usize];
-                    file.write_all_at(&zeros, host + tail).map_err(|e| {
-                        Error::io(e, format!("{name}: zeroing past the old end at {host:#x}"))
-                    })?;
+            let idx = (cc % per_l2) as usize;
+            let at = idx * entry_bytes;
+            let (_, e) = decode_l2_at(&table, idx, version, cs, ext)?;
+            let new = if cc * cs < old_size {
+                // The partial last cluster (a data or zero cluster of the
+                // overlay): zero its bytes past the old end.
+                let tail = old_size - cc * cs;
+                if !ext {
+                    if let L2Entry::Data { host } = e.entry {
+                        zeros(host + tail, cs - tail)?;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let new = if version >= 3 {
-                L2Entry::Zero { host: None }
+                // Subclusters wholly past the old end read as zeros; the
+                // one the old end cuts has its tail zeroed if allocated.
+                let sc = cs / u64::from(SUBCLUSTERS);
+                let cut = (tail / sc) as u32;
+                let past = if tail.is_multiple_of(sc) {
+                    cut
+                } else {
+                    cut + 1
+                };
+                if past > cut && e.alloc & (1 << cut) != 0 {
+                    let host = e.host().expect("allocated subclusters have a host");
+                    zeros(host + tail, u64::from(past) * sc - tail)?;
+                }
+                let mask = if past >= SUBCLUSTERS {
+                    0
+                } else {
+                    u32::MAX << past
+                };
+                ExtL2 {
+                    entry: e.entry,
+                    alloc: e.alloc & !mask,
+                    zero: e.zero | mask,
+                }
             } else {
-                // No zero flag in version 2: a fresh cluster from past the
-                // end of the file reads as zeros without being written.
-                L2Entry::Data {
-                    host: meta.reserve(1)? << cluster_bits,
+                // Whole clusters past the old end: zeros.
+                match e.entry {
+                    L2Entry::Data { host } | L2Entry::Zero { host: Some(host) } => {
+                        replaced.push(host)
+                    }
+                    // Past the old end nothing reads it; its clusters stay in
+                    // use (shared ones too): leaked at worst, never corrupt.
+                    L2Entry::Compressed(_) | L2Entry::Unallocated | L2Entry::Zero { .. } => {}
+                }
+                if ext {
+                    ExtL2 {
+                        entry: L2Entry::Unallocated,
+                        alloc: 0,
+                        zero: u32::MAX,
+                    }
+                } else if version >= 3 {
+                    ExtL2 {
+                        entry: L2Entry::Zero { host: None },
+                        alloc: 0,
+                        zero: u32::MAX,
+                    }
+                } else {
+                    // No zero flag in version 2: a fresh cluster from past the
+                    // end of the file reads as zeros without being written.
+                    ExtL2 {
+                        entry: L2Entry::Data {
+                            host: meta.reserve(1)? << cluster_bits,
+                        },
+                        alloc: u32::MAX,
+                        zero: 0,
+                    }
                 }
             };
-            match entry {
-                L2Entry::Data { host } | L2Entry::Zero { host: Some(host) } => replaced.push(host),
-                L2Entry::Compressed(_) => {
-                    // Past the old end nothing reads it; its clusters stay
-                    // in use (shared ones too) and `check` will count them
-                    // as leaked at worst, never as corrupt.
-                }
-                _ => {}
+            if ext {
+                let (raw, bitmap) = encode_l2_ext(&new);
+                table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
+                table[at + 8..at + 16].copy_from_slice(&bitmap.to_be_bytes());
+            } else {
+                table[at..at + 8].copy_from_slice(&encode_l2(&new.entry).to_be_bytes());
             }
-            table[at..at + 8].copy_from_slice(&encode_l2(&new).to_be_bytes());
         }
         match table_off {
             Some(off) => {

@@ -1,7 +1,8 @@
 //! The router: which core owns which byte of the disk.
 //!
 //! The disk is cut into stripes of one 4 KiB block of L2 entries (512
-//! clusters), dealt to the cores round-robin. One core therefore owns whole
+//! clusters; two blocks with 16-byte extended L2 entries), dealt to the
+//! cores round-robin. One core therefore owns whole
 //! on-disk L2 blocks and is the only writer of each: no two cores ever write
 //! the same metadata block, and each core's L2 cache is authoritative for
 //! its blocks. A request that crosses stripes is split into parts, one per

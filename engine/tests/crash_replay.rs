@@ -125,6 +125,52 @@ fn crash_replay() {
     assert!(total >= budget.min(1000), "only {total} crash points");
 }
 
+/// The same replay on overlays with extended L2 entries: subcluster fills
+/// and writes into host clusters allocated once, 2 KiB subclusters (64 KiB
+/// clusters: fills and writes move 4 KiB granules of two) and 512-byte ones
+/// (16 KiB clusters). Fewer crash points (`BACKFILL_CRASH_POINTS_EXTL2`,
+/// default 160), to keep CI short.
+#[test]
+fn crash_replay_extended_l2() {
+    let _serial = serial();
+    require_tool("qemu-img");
+    let seed = seed_from_env("crash_replay_extended_l2");
+    let budget = env_u64("BACKFILL_CRASH_POINTS_EXTL2", 160) as usize;
+    let cfgs = [
+        Config {
+            seed,
+            cluster_size: 65536,
+            extended_l2: true,
+            disk_bytes: (6 << 20) + 3 * 512,
+            backing_bytes: (5 << 20) + 512,
+            ..Config::default()
+        },
+        Config {
+            seed: seed.wrapping_add(1),
+            cluster_size: 16384,
+            extended_l2: true,
+            cores: 1,
+            ..Config::default()
+        },
+    ];
+    let mut total = 0;
+    for cfg in &cfgs {
+        let dir = tempdir("crash-replay-extl2");
+        let run = crash::run(dir.path(), cfg).unwrap_or_else(|e| panic!("{e}"));
+        let (points, leaky) = replay(&run, budget / cfgs.len());
+        total += points;
+        eprintln!(
+            "crash_replay_extended_l2: seed {:#x}, {} KiB clusters: {} ops ({} reads checked), {} journal entries; {points} crash points checked, {leaky} with leaks, 0 corrupt",
+            cfg.seed,
+            cfg.cluster_size / 1024,
+            run.report.ops,
+            run.report.reads_checked,
+            run.report.journal_entries,
+        );
+    }
+    assert!(total >= budget.min(150), "only {total} crash points");
+}
+
 /// The checker must reject what a crash must never leave, or a green run
 /// means nothing: here, an image that lost writes a completed flush had
 /// made durable (the journal's entries dropped), and one whose written
@@ -172,6 +218,9 @@ fn simulated_faults() {
             seed: base.wrapping_add(i),
             ops: 300,
             cores: 1 + (i % 2) as usize,
+            // Every fourth seed on an overlay with extended L2 entries.
+            cluster_size: if i % 4 == 3 { 65536 } else { 4096 },
+            extended_l2: i % 4 == 3,
             faults: Faults {
                 backing_eio_ppm: 50_000,
                 backing_short_ppm: 50_000,

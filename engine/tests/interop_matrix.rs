@@ -1,8 +1,9 @@
 //! The interop matrix: images made by `qemu-img create` and `qemu-img
 //! convert -c` with every combination of cluster size (4K, 64K, 2M),
 //! compat (0.10, 1.1), refcount_bits (1, 16, 64), compression_type (none,
-//! zlib, zstd), lazy_refcounts (off, on), with and without a backing image,
-//! filled with `qemu-io` patterns, zero writes and discards.
+//! zlib, zstd), lazy_refcounts (off, on), extended_l2 (off, on), with and
+//! without a backing image, filled with `qemu-io` patterns, zero writes and
+//! discards.
 //!
 //! For each image:
 //! 1. `qemu-img check` finds it clean (qemu made it right);
@@ -15,8 +16,9 @@
 //!    to the reference.
 //!
 //! Combinations qemu-img itself refuses to make are listed, not skipped
-//! silently: compat 0.10 has only 16-bit refcounts, no lazy refcounts and
-//! no zstd.
+//! silently: compat 0.10 has only 16-bit refcounts, no lazy refcounts, no
+//! zstd and no extended L2 entries, which also need clusters of 16 KiB or
+//! more.
 
 mod common;
 
@@ -37,18 +39,20 @@ struct Case {
     refcount_bits: u64,
     compression: Compression,
     lazy: bool,
+    extended_l2: bool,
     backing: bool,
 }
 
 impl Case {
     fn name(&self) -> String {
         format!(
-            "c{}k-{}-rc{}-{:?}-{}-{}",
+            "c{}k-{}-rc{}-{:?}-{}-{}-{}",
             self.cluster / KIB,
             if self.v2 { "v2" } else { "v3" },
             self.refcount_bits,
             self.compression,
             if self.lazy { "lazy" } else { "strict" },
+            if self.extended_l2 { "extl2" } else { "l2" },
             if self.backing { "backed" } else { "plain" }
         )
         .to_lowercase()
@@ -63,6 +67,9 @@ impl Case {
         );
         if self.lazy {
             o.push_str(",lazy_refcounts=on");
+        }
+        if self.extended_l2 {
+            o.push_str(",extended_l2=on");
         }
         match self.compression {
             Compression::Zstd => o.push_str(",compression_type=zstd"),
@@ -80,20 +87,33 @@ fn cases(cluster: u64) -> Vec<Case> {
         for refcount_bits in [1, 16, 64] {
             for compression in [Compression::None, Compression::Zlib, Compression::Zstd] {
                 for lazy in [false, true] {
-                    for backing in [false, true] {
-                        // qemu-img: compat 0.10 has 16-bit refcounts only,
-                        // no lazy refcounts, no compression type field.
-                        if v2 && (refcount_bits != 16 || lazy || compression == Compression::Zstd) {
-                            continue;
+                    for extended_l2 in [false, true] {
+                        for backing in [false, true] {
+                            // qemu-img: compat 0.10 has 16-bit refcounts
+                            // only, no lazy refcounts, no compression type
+                            // field, no extended L2 entries; those need
+                            // clusters of 16 KiB or more.
+                            if v2
+                                && (refcount_bits != 16
+                                    || lazy
+                                    || extended_l2
+                                    || compression == Compression::Zstd)
+                            {
+                                continue;
+                            }
+                            if extended_l2 && cluster < 16 * KIB {
+                                continue;
+                            }
+                            out.push(Case {
+                                cluster,
+                                v2,
+                                refcount_bits,
+                                compression,
+                                lazy,
+                                extended_l2,
+                                backing,
+                            });
                         }
-                        out.push(Case {
-                            cluster,
-                            v2,
-                            refcount_bits,
-                            compression,
-                            lazy,
-                            backing,
-                        });
                     }
                 }
             }

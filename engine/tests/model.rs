@@ -71,6 +71,8 @@ struct Config {
     /// completions delayed by up to 8 loop turns and reordered) instead of
     /// io_uring.
     simulated: bool,
+    /// An overlay with extended L2 entries (subclusters).
+    extended_l2: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -745,7 +747,22 @@ fn run_epoch(
         name: path_str(backing_path),
         format: "raw",
     };
-    create_qcow2(overlay, size, cfg.cluster, cfg.compat, Some(&b));
+    if cfg.extended_l2 {
+        backfill::create(
+            overlay,
+            &backfill::CreateOptions {
+                size: Some(size),
+                backing: Some(b.name.clone()),
+                backing_format: Some("raw".into()),
+                cluster_size: cfg.cluster as u32,
+                extended_l2: true,
+                ..backfill::CreateOptions::default()
+            },
+        )
+        .expect("creating an overlay with extended L2 entries");
+    } else {
+        create_qcow2(overlay, size, cfg.cluster, cfg.compat, Some(&b));
+    }
     let mut committed = backing.to_vec();
     committed.resize(size as usize, 0);
 
@@ -875,6 +892,7 @@ fn model_64k_two_cores() {
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
         simulated: false,
+        extended_l2: false,
     });
 }
 
@@ -888,6 +906,7 @@ fn model_4k_two_cores() {
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
         simulated: false,
+        extended_l2: false,
     });
 }
 
@@ -901,6 +920,7 @@ fn model_64k_all_cores_writeback() {
         cache: CacheMode::Writeback,
         metadata_cache_bytes: 0,
         simulated: false,
+        extended_l2: false,
     });
 }
 
@@ -916,6 +936,7 @@ fn model_4k_tiny_metadata_cache() {
         cache: CacheMode::None,
         metadata_cache_bytes: 1,
         simulated: false,
+        extended_l2: false,
     });
 }
 
@@ -931,6 +952,7 @@ fn model_4k_two_cores_simulated() {
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
         simulated: true,
+        extended_l2: false,
     });
 }
 
@@ -946,6 +968,40 @@ fn model_64k_compat_v2() {
         cache: CacheMode::None,
         metadata_cache_bytes: 0,
         simulated: false,
+        extended_l2: false,
+    });
+}
+
+/// Extended L2 entries: fills and writes of parts of a cluster (4 KiB
+/// granules of two 2 KiB subclusters) race with each other and with
+/// write-zeroes and discards of whole subclusters.
+#[test]
+fn model_64k_extended_l2() {
+    run(Config {
+        name: "64k_extended_l2",
+        cluster: 64 * KIB,
+        compat: Compat::V3,
+        cores: 2,
+        cache: CacheMode::None,
+        metadata_cache_bytes: 0,
+        simulated: false,
+        extended_l2: true,
+    });
+}
+
+/// 512-byte subclusters (16 KiB clusters), on the simulated layer with
+/// late, reordered completions.
+#[test]
+fn model_16k_extended_l2_simulated() {
+    run(Config {
+        name: "16k_extended_l2_simulated",
+        cluster: 16 * KIB,
+        compat: Compat::V3,
+        cores: 2,
+        cache: CacheMode::None,
+        metadata_cache_bytes: 0,
+        simulated: true,
+        extended_l2: true,
     });
 }
 

@@ -76,6 +76,7 @@ fn grow_over_a_larger_backing_reads_zeros() {
         "cluster_size=4096",
         "cluster_size=65536,compat=0.10",
         "cluster_size=2M",
+        "cluster_size=65536,extended_l2=on",
     ]
     .into_iter()
     .enumerate()

@@ -829,3 +829,59 @@ fn serve_stream_keep_backing() {
     check_clean(&f.overlay);
     compare_identical(&f.overlay, &f.base);
 }
+
+/// An extended-L2 overlay (subclusters), partly populated by 4 KiB
+/// copy-on-read reads and small writes (partial clusters), streams to a
+/// standalone image equal to the backing file with the writes applied.
+#[test]
+fn extended_l2_overlay_streams_to_a_standalone_image() {
+    let size = 6 * MIB + 8 * KIB;
+    let dir = tempdir("stream-extl2");
+    let base = dir.path().join("base.raw");
+    let mut expected = random_bytes(size as usize, seed_from_env("stream-extl2"));
+    expected[(2 * MIB) as usize..(2 * MIB + 200 * KIB) as usize].fill(0);
+    write_file(&base, &expected);
+    let overlay = dir.path().join("overlay.qcow2");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64K,extended_l2=on",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &path_str(&overlay),
+        &size.to_string(),
+    ]);
+    let disk = open(&overlay, options(2, true, false));
+    let mut buf = vec![0u8; 4096];
+    for off in [8 * KIB, 700 * KIB, 3 * MIB + 12 * KIB] {
+        disk.read_at(&mut buf, off).unwrap();
+        assert_same_bytes(
+            &buf,
+            &expected[off as usize..off as usize + 4096],
+            "4K read",
+        );
+    }
+    for (off, len) in [(70 * KIB, 3000u64), (4 * MIB + 100, 9000)] {
+        let data = random_bytes(len as usize, off);
+        disk.write_at(&data, off).unwrap();
+        expected[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    let (end, last) = stream_to_end(&disk, StreamOptions::default());
+    assert_eq!(
+        end,
+        StreamEnd::Finished {
+            backing_dropped: true
+        },
+        "{last:?}"
+    );
+    assert_same_bytes(&read_all(&disk, MIB), &expected, "after the stream");
+    disk.close().unwrap();
+    assert_standalone(&overlay);
+    check_clean(&overlay);
+    compare_with_bytes(&overlay, &expected, dir.path());
+}

@@ -27,7 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::create::{probe_format, resolve_backing_path};
-use crate::qcow2::{compressed_data, decode_l1, decode_l2, CompressionType, Header, L2Entry};
+use crate::qcow2::{
+    compressed_data, decode_l1, decode_l2, decode_l2_ext, CompressionType, Header, L2Entry,
+    SubState, SUBCLUSTERS,
+};
 
 /// Deepest backing chain we open; deeper ones are almost certainly a
 /// mistake, and every layer costs an L1 table in memory.
@@ -419,6 +422,21 @@ impl Chain {
         }
         let table = cache.get(i, l2_offset, &layer.file, cs, &layer.name)?;
 
+        if header.extended_l2() {
+            // Subclusters: a run of subclusters of one state, within this
+            // cluster (runs across clusters would save little here).
+            let e = decode_l2_ext(table[2 * l2_index], table[2 * l2_index + 1], cs)
+                .map_err(|e| bad(format!("guest offset {pos:#x}: {}", e.message())))?;
+            let sc = cs / u64::from(SUBCLUSTERS);
+            let sub = (in_cluster / sc) as u32;
+            let run = u64::from(e.run_end(sub)) * sc - in_cluster;
+            let first = match e.state(sub) {
+                SubState::Unallocated => L2Entry::Unallocated,
+                SubState::Zero => L2Entry::Zero { host: None },
+                SubState::Data | SubState::Compressed => e.entry,
+            };
+            return self.mapped(cache, i, pos, max, first, run);
+        }
         // Runs of entries of the same kind make one lookup serve many
         // clusters; data runs must also be contiguous on the host.
         let first = decode_l2(table[l2_index], header.version, cs)
@@ -445,6 +463,29 @@ impl Chain {
             run += cs;
             idx += 1;
         }
+        self.mapped(cache, i, pos, max, first, run)
+    }
+
+    /// The answer of [`Chain::lookup`] once layer `i` said `first` about
+    /// `pos`, for a run of `run` bytes (which may exceed `max`).
+    fn mapped(
+        &self,
+        cache: &mut ChainCache,
+        i: usize,
+        pos: u64,
+        max: u64,
+        first: L2Entry,
+        run: u64,
+    ) -> Result<(u64, Source, u32)> {
+        let layer = &self.layers[i];
+        let Format::Qcow2 { header, .. } = &layer.format else {
+            unreachable!("only qcow2 layers have L2 entries");
+        };
+        let cs = header.cluster_size();
+        let in_cluster = pos % cs;
+        let depth = i as u32 + 1;
+        let bad = |what: String| Error::corrupt(format!("backing file {}: {what}", layer.name));
+        let max = max.min(layer.size - pos);
         let run = run.min(max);
         match first {
             L2Entry::Unallocated => self.lookup(cache, i + 1, pos, run),

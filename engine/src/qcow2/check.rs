@@ -15,7 +15,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use super::entry::{compressed_extent, decode_l1, decode_l2, L2Entry};
+use super::entry::{compressed_extent, decode_l1, decode_l2_at, L2Entry};
 use super::header::{read_exact_at, Header, EXT_BITMAPS};
 use super::{OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
@@ -228,11 +228,14 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
         }
         // Like qemu-img, fragmentation is counted within one L2 table.
         let mut next_contiguous = 0u64;
-        for (l2_index, e) in l2.chunks_exact(8).enumerate() {
-            let raw = u64::from_be_bytes(e.try_into().expect("8 bytes"));
-            let guest = ((l1_index as u64) * (cs / 8) + l2_index as u64) * cs;
-            let entry = match decode_l2(raw, h.version, cs) {
-                Ok(e) => e,
+        for l2_index in 0..h.l2_entries() as usize {
+            let guest = ((l1_index as u64) * h.l2_entries() + l2_index as u64) * cs;
+            // With extended entries, `entry` names the host cluster whatever
+            // the subcluster bitmap says: the cluster is referenced.
+            let decoded = decode_l2_at(&l2, l2_index, h.version, cs, h.extended_l2());
+            let raw = decoded.as_ref().map_or(0, |d| d.0);
+            let entry = match decoded {
+                Ok((_, e)) => e.entry,
                 Err(err) => {
                     w.report.corruption(format!(
                         "ERROR guest offset {guest:#x}: {}; L2 entry corrupted",

@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::entry::RefcountWidth;
-use super::header::{l1_entries_needed, qemu_feature_table, Header, V3_HEADER_LEN};
+use super::header::{
+    l1_entries_needed, qemu_feature_table, Header, INCOMPAT_EXTL2, MIN_EXTL2_CLUSTER_BITS,
+    V3_HEADER_LEN,
+};
 use super::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, QCOW_MAGIC};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -62,6 +65,10 @@ pub struct CreateOptions {
     /// Width of a refcount entry (qemu-img's `refcount_bits`, 1 to 64;
     /// compat 0.10 images have 16).
     pub refcount_width: RefcountWidth,
+    /// Extended L2 entries (`extended_l2=on`): 32 subclusters per cluster,
+    /// so copy-on-read and writes allocate subclusters, not whole clusters.
+    /// Needs compat 1.1 and clusters of at least 16 KiB, as in qemu-img.
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -73,6 +80,7 @@ impl Default for CreateOptions {
             cluster_size: 64 * 1024,
             compat: Compat::V3,
             refcount_width: RefcountWidth::DEFAULT,
+            extended_l2: false,
         }
     }
 }
@@ -180,7 +188,20 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         .checked_next_multiple_of(512)
         .filter(|s| *s <= i64::MAX as u64)
         .ok_or_else(|| invalid(format!("size {size} is too large")))?;
-    let l1_size = l1_entries_needed(size, cluster_bits);
+    if opts.extended_l2 {
+        if opts.compat != Compat::V3 {
+            return Err(invalid(
+                "extended L2 entries need compat=1.1 (qcow2 version 3)".into(),
+            ));
+        }
+        if cluster_bits < MIN_EXTL2_CLUSTER_BITS {
+            return Err(invalid(format!(
+                "extended L2 entries need a cluster size of at least {} bytes",
+                1u64 << MIN_EXTL2_CLUSTER_BITS
+            )));
+        }
+    }
+    let l1_size = l1_entries_needed(size, cluster_bits, opts.extended_l2);
     if l1_size * 8 > MAX_L1_BYTES {
         return Err(invalid(format!(
             "size {size} is too large for {cs}-byte clusters (L1 table would exceed {} MiB; \
@@ -234,7 +255,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         refcount_table_clusters: rt_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: if opts.extended_l2 { INCOMPAT_EXTL2 } else { 0 },
         compatible_features: 0,
         autoclear_features: 0,
         refcount_order: width.order(),

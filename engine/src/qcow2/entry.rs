@@ -83,6 +83,186 @@ pub fn encode_l2(e: &L2Entry) -> u64 {
     }
 }
 
+/// Subclusters per cluster in an image with extended L2 entries.
+pub const SUBCLUSTERS: u32 = 32;
+
+/// What one extended (128-bit) L2 entry says about a guest cluster: the
+/// cluster-level entry, and for a standard cluster the state of each of its
+/// 32 subclusters.
+///
+/// `entry` is `Compressed` for a compressed cluster (no subclusters: the
+/// bitmap has no meaning), `Data { host }` whenever the descriptor names a
+/// host cluster (whatever the bitmap says: the cluster is referenced), and
+/// `Unallocated` otherwise. Only `alloc` says which subclusters hold data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtL2 {
+    pub entry: L2Entry,
+    /// Bit `i`: subcluster `i` holds data at `host + i * subcluster size`.
+    pub alloc: u32,
+    /// Bit `i`: subcluster `i` reads as zeros (never set with its `alloc` bit).
+    pub zero: u32,
+}
+
+/// The state of one subcluster (or a whole cluster of a standard image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubState {
+    /// Read from the backing image (or zeros without one).
+    Unallocated,
+    Zero,
+    /// Data at the host cluster plus the subcluster's offset.
+    Data,
+    /// Part of a compressed cluster (no subclusters).
+    Compressed,
+}
+
+impl ExtL2 {
+    pub const UNALLOCATED: ExtL2 = ExtL2 {
+        entry: L2Entry::Unallocated,
+        alloc: 0,
+        zero: 0,
+    };
+
+    /// The host cluster, if the descriptor names one.
+    pub fn host(&self) -> Option<u64> {
+        match self.entry {
+            L2Entry::Data { host } => Some(host),
+            _ => None,
+        }
+    }
+
+    /// State of subcluster `i` (0..32).
+    pub fn state(&self, i: u32) -> SubState {
+        debug_assert!(i < SUBCLUSTERS);
+        if matches!(self.entry, L2Entry::Compressed(_)) {
+            SubState::Compressed
+        } else if self.alloc & (1 << i) != 0 {
+            SubState::Data
+        } else if self.zero & (1 << i) != 0 {
+            SubState::Zero
+        } else {
+            SubState::Unallocated
+        }
+    }
+
+    /// The end (exclusive) of the run of subclusters from `i` that share
+    /// subcluster `i`'s state, at most `SUBCLUSTERS`.
+    pub fn run_end(&self, i: u32) -> u32 {
+        let s = self.state(i);
+        (i + 1..SUBCLUSTERS)
+            .find(|&j| self.state(j) != s)
+            .unwrap_or(SUBCLUSTERS)
+    }
+}
+
+/// The bitmask of subclusters `[a, b)` (`a <= b <= 32`).
+pub fn sub_mask(a: u32, b: u32) -> u32 {
+    debug_assert!(a <= b && b <= SUBCLUSTERS);
+    if a == b {
+        return 0;
+    }
+    (u32::MAX >> (SUBCLUSTERS - (b - a))) << a
+}
+
+/// Decodes an extended L2 entry: descriptor `raw` and subcluster bitmap.
+///
+/// Bit 0 of the descriptor is reserved with extended L2 entries (the bitmap
+/// says what reads as zeros): ignored, like the other reserved bits.
+/// `Corrupt`: a misaligned host offset, a subcluster both allocated and
+/// zero, allocated subclusters without a host cluster, or an offset of 0
+/// with the COPIED flag.
+pub fn decode_l2_ext(raw: u64, bitmap: u64, cluster_size: u64) -> Result<ExtL2> {
+    debug_assert!(cluster_size.is_power_of_two());
+    if raw & OFLAG_COMPRESSED != 0 {
+        // The bitmap of a compressed cluster is reserved: ignored, as QEMU does.
+        return Ok(ExtL2 {
+            entry: L2Entry::Compressed(raw),
+            alloc: 0,
+            zero: 0,
+        });
+    }
+    let host = raw & L2E_OFFSET_MASK;
+    let bad = |what: &str| {
+        Err(Error::corrupt(format!(
+            "extended L2 entry {raw:#018x} bitmap {bitmap:#018x}: {what}"
+        )))
+    };
+    if !host.is_multiple_of(cluster_size) {
+        return bad(&format!(
+            "host offset {host:#x} is not aligned to the cluster size {cluster_size}"
+        ));
+    }
+    let alloc = bitmap as u32;
+    let zero = (bitmap >> 32) as u32;
+    if alloc & zero != 0 {
+        return bad("subclusters both allocated and reading as zeros");
+    }
+    if host == 0 {
+        if raw & OFLAG_COPIED != 0 {
+            return bad("data cluster at host offset 0 (the header)");
+        }
+        if alloc != 0 {
+            return bad("allocated subclusters without a host cluster");
+        }
+        return Ok(ExtL2 {
+            entry: L2Entry::Unallocated,
+            alloc,
+            zero,
+        });
+    }
+    Ok(ExtL2 {
+        entry: L2Entry::Data { host },
+        alloc,
+        zero,
+    })
+}
+
+/// Encodes an extended L2 entry: `(descriptor, bitmap)`. A host cluster gets
+/// the COPIED flag (the engine never shares one).
+pub fn encode_l2_ext(e: &ExtL2) -> (u64, u64) {
+    debug_assert_eq!(e.alloc & e.zero, 0, "subcluster both allocated and zero");
+    match e.entry {
+        L2Entry::Compressed(raw) => (raw, 0),
+        L2Entry::Data { host } => {
+            debug_assert!(host != 0 && host & !L2E_OFFSET_MASK == 0);
+            (
+                host | OFLAG_COPIED,
+                u64::from(e.alloc) | (u64::from(e.zero) << 32),
+            )
+        }
+        L2Entry::Unallocated | L2Entry::Zero { host: None } => {
+            debug_assert_eq!(e.alloc, 0, "allocated subclusters without a host");
+            (0, u64::from(e.zero) << 32)
+        }
+        L2Entry::Zero { host: Some(host) } => (host | OFLAG_COPIED, u64::from(e.zero) << 32),
+    }
+}
+
+/// Decodes entry `idx` of an L2 table held as its on-disk bytes, with
+/// 8-byte entries or, when `extended`, 16-byte ones. Returns the entry's
+/// descriptor (the first 8 bytes, for its flags) and what it says; a
+/// standard entry's subclusters all share the cluster's state.
+pub fn decode_l2_at(
+    table: &[u8],
+    idx: usize,
+    version: u32,
+    cluster_size: u64,
+    extended: bool,
+) -> Result<(u64, ExtL2)> {
+    let word = |i: usize| u64::from_be_bytes(table[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    if extended {
+        let raw = word(idx * 2);
+        return Ok((raw, decode_l2_ext(raw, word(idx * 2 + 1), cluster_size)?));
+    }
+    let raw = word(idx);
+    let entry = decode_l2(raw, version, cluster_size)?;
+    let (alloc, zero) = match entry {
+        L2Entry::Data { .. } => (u32::MAX, 0),
+        L2Entry::Zero { .. } => (0, u32::MAX),
+        L2Entry::Unallocated | L2Entry::Compressed(_) => (0, 0),
+    };
+    Ok((raw, ExtL2 { entry, alloc, zero }))
+}
+
 /// Decodes an L1 entry: the host offset of its L2 table, if any.
 pub fn decode_l1(raw: u64, cluster_size: u64) -> Result<Option<u64>> {
     let host = raw & L1E_OFFSET_MASK;
@@ -266,6 +446,47 @@ mod tests {
         assert_eq!(k(decode_l2(OFLAG_COPIED, 3, CS)), ErrorKind::Corrupt);
         assert!(decode_l2(0x1000, 3, 4096).is_ok());
         assert!(decode_l2(0x1000, 3, CS).is_err());
+    }
+
+    #[test]
+    fn extended_entries() {
+        let k = |r: Result<ExtL2>| r.unwrap_err().kind();
+        assert_eq!(decode_l2_ext(0, 0, CS).unwrap(), ExtL2::UNALLOCATED);
+        let z = decode_l2_ext(0, 0xffff_ffff << 32, CS).unwrap();
+        assert_eq!((z.state(0), z.state(31)), (SubState::Zero, SubState::Zero));
+        let d = decode_l2_ext(0x5_0000 | OFLAG_COPIED, 0b101 | (0b10 << 32), CS).unwrap();
+        assert_eq!(d.host(), Some(0x5_0000));
+        assert_eq!(d.state(0), SubState::Data);
+        assert_eq!(d.state(1), SubState::Zero);
+        assert_eq!(d.state(2), SubState::Data);
+        assert_eq!(d.state(3), SubState::Unallocated);
+        assert_eq!((d.run_end(0), d.run_end(3)), (1, 32));
+        assert_eq!(
+            encode_l2_ext(&d),
+            (0x5_0000 | OFLAG_COPIED, 0b101 | (0b10 << 32))
+        );
+        // A preallocated host with nothing allocated is still referenced.
+        assert_eq!(
+            decode_l2_ext(0x5_0000, 0, CS).unwrap().host(),
+            Some(0x5_0000)
+        );
+        let c = OFLAG_COMPRESSED | 0x1234;
+        let ce = decode_l2_ext(c, 0xdead, CS).unwrap();
+        assert_eq!(
+            (ce.entry, ce.state(5)),
+            (L2Entry::Compressed(c), SubState::Compressed)
+        );
+        assert_eq!(k(decode_l2_ext(0x5_0200, 0, CS)), ErrorKind::Corrupt);
+        assert_eq!(decode_l2_ext(1, 0, CS).unwrap(), ExtL2::UNALLOCATED);
+        assert_eq!(
+            k(decode_l2_ext(0x5_0000, 1 | (1 << 32), CS)),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(k(decode_l2_ext(0, 1, CS)), ErrorKind::Corrupt);
+        assert_eq!(k(decode_l2_ext(OFLAG_COPIED, 0, CS)), ErrorKind::Corrupt);
+        assert_eq!(sub_mask(0, 32), u32::MAX);
+        assert_eq!(sub_mask(3, 5), 0b11000);
+        assert_eq!(sub_mask(4, 4), 0);
     }
 
     #[test]

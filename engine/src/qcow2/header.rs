@@ -44,6 +44,8 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible feature bit 4: L2 entries carry subcluster bitmaps.
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Smallest cluster size with extended L2 entries (16 KiB), as in QEMU.
+pub const MIN_EXTL2_CLUSTER_BITS: u32 = 14;
 /// Every incompatible bit the spec defines today.
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
@@ -106,10 +108,11 @@ fn be64(buf: &[u8], off: usize) -> u64 {
 
 /// Number of L1 entries needed to map `size` bytes with clusters of
 /// `1 << cluster_bits` bytes (each L2 table maps `cluster_size / 8` clusters).
-pub fn l1_entries_needed(size: u64, cluster_bits: u32) -> u64 {
-    // One L1 entry maps 2^(2 * cluster_bits - 3) bytes; at most 2^39 with
-    // 2 MiB clusters, so the shift cannot overflow.
-    let shift = 2 * cluster_bits - 3;
+pub fn l1_entries_needed(size: u64, cluster_bits: u32, extended_l2: bool) -> u64 {
+    // One L1 entry maps 2^(2 * cluster_bits - 3) bytes (- 4 with 16-byte
+    // extended entries); at most 2^39 with 2 MiB clusters, so the shift
+    // cannot overflow.
+    let shift = 2 * cluster_bits - 3 - u32::from(extended_l2);
     size.div_ceil(1u64 << shift)
 }
 
@@ -256,11 +259,13 @@ impl Header {
                 "external data file (incompatible feature bit 2) is not supported".into(),
             ));
         }
-        if h.incompatible_features & INCOMPAT_EXTL2 != 0 {
-            return Err(unsupported(
-                "extended L2 entries (incompatible feature bit 4, subclusters) are not supported"
-                    .into(),
-            ));
+        if h.incompatible_features & INCOMPAT_EXTL2 != 0 && cluster_bits < MIN_EXTL2_CLUSTER_BITS {
+            // As QEMU: 32 subclusters of less than 512 bytes make no sense.
+            return Err(unsupported(format!(
+                "extended L2 entries (incompatible feature bit 4) with {cluster_size}-byte \
+                 clusters (at least {} needed)",
+                1u64 << MIN_EXTL2_CLUSTER_BITS
+            )));
         }
         if h.nb_snapshots != 0 {
             return Err(unsupported(format!(
@@ -301,7 +306,7 @@ impl Header {
                 MAX_L1_BYTES >> 20
             )));
         }
-        let needed = l1_entries_needed(h.size, cluster_bits);
+        let needed = l1_entries_needed(h.size, cluster_bits, h.extended_l2());
         if u64::from(h.l1_size) < needed {
             return Err(corrupt(format!(
                 "L1 table has {} entries but virtual size {} needs {needed}",
@@ -464,9 +469,25 @@ impl Header {
         1u64 << self.cluster_bits
     }
 
-    /// Entries per L2 table (one cluster of 8-byte entries).
+    /// Entries per L2 table (one cluster of 8-byte entries, or of 16-byte
+    /// ones with extended L2 entries).
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / self.l2_entry_bytes()
+    }
+
+    /// Bytes per L2 entry: 16 with extended L2 entries (subclusters), else 8.
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Whether L2 entries are extended (incompatible feature bit 4): 32
+    /// subclusters per cluster.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
     }
 
     /// The width of a refcount entry (validated by the parser).
@@ -771,7 +792,14 @@ mod tests {
         // Snapshots, external data file, extended L2, unknown bits, refcount order.
         assert_eq!(kind(parse_mutated(|b| b[63] = 1)), ErrorKind::Unsupported);
         assert_eq!(kind(parse_mutated(|b| b[79] = 4)), ErrorKind::Unsupported);
-        assert_eq!(kind(parse_mutated(|b| b[79] = 16)), ErrorKind::Unsupported);
+        // Extended L2 entries halve what one L1 entry maps.
+        assert_eq!(kind(parse_mutated(|b| b[79] = 16)), ErrorKind::Corrupt);
+        assert!(parse_mutated(|b| {
+            b[79] = 16;
+            b[39] = 4
+        })
+        .unwrap()
+        .extended_l2());
         let e = parse_mutated(|b| b[79] = 32).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.message().contains("bit 5"), "{e}");

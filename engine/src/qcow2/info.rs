@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::entry::{decode_l1, decode_l2, L2Entry};
+use super::entry::{decode_l1, decode_l2_at, SubState, SUBCLUSTERS};
 use super::header::{read_exact_at, Header};
 use crate::backing::{Chain, ChainCache, Source};
 use crate::error::{Error, Result};
@@ -50,6 +50,8 @@ pub struct ImageInfo {
     pub refcount_bits: u64,
     pub dirty: bool,
     pub corrupt: bool,
+    /// L2 entries with subcluster bitmaps (`extended_l2=on`).
+    pub extended_l2: bool,
     /// The backing chain, nearest first.
     pub backing_chain: Vec<BackingInfo>,
     /// Virtual bytes the overlay holds as data.
@@ -86,6 +88,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         refcount_bits: h.refcount_width().bits(),
         dirty: h.is_dirty(),
         corrupt: h.is_corrupt(),
+        extended_l2: h.extended_l2(),
         backing_chain: Vec::new(),
         overlay_data_bytes: 0,
         overlay_zero_bytes: 0,
@@ -157,23 +160,36 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             )));
         }
         read_exact_at(&file, &mut l2, l2_offset, &path_s)?;
-        for (i, e) in l2.chunks_exact(8).enumerate() {
-            let start = base + i as u64 * cs;
-            if start >= h.size {
+        // With extended L2 entries, each of the 32 subclusters counts on
+        // its own; a standard entry is one piece.
+        let (pieces, piece_len) = if h.extended_l2() {
+            (SUBCLUSTERS, cs / u64::from(SUBCLUSTERS))
+        } else {
+            (1, cs)
+        };
+        for i in 0..h.l2_entries() as usize {
+            let cluster_start = base + i as u64 * cs;
+            if cluster_start >= h.size {
                 break;
             }
-            let end = (start + cs).min(h.size);
-            let raw = u64::from_be_bytes(e.try_into().expect("8 bytes"));
-            let entry = decode_l2(raw, h.version, cs)
-                .map_err(|e| e.context(format!("{path_s}: guest offset {start:#x}")))?;
-            if entry == L2Entry::Unallocated {
-                run = Some((run.map_or(start, |r| r.0), end));
-                continue;
-            }
-            flush(&mut run, &mut info)?;
-            match entry {
-                L2Entry::Zero { .. } => info.overlay_zero_bytes += end - start,
-                _ => info.overlay_data_bytes += end - start,
+            let (_, e) = decode_l2_at(&l2, i, h.version, cs, h.extended_l2())
+                .map_err(|e| e.context(format!("{path_s}: guest offset {cluster_start:#x}")))?;
+            for j in 0..pieces {
+                let start = cluster_start + u64::from(j) * piece_len;
+                if start >= h.size {
+                    break;
+                }
+                let end = (start + piece_len).min(h.size);
+                let state = e.state(j);
+                if state == SubState::Unallocated {
+                    run = Some((run.map_or(start, |r| r.0), end));
+                    continue;
+                }
+                flush(&mut run, &mut info)?;
+                match state {
+                    SubState::Zero => info.overlay_zero_bytes += end - start,
+                    _ => info.overlay_data_bytes += end - start,
+                }
             }
         }
     }

@@ -29,7 +29,10 @@ pub mod standalone;
 pub(crate) mod testutil;
 
 pub use compress::{compressed_data, compressed_host_clusters, decompress, CompressionType};
-pub use entry::{decode_l1, decode_l2, encode_l1, encode_l2, L2Entry, RefcountWidth};
+pub use entry::{
+    decode_l1, decode_l2, decode_l2_ext, encode_l1, encode_l2, encode_l2_ext, sub_mask, ExtL2,
+    L2Entry, RefcountWidth, SubState, SUBCLUSTERS,
+};
 pub use header::{l1_entries_needed, Extension, Header};
 
 /// "QFI\xfb": the first four bytes of every qcow2 image.

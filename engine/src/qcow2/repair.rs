@@ -45,7 +45,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::entry::{compressed_extent, decode_l1, decode_l2, L2Entry};
+use super::entry::{compressed_extent, decode_l1, decode_l2_at, L2Entry};
 use super::header::{read_exact_at, Header, INCOMPAT_DIRTY};
 use super::{MAX_REFTABLE_BYTES, REFT_OFFSET_MASK};
 use crate::error::{Error, ErrorKind, Result};
@@ -210,17 +210,19 @@ fn walk_mapping(file: &File, h: &Header, r: &mut Refs<'_>) -> Result<()> {
         l2.fill(0);
         let n = cs.min(r.file_len - l2_offset) as usize;
         read_exact_at(file, &mut l2[..n], l2_offset, path)?;
-        for l2_index in 0..(cs / 8) as usize {
-            let raw = be64_at(&l2, l2_index);
-            let guest = (l1_index as u64 * (cs / 8) + l2_index as u64) * cs;
-            let entry = decode_l2(raw, h.version, cs).map_err(|e| {
-                Error::corrupt(format!(
-                    "qcow2 image {path}: L2 entry for guest offset {guest:#x} at offset {:#x}: \
-                     {}; refusing to rebuild refcounts",
-                    l2_offset + l2_index as u64 * 8,
-                    e.message()
-                ))
-            })?;
+        for l2_index in 0..h.l2_entries() as usize {
+            let guest = (l1_index as u64 * h.l2_entries() + l2_index as u64) * cs;
+            let entry = decode_l2_at(&l2, l2_index, h.version, cs, h.extended_l2())
+                .map_err(|e| {
+                    Error::corrupt(format!(
+                        "qcow2 image {path}: L2 entry for guest offset {guest:#x} at offset \
+                         {:#x}: {}; refusing to rebuild refcounts",
+                        l2_offset + l2_index as u64 * h.l2_entry_bytes(),
+                        e.message()
+                    ))
+                })?
+                .1
+                .entry;
             match entry {
                 L2Entry::Unallocated | L2Entry::Zero { host: None } => {}
                 L2Entry::Data { host } | L2Entry::Zero { host: Some(host) } => {

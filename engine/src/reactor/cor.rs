@@ -21,12 +21,17 @@
 //!   write completed, because entries are published only on completion and
 //!   the snapshot is taken when the sync is issued.
 //!
+//! With extended L2 entries (subclusters) the same steps run on parts of a
+//! cluster: see [`subcluster`].
+//!
 //! **Invariant 4** (reads are whole): an entry is published only after its
 //! cluster's data write completed, so a reader that finds it allocated reads
 //! complete data; a reader that finds it unallocated reads backing data or
 //! the fill's buffer, which holds the full backing data before anyone sees it.
 
 use super::l2cache::{BlockState, BLOCK_BYTES, BLOCK_ENTRIES};
+
+mod subcluster;
 use super::request::{ReqKind, Request};
 use super::{
     Core, Ev, PartState, FILE_BACKING0, FILE_DATA, TAG_COMMIT, TAG_FILL, TAG_L2, TAG_PIECE,
@@ -37,8 +42,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Cqe, FileId, Io, IoBuf, Op, IO_ALIGN};
 use crate::locks::Holder;
 use crate::qcow2::{
-    compressed_data, compressed_host_clusters, decode_l2, decompress, encode_l2, CompressionType,
-    L2Entry,
+    compressed_data, compressed_host_clusters, decode_l2, decompress, encode_l2, sub_mask,
+    CompressionType, ExtL2, L2Entry, SubState,
 };
 use std::rc::Rc;
 use std::sync::Arc;
@@ -56,6 +61,12 @@ pub enum Step {
     /// Reading an overlay compressed cluster's bytes, to rewrite the
     /// cluster uncompressed with the client's bytes merged in.
     CompressedRmw,
+    /// Extended L2: reading the host bytes of the granules a write touches,
+    /// for the allocated subclusters among them.
+    SubRead,
+    /// Extended L2: reading backing data for the unallocated subclusters a
+    /// write touches but does not cover.
+    SubGather,
 }
 
 /// A compressed cluster whose bytes a step is reading into `buf`; once
@@ -125,6 +136,11 @@ pub struct Piece {
     compressed: Option<u64>,
     pinned: bool,
     locked: bool,
+    /// Extended L2: the subclusters the write makes allocated (0: the
+    /// whole cluster, as `publish` says).
+    sub_mask: u32,
+    /// Extended L2: end of the span `buf` holds, within the cluster.
+    span_hi: u64,
 }
 
 pub struct Fill {
@@ -144,6 +160,11 @@ pub struct Fill {
     inflates: Vec<Inflate>,
     /// Populate pieces waiting for this fill's write-back (not its data).
     populators: Vec<usize>,
+    /// The byte range of the cluster the fill fetches and writes back: the
+    /// whole cluster, or with extended L2 entries the granules of
+    /// subclusters its first reader needs; `buf` holds exactly it.
+    lo: u64,
+    hi: u64,
 }
 
 #[derive(Default)]
@@ -239,7 +260,9 @@ impl<I: Io> Core<I> {
         while pos < end {
             let cluster = pos >> self.cluster_bits();
             let stop = if kind == ReqKind::Status {
-                end
+                // One L2 block at most (a stripe holds two with extended entries).
+                let bc = self.block_clusters();
+                end.min(((cluster / bc + 1) * bc) << self.cluster_bits())
             } else {
                 end.min((cluster + 1) * cs)
             };
@@ -267,6 +290,8 @@ impl<I: Io> Core<I> {
                 compressed: None,
                 pinned: false,
                 locked: false,
+                sub_mask: 0,
+                span_hi: 0,
             });
             self.events.push_back(Ev::Run(id));
             n += 1;
@@ -341,8 +366,7 @@ impl<I: Io> Core<I> {
     /// The raw L2 entry of `cluster`, or None if piece `id` now waits for
     /// its block to load.
     fn lookup(&mut self, id: usize, cluster: u64) -> Option<Result<u64>> {
-        let key = cluster / BLOCK_ENTRIES as u64;
-        let idx = (cluster % BLOCK_ENTRIES as u64) as usize;
+        let (key, idx) = (self.l2_key(cluster), self.l2_slot(cluster));
         if let Some(b) = self.l2.get(key) {
             return match &mut b.state {
                 BlockState::Ready => Some(Ok(b.entries[idx])),
@@ -352,7 +376,7 @@ impl<I: Io> Core<I> {
                 }
             };
         }
-        let l2e = self.cs() / 8;
+        let l2e = self.l2_entries();
         let table = match self.shared.meta.l2_table(cluster / l2e) {
             Ok(t) => t,
             Err(e) => return Some(Err(e)),
@@ -364,7 +388,7 @@ impl<I: Io> Core<I> {
                 .insert(key, BlockState::Ready, Box::new([0; BLOCK_ENTRIES]));
             return Some(Ok(0));
         };
-        let within = (cluster % l2e) / BLOCK_ENTRIES as u64;
+        let within = (cluster % l2e) / self.block_clusters();
         let off = table + within * BLOCK_BYTES as u64;
         self.l2.insert(
             key,
@@ -418,7 +442,7 @@ impl<I: Io> Core<I> {
         let c = self.pieces[id].cluster;
         if !self.pieces[id].pinned {
             self.l2
-                .get(c / BLOCK_ENTRIES as u64)
+                .get(self.l2_key(c))
                 .expect("pinning a cached block")
                 .pins += 1;
             self.pieces[id].pinned = true;
@@ -428,15 +452,38 @@ impl<I: Io> Core<I> {
     fn unpin(&mut self, cluster: u64) {
         let b = self
             .l2
-            .get(cluster / BLOCK_ENTRIES as u64)
+            .get(self.l2_key(cluster))
             .expect("pinned block stays cached");
         b.pins -= 1;
     }
 
     /// Makes `entry` the cluster's L2 entry in the cache (written by a later
     /// commit). The block must be pinned by the caller.
+    ///
+    /// With extended L2 entries, `entry` describes the whole cluster: data
+    /// or zeros in all 32 subclusters (see [`Core::publish_ext`] for the
+    /// subcluster-granular changes).
     fn publish(&mut self, cluster: u64, entry: L2Entry) -> Result<()> {
-        let l1 = cluster / (self.cs() / 8);
+        if self.ext() {
+            let (alloc, zero) = match entry {
+                L2Entry::Data { .. } => (u32::MAX, 0),
+                L2Entry::Zero { .. } => (0, u32::MAX),
+                L2Entry::Unallocated | L2Entry::Compressed(_) => (0, 0),
+            };
+            return self.publish_ext(cluster, ExtL2 { entry, alloc, zero });
+        }
+        self.ensure_l2_table(cluster)?;
+        self.l2.set_entry(
+            self.l2_key(cluster),
+            self.l2_slot(cluster),
+            encode_l2(&entry),
+        );
+        Ok(())
+    }
+
+    /// Installs the L2 table that maps `cluster` if there is none yet.
+    fn ensure_l2_table(&mut self, cluster: u64) -> Result<()> {
+        let l1 = cluster / self.l2_entries();
         if self.shared.meta.l2_table(l1)?.is_none() {
             // The table comes from this core's reserve, so it sits next to
             // the data and the file stays dense.
@@ -448,16 +495,18 @@ impl<I: Io> Core<I> {
                 self.spare.push(off);
             }
         }
-        self.l2.set_entry(
-            cluster / BLOCK_ENTRIES as u64,
-            (cluster % BLOCK_ENTRIES as u64) as usize,
-            encode_l2(&entry),
-        );
         Ok(())
     }
 
     fn decode(&self, raw: u64) -> Result<L2Entry> {
         let e = decode_l2(raw, self.version(), self.cs())?;
+        self.check_host(raw, e)?;
+        Ok(e)
+    }
+
+    /// Refuses an entry whose data lies in the header or past the clusters
+    /// in use.
+    fn check_host(&self, raw: u64, e: L2Entry) -> Result<()> {
         if let L2Entry::Data { host } = e {
             if !self.shared.meta.host_in_use(host) {
                 return Err(Error::corrupt(format!(
@@ -476,7 +525,7 @@ impl<I: Io> Core<I> {
                 )));
             }
         }
-        Ok(e)
+        Ok(())
     }
 
     /// A free host cluster from this core's reserve (refilled in batches).
@@ -517,6 +566,17 @@ impl<I: Io> Core<I> {
     ) -> (u32, u64, Vec<Inflate>) {
         let total: u64 = self.segs.iter().map(|s| s.len).sum();
         IoBuf::unique_mut(buf)[at..at + total as usize].fill(0);
+        self.push_segment_reads(token, buf, at)
+    }
+
+    /// [`Core::push_backing_reads`] into a buffer whose bytes there are
+    /// zeros already (other reads into it may be in flight).
+    fn push_segment_reads(
+        &mut self,
+        token: u64,
+        buf: &Rc<IoBuf>,
+        at: usize,
+    ) -> (u32, u64, Vec<Inflate>) {
         let mut pos = at;
         let mut n = 0;
         let mut bytes = 0;
@@ -688,7 +748,7 @@ impl<I: Io> Core<I> {
     /// Queues `release` for after the commit that makes the entry just
     /// published for `cluster` durable (its L2 block's current generation).
     fn release_after_commit(&mut self, cluster: u64, release: Release) {
-        let key = cluster / BLOCK_ENTRIES as u64;
+        let key = self.l2_key(cluster);
         let generation = self
             .l2
             .peek(key)
@@ -736,28 +796,18 @@ impl<I: Io> Core<I> {
     }
 
     fn run_read(&mut self, id: usize) -> Result<()> {
-        let (cluster, start, len) = self.span(id);
+        let cluster = self.pieces[id].cluster;
         let Some(raw) = self.lookup(id, cluster) else {
             return Ok(());
         };
-        match self.decode(raw?)? {
+        let raw = raw?;
+        if self.ext() {
+            return self.run_read_ext(id);
+        }
+        match self.decode(raw)? {
             L2Entry::Data { host } => {
                 self.bump(|s| &s.overlay_hits, 1);
-                let lo = start & !(IO_ALIGN as u64 - 1);
-                let hi = (start + len)
-                    .next_multiple_of(IO_ALIGN as u64)
-                    .min(self.cs());
-                let buf = self.pool.get((hi - lo) as usize);
-                self.io.push(
-                    TAG_PIECE | id as u64,
-                    Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
-                );
-                let p = &mut self.pieces[id];
-                p.buf = Some(buf);
-                p.io_len = (hi - lo) as usize;
-                p.span_lo = lo;
-                p.step = Step::OverlayRead;
-                p.io_pending = 1;
+                self.read_overlay(id, host);
                 Ok(())
             }
             L2Entry::Zero { .. } => {
@@ -773,6 +823,27 @@ impl<I: Io> Core<I> {
             }
             L2Entry::Unallocated => self.read_unallocated(id),
         }
+    }
+
+    /// Reads the piece's bytes from the overlay's host cluster `host` (an
+    /// aligned span around them, for O_DIRECT).
+    fn read_overlay(&mut self, id: usize, host: u64) {
+        let (_, start, len) = self.span(id);
+        let lo = start & !(IO_ALIGN as u64 - 1);
+        let hi = (start + len)
+            .next_multiple_of(IO_ALIGN as u64)
+            .min(self.cs());
+        let buf = self.pool.get((hi - lo) as usize);
+        self.io.push(
+            TAG_PIECE | id as u64,
+            Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
+        );
+        let p = &mut self.pieces[id];
+        p.buf = Some(buf);
+        p.io_len = (hi - lo) as usize;
+        p.span_lo = lo;
+        p.step = Step::OverlayRead;
+        p.io_pending = 1;
     }
 
     fn read_unallocated(&mut self, id: usize) -> Result<()> {
@@ -793,19 +864,24 @@ impl<I: Io> Core<I> {
             return Ok(());
         }
         match self.locks.holder(cluster) {
-            Some(Holder::Fill(fid)) => {
+            // With extended L2 entries a fill may fetch another part of
+            // the cluster: then the reader waits for the lock.
+            Some(Holder::Fill(fid))
+                if self.fills[fid].lo <= start && start + len <= self.fills[fid].hi =>
+            {
                 self.bump(|s| &s.dedup_hits, 1);
                 let f = &mut self.fills[fid];
                 if f.ready {
                     let buf = f.buf.clone().expect("ready fill has data");
-                    self.deliver(id, &buf.as_slice()[start as usize..(start + len) as usize]);
+                    let at = (start - f.lo) as usize;
+                    self.deliver(id, &buf.as_slice()[at..at + len as usize]);
                     self.finish_piece(id, Ok(()));
                 } else {
                     f.readers.push(id);
                 }
                 Ok(())
             }
-            Some(Holder::Write) => {
+            Some(_) => {
                 self.locks.wait(cluster, id);
                 Ok(())
             }
@@ -822,7 +898,14 @@ impl<I: Io> Core<I> {
         let Some(raw) = self.lookup(id, cluster) else {
             return Ok(());
         };
-        if self.decode(raw?)? != L2Entry::Unallocated || self.shared.chain.is_none() {
+        let raw = raw?;
+        let missing = if self.ext() {
+            // One run of subclusters of one state at a time, as reads.
+            self.populate_run_ext(id)?
+        } else {
+            self.decode(raw)? == L2Entry::Unallocated
+        };
+        if !missing || self.shared.chain.is_none() {
             self.finish_piece(id, Ok(()));
             return Ok(());
         }
@@ -837,6 +920,11 @@ impl<I: Io> Core<I> {
             ));
         }
         match self.locks.holder(cluster) {
+            Some(Holder::Fill(fid)) if !self.fill_covers(fid, id) => {
+                // A fill of other subclusters: run again when it is done.
+                self.locks.wait(cluster, id);
+                Ok(())
+            }
             Some(Holder::Fill(fid)) => {
                 self.fills[fid].populators.push(id);
                 Ok(())
@@ -867,7 +955,13 @@ impl<I: Io> Core<I> {
         let cluster = self.pieces[id].cluster;
         let base = cluster << self.cluster_bits();
         let valid = self.valid_len(cluster);
-        self.resolve(base, valid)?;
+        let (lo, hi) = if self.ext() {
+            let p = &self.pieces[id];
+            self.fill_span(p.start, p.len)
+        } else {
+            (0, self.cs())
+        };
+        self.resolve(base + lo, valid.min(hi) - lo)?;
         if self.segs.iter().all(|s| s.depth == 0) {
             // Allocated nowhere in the chain: zeros, and nothing to copy.
             self.deliver_zeros(id);
@@ -891,13 +985,15 @@ impl<I: Io> Core<I> {
             got: 0,
             inflates: Vec::new(),
             populators: Vec::new(),
+            lo,
+            hi,
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
         // Keep the block cached until the entry is published.
-        let key = cluster / BLOCK_ENTRIES as u64;
+        let key = self.l2_key(cluster);
         self.l2.get(key).expect("looked-up block is cached").pins += 1;
-        let mut buf = self.pool.get(self.cs() as usize);
+        let mut buf = self.pool.get((hi - lo) as usize);
         IoBuf::unique_mut(&mut buf).fill(0);
         let (n, bytes, inflates) = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
         self.bump(|s| &s.misses, 1);
@@ -930,7 +1026,7 @@ impl<I: Io> Core<I> {
             Err(e) => {
                 f.error.get_or_insert(e);
             }
-            Ok(n) if f.writing && n != 1 << self.shared.meta.cluster_bits => {
+            Ok(n) if f.writing && n as u64 != f.hi - f.lo => {
                 f.error
                     .get_or_insert(Error::new(ErrorKind::Io, "short copy-on-read write-back"));
             }
@@ -989,8 +1085,12 @@ impl<I: Io> Core<I> {
         }
         self.fills[fid].ready = true;
         let buf = self.fills[fid].buf.clone().expect("fill has a buffer");
+        let lo = self.fills[fid].lo;
         for r in readers {
-            let (s, l) = (self.pieces[r].start as usize, self.pieces[r].len as usize);
+            let (s, l) = (
+                (self.pieces[r].start - lo) as usize,
+                self.pieces[r].len as usize,
+            );
             self.deliver(r, &buf.as_slice()[s..s + l]);
             self.finish_piece(r, Ok(()));
         }
@@ -1001,6 +1101,10 @@ impl<I: Io> Core<I> {
             return;
         }
         let cluster = self.fills[fid].cluster;
+        if self.ext() {
+            self.fill_write_back_ext(fid, buf);
+            return;
+        }
         if self.version() >= 3 && buf.as_slice().iter().all(|&b| b == 0) {
             // Zero detection keeps the overlay sparse.
             drop(buf);
@@ -1038,8 +1142,11 @@ impl<I: Io> Core<I> {
         // A failed write-back loses only copy-on-read work (the reserved
         // cluster leaks); the readers were answered already. Its error
         // stays in the fill for the populate pieces that wait for it.
+        let (lo, hi) = (f.lo, f.hi);
         let published = if err {
             Ok(())
+        } else if self.ext() {
+            self.publish_fill_ext(cluster, host, lo, hi)
         } else {
             self.publish(cluster, L2Entry::Data { host })
         };
@@ -1057,13 +1164,20 @@ impl<I: Io> Core<I> {
     fn release_fill(&mut self, fid: usize) {
         let mut f = self.fills.remove(fid);
         if !f.populators.is_empty() {
-            // A populate piece succeeds once the cluster is in the overlay
-            // (data or a zero cluster): its block is still pinned, so the
+            // A populate piece succeeds once the cluster (with extended
+            // entries: every subcluster of the fill's range) is in the
+            // overlay, as data or zeros: its block is still pinned, so the
             // cached entry is the published one.
-            let key = f.cluster / BLOCK_ENTRIES as u64;
-            let idx = (f.cluster % BLOCK_ENTRIES as u64) as usize;
-            let raw = self.l2.peek(key).expect("fill pins its block").entries[idx];
-            let result = if raw != 0 {
+            let in_overlay = if self.ext() {
+                let sc = self.sc();
+                let m = sub_mask((f.lo / sc) as u32, f.hi.div_ceil(sc) as u32);
+                self.ext_entry(f.cluster)
+                    .is_ok_and(|e| (e.alloc | e.zero) & m == m)
+            } else {
+                let (key, slot) = (self.l2_key(f.cluster), self.l2_slot(f.cluster));
+                self.l2.peek(key).expect("fill pins its block").entries[slot] != 0
+            };
+            let result = if in_overlay {
                 Ok(())
             } else {
                 Err(f.error.take().unwrap_or_else(|| {
@@ -1122,6 +1236,10 @@ impl<I: Io> Core<I> {
         };
         let entry = self.decode(raw?)?;
         self.pin(id);
+        if self.ext() && !matches!(entry, L2Entry::Compressed(_)) {
+            // Compressed clusters have no subclusters: rewritten whole below.
+            return self.run_write_ext(id);
+        }
         let zero = matches!(kind, ReqKind::Zero | ReqKind::Discard);
         let valid = self.valid_len(cluster);
         let whole = start == 0 && start + len >= valid;
@@ -1174,28 +1292,7 @@ impl<I: Io> Core<I> {
                     self.finish_piece(id, Ok(()));
                     return Ok(());
                 }
-                let lo = start & !(IO_ALIGN as u64 - 1);
-                let hi = (start + len)
-                    .next_multiple_of(IO_ALIGN as u64)
-                    .min(self.cs());
-                let mut buf = self.pool.get((hi - lo) as usize);
-                let p = &mut self.pieces[id];
-                p.span_lo = lo;
-                p.host = host;
-                if lo == start && hi == start + len {
-                    self.merge_client_data(id, &mut buf);
-                    self.push_write(id, buf, host + lo, (hi - lo) as usize);
-                } else {
-                    self.io.push(
-                        TAG_PIECE | id as u64,
-                        Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
-                    );
-                    let p = &mut self.pieces[id];
-                    p.buf = Some(buf);
-                    p.io_len = (hi - lo) as usize;
-                    p.step = Step::RmwRead;
-                    p.io_pending = 1;
-                }
+                self.write_in_place(id, host);
                 Ok(())
             }
             L2Entry::Zero { host } => {
@@ -1252,6 +1349,34 @@ impl<I: Io> Core<I> {
                 self.pieces[id].buf = Some(buf);
                 self.gathered(id)
             }
+        }
+    }
+
+    /// Writes the piece's bytes in place into the overlay's host cluster
+    /// `host` (read-modify-write of the aligned span around unaligned edges).
+    fn write_in_place(&mut self, id: usize, host: u64) {
+        let (_, start, len) = self.span(id);
+        let lo = start & !(IO_ALIGN as u64 - 1);
+        let hi = (start + len)
+            .next_multiple_of(IO_ALIGN as u64)
+            .min(self.cs());
+        let mut buf = self.pool.get((hi - lo) as usize);
+        let p = &mut self.pieces[id];
+        p.span_lo = lo;
+        p.host = host;
+        if lo == start && hi == start + len {
+            self.merge_client_data(id, &mut buf);
+            self.push_write(id, buf, host + lo, (hi - lo) as usize);
+        } else {
+            self.io.push(
+                TAG_PIECE | id as u64,
+                Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
+            );
+            let p = &mut self.pieces[id];
+            p.buf = Some(buf);
+            p.io_len = (hi - lo) as usize;
+            p.step = Step::RmwRead;
+            p.io_pending = 1;
         }
     }
 
@@ -1321,7 +1446,7 @@ impl<I: Io> Core<I> {
         drop(cqe.buf);
         match res {
             Err(e) => {
-                let e = if matches!(p.step, Step::PassThrough | Step::Gather) {
+                let e = if matches!(p.step, Step::PassThrough | Step::Gather | Step::SubGather) {
                     Error::new(ErrorKind::BackingUnavailable, e.to_string())
                 } else {
                     e
@@ -1363,19 +1488,23 @@ impl<I: Io> Core<I> {
             Ok(n)
                 if matches!(
                     p.step,
-                    Step::OverlayRead | Step::RmwRead | Step::CompressedRead | Step::CompressedRmw
+                    Step::OverlayRead
+                        | Step::RmwRead
+                        | Step::CompressedRead
+                        | Step::CompressedRmw
+                        | Step::SubRead
                 ) && n < p.io_len =>
             {
                 p.short = Some(n);
             }
-            Ok(n) if matches!(p.step, Step::PassThrough | Step::Gather) => {
+            Ok(n) if matches!(p.step, Step::PassThrough | Step::Gather | Step::SubGather) => {
                 p.backing_got += n as u64;
             }
             Ok(_) => {}
         }
         p.io_pending -= 1;
         if p.io_pending == 0 {
-            if matches!(p.step, Step::PassThrough | Step::Gather)
+            if matches!(p.step, Step::PassThrough | Step::Gather | Step::SubGather)
                 && p.io_error.is_none()
                 && p.backing_got < p.backing_want
             {
@@ -1433,6 +1562,8 @@ impl<I: Io> Core<I> {
                 Ok(())
             }
             Step::Gather => self.gathered(id),
+            Step::SubRead => self.sub_gather(id),
+            Step::SubGather => self.sub_gathered(id),
             Step::CompressedRead => self.inflate_overlay(id).map(|cluster| {
                 let (start, len) = (self.pieces[id].start as usize, self.pieces[id].len as usize);
                 self.deliver(id, &cluster.as_slice()[start..start + len]);
@@ -1447,7 +1578,10 @@ impl<I: Io> Core<I> {
             }),
             Step::WriteData => {
                 let p = &self.pieces[id];
-                let r = if p.publish {
+                let r = if p.publish && p.sub_mask != 0 {
+                    let (c, host, mask) = (p.cluster, p.host, p.sub_mask);
+                    self.publish_sub_data(c, host, mask)
+                } else if p.publish {
                     let (c, host, old) = (p.cluster, p.host, p.compressed);
                     self.publish(c, L2Entry::Data { host }).map(|()| {
                         if let Some(raw) = old {
@@ -1477,12 +1611,27 @@ impl<I: Io> Core<I> {
         let mut pos = (cluster << cb) + start;
         let end = pos + len;
         let mut out: Vec<BlockStatus> = Vec::new();
-        let key = cluster / BLOCK_ENTRIES as u64;
+        let key = self.l2_key(cluster);
         while pos < end {
             let c = pos >> cb;
-            let stop = end.min((c + 1) << cb);
-            let raw = self.l2.peek(key).expect("status block cached").entries
-                [(c % BLOCK_ENTRIES as u64) as usize];
+            let mut stop = end.min((c + 1) << cb);
+            debug_assert_eq!(self.l2_key(c), key, "status piece crosses an L2 block");
+            let entries = &self.l2.peek(key).expect("status block cached").entries;
+            let slot = self.l2_slot(c);
+            let entry = if self.ext() {
+                // One run of subclusters of the same state at a time.
+                let e = self.check_ext(entries[slot], entries[slot + 1])?;
+                let sc = self.sc();
+                let sub = ((pos - (c << cb)) / sc) as u32;
+                stop = stop.min((c << cb) + u64::from(e.run_end(sub)) * sc);
+                match e.state(sub) {
+                    SubState::Data | SubState::Compressed => e.entry,
+                    SubState::Zero => L2Entry::Zero { host: None },
+                    SubState::Unallocated => L2Entry::Unallocated,
+                }
+            } else {
+                self.decode(entries[slot])?
+            };
             let mut push = |kind: ExtentKind, off: u64, l: u64| match out.last_mut() {
                 Some(last) if last.kind == kind && last.offset + last.len == off => last.len += l,
                 _ => out.push(BlockStatus {
@@ -1491,7 +1640,7 @@ impl<I: Io> Core<I> {
                     kind,
                 }),
             };
-            match self.decode(raw)? {
+            match entry {
                 L2Entry::Data { .. } | L2Entry::Compressed(_) => {
                     push(ExtentKind::Data, pos, stop - pos)
                 }
@@ -1645,15 +1794,16 @@ impl<I: Io> Core<I> {
                     return;
                 }
                 let bufs = std::mem::take(&mut self.commit_bufs);
-                let l2e = self.cs() / 8;
+                let l2e = self.l2_entries();
+                let block_clusters = self.block_clusters();
                 let mut n = 0;
                 for (buf, &(key, _)) in bufs.into_iter().zip(self.commit.blocks.iter()) {
-                    let first = key * BLOCK_ENTRIES as u64;
+                    let first = key * block_clusters;
                     let table = match self.shared.meta.l2_table(first / l2e) {
                         Ok(Some(t)) => t,
                         _ => unreachable!("dirty block {key} without an L2 table"),
                     };
-                    let off = table + ((first % l2e) / BLOCK_ENTRIES as u64) * BLOCK_BYTES as u64;
+                    let off = table + ((first % l2e) / block_clusters) * BLOCK_BYTES as u64;
                     self.io.push(
                         TAG_COMMIT | PHASE_WRITE as u64,
                         Op::write(FILE_DATA, off, buf, 0, BLOCK_BYTES),

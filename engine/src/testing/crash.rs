@@ -47,6 +47,8 @@ pub struct Config {
     /// Size of the raw backing image (a multiple of 512; smaller than the disk).
     pub backing_bytes: u64,
     pub cluster_size: u32,
+    /// Extended L2 entries (subclusters) in the overlay.
+    pub extended_l2: bool,
     pub cores: usize,
     pub max_delay_turns: u32,
     pub faults: Faults,
@@ -61,6 +63,7 @@ impl Default for Config {
             disk_bytes: (4 << 20) + 3 * SECTOR,
             backing_bytes: (3 << 20) + 5 * SECTOR,
             cluster_size: 4096,
+            extended_l2: false,
             cores: 2,
             max_delay_turns: 4,
             faults: Faults::default(),
@@ -239,6 +242,7 @@ pub fn run_with(dir: &Path, cfg: &Config, bytes: Option<&[u8]>) -> Result<Run, S
             backing: Some("backing.raw".into()),
             backing_format: Some("raw".into()),
             cluster_size: cfg.cluster_size,
+            extended_l2: cfg.extended_l2,
             ..Default::default()
         },
     )
@@ -676,6 +680,8 @@ pub fn fuzz_ops_with_crash(data: &[u8]) -> Result<(), String> {
         queue_depth: 1 + usize::from(head[1] % 16),
         cores: 1 + usize::from(head[1] >> 7),
         cluster_size: if head[0] & 1 == 0 { 4096 } else { 65536 },
+        // Half of the 64 KiB overlays have subclusters.
+        extended_l2: head[0] & 3 == 3,
         disk_bytes: (1 << 20) + 3 * SECTOR,
         backing_bytes: (768 << 10) + SECTOR,
         max_delay_turns: u32::from(head[0] >> 5),

@@ -65,6 +65,7 @@ pub fn build_options(args: &CreateArgs) -> Result<CreateOptions> {
                         .map_err(|_| invalid(format!("cluster size {value} is too large")))?;
                 }
                 "compat" => opts.compat = parse_compat(value)?,
+                "extended_l2" => opts.extended_l2 = parse_on_off(key, value)?,
                 "backing_file" => opts.backing = Some(value.to_owned()),
                 "backing_fmt" => opts.backing_format = Some(value.to_owned()),
                 "size" => opts.size = Some(parse_size(value)?),
@@ -81,7 +82,7 @@ pub fn build_options(args: &CreateArgs) -> Result<CreateOptions> {
                 }
                 _ => {
                     return Err(invalid(format!(
-                        "invalid option '{key}' (supported: cluster_size, compat, backing_file, backing_fmt, size, refcount_bits)"
+                        "invalid option '{key}' (supported: cluster_size, compat, backing_file, backing_fmt, size, refcount_bits, extended_l2)"
                     )))
                 }
             }
@@ -102,6 +103,17 @@ pub fn build_options(args: &CreateArgs) -> Result<CreateOptions> {
         ));
     }
     Ok(opts)
+}
+
+/// A boolean option as qemu-img spells it: `on`/`off` (also `true`/`false`).
+fn parse_on_off(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(invalid(format!(
+            "invalid value '{value}' for option '{key}' (expected on or off)"
+        ))),
+    }
 }
 
 /// `0.10`/`v2` or `1.1`/`v3`, as qemu-img's `compat` option.
@@ -125,6 +137,9 @@ pub fn formatting_line(path: &Path, opts: &CreateOptions, size: Option<u64>) -> 
         opts.cluster_size,
         compat_name(opts.compat)
     );
+    if opts.extended_l2 {
+        line.push_str(" extended_l2=on");
+    }
     if let Some(size) = size.or(opts.size) {
         line.push_str(&format!(" size={size}"));
     }
@@ -195,6 +210,14 @@ mod tests {
         assert!(build_options(&bad_format).is_err());
         assert!(build_options(&args(&["lazy_refcounts=on"], None)).is_err());
         assert!(build_options(&args(&["compat=1.0"], None)).is_err());
+        let opts = build_options(&args(&["extended_l2=on,cluster_size=2M"], None)).unwrap();
+        assert!(opts.extended_l2);
+        assert!(
+            !build_options(&args(&["extended_l2=off"], None))
+                .unwrap()
+                .extended_l2
+        );
+        assert!(build_options(&args(&["extended_l2=yes"], None)).is_err());
         assert!(build_options(&args(&["cluster_size"], None)).is_err());
         assert!(build_options(&args(&[], Some("12Q"))).is_err());
         let no_size = CreateArgs::default();

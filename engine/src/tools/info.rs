@@ -45,6 +45,9 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     writeln!(out, "    refcount bits: {}", info.refcount_bits)?;
     writeln!(out, "    dirty: {}", info.dirty)?;
     writeln!(out, "    corrupt: {}", info.corrupt)?;
+    if info.extended_l2 {
+        writeln!(out, "    extended l2: true")?;
+    }
     let whole = info.virtual_size;
     writeln!(out, "Allocation:")?;
     for (label, bytes) in [
