@@ -75,7 +75,10 @@ pub struct Segment {
 
 enum Format {
     Raw,
-    Qcow2 { header: Header, l1: Vec<u64> },
+    Qcow2 {
+        header: Header,
+        l1: Vec<u64>,
+    },
     /// A raw image on a remote medium (no local file).
     Remote(Arc<dyn remote::Medium>),
 }

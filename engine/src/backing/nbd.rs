@@ -15,9 +15,11 @@
 //! Error policy: a read the server answers with an NBD error fails (that
 //! read only, with the server's errno and message). A read in flight on a
 //! connection that drops is retried on another, or the reconnected, one, at
-//! most [`MAX_ATTEMPTS`] times in all. While no connection can be made,
-//! queued reads fail after [`GIVE_UP_AFTER_FAILURES`] attempts in a row;
-//! later reads find the server again as soon as it is back.
+//! most [`MAX_ATTEMPTS`] times in all; so is a read the server answers with
+//! ESHUTDOWN (it is going away, another server may come). Once no
+//! connection could be made for [`GIVE_UP_AFTER`], queued reads fail
+//! instead of waiting; later reads find the server again as soon as it is
+//! back.
 //!
 //! What it never does: write to the export, block the thread that submits
 //! a read, read past the export's end, or hand out bytes a reply did not
@@ -35,7 +37,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Connections per backing export.
 pub const CONNECTIONS: usize = 4;
@@ -45,9 +47,9 @@ pub const IN_FLIGHT_PER_CONNECTION: usize = 16;
 /// Connections a read may be sent on before it fails (a connection that
 /// drops with the read in flight costs one attempt).
 pub const MAX_ATTEMPTS: u32 = 5;
-/// Failed connection attempts in a row (with no other connection up) after
-/// which queued reads fail instead of waiting on.
-pub const GIVE_UP_AFTER_FAILURES: u32 = 6;
+/// How long connection attempts may keep failing (with no other
+/// connection up) before queued reads fail instead of waiting on.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
 /// The default NBD port (IANA).
 pub const DEFAULT_PORT: u16 = 10809;
 /// The first reconnect delay; it doubles per failure up to [`BACKOFF_MAX`].
@@ -59,8 +61,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_READ: u32 = 32 << 20;
 /// The largest option reply or error chunk we accept.
 const MAX_SMALL_PAYLOAD: u32 = 64 << 10;
-/// NBD_OPT_GO's old-style magic (a server that speaks only oldstyle).
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+/// The oldstyle greeting's second magic (a server that speaks only oldstyle).
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 const REP_FLAG_ERROR: u32 = 1 << 31;
 const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 
@@ -357,7 +359,9 @@ fn handshake(s: &mut Stream, export: &str) -> std::result::Result<ExportInfo, St
     let (kind, _) = read_option_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = kind == REP_ACK;
     if !structured && kind & REP_FLAG_ERROR == 0 {
-        return Err(format!("unexpected reply {kind} to NBD_OPT_STRUCTURED_REPLY"));
+        return Err(format!(
+            "unexpected reply {kind} to NBD_OPT_STRUCTURED_REPLY"
+        ));
     }
 
     let mut go = Vec::new();
@@ -439,7 +443,8 @@ struct Pending {
     data: Vec<u8>,
     /// Bytes the reply's chunks covered so far.
     covered: u64,
-    error: Option<String>,
+    /// The server's error (NBD errno, text), the first if several.
+    error: Option<(u32, String)>,
 }
 
 /// What the connections share.
@@ -565,7 +570,7 @@ impl Medium for NbdClient {
 /// connection drops, send what was in flight elsewhere, again.
 fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
     let mut backoff = BACKOFF_FIRST;
-    let mut failures = 0u32;
+    let mut failing_since: Option<Instant> = None;
     while !pool.stopped() {
         let attempt = match next.take() {
             Some(c) => Ok(c),
@@ -584,9 +589,11 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
         let (stream, info) = match attempt {
             Ok(c) => c,
             Err(e) => {
-                failures += 1;
-                if failures >= GIVE_UP_AFTER_FAILURES && pool.live.load(Ordering::SeqCst) == 0 {
-                    pool.fail_queued(&format!("cannot reach the NBD server: {e}"));
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= GIVE_UP_AFTER && pool.live.load(Ordering::SeqCst) == 0 {
+                    pool.fail_queued(&format!(
+                        "cannot reach the NBD server for {GIVE_UP_AFTER:?}: {e}"
+                    ));
                 }
                 match pool.stop_rx.recv_timeout(backoff) {
                     Err(RecvTimeoutError::Timeout) => {}
@@ -596,7 +603,7 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
                 continue;
             }
         };
-        failures = 0;
+        failing_since = None;
         backoff = BACKOFF_FIRST;
         pool.live.fetch_add(1, Ordering::SeqCst);
         let (left, why) = session(pool, stream, info);
@@ -641,7 +648,8 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
             .name("backfill-nbd-rx".into())
             .spawn_scoped(sc, || {
                 let _dead = dead_tx;
-                let why = read_replies(BufReader::with_capacity(256 << 10, rx), &wire, &room, &info);
+                let rx = BufReader::with_capacity(256 << 10, rx);
+                let why = read_replies(pool, rx, &wire, &room, &info);
                 end(why, &wire);
             });
         if let Err(e) = reader {
@@ -751,6 +759,7 @@ enum Outcome {
 /// The receiving half: matches replies to requests until the connection
 /// fails. Returns why it stopped.
 fn read_replies(
+    pool: &Pool,
     mut s: BufReader<Stream>,
     wire: &Mutex<Wire>,
     room: &Condvar,
@@ -762,7 +771,9 @@ fn read_replies(
             Err(e) => return format!("reading a reply: {e}"),
         };
         let header = match magic {
-            SIMPLE_REPLY_MAGIC => read_u32(&mut s).and_then(|err| Ok((None, err, read_u64(&mut s)?))),
+            SIMPLE_REPLY_MAGIC => {
+                read_u32(&mut s).and_then(|err| Ok((None, err, read_u64(&mut s)?)))
+            }
             STRUCTURED_REPLY_MAGIC if info.structured => (|| {
                 let flags = read_u16(&mut s)?;
                 let kind = read_u16(&mut s)?;
@@ -790,7 +801,11 @@ fn read_replies(
         };
         match r {
             Ok(Outcome::Done) => {
-                finish(p);
+                if matches!(p.error, Some((ESHUTDOWN, _))) {
+                    pool.retry(p.job, "the server is shutting down");
+                } else {
+                    finish(pool, p);
+                }
                 room.notify_all();
             }
             Ok(Outcome::More) => {
@@ -822,7 +837,10 @@ fn simple_reply(
     error: u32,
 ) -> std::result::Result<Outcome, String> {
     if error != 0 {
-        p.error = Some(format!("the server answered {}", nbd_error_text(error)));
+        p.error = Some((
+            error,
+            format!("the server answered {}", nbd_error_text(error)),
+        ));
         return Ok(Outcome::Done);
     }
     s.read_exact(&mut p.data)
@@ -877,12 +895,13 @@ fn chunk_reply(
                 .and_then(|n| c.take(n as usize))
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default();
+            let error = if error == 0 { EIO } else { error };
             p.error.get_or_insert_with(|| {
-                let mut t = format!("the server answered {}", nbd_error_text(error.max(1)));
+                let mut t = format!("the server answered {}", nbd_error_text(error));
                 if !msg.is_empty() {
                     t.push_str(&format!(": {msg}"));
                 }
-                t
+                (error, t)
             });
         }
         k => {
@@ -899,7 +918,7 @@ fn chunk_reply(
 }
 
 /// Answers a read whose reply is complete.
-fn finish(p: Pending) {
+fn finish(pool: &Pool, p: Pending) {
     let Pending {
         job,
         data,
@@ -911,11 +930,14 @@ fn finish(p: Pending) {
     let fail = |why: String| {
         Err(Error::new(
             ErrorKind::BackingUnavailable,
-            format!("NBD backing image: reading {len} bytes at offset {offset}: {why}"),
+            format!(
+                "backing image {}: reading {len} bytes at offset {offset}: {why}",
+                pool.name
+            ),
         ))
     };
     let result = match error {
-        Some(e) => fail(e),
+        Some((_, e)) => fail(e),
         None if covered != len as u64 => fail(format!(
             "protocol error: the reply covered {covered} of {len} bytes"
         )),

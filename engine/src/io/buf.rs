@@ -78,7 +78,8 @@ impl IoBuf {
     /// [`raw_ptr`]: IoBuf::raw_ptr
     pub(crate) unsafe fn copy_in(&self, at: usize, data: &[u8]) {
         assert!(
-            at.checked_add(data.len()).is_some_and(|end| end <= self.len),
+            at.checked_add(data.len())
+                .is_some_and(|end| end <= self.len),
             "copy past the end of an I/O buffer"
         );
         // SAFETY: the range lies inside the allocation (asserted above) and

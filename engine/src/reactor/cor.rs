@@ -577,7 +577,7 @@ impl<I: Io> Core<I> {
                 let len = s.len as usize;
                 n += self
                     .remote
-                    .push(chain, token, layer, offset, buf, pos, len);
+                    .push(chain, token, (layer, offset), (buf, pos), len);
                 bytes += s.len;
             }
             pos += s.len as usize;

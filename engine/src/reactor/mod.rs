@@ -139,10 +139,7 @@ pub enum Msg {
         buf_off: u64,
     },
     /// A remote backing read of this core's finished (see `remote`).
-    Remote {
-        tag: u64,
-        result: Result<Vec<u8>>,
-    },
+    Remote { tag: u64, result: Result<Vec<u8>> },
 }
 
 /// The client side of a core: its inbox and wake-up.

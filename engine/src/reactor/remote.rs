@@ -44,7 +44,12 @@ pub(crate) struct CoreReply {
 
 impl Reply for CoreReply {
     fn done(&self, tag: u64, result: Result<Vec<u8>>) {
-        post(&self.tx, &self.wake, &self.sleeping, Msg::Remote { tag, result });
+        post(
+            &self.tx,
+            &self.wake,
+            &self.sleeping,
+            Msg::Remote { tag, result },
+        );
     }
 }
 
@@ -93,19 +98,18 @@ pub(super) struct RemoteOps {
 }
 
 impl RemoteOps {
-    /// Queues `len` bytes of remote layer `layer` at `offset` into
-    /// `buf[buf_off..]`; each part completes as an operation of `token`.
-    /// Returns how many completions will come.
+    /// Queues `len` bytes of remote layer `layer` at `offset` (`source`)
+    /// into `buf[buf_off..]` (`dst`); each part completes as an operation
+    /// of `token`. Returns how many completions will come.
     pub(super) fn push(
         &mut self,
         chain: &Chain,
         token: u64,
-        layer: usize,
-        offset: u64,
-        buf: &Rc<IoBuf>,
-        buf_off: usize,
+        source: (usize, u64),
+        dst: (&Rc<IoBuf>, usize),
         len: usize,
     ) -> u32 {
+        let ((layer, offset), (buf, buf_off)) = (source, dst);
         let max = chain.remote(layer).expect("a remote layer").max_read();
         let mut n = 0;
         let mut done = 0;
@@ -133,7 +137,11 @@ impl<I: Io> Core<I> {
         if self.remote.queued.is_empty() {
             return;
         }
-        let chain = self.shared.chain.clone().expect("remote reads need a chain");
+        let chain = self
+            .shared
+            .chain
+            .clone()
+            .expect("remote reads need a chain");
         let mut queued = std::mem::take(&mut self.remote.queued);
         let slots = &self.remote.slots;
         queued.sort_unstable_by_key(|&id| (slots[id].layer, slots[id].offset));
