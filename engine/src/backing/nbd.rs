@@ -31,7 +31,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::proto::*;
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -57,6 +57,13 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Bounds on a handshake (and a TCP connect) that stalls.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose oldest request has waited this long for its reply is
+/// dropped (its reads go to another connection): a hung server becomes an
+/// error after [`MAX_ATTEMPTS`] tries, never a read that waits forever.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a waiting reader looks at the age of its requests; also the
+/// longest a reply may stall part way, or a request may wait to be sent.
+const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest read we ask for when the server names no maximum.
 const DEFAULT_MAX_READ: u32 = 32 << 20;
 /// The largest option reply or error chunk we accept.
@@ -445,6 +452,7 @@ struct Pending {
     covered: u64,
     /// The server's error (NBD errno, text), the first if several.
     error: Option<(u32, String)>,
+    sent: Instant,
 }
 
 /// What the connections share.
@@ -638,9 +646,12 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         wire.lock().unwrap_or_else(|e| e.into_inner()).dead = true;
         room.notify_all();
     };
-    let rx = match stream.try_clone() {
+    let rx = match stream
+        .try_clone()
+        .and_then(|rx| rx.set_timeouts(Some(STALL_TIMEOUT)).map(|()| rx))
+    {
         Ok(s) => s,
-        Err(e) => return (Vec::new(), format!("cloning the socket: {e}")),
+        Err(e) => return (Vec::new(), format!("setting up the socket: {e}")),
     };
     let (dead_tx, dead_rx) = crossbeam_channel::bounded::<()>(0);
     std::thread::scope(|sc| {
@@ -712,6 +723,7 @@ fn send_requests(
                     data: vec![0u8; len],
                     covered: 0,
                     error: None,
+                    sent: Instant::now(),
                 },
             );
             if w.pending.len() < IN_FLIGHT_PER_CONNECTION {
@@ -766,6 +778,29 @@ fn read_replies(
     info: &ExportInfo,
 ) -> String {
     loop {
+        // At a message boundary: wait for the next reply, watching the age
+        // of the requests in flight.
+        match s.fill_buf() {
+            Ok([]) => return "the server closed the connection".into(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let w = wire.lock().unwrap_or_else(|e| e.into_inner());
+                if w.pending
+                    .values()
+                    .any(|p| p.sent.elapsed() >= REPLY_TIMEOUT)
+                {
+                    return format!("no reply for {REPLY_TIMEOUT:?}");
+                }
+                continue;
+            }
+            Err(e) => return format!("reading a reply: {e}"),
+        }
         let magic = match read_u32(&mut s) {
             Ok(m) => m,
             Err(e) => return format!("reading a reply: {e}"),
@@ -924,6 +959,7 @@ fn finish(pool: &Pool, p: Pending) {
         data,
         covered,
         error,
+        ..
     } = p;
     let r = &job.read;
     let (offset, len) = (r.offset, r.len);
