@@ -371,6 +371,49 @@ fn many_reads_in_flight_over_a_slow_server() {
     server.stop();
 }
 
+/// A server that refuses reads not aligned to 4 KiB or larger than 64 KiB
+/// (nbdkit's blocksize-policy filter, which answers EINVAL): unaligned
+/// pass-through reads are widened, large reads split, and everything reads
+/// right.
+#[test]
+fn reads_respect_the_servers_block_sizes() {
+    let seed = seed_from_env("reads_respect_the_servers_block_sizes");
+    let size = 3 * MIB + 12 * KIB;
+    let s = Setup::new("nbdb-blocks", size, seed);
+    let sock = s.sock("b.sock");
+    let server = s.nbdkit(
+        &sock,
+        &["blocksize-policy"],
+        &[
+            "blocksize-minimum=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    s.make_overlay(&unix_uri(&sock));
+    let disk = open(&s.overlay, options(2, false, true));
+    let mut rng = Rng::new(seed);
+    let mut ranges: Vec<(u64, u64)> = (0..100)
+        .map(|_| {
+            let len = rng.range(1, 200 * KIB);
+            (rng.below(size - len), len)
+        })
+        .collect();
+    ranges.push((size - 5, 5));
+    for (got, &(off, len)) in read_all_at_once(&disk, &ranges).iter().zip(&ranges) {
+        assert_same_bytes(
+            got,
+            &s.data[off as usize..(off + len) as usize],
+            "pass-through",
+        );
+    }
+    let st = disk.stats();
+    assert_eq!(st.remote_errors, 0, "{st:?}");
+    disk.close().unwrap();
+    populate_and_check(&s);
+    server.stop();
+}
+
 /// nbdkit's error filter fails every request while its error file exists:
 /// the reads that need the backing fail with EIO, reads of what the overlay
 /// holds go on, and once the file is gone the same reads succeed.

@@ -280,6 +280,9 @@ impl Write for Stream {
 struct ExportInfo {
     size: u64,
     structured: bool,
+    /// The server's minimum block size (reads are aligned to it).
+    min_block: u32,
+    /// The largest read, a multiple of `min_block`.
     max_block: u32,
 }
 
@@ -378,6 +381,7 @@ fn handshake(s: &mut Stream, export: &str) -> std::result::Result<ExportInfo, St
     go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
     send_option(s, OPT_GO, &go).map_err(io)?;
     let mut size = None;
+    let mut min_block = 1;
     let mut max_block = DEFAULT_MAX_READ;
     loop {
         let (kind, data) = read_option_reply(s, OPT_GO)?;
@@ -392,8 +396,16 @@ fn handshake(s: &mut Stream, export: &str) -> std::result::Result<ExportInfo, St
                         size = Some(sz.ok_or("short NBD_INFO_EXPORT")?);
                     }
                     Some(INFO_BLOCK_SIZE) => {
-                        let (_min, _pref, max) = (c.u32(), c.u32(), c.u32());
-                        let max = max.ok_or("short NBD_INFO_BLOCK_SIZE")?;
+                        let (min, _pref, max) = (c.u32(), c.u32(), c.u32());
+                        let (Some(min), Some(max)) = (min, max) else {
+                            return Err("short NBD_INFO_BLOCK_SIZE".into());
+                        };
+                        // The spec: a power of two up to 64 KiB, and a
+                        // maximum that is a multiple of it.
+                        if !min.is_power_of_two() || min > 64 << 10 {
+                            return Err(format!("bad minimum block size {min}"));
+                        }
+                        min_block = min;
                         if max > 0 {
                             max_block = max.min(DEFAULT_MAX_READ);
                         }
@@ -420,10 +432,13 @@ fn handshake(s: &mut Stream, export: &str) -> std::result::Result<ExportInfo, St
     if size > i64::MAX as u64 {
         return Err(format!("export size {size} is too large"));
     }
+    // Whole minimum blocks, and never less than one 4 KiB page.
+    let max_block = (max_block.max(4096).max(min_block) / min_block) * min_block;
     Ok(ExportInfo {
         size,
         structured,
-        max_block: max_block.max(4096),
+        min_block,
+        max_block,
     })
 }
 
@@ -509,6 +524,7 @@ impl Pool {
 pub struct NbdClient {
     pool: Arc<Pool>,
     max_read: usize,
+    alignment: usize,
     /// Dropped with the client: tells the connection threads to stop.
     _stop: Sender<()>,
 }
@@ -547,6 +563,7 @@ impl NbdClient {
         Ok(NbdClient {
             pool,
             max_read: info.max_block as usize,
+            alignment: info.min_block as usize,
             _stop: stop_tx,
         })
     }
@@ -565,8 +582,17 @@ impl Medium for NbdClient {
         self.max_read
     }
 
+    fn alignment(&self) -> usize {
+        self.alignment
+    }
+
     fn submit(&self, read: RemoteRead) {
-        debug_assert!(read.len <= self.max_read && read.offset + read.len as u64 <= self.size());
+        let end = read.offset + read.len as u64;
+        let a = self.alignment as u64;
+        debug_assert!(read.len <= self.max_read && end <= self.size());
+        debug_assert!(
+            read.offset.is_multiple_of(a) && (end.is_multiple_of(a) || end == self.size())
+        );
         // Unbounded: the submitters' own in-flight limits bound the queue.
         if let Err(e) = self.pool.jobs_tx.send(Job { read, attempts: 0 }) {
             self.pool.fail(e.into_inner(), "the client is shut down");
@@ -831,8 +857,8 @@ fn read_replies(
             return format!("protocol error: reply to unknown cookie {cookie}");
         };
         let r = match chunk {
-            None => simple_reply(&mut s, &mut p, error),
-            Some((flags, kind, len)) => chunk_reply(&mut s, &mut p, flags, kind, len),
+            None => read_simple_reply(&mut s, &mut p, error),
+            Some((flags, kind, len)) => read_chunk(&mut s, &mut p, flags, kind, len),
         };
         match r {
             Ok(Outcome::Done) => {
@@ -866,7 +892,7 @@ fn nbd_error_text(error: u32) -> String {
     format!("error {error} ({os})")
 }
 
-fn simple_reply(
+fn read_simple_reply(
     s: &mut impl Read,
     p: &mut Pending,
     error: u32,
@@ -884,7 +910,7 @@ fn simple_reply(
     Ok(Outcome::Done)
 }
 
-fn chunk_reply(
+fn read_chunk(
     s: &mut impl Read,
     p: &mut Pending,
     flags: u16,
@@ -985,6 +1011,232 @@ fn finish(pool: &Pool, p: Pending) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backing::remote::Reply;
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc;
+
+    /// What the hand-written server below does with reads: no real NBD
+    /// server sends malformed replies on purpose, so this one does.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        /// Structured replies: the first half of each read as data, the
+        /// second half as a hole.
+        Chunks,
+        /// Simple replies only (it refuses structured replies).
+        Simple,
+        /// A data chunk outside the read (a protocol error).
+        OutOfRange,
+        /// Only the first half of each read, then DONE.
+        Partial,
+        /// An error chunk for reads at offset 0, good replies otherwise.
+        ErrorAtZero,
+    }
+
+    const SIZE: u64 = 1 << 20;
+
+    fn pattern(off: u64) -> u8 {
+        (off % 251) as u8
+    }
+
+    /// Serves `mode` on a fresh Unix socket; returns its URI.
+    fn fake_server(dir: &std::path::Path, mode: Mode) -> String {
+        let sock = dir.join("fake.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let _ = serve(conn, mode);
+                });
+            }
+        });
+        format!("nbd+unix:///?socket={}", sock.display())
+    }
+
+    fn serve(mut c: UnixStream, mode: Mode) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        c.write_all(&out)?;
+        read_u32(&mut c)?;
+        loop {
+            let (_magic, opt, len) = (read_u64(&mut c)?, read_u32(&mut c)?, read_u32(&mut c)?);
+            let mut data = vec![0u8; len as usize];
+            c.read_exact(&mut data)?;
+            let mut out = Vec::new();
+            if opt == OPT_STRUCTURED_REPLY {
+                let kind = if mode == Mode::Simple {
+                    REP_ERR_UNSUP
+                } else {
+                    REP_ACK
+                };
+                option_reply(&mut out, opt, kind, &[]);
+                c.write_all(&out)?;
+                continue;
+            }
+            assert_eq!(opt, OPT_GO);
+            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+            info.extend_from_slice(&SIZE.to_be_bytes());
+            info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
+            option_reply(&mut out, opt, REP_INFO, &info);
+            option_reply(&mut out, opt, REP_ACK, &[]);
+            c.write_all(&out)?;
+            break;
+        }
+        loop {
+            let mut h = [0u8; REQUEST_HEADER_LEN];
+            c.read_exact(&mut h)?;
+            let r = RequestHeader::parse(&h).expect("request magic");
+            if r.kind == CMD_DISC {
+                return Ok(());
+            }
+            let (off, len) = (r.offset, u64::from(r.len));
+            let bytes = |from: u64, to: u64| (from..to).map(pattern).collect::<Vec<u8>>();
+            let half = off + len / 2;
+            let mut out = Vec::new();
+            let data_chunk = |out: &mut Vec<u8>, at: u64, d: &[u8], flags: u16| {
+                chunk_header(
+                    out,
+                    r.cookie,
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    8 + d.len() as u32,
+                );
+                out.extend_from_slice(&at.to_be_bytes());
+                out.extend_from_slice(d);
+            };
+            match mode {
+                Mode::Simple => {
+                    simple_reply(&mut out, r.cookie, 0);
+                    out.extend_from_slice(&bytes(off, off + len));
+                }
+                Mode::ErrorAtZero if off == 0 => {
+                    error_chunk(&mut out, r.cookie, EPERM, "nope, not this one");
+                }
+                Mode::Chunks | Mode::ErrorAtZero => {
+                    if half > off {
+                        data_chunk(&mut out, off, &bytes(off, half), 0);
+                    }
+                    chunk_header(
+                        &mut out,
+                        r.cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_HOLE,
+                        12,
+                    );
+                    out.extend_from_slice(&half.to_be_bytes());
+                    out.extend_from_slice(&((off + len - half) as u32).to_be_bytes());
+                }
+                Mode::OutOfRange => {
+                    data_chunk(&mut out, off + len, &[1], REPLY_FLAG_DONE);
+                }
+                Mode::Partial => {
+                    data_chunk(&mut out, off, &bytes(off, half), REPLY_FLAG_DONE);
+                }
+            }
+            c.write_all(&out)?;
+        }
+    }
+
+    struct Collect(Mutex<mpsc::Sender<(u64, Result<Vec<u8>>)>>);
+
+    impl Reply for Collect {
+        fn done(&self, tag: u64, result: Result<Vec<u8>>) {
+            let _ = self.0.lock().unwrap().send((tag, result));
+        }
+    }
+
+    /// Submits every `(offset, len)` at once; the results in order.
+    fn read_many(c: &NbdClient, reads: &[(u64, usize)]) -> Vec<Result<Vec<u8>>> {
+        let (tx, rx) = mpsc::channel();
+        let reply: Arc<dyn Reply> = Arc::new(Collect(Mutex::new(tx)));
+        for (i, &(offset, len)) in reads.iter().enumerate() {
+            c.submit(RemoteRead {
+                offset,
+                len,
+                tag: i as u64,
+                reply: reply.clone(),
+            });
+        }
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..reads.len()).map(|_| None).collect();
+        for _ in reads {
+            let (tag, r) = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("every read is answered");
+            assert!(out[tag as usize].replace(r).is_none(), "answered twice");
+        }
+        out.into_iter().map(Option::unwrap).collect()
+    }
+
+    #[test]
+    fn structured_and_simple_replies() {
+        for mode in [Mode::Chunks, Mode::Simple] {
+            let dir = tempfile::tempdir().unwrap();
+            let c = NbdClient::open(&fake_server(dir.path(), mode)).unwrap();
+            assert_eq!(c.size(), SIZE);
+            let reads: Vec<(u64, usize)> = (0..200u64)
+                .map(|i| (i * 4099 % (SIZE - 70_000), 1 + (i as usize * 331) % 65_536))
+                .collect();
+            for (r, &(off, len)) in read_many(&c, &reads).into_iter().zip(&reads) {
+                let got = r.unwrap();
+                let want: Vec<u8> = (off..off + len as u64)
+                    .enumerate()
+                    .map(|(i, o)| {
+                        if mode == Mode::Chunks && i >= len / 2 {
+                            0
+                        } else {
+                            pattern(o)
+                        }
+                    })
+                    .collect();
+                assert!(got == want, "read of {len} at {off}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_data() {
+        let dir = tempfile::tempdir().unwrap();
+        // A reply outside its read: the connection is dropped and the read
+        // retried, MAX_ATTEMPTS times, then an error.
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::OutOfRange)).unwrap();
+        let e = read_many(&c, &[(4096, 512)]).remove(0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BackingUnavailable);
+        assert!(e.message().contains("dropped"), "{e}");
+        assert!(e.message().contains("outside the read"), "{e}");
+        drop(c);
+
+        // A reply that covers half the read: an error for that read.
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::Partial)).unwrap();
+        let e = read_many(&c, &[(0, 1000)]).remove(0).unwrap_err();
+        assert!(e.message().contains("covered 500 of 1000"), "{e}");
+    }
+
+    #[test]
+    fn an_error_chunk_fails_that_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::ErrorAtZero)).unwrap();
+        let mut r = read_many(&c, &[(0, 100), (100, 100), (0, 10), (5000, 2)]);
+        let e = r.remove(0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BackingUnavailable);
+        assert!(e.message().contains("nope, not this one"), "{e}");
+        assert!(r.remove(0).is_ok());
+        assert!(r.remove(0).is_err());
+        assert_eq!(r.remove(0).unwrap(), vec![pattern(5000), 0]);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nobody.sock");
+        let e = NbdClient::open(&format!("nbd+unix:///?socket={}", sock.display()))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), ErrorKind::BackingUnavailable);
+        assert!(e.message().contains("cannot connect"), "{e}");
+    }
 
     #[test]
     fn parses_qemu_uris() {

@@ -28,10 +28,15 @@ pub trait Medium: Send + Sync {
     /// Virtual size in bytes, fixed for the medium's lifetime.
     fn size(&self) -> u64;
     /// The largest read one [`RemoteRead`] may ask for; callers split
-    /// larger ranges.
+    /// larger ranges. A multiple of [`Medium::alignment`].
     fn max_read(&self) -> usize;
-    /// Queues a read. Never blocks; `read.len <= self.max_read()` and the
-    /// range lies inside `[0, size)`.
+    /// Reads must start at a multiple of this and end at one (or at the
+    /// medium's end); callers widen theirs. A power of two.
+    fn alignment(&self) -> usize {
+        1
+    }
+    /// Queues a read. Never blocks; `read.len <= self.max_read()`, the
+    /// range is aligned and lies inside `[0, size)`.
     fn submit(&self, read: RemoteRead);
 }
 

@@ -4,10 +4,11 @@
 //! own.
 //!
 //! A backing segment on a remote layer becomes one or more *slots* (split
-//! at the medium's largest read), each completing like one ring operation
-//! of its piece or fill (same token). The slots queued during a loop turn
-//! are sorted and adjacent ones coalesced into *batches*, one medium read
-//! each, when the turn submits its I/O: the fills of neighbouring missing
+//! at multiples of the medium's largest read), each completing like one
+//! ring operation of its piece or fill (same token). The slots queued
+//! during a loop turn are sorted and adjacent ones coalesced into
+//! *batches*, one medium read each (widened to the medium's alignment),
+//! when the turn submits its I/O: the fills of neighbouring missing
 //! clusters that one client read starts become one remote read. A batch's
 //! result arrives as [`Msg::Remote`] in the core's inbox (with an eventfd
 //! wake-up); its bytes are copied into each slot's buffer and each slot is
@@ -110,11 +111,14 @@ impl RemoteOps {
         len: usize,
     ) -> u32 {
         let ((layer, offset), (buf, buf_off)) = (source, dst);
-        let max = chain.remote(layer).expect("a remote layer").max_read();
+        let max = chain.remote(layer).expect("a remote layer").max_read() as u64;
         let mut n = 0;
         let mut done = 0;
         while done < len {
-            let l = (len - done).min(max);
+            // Never across a multiple of `max`: a slot widened to the
+            // medium's alignment (which divides `max`) still fits one read.
+            let at = offset + done as u64;
+            let l = (len - done).min((max - at % max) as usize);
             let id = self.slots.insert(Slot {
                 token,
                 layer,
@@ -148,21 +152,31 @@ impl<I: Io> Core<I> {
         let mut i = 0;
         while i < queued.len() {
             let first = &self.remote.slots[queued[i]];
-            let (layer, offset) = (first.layer, first.offset);
+            let (layer, start) = (first.layer, first.offset);
             let medium = chain.remote(layer).expect("a remote layer").clone();
-            let mut len = first.len;
+            let a = medium.alignment() as u64;
+            // The aligned read that covers `[start, end)`.
+            let widen = |end: u64| {
+                let lo = start - start % a;
+                (lo, end.next_multiple_of(a).min(medium.size()))
+            };
+            let limit = (medium.max_read() as u64).min(COALESCE_MAX_BYTES as u64);
+            let mut end = start + first.len as u64;
             let mut j = i + 1;
             while j < queued.len() {
                 let s = &self.remote.slots[queued[j]];
-                if s.layer != layer || s.offset != offset + len as u64 {
+                if s.layer != layer || s.offset != end {
                     break;
                 }
-                if len + s.len > medium.max_read().min(COALESCE_MAX_BYTES) {
+                let (lo, hi) = widen(end + s.len as u64);
+                if hi - lo > limit {
                     break;
                 }
-                len += s.len;
+                end += s.len as u64;
                 j += 1;
             }
+            let (offset, hi) = widen(end);
+            let len = (hi - offset) as usize;
             let tag = self.remote.batches.insert(Batch {
                 slots: queued[i..j].to_vec(),
                 offset,
