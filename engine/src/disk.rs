@@ -128,6 +128,15 @@ pub struct Stats {
     pub writeback_errors: u64,
     /// Metadata commits (fdatasync + L2 writes) completed.
     pub commits: u64,
+    /// Reads sent to remote backing media (NBD), after adjacent ones were
+    /// coalesced; the bytes they returned; those that failed.
+    pub remote_reads: u64,
+    pub remote_bytes: u64,
+    pub remote_errors: u64,
+    /// Latency of those reads, from submission to result: the sum (divide
+    /// by `remote_reads` for the mean) and the largest, in microseconds.
+    pub remote_latency_us: u64,
+    pub remote_latency_max_us: u64,
     /// Requests accepted and not yet completed.
     pub in_flight: u64,
 }
@@ -334,7 +343,9 @@ impl Disk {
         if let Some(chain) = &chain {
             // Nobody may change a backing image under us while we read it.
             for i in 0..chain.depth() {
-                crate::imagelock::lock_image(chain.layer_file(i), chain.layer_name(i), false)?;
+                if let Some(f) = chain.local_file(i) {
+                    crate::imagelock::lock_image(f, chain.layer_name(i), false)?;
+                }
             }
         }
         let size = header.size;
@@ -800,6 +811,11 @@ impl Disk {
             s.bytes_written += g(&c.bytes_written);
             s.writeback_errors += g(&c.writeback_errors);
             s.commits += g(&c.commits);
+            s.remote_reads += g(&c.remote_reads);
+            s.remote_bytes += g(&c.remote_bytes);
+            s.remote_errors += g(&c.remote_errors);
+            s.remote_latency_us += g(&c.remote_latency_us);
+            s.remote_latency_max_us = s.remote_latency_max_us.max(g(&c.remote_latency_max_us));
         }
         s
     }

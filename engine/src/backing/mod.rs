@@ -1,9 +1,10 @@
-//! The backing chain: raw and qcow2 files below an overlay, read-only.
+//! The backing chain: raw and qcow2 files below an overlay, read-only, and
+//! at its bottom possibly a remote raw image (an NBD export, see [`nbd`]).
 //!
 //! What it owns: opening the chain (name resolution, format probing, loop
 //! and depth limits), each qcow2 layer's header and L1 table, and the
-//! translation of a guest byte range into segments: zeros, or a byte range
-//! of one layer's file. A [`Chain`] is immutable after [`Chain::open`] and
+//! translation of a guest byte range into segments: zeros, a byte range
+//! of one layer's file, or a byte range of a remote layer ([`remote`]). A [`Chain`] is immutable after [`Chain::open`] and
 //! shared by every reactor thread; each thread keeps its own [`ChainCache`]
 //! of L2 tables, so lookups take no lock.
 //!
@@ -24,6 +25,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub mod nbd;
+pub mod remote;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::create::{probe_format, resolve_backing_path};
@@ -58,6 +63,9 @@ pub enum Source {
         cluster_bits: u32,
         kind: CompressionType,
     },
+    /// Bytes of remote layer `layer` (a raw [`remote::Medium`]) from
+    /// `offset`; never past the medium's end.
+    Remote { layer: usize, offset: u64 },
 }
 
 /// A piece of a resolved range.
@@ -72,13 +80,19 @@ pub struct Segment {
 
 enum Format {
     Raw,
-    Qcow2 { header: Header, l1: Vec<u64> },
+    Qcow2 {
+        header: Header,
+        l1: Vec<u64>,
+    },
+    /// A raw image on a remote medium (no local file).
+    Remote(Arc<dyn remote::Medium>),
 }
 
 struct Layer {
-    /// The path as resolved (what messages and `layer_name` show).
+    /// The path as resolved, or the URI (what messages and `layer_name` show).
     name: String,
-    file: File,
+    /// None for a remote layer.
+    file: Option<File>,
     /// The same file opened with O_DIRECT, for aligned data reads (no page
     /// cache copy); None where the file system refuses O_DIRECT.
     direct: Option<File>,
@@ -112,6 +126,50 @@ fn protocol_of(name: &str) -> Option<&str> {
 
 fn chain_text(names: &[String]) -> String {
     names.join(" -> ")
+}
+
+/// Opens a remote layer named by URI `name` (in `format`) below `parent`.
+fn open_remote(
+    name: &str,
+    format: Option<&str>,
+    parent: &str,
+    confine: &Option<PathBuf>,
+) -> Result<Layer> {
+    if let Some(dir) = confine {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "backing file {name:?} of {parent} is remote, but backing files are confined to \
+                 the directory {}: a confined image may not reach the network",
+                dir.display()
+            ),
+        ));
+    }
+    match format {
+        Some("raw") => {}
+        Some(other) => {
+            return Err(Error::unsupported(format!(
+                "backing file {name:?} of {parent}: format {other:?} over NBD is not supported \
+                 (only raw; e.g. qemu-img create -b URI -F raw)"
+            )))
+        }
+        None => {
+            return Err(Error::unsupported(format!(
+                "backing file {name:?} of {parent}: no backing format recorded, and formats are \
+                 not probed over NBD (name it: -F raw)"
+            )))
+        }
+    }
+    let medium = nbd::NbdClient::open(name)?;
+    let size = remote::Medium::size(&medium);
+    Ok(Layer {
+        name: name.to_string(),
+        file: None,
+        direct: None,
+        file_len: size,
+        size,
+        format: Format::Remote(Arc::new(medium)),
+    })
 }
 
 impl Chain {
@@ -170,6 +228,12 @@ impl Chain {
                     "{parent_name} names an empty backing file"
                 )));
             }
+            if nbd::is_nbd_name(&name) {
+                layers.push(open_remote(&name, fmt.as_deref(), &parent_name, &confine)?);
+                names.push(name);
+                // A raw layer: the chain ends here.
+                continue;
+            }
             if let Some(proto) = protocol_of(&name) {
                 return Err(Error::unsupported(format!(
                     "backing file {name:?} of {parent_name}: protocol {proto:?} is not supported \
@@ -226,7 +290,7 @@ impl Chain {
             let layer = match fmt.as_str() {
                 "raw" => Layer {
                     name: path_s,
-                    file,
+                    file: Some(file),
                     direct: None,
                     file_len,
                     size: file_len,
@@ -252,7 +316,7 @@ impl Chain {
                         .map(|b| (b, header.backing_format.clone()));
                     Layer {
                         name: path_s,
-                        file,
+                        file: Some(file),
                         direct: None,
                         file_len,
                         size: header.size,
@@ -287,10 +351,14 @@ impl Chain {
         self.layers.len()
     }
 
-    /// One fd per layer (index = layer), e.g. to register with io_uring.
-    /// They stay valid as long as the chain lives.
+    /// One fd per layer (index = layer), e.g. to register with io_uring;
+    /// -1 (a sparse slot) for a remote layer. They stay valid as long as
+    /// the chain lives.
     pub fn layer_files(&self) -> Vec<RawFd> {
-        self.layers.iter().map(|l| l.file.as_raw_fd()).collect()
+        self.layers
+            .iter()
+            .map(|l| l.file.as_ref().map_or(-1, |f| f.as_raw_fd()))
+            .collect()
     }
 
     /// Per layer, an fd opened with O_DIRECT (the buffered one where the
@@ -298,8 +366,26 @@ impl Chain {
     pub fn direct_files(&self) -> Vec<RawFd> {
         self.layers
             .iter()
-            .map(|l| l.direct.as_ref().unwrap_or(&l.file).as_raw_fd())
+            .map(|l| {
+                l.direct
+                    .as_ref()
+                    .or(l.file.as_ref())
+                    .map_or(-1, |f| f.as_raw_fd())
+            })
             .collect()
+    }
+
+    /// The open file of layer `i`, None for a remote layer.
+    pub fn local_file(&self, i: usize) -> Option<&File> {
+        self.layers[i].file.as_ref()
+    }
+
+    /// The medium of layer `i` when it is remote.
+    pub fn remote(&self, i: usize) -> Option<&Arc<dyn remote::Medium>> {
+        match &self.layers[i].format {
+            Format::Remote(m) => Some(m),
+            _ => None,
+        }
     }
 
     /// Whether layer `i` has an O_DIRECT descriptor.
@@ -307,9 +393,12 @@ impl Chain {
         self.layers[i].direct.is_some()
     }
 
-    /// The open file of a layer, for synchronous reads.
+    /// The open file of a local layer, for synchronous reads.
     pub fn layer_file(&self, i: usize) -> &File {
-        &self.layers[i].file
+        self.layers[i]
+            .file
+            .as_ref()
+            .expect("layer_file of a remote layer")
     }
 
     pub fn layer_name(&self, i: usize) -> &str {
@@ -318,7 +407,7 @@ impl Chain {
 
     pub fn layer_format(&self, i: usize) -> &str {
         match self.layers[i].format {
-            Format::Raw => "raw",
+            Format::Raw | Format::Remote(_) => "raw",
             Format::Qcow2 { .. } => "qcow2",
         }
     }
@@ -395,6 +484,16 @@ impl Chain {
                     depth,
                 ));
             }
+            Format::Remote(_) => {
+                return Ok((
+                    max,
+                    Source::Remote {
+                        layer: i,
+                        offset: pos,
+                    },
+                    depth,
+                ));
+            }
             Format::Qcow2 { header, l1 } => (header, l1),
         };
         let cs = header.cluster_size();
@@ -420,7 +519,8 @@ impl Chain {
                 layer.file_len
             )));
         }
-        let table = cache.get(i, l2_offset, &layer.file, cs, &layer.name)?;
+        let file = layer.file.as_ref().expect("a qcow2 layer is a local file");
+        let table = cache.get(i, l2_offset, file, cs, &layer.name)?;
 
         if header.extended_l2() {
             // Subclusters: a run of subclusters of one state, within this
@@ -564,6 +664,19 @@ fn push_merged(out: &mut Vec<Segment>, s: Segment) {
                         host_offset: hb,
                     },
                 ) if a == b && ha + last.len == hb => {
+                    last.len += s.len;
+                    return;
+                }
+                (
+                    Source::Remote {
+                        layer: a,
+                        offset: oa,
+                    },
+                    Source::Remote {
+                        layer: b,
+                        offset: ob,
+                    },
+                ) if a == b && oa + last.len == ob => {
                     last.len += s.len;
                     return;
                 }
@@ -716,6 +829,7 @@ mod tests {
                     let at = in_cluster as usize;
                     out.extend_from_slice(&cluster[at..at + s.len as usize]);
                 }
+                Source::Remote { .. } => unreachable!("these chains are local"),
             }
         }
         out

@@ -65,6 +65,31 @@ impl IoBuf {
             .as_mut_slice()
     }
 
+    /// Copies `data` to `[at, at + data.len())`, as a ring READ into that
+    /// range would (remote backing reads land this way).
+    ///
+    /// # Safety
+    ///
+    /// The same contract as a READ the kernel performs through [`raw_ptr`]:
+    /// the range belongs to one operation in flight on this thread, and
+    /// nobody reads or writes it (through `as_slice` or another operation)
+    /// until that operation's completion is handled.
+    ///
+    /// [`raw_ptr`]: IoBuf::raw_ptr
+    pub(crate) unsafe fn copy_in(&self, at: usize, data: &[u8]) {
+        assert!(
+            at.checked_add(data.len())
+                .is_some_and(|end| end <= self.len),
+            "copy past the end of an I/O buffer"
+        );
+        // SAFETY: the range lies inside the allocation (asserted above) and
+        // `data` cannot overlap it (it is a distinct, borrowed allocation);
+        // exclusive use of the range is the caller's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(at), data.len());
+        }
+    }
+
     /// Raw pointer for the kernel. The caller keeps an `Rc` clone alive until
     /// the operation's completion is reaped.
     pub(crate) fn raw_ptr(&self) -> *mut u8 {

@@ -149,7 +149,24 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         if backing.is_empty() {
             return Err(invalid("empty backing file name".into()));
         }
-        if size.is_none() || backing_format.is_none() {
+        if crate::backing::nbd::is_nbd_name(backing) {
+            // A remote raw image: its size comes from the server.
+            match backing_format.as_deref() {
+                Some("raw") => {}
+                other => {
+                    return Err(Error::unsupported(format!(
+                        "creating {path_s}: backing image {backing:?} is on an NBD server: its \
+                         format must be given as raw (-F raw), not {}",
+                        other.map_or("probed".to_string(), |f| format!("{f:?}"))
+                    )))
+                }
+            }
+            if size.is_none() {
+                let medium = crate::backing::nbd::NbdClient::open(backing)
+                    .map_err(|e| e.context(format!("creating {path_s}")))?;
+                size = Some(crate::backing::remote::Medium::size(&medium));
+            }
+        } else if size.is_none() || backing_format.is_none() {
             let bpath = resolve_backing_path(path, backing);
             let bname = bpath.display().to_string();
             let bfile = File::open(&bpath).map_err(|e| {

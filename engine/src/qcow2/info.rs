@@ -127,7 +127,9 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             c.resolve(&mut cache, pos, n, &mut segs)?;
             for s in &segs {
                 match s.source {
-                    Source::File { .. } | Source::Compressed { .. } => info.backing_bytes += s.len,
+                    Source::File { .. } | Source::Compressed { .. } | Source::Remote { .. } => {
+                        info.backing_bytes += s.len
+                    }
                     Source::Zero => info.unallocated_bytes += s.len,
                 }
             }

@@ -640,6 +640,14 @@ impl<I: Io> Core<I> {
                 n += 1;
                 bytes += s.len;
             }
+            if let (Source::Remote { layer, offset }, Some(chain)) = (s.source, chain) {
+                // Completes like ring reads, from another thread (see `remote`).
+                let len = s.len as usize;
+                n += self
+                    .remote
+                    .push(chain, token, (layer, offset), (buf, pos), len);
+                bytes += s.len;
+            }
             pos += s.len as usize;
         }
         (n, bytes, inflates)
@@ -1010,6 +1018,7 @@ impl<I: Io> Core<I> {
 
     pub(super) fn fill_io_done(&mut self, fid: usize, cqe: Cqe) {
         let path = &self.shared.meta.path;
+        let remote_error = self.remote.error.take();
         let f = &mut self.fills[fid];
         let res = kernel_result(cqe.result, || {
             if f.writing {
@@ -1021,7 +1030,8 @@ impl<I: Io> Core<I> {
         drop(cqe.buf);
         match res {
             Err(e) if !f.writing => {
-                f.error.get_or_insert(e.context("backing image"));
+                f.error
+                    .get_or_insert(remote_error.unwrap_or_else(|| e.context("backing image")));
             }
             Err(e) => {
                 f.error.get_or_insert(e);
@@ -1439,6 +1449,7 @@ impl<I: Io> Core<I> {
 
     pub(super) fn piece_io_done(&mut self, id: usize, cqe: Cqe) {
         let path = &self.shared.meta.path;
+        let remote_error = self.remote.error.take();
         let p = &mut self.pieces[id];
         let res = kernel_result(cqe.result, || {
             format!("{path}: {:?} of cluster {}", p.step, p.cluster)
@@ -1446,7 +1457,9 @@ impl<I: Io> Core<I> {
         drop(cqe.buf);
         match res {
             Err(e) => {
-                let e = if matches!(p.step, Step::PassThrough | Step::Gather | Step::SubGather) {
+                let e = if let Some(remote) = remote_error {
+                    remote
+                } else if matches!(p.step, Step::PassThrough | Step::Gather | Step::SubGather) {
                     Error::new(ErrorKind::BackingUnavailable, e.to_string())
                 } else {
                     e

@@ -12,6 +12,7 @@
 
 mod cor;
 pub mod l2cache;
+mod remote;
 pub mod request;
 
 use crate::backing::{Chain, ChainCache};
@@ -72,7 +73,9 @@ impl Shared {
         crate::imagelock::unlock_image(&self.meta.file);
         if let Some(chain) = &self.chain {
             for i in 0..chain.depth() {
-                crate::imagelock::unlock_image(chain.layer_file(i));
+                if let Some(f) = chain.local_file(i) {
+                    crate::imagelock::unlock_image(f);
+                }
             }
         }
         r
@@ -92,6 +95,14 @@ pub struct CoreStats {
     pub bytes_written: AtomicU64,
     pub writeback_errors: AtomicU64,
     pub commits: AtomicU64,
+    /// Reads sent to remote backing media (after coalescing), the bytes
+    /// they brought, the ones that failed, and their latency (sum and
+    /// maximum, from the end of the core's turn to the result's arrival).
+    pub remote_reads: AtomicU64,
+    pub remote_bytes: AtomicU64,
+    pub remote_errors: AtomicU64,
+    pub remote_latency_us: AtomicU64,
+    pub remote_latency_max_us: AtomicU64,
 }
 
 /// Something that lives on a core besides the engine (the NBD server's
@@ -131,27 +142,21 @@ pub enum Msg {
         len: u64,
         buf_off: u64,
     },
+    /// A remote backing read of this core's finished (see `remote`).
+    Remote { tag: u64, result: Result<Vec<u8>> },
 }
 
 /// The client side of a core: its inbox and wake-up.
 pub struct CoreHandle {
     pub tx: Sender<Msg>,
-    wake: EventFd,
+    wake: Arc<EventFd>,
     sleeping: Arc<AtomicBool>,
     pub thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CoreHandle {
     pub fn send(&self, msg: Msg) {
-        if self.tx.send(msg).is_err() {
-            return; // The core is gone; the caller's request fails at close.
-        }
-        // Pairs with the fence in `Core::sleep`: either the core sees the
-        // message before it sleeps, or we see it sleeping and wake it.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) {
-            self.wake.signal();
-        }
+        remote::post(&self.tx, &self.wake, &self.sleeping, msg);
     }
 }
 
@@ -173,10 +178,15 @@ pub fn spawn(
     data_fd: RawFd,
     sim: Option<Arc<crate::testing::sim::Sim>>,
 ) -> Result<CoreHandle> {
-    let wake = EventFd::new().map_err(|e| Error::io(e, "creating an eventfd"))?;
+    let wake = Arc::new(EventFd::new().map_err(|e| Error::io(e, "creating an eventfd"))?);
     let efd = wake.raw_fd();
     let (tx, rx) = crossbeam_channel::unbounded();
     let sleeping = Arc::new(AtomicBool::new(false));
+    let reply: Arc<dyn crate::backing::remote::Reply> = Arc::new(remote::CoreReply {
+        tx: tx.clone(),
+        wake: wake.clone(),
+        sleeping: sleeping.clone(),
+    });
     let mut files = vec![data_fd, efd];
     if let Some(chain) = &shared.chain {
         files.extend(chain.layer_files());
@@ -191,7 +201,9 @@ pub fn spawn(
             if let Some(sim) = sim {
                 let io = crate::testing::sim::SimIo::new(sim, id, files);
                 let _ = ready_tx.send(Ok(()));
-                Core::new(id, shared, Merge::new(io), rx, sleeping2).run();
+                let mut core = Core::new(id, shared, Merge::new(io), rx, sleeping2);
+                core.remote.reply = Some(reply);
+                core.run();
                 return;
             }
             let ring = match Uring::new(&files) {
@@ -203,6 +215,7 @@ pub fn spawn(
             };
             let _ = ready_tx.send(Ok(()));
             let mut core = Core::new(id, shared, Merge::new(ring), rx, sleeping2);
+            core.remote.reply = Some(reply);
             core.run();
         })
         .map_err(|e| Error::io(e, "spawning a reactor thread"))?;
@@ -332,6 +345,8 @@ pub(crate) struct Core<I: Io = Uring> {
     /// Snapshots of the dirty L2 blocks of the commit in flight.
     commit_bufs: Vec<Rc<IoBuf>>,
     segs: Vec<crate::backing::Segment>,
+    /// Reads of remote backing layers, queued and in flight.
+    remote: remote::RemoteOps,
     front: Option<Box<dyn Frontend>>,
     front_ctx: FrontCtx,
 }
@@ -377,6 +392,7 @@ impl<I: Io> Core<I> {
             cqes: Vec::with_capacity(256),
             commit_bufs: Vec::new(),
             segs: Vec::new(),
+            remote: remote::RemoteOps::default(),
             front: None,
             front_ctx: FrontCtx {
                 core: id,
@@ -399,6 +415,7 @@ impl<I: Io> Core<I> {
             if self.stopped {
                 break;
             }
+            self.submit_remote();
             let busy = !self.events.is_empty() || !self.inbox.is_empty() || self.poll_briefly();
             let want = if busy { 0 } else { self.sleep_prepare() };
             if let Err(e) = self.io.submit_and_wait(want) {
@@ -414,6 +431,9 @@ impl<I: Io> Core<I> {
                 self.dispatch(cqe);
             }
             self.cqes = cqes;
+            // Completions may have queued remote reads; the next turn may
+            // sleep, so send them now.
+            self.submit_remote();
         }
         // Parts that arrived after the close: fail them rather than hang.
         while let Ok(msg) = self.inbox.try_recv() {
@@ -494,6 +514,7 @@ impl<I: Io> Core<I> {
                     task(&mut self.front, &mut self.front_ctx);
                     self.push_front_ops();
                 }
+                Ok(Msg::Remote { tag, result }) => self.remote_done(tag, result),
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
             }
         }

@@ -149,7 +149,19 @@ impl fmt::Display for BenchReport {
             f,
             "fills: {} data + {} zero, bytes fetched: {}, overlay hits: {}, dedup hits: {}, misses: {}, write-back errors: {}",
             s.cor_fills, s.cor_zero_fills, s.bytes_fetched, s.overlay_hits, s.dedup_hits, s.misses, s.writeback_errors
-        )
+        )?;
+        if s.remote_reads > 0 {
+            write!(
+                f,
+                "\nremote backing: {} reads, bytes: {}, errors: {}, latency mean {} us, max {} us",
+                s.remote_reads,
+                s.remote_bytes,
+                s.remote_errors,
+                s.remote_latency_us / s.remote_reads,
+                s.remote_latency_max_us
+            )?;
+        }
+        Ok(())
     }
 }
 

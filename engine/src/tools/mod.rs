@@ -27,7 +27,8 @@ use crate::Stats;
 ///
 /// Counters are monotonic, so the delta of each is `after - before`
 /// (saturating, in case a counter was reset by a reopen). `in_flight` is a
-/// gauge, not a counter: the delta keeps its `after` value.
+/// gauge, not a counter: the delta keeps its `after` value, and so does the
+/// largest remote latency (a maximum since open).
 pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
     Stats {
         cor_fills: after.cor_fills.saturating_sub(before.cor_fills),
@@ -42,6 +43,13 @@ pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
             .writeback_errors
             .saturating_sub(before.writeback_errors),
         commits: after.commits.saturating_sub(before.commits),
+        remote_reads: after.remote_reads.saturating_sub(before.remote_reads),
+        remote_bytes: after.remote_bytes.saturating_sub(before.remote_bytes),
+        remote_errors: after.remote_errors.saturating_sub(before.remote_errors),
+        remote_latency_us: after
+            .remote_latency_us
+            .saturating_sub(before.remote_latency_us),
+        remote_latency_max_us: after.remote_latency_max_us,
         in_flight: after.in_flight,
     }
 }

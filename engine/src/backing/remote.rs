@@ -1,0 +1,64 @@
+//! The seam between the reactors and a remote backing medium (an NBD
+//! export today; an HTTP range client plugs in the same way).
+//!
+//! What it owns: the [`Medium`] trait and the request/completion types that
+//! cross it. A medium is a byte array of a fixed size that answers ranged
+//! reads asynchronously, on threads of its own: a reactor thread hands it a
+//! [`RemoteRead`] and never waits; the medium later calls the read's
+//! [`Reply`] from one of its threads, which posts the result to the owning
+//! core's inbox and wakes it (see `reactor::remote`).
+//!
+//! What a medium never does: block the caller of [`Medium::submit`], call a
+//! reply twice or never (every submitted read is answered exactly once,
+//! with data or with a clear error, also when the medium shuts down), or
+//! return fewer bytes than asked for as success.
+//!
+//! To add a medium (e.g. HTTP range GETs): implement [`Medium`] (its name is
+//! the URI the overlay's header names, its size is fixed when it opens,
+//! `max_read` bounds one request), and teach `Chain::open_confined` its URI
+//! scheme. Nothing else in the engine changes.
+
+use crate::error::Result;
+use std::sync::Arc;
+
+/// A remote, read-only backing image.
+pub trait Medium: Send + Sync {
+    /// The name the overlay's header uses for it (its URI).
+    fn name(&self) -> &str;
+    /// Virtual size in bytes, fixed for the medium's lifetime.
+    fn size(&self) -> u64;
+    /// The largest read one [`RemoteRead`] may ask for; callers split
+    /// larger ranges. A multiple of [`Medium::alignment`].
+    fn max_read(&self) -> usize;
+    /// Reads must start at a multiple of this and end at one (or at the
+    /// medium's end); callers widen theirs. A power of two.
+    fn alignment(&self) -> usize {
+        1
+    }
+    /// Queues a read. Never blocks; `read.len <= self.max_read()`, the
+    /// range is aligned and lies inside `[0, size)`.
+    fn submit(&self, read: RemoteRead);
+}
+
+/// One ranged read of a [`Medium`].
+pub struct RemoteRead {
+    pub offset: u64,
+    pub len: usize,
+    /// The submitter's name for this read, handed back with the result.
+    pub tag: u64,
+    /// Where the result goes.
+    pub reply: Arc<dyn Reply>,
+}
+
+impl RemoteRead {
+    /// Answers the read: exactly `len` bytes, or an error for this read only.
+    pub fn complete(self, result: Result<Vec<u8>>) {
+        debug_assert!(!matches!(&result, Ok(d) if d.len() != self.len));
+        self.reply.done(self.tag, result);
+    }
+}
+
+/// Receives the results of remote reads (called on the medium's threads).
+pub trait Reply: Send + Sync {
+    fn done(&self, tag: u64, result: Result<Vec<u8>>);
+}

@@ -1,0 +1,631 @@
+//! Backing images on NBD servers (issue 5): a raw base image served by
+//! qemu-nbd or nbdkit (with its delay and error filters), below a qcow2
+//! overlay made by `qemu-img create -f qcow2 -b URI -F raw`, read through
+//! the engine with copy-on-read.
+//!
+//! Oracles: the base image's bytes, `qemu-img check`, `qemu-img map` (what
+//! the overlay holds), `qemu-img compare` (which reads the backing over NBD
+//! itself), the engine's remote counters, and nbdcopy reading a
+//! `backfill serve` of such an overlay.
+//!
+//! Synchronisation: a server is ready when it has written its pid file
+//! (qemu-nbd and nbdkit both write it once they accept connections); it is
+//! gone when `wait` returns. No sleeps stand in for either.
+
+mod common;
+#[path = "common/nbd.rs"]
+mod nbd_common;
+
+use backfill::{Disk, ErrorKind, Stats};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLUSTER: u64 = 64 * KIB;
+
+/// A running NBD server (qemu-nbd or nbdkit) serving the base image.
+struct Peer {
+    child: Option<Child>,
+    what: String,
+    log: PathBuf,
+}
+
+impl Peer {
+    /// Runs `program args`; returns once it wrote `pid_file`, which both
+    /// servers do when they accept connections.
+    fn start(dir: &Path, program: &str, args: &[String], pid_file: &Path) -> Peer {
+        require_tool(program);
+        let _ = std::fs::remove_file(pid_file);
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = dir.join(format!("{program}-{n}.log"));
+        let out = std::fs::File::create(&log).expect("creating a server log");
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("cloning the log file"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {program} {args:?}: {e}"));
+        let what = format!("{program} {}", args.join(" "));
+        let guard = Instant::now() + nbd_common::HANG_GUARD;
+        // Polls for the pid file (the servers' readiness signal); the pause
+        // only keeps the poll from spinning.
+        while !std::fs::read_to_string(pid_file).is_ok_and(|s| s.ends_with('\n')) {
+            if let Some(status) = child.try_wait().expect("waiting for the server") {
+                panic!(
+                    "{what} exited ({status}) before it was ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < guard, "{what} never became ready");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Peer {
+            child: Some(child),
+            what,
+            log,
+        }
+    }
+
+    /// Stops the server with `signal` and waits until it is gone.
+    fn stop_with(mut self, signal: libc::c_int) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) with the pid of a child we have not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        child.wait().expect("waiting for the server to exit");
+    }
+
+    fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!(
+                    "{} log:\n{}",
+                    self.what,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+/// A base image and, once a server runs, an overlay on it.
+struct Setup {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    data: Vec<u8>,
+    overlay: PathBuf,
+}
+
+impl Setup {
+    /// `size` bytes of seeded random data, with an all-zero stretch (which
+    /// copy-on-read records as zero clusters) and a partial last cluster.
+    fn new(prefix: &str, size: u64, seed: u64) -> Setup {
+        let dir = tempdir(prefix);
+        let base = dir.path().join("base.raw");
+        let mut data = random_bytes(size as usize, seed);
+        data[(MIB as usize)..(MIB + 4 * CLUSTER) as usize].fill(0);
+        write_file(&base, &data);
+        let overlay = dir.path().join("overlay.qcow2");
+        Setup {
+            dir,
+            base,
+            data,
+            overlay,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn sock(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        assert!(p.as_os_str().len() < 100, "socket path too long: {p:?}");
+        p
+    }
+
+    /// `nbdkit [FILTERS] file base.raw [PARAMS]` on Unix socket `sock`.
+    fn nbdkit(&self, sock: &Path, filters: &[&str], params: &[&str]) -> Peer {
+        let pid = self.path("nbdkit.pid");
+        let _ = std::fs::remove_file(sock);
+        let mut args: Vec<String> = vec![
+            "-f".into(),
+            "--exit-with-parent".into(),
+            "-U".into(),
+            path_str(sock),
+            "-P".into(),
+            path_str(&pid),
+        ];
+        args.extend(filters.iter().map(|f| format!("--filter={f}")));
+        args.push("file".into());
+        args.push(path_str(&self.base));
+        args.extend(params.iter().map(|p| p.to_string()));
+        Peer::start(self.dir.path(), "nbdkit", &args, &pid)
+    }
+
+    /// `qemu-nbd -r -f raw base.raw` on `listen` (`-k SOCKET` or `-b HOST -p PORT`).
+    fn qemu_nbd(&self, listen: &[String]) -> Peer {
+        let pid = self.path("qemu-nbd.pid");
+        let mut args: Vec<String> = ["-r", "-t", "-e", "16", "-f", "raw", "--pid-file"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(path_str(&pid));
+        args.extend(listen.iter().cloned());
+        args.push(path_str(&self.base));
+        Peer::start(self.dir.path(), "qemu-nbd", &args, &pid)
+    }
+
+    /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2` (the size
+    /// comes from the server).
+    fn make_overlay(&self, uri: &str) {
+        qemu_img([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            uri,
+            "-F",
+            "raw",
+            &path_str(&self.overlay),
+        ]);
+    }
+
+    fn open(&self, copy_on_read: bool) -> Disk {
+        open(&self.overlay, options(2, copy_on_read, false))
+    }
+
+    /// After the disk closed: `qemu-img check` is clean, the overlay holds
+    /// every byte itself (`qemu-img map`), and reads as the base image
+    /// (`qemu-img compare`, which reads the backing over NBD).
+    fn check_populated(&self) {
+        self.check_populated_as(None);
+    }
+
+    /// Like [`Setup::check_populated`], the overlay reading as `expected`
+    /// when given (the base image with the test's writes).
+    fn check_populated_as(&self, expected: Option<&[u8]>) {
+        check_clean(&self.overlay);
+        for e in qemu_map(&self.overlay) {
+            assert_eq!(e.depth, 0, "not in the overlay: {e:?}");
+        }
+        match expected {
+            Some(bytes) => compare_with_bytes(&self.overlay, bytes, self.dir.path()),
+            None => compare_identical(&self.overlay, &self.base),
+        }
+    }
+}
+
+fn unix_uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", sock.display())
+}
+
+/// Reads `ranges` with every read in flight at once; panics on an error.
+fn read_all_at_once(disk: &Disk, ranges: &[(u64, u64)]) -> Vec<Vec<u8>> {
+    let pending: Vec<_> = ranges
+        .iter()
+        .map(|&(off, len)| disk.submit_read(off, vec![0u8; len as usize]))
+        .collect();
+    pending
+        .into_iter()
+        .zip(ranges)
+        .map(|(c, (off, len))| {
+            c.wait()
+                .unwrap_or_else(|e| panic!("read of {len} bytes at {off}: {e}"))
+        })
+        .collect()
+}
+
+/// Reads the whole disk in unaligned 192 KiB pieces, all in flight at once,
+/// and checks it against `data`.
+fn read_everything(disk: &Disk, data: &[u8]) {
+    let size = disk.size();
+    let step = 192 * KIB;
+    let ranges: Vec<(u64, u64)> = (0..size)
+        .step_by(step as usize)
+        .map(|off| (off, step.min(size - off)))
+        .collect();
+    for (got, &(off, len)) in read_all_at_once(disk, &ranges).iter().zip(&ranges) {
+        assert_same_bytes(
+            got,
+            &data[off as usize..(off + len) as usize],
+            &format!("read of {len} bytes at {off}"),
+        );
+    }
+}
+
+/// Copy-on-read of the whole disk; a second pass fetches nothing.
+fn populate_and_check(s: &Setup) {
+    let disk = s.open(true);
+    read_everything(&disk, &s.data);
+    disk.flush().expect("flush");
+    let first = disk.stats();
+    assert!(first.remote_reads > 0, "{first:?}");
+    assert_eq!(first.remote_bytes, s.data.len() as u64, "{first:?}");
+    assert_eq!(first.remote_errors, 0, "{first:?}");
+    read_everything(&disk, &s.data);
+    let second = disk.stats();
+    assert_eq!(second.remote_reads, first.remote_reads, "{second:?}");
+    assert_eq!(second.bytes_fetched, first.bytes_fetched, "{second:?}");
+    disk.close().expect("close");
+    s.check_populated();
+}
+
+#[test]
+fn copy_on_read_over_qemu_nbd_unix_socket() {
+    let s = Setup::new("nbdb-unix", 6 * MIB + 12 * KIB, 1);
+    let sock = s.sock("q.sock");
+    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
+    s.make_overlay(&unix_uri(&sock));
+    populate_and_check(&s);
+    server.stop();
+}
+
+#[test]
+fn copy_on_read_over_qemu_nbd_tcp() {
+    let s = Setup::new("nbdb-tcp", 5 * MIB + 512, 2);
+    // A port nobody listens on now; qemu-nbd takes it a moment later.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("finding a free port")
+        .port();
+    let server = s.qemu_nbd(&[
+        "-b".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ]);
+    s.make_overlay(&format!("nbd://127.0.0.1:{port}/"));
+    populate_and_check(&s);
+    server.stop();
+}
+
+/// nbdkit's delay filter makes every read take 2 ms, so many reads are in
+/// flight at once on every connection; each must get its own bytes.
+#[test]
+fn many_reads_in_flight_over_a_slow_server() {
+    let seed = seed_from_env("many_reads_in_flight_over_a_slow_server");
+    let size = 12 * MIB;
+    let s = Setup::new("nbdb-delay", size, seed);
+    let sock = s.sock("d.sock");
+    let server = s.nbdkit(&sock, &["delay"], &["rdelay=2ms"]);
+    s.make_overlay(&unix_uri(&sock));
+
+    // Without copy-on-read (read-only): reads pass through to the server.
+    let disk = open(&s.overlay, options(2, false, true));
+    let mut rng = Rng::new(seed);
+    let ranges: Vec<(u64, u64)> = (0..200)
+        .map(|_| {
+            let len = rng.range(1, 300 * KIB);
+            (rng.below(size - len), len)
+        })
+        .collect();
+    for (got, &(off, len)) in read_all_at_once(&disk, &ranges).iter().zip(&ranges) {
+        assert_same_bytes(
+            got,
+            &s.data[off as usize..(off + len) as usize],
+            "pass-through",
+        );
+    }
+    assert_eq!(disk.stats().cor_fills, 0);
+    disk.close().unwrap();
+
+    let disk = s.open(true);
+    // One cold, cluster-aligned 1 MiB read: its 16 fills travel as one
+    // remote read.
+    let at = 8 * MIB;
+    let got = read_all_at_once(&disk, &[(at, MIB)]);
+    assert_same_bytes(&got[0], &s.data[at as usize..(at + MIB) as usize], "1 MiB");
+    let st = disk.stats();
+    assert_eq!((st.remote_reads, st.remote_bytes), (1, MIB), "{st:?}");
+
+    // Writes of part of a cluster the overlay lacks merge the backing's
+    // bytes around them (fetched from the server); a whole-cluster write
+    // fetches nothing.
+    let mut expected = s.data.clone();
+    let writes = [
+        (3 * MIB + 1000, 5000),
+        (10 * MIB + 70_000, 100),
+        (5 * MIB, CLUSTER),
+        (size - 700, 700),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let bytes = random_bytes(len as usize, seed ^ i as u64);
+        disk.write_at(&bytes, off).expect("write");
+        expected[off as usize..(off + len) as usize].copy_from_slice(&bytes);
+    }
+
+    // Hundreds of small reads and some large ones, all in flight at once,
+    // overlapping each other and the range read already.
+    let mut ranges: Vec<(u64, u64)> = (0..400)
+        .map(|_| {
+            let off = rng.below(size - 4 * KIB) & !511;
+            (off, 4 * KIB)
+        })
+        .collect();
+    ranges.extend((0..6).map(|_| (rng.below(size - MIB), MIB)));
+    for (got, &(off, len)) in read_all_at_once(&disk, &ranges).iter().zip(&ranges) {
+        assert_same_bytes(
+            got,
+            &expected[off as usize..(off + len) as usize],
+            "cold read",
+        );
+    }
+    read_everything(&disk, &expected);
+    let st = disk.stats();
+    assert_eq!(st.remote_errors, 0, "{st:?}");
+    assert!(st.remote_bytes <= size, "fetched something twice: {st:?}");
+    disk.close().unwrap();
+    s.check_populated_as(Some(&expected));
+    server.stop();
+}
+
+/// A server that refuses reads not aligned to 4 KiB or larger than 64 KiB
+/// (nbdkit's blocksize-policy filter, which answers EINVAL): unaligned
+/// pass-through reads are widened, large reads split, and everything reads
+/// right.
+#[test]
+fn reads_respect_the_servers_block_sizes() {
+    let seed = seed_from_env("reads_respect_the_servers_block_sizes");
+    let size = 3 * MIB + 12 * KIB;
+    let s = Setup::new("nbdb-blocks", size, seed);
+    let sock = s.sock("b.sock");
+    let server = s.nbdkit(
+        &sock,
+        &["blocksize-policy"],
+        &[
+            "blocksize-minimum=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    s.make_overlay(&unix_uri(&sock));
+    let disk = open(&s.overlay, options(2, false, true));
+    let mut rng = Rng::new(seed);
+    let mut ranges: Vec<(u64, u64)> = (0..100)
+        .map(|_| {
+            let len = rng.range(1, 200 * KIB);
+            (rng.below(size - len), len)
+        })
+        .collect();
+    ranges.push((size - 5, 5));
+    for (got, &(off, len)) in read_all_at_once(&disk, &ranges).iter().zip(&ranges) {
+        assert_same_bytes(
+            got,
+            &s.data[off as usize..(off + len) as usize],
+            "pass-through",
+        );
+    }
+    let st = disk.stats();
+    assert_eq!(st.remote_errors, 0, "{st:?}");
+    disk.close().unwrap();
+    populate_and_check(&s);
+    server.stop();
+}
+
+/// nbdkit's error filter fails every request while its error file exists:
+/// the reads that need the backing fail with EIO, reads of what the overlay
+/// holds go on, and once the file is gone the same reads succeed.
+#[test]
+fn backing_errors_fail_only_the_reads_that_need_the_backing() {
+    let size = 4 * MIB;
+    let s = Setup::new("nbdb-error", size, 3);
+    let sock = s.sock("e.sock");
+    let trigger = s.path("errors-on");
+    let server = s.nbdkit(
+        &sock,
+        &["error"],
+        &[
+            "error=EIO",
+            "error-rate=100%",
+            &format!("error-file={}", trigger.display()),
+        ],
+    );
+    s.make_overlay(&unix_uri(&sock));
+    let disk = s.open(true);
+    let half = size / 2;
+    let first = read_all_at_once(&disk, &[(0, half)]);
+    assert_same_bytes(&first[0], &s.data[..half as usize], "first half");
+    disk.flush().unwrap();
+
+    write_file(&trigger, b"");
+    let before = disk.stats();
+    let probes = [
+        (half, 4 * KIB),
+        (half + 300 * KIB, 200 * KIB),
+        (size - 1, 1),
+    ];
+    for &(off, len) in &probes {
+        let e = disk
+            .submit_read(off, vec![0u8; len as usize])
+            .wait()
+            .expect_err("a read of the backing while it fails");
+        assert_eq!(e.kind(), ErrorKind::BackingUnavailable, "{e}");
+        assert_eq!(e.to_errno(), libc::EIO, "{e}");
+        assert!(
+            e.to_string().contains(&unix_uri(&sock)),
+            "the error names the backing: {e}"
+        );
+        // What the overlay holds is still there.
+        let ok = read_all_at_once(&disk, &[(off % half, len)]);
+        assert_same_bytes(
+            &ok[0],
+            &s.data[(off % half) as usize..(off % half + len) as usize],
+            "overlay data while the backing fails",
+        );
+    }
+    let during: Stats = disk.stats();
+    assert!(during.remote_errors >= probes.len() as u64, "{during:?}");
+    assert_eq!(during.cor_fills, before.cor_fills, "{during:?}");
+
+    std::fs::remove_file(&trigger).unwrap();
+    for &(off, len) in &probes {
+        let got = read_all_at_once(&disk, &[(off, len)]);
+        assert_same_bytes(
+            &got[0],
+            &s.data[off as usize..(off + len) as usize],
+            "after the errors stopped",
+        );
+    }
+    read_everything(&disk, &s.data);
+    disk.close().unwrap();
+    s.check_populated();
+    server.stop();
+}
+
+/// The server goes away and comes back on the same socket: reads after that
+/// succeed, and so do reads that were in flight when it was killed.
+#[test]
+fn reads_continue_after_the_server_restarts() {
+    let size = 4 * MIB;
+    let s = Setup::new("nbdb-restart", size, 4);
+    let sock = s.sock("r.sock");
+    let listen = ["-k".to_string(), path_str(&sock)];
+    let server = s.qemu_nbd(&listen);
+    s.make_overlay(&unix_uri(&sock));
+    let disk = s.open(true);
+    let q = size / 4;
+    let got = read_all_at_once(&disk, &[(0, q)]);
+    assert_same_bytes(&got[0], &s.data[..q as usize], "before the restart");
+
+    // A clean stop (qemu-nbd ends its connections and removes the socket),
+    // then a new server on the same socket.
+    server.stop();
+    let server = s.qemu_nbd(&listen);
+    let got = read_all_at_once(&disk, &[(q, q)]);
+    assert_same_bytes(
+        &got[0],
+        &s.data[q as usize..2 * q as usize],
+        "after the restart",
+    );
+
+    // A server that sits on every read; the reads are in flight (or still
+    // queued) when it is killed, and must complete on the next server.
+    server.stop();
+    let slow = s.nbdkit(&sock, &["delay"], &["rdelay=60"]);
+    let ranges: Vec<(u64, u64)> = (0..8).map(|i| (2 * q + i * 128 * KIB, 128 * KIB)).collect();
+    let pending: Vec<_> = ranges
+        .iter()
+        .map(|&(off, len)| disk.submit_read(off, vec![0u8; len as usize]))
+        .collect();
+    slow.stop_with(libc::SIGKILL);
+    let server = s.nbdkit(&sock, &[], &[]);
+    for (c, &(off, len)) in pending.into_iter().zip(&ranges) {
+        let got = c.wait().unwrap_or_else(|e| panic!("read at {off}: {e}"));
+        assert_same_bytes(&got, &s.data[off as usize..(off + len) as usize], "retried");
+    }
+    read_everything(&disk, &s.data);
+    assert_eq!(disk.stats().remote_errors, 0);
+    disk.close().unwrap();
+    s.check_populated();
+    // nbdkit waits for its clients to leave before it exits on SIGTERM
+    // (qemu-img's connections of check_populated are gone by now).
+    server.stop();
+}
+
+/// An overlay made by qemu-img over `nbd+unix:///?socket=S`: `backfill
+/// info` names the URI, `backfill create -b URI -F raw` makes the same kind
+/// of overlay, `backfill serve` of it serves the base image to nbdcopy, a
+/// confined serve refuses it, and a qcow2-over-NBD backing is refused.
+#[test]
+fn qemu_img_overlay_over_nbd_through_the_cli() {
+    let size = 3 * MIB + 4 * KIB;
+    let s = Setup::new("nbdb-cli", size, 5);
+    let sock = s.sock("c.sock");
+    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
+    let uri = unix_uri(&sock);
+    s.make_overlay(&uri);
+    let backfill = env!("CARGO_BIN_EXE_backfill");
+
+    let info = run_ok(backfill, ["info".as_ref(), s.overlay.as_os_str()]);
+    assert!(
+        info.contains(&format!("backing file: {uri}\n")),
+        "backfill info:\n{info}"
+    );
+
+    // backfill create takes the size from the server.
+    let made = s.path("made.qcow2");
+    run_ok(
+        backfill,
+        ["create", "-b", &uri, "-F", "raw", &path_str(&made)],
+    );
+    assert_eq!(virtual_size(&made), size);
+    let json = qemu_img(["info", "--output=json", &path_str(&made)]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["backing-filename"], uri.as_str(), "{json}");
+    assert_eq!(v["backing-filename-format"], "raw", "{json}");
+    let out = run_status(
+        backfill,
+        [
+            "create",
+            "-b",
+            &uri,
+            "-F",
+            "qcow2",
+            &path_str(&s.path("q.qcow2")),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("raw"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A confined serve must not reach the network.
+    let out = run_status(
+        backfill,
+        [
+            "serve".as_ref(),
+            "--backing-dir".as_ref(),
+            s.dir.path().as_os_str(),
+            "--socket".as_ref(),
+            s.sock("no.sock").as_os_str(),
+            s.overlay.as_os_str(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a confined serve started: {err}");
+    assert!(err.contains("may not reach the network"), "{err}");
+
+    // Served over NBD, read by nbdcopy: the base image's bytes.
+    let served = nbd_common::Server::start(s.dir.path(), &s.overlay, &[]);
+    let copy = s.path("copy.raw");
+    run_ok("nbdcopy", [served.uri.as_str(), &path_str(&copy)]);
+    served.stop();
+    assert_same_bytes(&read_file(&copy), &s.data, "nbdcopy of backfill serve");
+    s.check_populated();
+
+    // qcow2 over NBD is refused with a clear error.
+    let q = s.path("q2.qcow2");
+    qemu_img([
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        &uri,
+        "-F",
+        "qcow2",
+        &path_str(&q),
+        "1M",
+    ]);
+    let e = Disk::open(&q, options(1, true, false))
+        .err()
+        .expect("qcow2 over NBD must be refused");
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("over NBD"), "{e}");
+    server.stop();
+}
