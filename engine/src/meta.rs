@@ -330,18 +330,23 @@ impl Meta {
             if block == 0 || c >= a.frontier {
                 continue;
             }
-            let at = block + (c % rbe) * 2;
-            let mut b = [0u8; 2];
+            let width = self.header.refcount_width();
+            let (start, len) = width.byte_span(c % rbe, 1);
+            let idx = ((c % rbe) - ((start * 8) >> width.order())) as usize;
+            let at = block + start;
+            let mut b = [0u8; 8];
+            let b = &mut b[..len as usize];
             let r = self
                 .file
-                .read_exact_at(&mut b, at)
+                .read_exact_at(b, at)
                 .map_err(|e| Error::io(e, format!("{}: reading a refcount at {at:#x}", self.path)))
                 .and_then(|()| {
-                    let n = u16::from_be_bytes(b);
+                    let n = width.get(b, idx);
                     if n == 0 {
                         return Ok(false);
                     }
-                    self.pwrite(&(n - 1).to_be_bytes(), at, "writing refcounts")?;
+                    width.set(b, idx, n - 1);
+                    self.pwrite(b, at, "writing refcounts")?;
                     Ok(n == 1)
                 });
             match r {
@@ -449,8 +454,7 @@ impl Meta {
     }
 
     fn rb_entries(&self) -> u64 {
-        // 16-bit refcounts: cluster_size * 8 / 16.
-        self.cluster_size() / 2
+        self.header.refcount_block_entries()
     }
 
     /// Makes sure refcount blocks exist for clusters `[first, first + n)`,
@@ -479,7 +483,9 @@ impl Meta {
         let mut block = vec![0u8; self.cluster_size() as usize];
         let self_covered = c / rbe == bi;
         if self_covered {
-            qcow2::refcount_set(&mut block, (c % rbe) as usize, 1);
+            self.header
+                .refcount_width()
+                .set(&mut block, (c % rbe) as usize, 1);
         }
         let off = c << self.cluster_bits;
         self.pwrite(&block, off, "writing a new refcount block")?;
@@ -544,8 +550,9 @@ impl Meta {
     }
 
     /// Writes refcount `value` for clusters `[first, first + n)`; their blocks exist.
-    fn set_refcounts(&self, a: &Alloc, first: u64, n: u64, value: u16) -> Result<()> {
+    fn set_refcounts(&self, a: &Alloc, first: u64, n: u64, value: u64) -> Result<()> {
         let rbe = self.rb_entries();
+        let width = self.header.refcount_width();
         let mut c = first;
         let end = first + n;
         while c < end {
@@ -553,8 +560,22 @@ impl Meta {
             let stop = end.min((bi + 1) * rbe);
             let block = a.reftable[bi as usize];
             debug_assert!(block != 0, "refcount block {bi} missing");
-            let run: Vec<u8> = (c..stop).flat_map(|_| value.to_be_bytes()).collect();
-            self.pwrite(&run, block + (c % rbe) * 2, "writing refcounts")?;
+            let (start, len) = width.byte_span(c % rbe, stop - c);
+            let mut run = vec![0u8; len as usize];
+            let at = block + start;
+            if width.needs_merge() {
+                // Entries narrower than a byte share it with neighbours
+                // that keep their counts (rewritten unchanged: a torn or
+                // lost write leaves them as they were).
+                self.file.read_exact_at(&mut run, at).map_err(|e| {
+                    Error::io(e, format!("{}: reading refcounts at {at:#x}", self.path))
+                })?;
+            }
+            let skip = ((c % rbe) - ((start * 8) >> width.order())) as usize;
+            for i in 0..(stop - c) as usize {
+                width.set(&mut run, skip + i, value);
+            }
+            self.pwrite(&run, at, "writing refcounts")?;
             c = stop;
         }
         Ok(())

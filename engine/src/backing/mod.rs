@@ -17,6 +17,8 @@
 //! a layer reads as anything but zeros. Every host range a segment names lies
 //! inside its layer's file. Hostile metadata is an error, never a panic.
 
+pub mod http;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};

@@ -133,6 +133,20 @@ enum Command {
         repair: bool,
         filename: PathBuf,
     },
+    /// Grow an image's virtual size (like `qemu-img resize`); the new area
+    /// reads as zeros, even where the backing image is larger.
+    Resize {
+        /// Accepted for qemu-img compatibility; shrinking is refused anyway.
+        #[arg(long)]
+        shrink: bool,
+        /// Image format; only qcow2.
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        filename: PathBuf,
+        /// New size (10G), or a change (+1G; -1G is refused).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
     /// Show copy-on-read end to end on a generated image.
     Demo {
         /// Keep the images in DIR (default: a temporary directory).
@@ -313,6 +327,24 @@ fn run(command: Command) -> Outcome {
             println!("{}", text.trim_end());
             // Exit codes are qemu-img check's: 0, 2 or 3 (never more than 63).
             Ok(u8::try_from(report.exit_code()).unwrap_or(1))
+        }
+        Command::Resize {
+            shrink: _,
+            format,
+            filename,
+            size,
+        } => {
+            if let Some(f) = format.filter(|f| f != "qcow2") {
+                return Err(backfill::Error::new(
+                    backfill::ErrorKind::InvalidInput,
+                    format!("unsupported image format '{f}' (backfill resizes qcow2 only)"),
+                ));
+            }
+            let current = backfill::info(&filename)?.virtual_size;
+            let new_size = units::parse_resize(&size, current)?;
+            backfill::resize(&filename, new_size)?;
+            println!("Image resized.");
+            Ok(0)
         }
         Command::Demo {
             dir,

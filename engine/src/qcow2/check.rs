@@ -15,7 +15,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use super::entry::{compressed_extent, decode_l1, decode_l2, refcount_get, L2Entry};
+use super::entry::{compressed_extent, decode_l1, decode_l2, L2Entry};
 use super::header::{read_exact_at, Header, EXT_BITMAPS};
 use super::{OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
@@ -385,8 +385,10 @@ fn walk_bitmaps(w: &mut Walk<'_>, ext: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads the refcount table and blocks into one 16-bit counter per host
-/// cluster of the file, counting references to the table and blocks.
+/// Reads the refcount table and blocks into one counter per host cluster of
+/// the file, counting references to the table and blocks. Counts wider than
+/// 16 bits saturate at 65535: no writer we know references a cluster that
+/// often, and a saturated count still compares as too high or too low.
 fn read_refcounts(w: &mut Walk<'_>, h: &Header) -> Result<Vec<u16>> {
     let cs = w.cs;
     let nclusters = w.refs.len();
@@ -396,6 +398,7 @@ fn read_refcounts(w: &mut Walk<'_>, h: &Header) -> Result<Vec<u16>> {
     let mut rt = vec![0u8; rt_len as usize];
     read_exact_at(w.file, &mut rt, h.refcount_table_offset, w.path)?;
     let per_block = h.refcount_block_entries() as usize;
+    let width = h.refcount_width();
     let mut block = vec![0u8; cs as usize];
     for (i, e) in rt.chunks_exact(8).enumerate() {
         let raw = u64::from_be_bytes(e.try_into().expect("8 bytes"));
@@ -428,7 +431,7 @@ fn read_refcounts(w: &mut Walk<'_>, h: &Header) -> Result<Vec<u16>> {
         let n = cs.min(w.file_len - off) as usize;
         read_exact_at(w.file, &mut block[..n], off, w.path)?;
         for j in 0..per_block.min(nclusters - first) {
-            stored[first + j] = refcount_get(&block, j);
+            stored[first + j] = width.get(&block, j).min(u64::from(u16::MAX)) as u16;
         }
     }
     Ok(stored)

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use super::entry::refcount_set;
+use super::entry::RefcountWidth;
 use super::header::{l1_entries_needed, qemu_feature_table, Header, V3_HEADER_LEN};
 use super::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, QCOW_MAGIC};
 use crate::error::{Error, ErrorKind, Result};
@@ -59,6 +59,9 @@ pub struct CreateOptions {
     /// Bytes; a power of two from 4 KiB to 2 MiB.
     pub cluster_size: u32,
     pub compat: Compat,
+    /// Width of a refcount entry (qemu-img's `refcount_bits`, 1 to 64;
+    /// compat 0.10 images have 16).
+    pub refcount_width: RefcountWidth,
 }
 
 impl Default for CreateOptions {
@@ -69,6 +72,7 @@ impl Default for CreateOptions {
             backing_format: None,
             cluster_size: 64 * 1024,
             compat: Compat::V3,
+            refcount_width: RefcountWidth::DEFAULT,
         }
     }
 }
@@ -205,7 +209,14 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
 
     // Find a layout whose refcount blocks cover every metadata cluster,
     // including themselves and the refcount table that points to them.
-    let rb_entries = cs / 2;
+    let width = opts.refcount_width;
+    if opts.compat == Compat::V2 && width != RefcountWidth::DEFAULT {
+        return Err(invalid(format!(
+            "compat 0.10 images have 16-bit refcounts, not {} (use compat 1.1)",
+            width.bits()
+        )));
+    }
+    let rb_entries = width.per_block(cs);
     let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
     loop {
         let total = 1 + rt_clusters + rb_count + l1_clusters;
@@ -243,7 +254,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         incompatible_features: 0,
         compatible_features: 0,
         autoclear_features: 0,
-        refcount_order: 4,
+        refcount_order: width.order(),
         header_length: V3_HEADER_LEN,
         compression_type: 0,
         extensions,
@@ -262,7 +273,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
     }
     let mut rb = vec![0u8; (rb_count * cs) as usize];
     for c in 0..total_clusters {
-        refcount_set(&mut rb, c as usize, 1);
+        width.set(&mut rb, c as usize, 1);
     }
 
     let file = OpenOptions::new()
@@ -395,6 +406,7 @@ mod tests {
                             backing_format: backing.filter(|_| n % 2 == 0).map(|b| b.1.to_string()),
                             cluster_size: cs,
                             compat,
+                            ..CreateOptions::default()
                         };
                         create(&img, &opts).unwrap();
                         let (rc, text) = qemu_check(&img);

@@ -117,14 +117,105 @@ pub fn compressed_extent(raw: u64, cluster_bits: u32) -> (u64, u64) {
     (offset & !511, sectors * 512)
 }
 
-/// Reads refcount `idx` of a 16-bit refcount block.
-pub fn refcount_get(block: &[u8], idx: usize) -> u16 {
-    u16::from_be_bytes([block[idx * 2], block[idx * 2 + 1]])
+/// The width of a refcount block entry: `1 << order` bits, `order` 0 to 6
+/// (qcow2.rst, `refcount_order`; QEMU's `refcount_bits` 1 to 64).
+///
+/// Entries of 8 bits and more are big-endian. Narrower ones are packed
+/// into bytes from the least significant bit up: entry `i` of a 1-bit block
+/// is bit `i % 8` of byte `i / 8`, as QEMU stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefcountWidth {
+    order: u32,
 }
 
-/// Writes refcount `idx` of a 16-bit refcount block.
-pub fn refcount_set(block: &mut [u8], idx: usize, v: u16) {
-    block[idx * 2..idx * 2 + 2].copy_from_slice(&v.to_be_bytes());
+impl RefcountWidth {
+    /// The 16-bit width every image we create has unless asked otherwise.
+    pub const DEFAULT: RefcountWidth = RefcountWidth { order: 4 };
+
+    /// The width of `refcount_order`, or `None` past 64 bits.
+    pub fn from_order(order: u32) -> Option<RefcountWidth> {
+        (order <= 6).then_some(RefcountWidth { order })
+    }
+
+    /// The width of `refcount_bits` (a power of two from 1 to 64).
+    pub fn from_bits(bits: u64) -> Option<RefcountWidth> {
+        (bits.is_power_of_two() && bits <= 64).then(|| RefcountWidth {
+            order: bits.trailing_zeros(),
+        })
+    }
+
+    pub fn order(self) -> u32 {
+        self.order
+    }
+
+    pub fn bits(self) -> u64 {
+        1 << self.order
+    }
+
+    /// The largest refcount an entry holds.
+    pub fn max(self) -> u64 {
+        u64::MAX >> (64 - self.bits())
+    }
+
+    /// Entries in one refcount block of `cluster_size` bytes.
+    pub fn per_block(self, cluster_size: u64) -> u64 {
+        (cluster_size * 8) >> self.order
+    }
+
+    /// The bytes of a block that hold entries `[first, first + n)`: `(start,
+    /// len)`. Narrow entries share bytes with their neighbours, so a writer
+    /// of a part must read these bytes first (see [`Self::needs_merge`]).
+    pub fn byte_span(self, first: u64, n: u64) -> (u64, u64) {
+        let start = (first << self.order) / 8;
+        let end = ((first + n) << self.order).div_ceil(8);
+        (start, end - start)
+    }
+
+    /// Whether an entry shares its byte with others.
+    pub fn needs_merge(self) -> bool {
+        self.order < 3
+    }
+
+    /// Reads entry `idx` of a refcount block.
+    pub fn get(self, block: &[u8], idx: usize) -> u64 {
+        match self.order {
+            0..=2 => {
+                let bits = 1usize << self.order;
+                let per_byte = 8 / bits;
+                let shift = (idx % per_byte) * bits;
+                u64::from((block[idx / per_byte] >> shift) & ((1u16 << bits) - 1) as u8)
+            }
+            _ => {
+                let w = 1usize << (self.order - 3);
+                let mut b = [0u8; 8];
+                b[8 - w..].copy_from_slice(&block[idx * w..idx * w + w]);
+                u64::from_be_bytes(b)
+            }
+        }
+    }
+
+    /// Writes entry `idx` of a refcount block; `v` must fit (`<= max()`).
+    pub fn set(self, block: &mut [u8], idx: usize, v: u64) {
+        debug_assert!(
+            v <= self.max(),
+            "refcount {v} wider than {} bits",
+            self.bits()
+        );
+        match self.order {
+            0..=2 => {
+                let bits = 1usize << self.order;
+                let per_byte = 8 / bits;
+                let shift = (idx % per_byte) * bits;
+                let mask = (((1u16 << bits) - 1) as u8) << shift;
+                let byte = &mut block[idx / per_byte];
+                *byte = (*byte & !mask) | (((v as u8) << shift) & mask);
+            }
+            _ => {
+                let w = 1usize << (self.order - 3);
+                block[idx * w..idx * w + w].copy_from_slice(&v.to_be_bytes()[8 - w..]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,10 +286,72 @@ mod tests {
     #[test]
     fn refcounts_are_big_endian() {
         let mut b = vec![0u8; 8];
-        refcount_set(&mut b, 1, 0x0102);
+        let w = RefcountWidth::DEFAULT;
+        w.set(&mut b, 1, 0x0102);
         assert_eq!(b, [0, 0, 1, 2, 0, 0, 0, 0]);
-        assert_eq!(refcount_get(&b, 1), 0x0102);
-        assert_eq!(refcount_get(&b, 0), 0);
+        assert_eq!(w.get(&b, 1), 0x0102);
+        assert_eq!(w.get(&b, 0), 0);
+    }
+
+    #[test]
+    fn refcount_widths_pack_like_qemu() {
+        // Sub-byte entries fill each byte from its least significant bit.
+        let mut b = vec![0u8; 2];
+        let one = RefcountWidth::from_bits(1).unwrap();
+        one.set(&mut b, 0, 1);
+        one.set(&mut b, 9, 1);
+        assert_eq!(b, [0b0000_0001, 0b0000_0010]);
+        let mut b = vec![0u8; 1];
+        let two = RefcountWidth::from_bits(2).unwrap();
+        two.set(&mut b, 1, 3);
+        two.set(&mut b, 3, 1);
+        assert_eq!(b, [0b0100_1100]);
+        assert_eq!((two.get(&b, 0), two.get(&b, 1), two.get(&b, 3)), (0, 3, 1));
+        let four = RefcountWidth::from_bits(4).unwrap();
+        let mut b = vec![0u8; 1];
+        four.set(&mut b, 1, 0xa);
+        assert_eq!(b, [0xa0]);
+        // Wide entries are big-endian.
+        let mut b = vec![0u8; 16];
+        RefcountWidth::from_bits(64)
+            .unwrap()
+            .set(&mut b, 1, 0x0102_0304_0506_0708);
+        assert_eq!(&b[8..], [1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut b = vec![0u8; 8];
+        RefcountWidth::from_bits(32).unwrap().set(&mut b, 1, 7);
+        assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 7]);
+    }
+
+    #[test]
+    fn refcount_width_limits_and_spans() {
+        for bits in [1u64, 2, 4, 8, 16, 32, 64] {
+            let w = RefcountWidth::from_bits(bits).unwrap();
+            assert_eq!(w.bits(), bits);
+            assert_eq!(w.per_block(65536), 65536 * 8 / bits);
+            let mut b = vec![0u8; 64];
+            for i in 0..(512 / bits as usize) {
+                w.set(&mut b, i, w.max() - (i as u64 % 2));
+            }
+            for i in 0..(512 / bits as usize) {
+                assert_eq!(
+                    w.get(&b, i),
+                    w.max() - (i as u64 % 2),
+                    "{bits} bits, entry {i}"
+                );
+            }
+        }
+        assert_eq!(RefcountWidth::from_bits(3), None);
+        assert_eq!(RefcountWidth::from_bits(128), None);
+        assert_eq!(RefcountWidth::from_order(7), None);
+        assert_eq!(
+            RefcountWidth::from_bits(1).unwrap().byte_span(3, 10),
+            (0, 2)
+        );
+        assert_eq!(
+            RefcountWidth::from_bits(16).unwrap().byte_span(3, 2),
+            (6, 4)
+        );
+        assert_eq!(RefcountWidth::from_bits(4).unwrap().byte_span(3, 1), (1, 1));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use super::entry::RefcountWidth;
 use super::{
     MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS,
     QCOW_MAGIC,
@@ -267,10 +268,9 @@ impl Header {
                 h.nb_snapshots
             )));
         }
-        if h.refcount_order != 4 {
-            return Err(unsupported(format!(
-                "refcount width {} bits (refcount_order {}); only 16-bit refcounts are supported",
-                1u64.checked_shl(h.refcount_order).unwrap_or(0),
+        if RefcountWidth::from_order(h.refcount_order).is_none() {
+            return Err(corrupt(format!(
+                "refcount_order {} (refcounts wider than 64 bits do not exist; qcow2 allows 0 to 6)",
                 h.refcount_order
             )));
         }
@@ -469,9 +469,14 @@ impl Header {
         self.cluster_size() / 8
     }
 
-    /// Entries per refcount block (one cluster of 16-bit refcounts).
+    /// The width of a refcount entry (validated by the parser).
+    pub fn refcount_width(&self) -> RefcountWidth {
+        RefcountWidth::from_order(self.refcount_order).unwrap_or(RefcountWidth::DEFAULT)
+    }
+
+    /// Entries per refcount block (one cluster of refcounts).
     pub fn refcount_block_entries(&self) -> u64 {
-        self.cluster_size() * 8 / 16
+        self.refcount_width().per_block(self.cluster_size())
     }
 
     /// Entries of the refcount table.
@@ -770,7 +775,8 @@ mod tests {
         let e = parse_mutated(|b| b[79] = 32).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.message().contains("bit 5"), "{e}");
-        assert_eq!(kind(parse_mutated(|b| b[99] = 5)), ErrorKind::Unsupported);
+        assert_eq!(kind(parse_mutated(|b| b[99] = 7)), ErrorKind::Corrupt);
+        assert!(parse_mutated(|b| b[99] = 6).is_ok());
         // Header length: odd, too small, too large.
         assert_eq!(kind(parse_mutated(|b| b[103] = 105)), ErrorKind::Corrupt);
         assert_eq!(kind(parse_mutated(|b| b[103] = 96)), ErrorKind::Corrupt);

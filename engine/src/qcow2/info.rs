@@ -46,6 +46,8 @@ pub struct ImageInfo {
     pub cluster_size: u64,
     /// "1.1" (version 3) or "0.10" (version 2).
     pub compat: String,
+    /// Width of a refcount entry (1 to 64).
+    pub refcount_bits: u64,
     pub dirty: bool,
     pub corrupt: bool,
     /// The backing chain, nearest first.
@@ -81,6 +83,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         disk_size: meta.blocks() * 512,
         cluster_size: h.cluster_size(),
         compat: h.compat_name().into(),
+        refcount_bits: h.refcount_width().bits(),
         dirty: h.is_dirty(),
         corrupt: h.is_corrupt(),
         backing_chain: Vec::new(),
@@ -239,6 +242,7 @@ mod tests {
         assert_eq!(i.virtual_size, size);
         assert_eq!(i.cluster_size, 65536);
         assert_eq!(i.compat, "1.1");
+        assert_eq!(i.refcount_bits, 16);
         assert_eq!(i.backing_chain.len(), 2);
         assert_eq!(i.backing_chain[0].format, "qcow2");
         assert_eq!(i.backing_chain[1].format, "raw");

@@ -22,12 +22,13 @@ pub mod entry;
 pub mod header;
 pub mod info;
 pub mod repair;
+pub mod snapshot;
 
 #[cfg(test)]
 pub(crate) mod testutil;
 
 pub use compress::{compressed_data, compressed_host_clusters, decompress, CompressionType};
-pub use entry::{decode_l1, decode_l2, encode_l1, encode_l2, refcount_get, refcount_set, L2Entry};
+pub use entry::{decode_l1, decode_l2, encode_l1, encode_l2, L2Entry, RefcountWidth};
 pub use header::{l1_entries_needed, Extension, Header};
 
 /// "QFI\xfb": the first four bytes of every qcow2 image.
@@ -57,5 +58,7 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table QEMU accepts (8 MiB), for the same reason.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Most internal snapshots QEMU accepts in one image.
+pub const MAX_SNAPSHOTS: u32 = 65536;
 /// Longest backing file name QEMU accepts.
 pub const MAX_BACKING_NAME_LEN: u32 = 1023;

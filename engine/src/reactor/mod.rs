@@ -45,6 +45,10 @@ pub const FILE_BACKING0: u32 = 2;
 pub const COMMIT_DIRTY_BLOCKS: usize = 64;
 /// Cached free buffers per size class.
 pub const POOL_PER_CLASS: usize = 128;
+/// Bytes of free buffers a core keeps at most, whatever their sizes: a
+/// client's burst of large requests (NBD allows 32 MiB each) must not pin
+/// gigabytes after it ends.
+pub const POOL_BYTES: usize = 64 << 20;
 
 /// Everything the cores share, read-only after open (plus atomics).
 pub struct Shared {
@@ -245,6 +249,8 @@ const TAG_MASK: u64 = 0xff << 56;
 /// Free aligned buffers by power-of-two size class (4 KiB and up).
 struct BufPool {
     classes: Vec<Vec<Rc<IoBuf>>>,
+    /// Bytes of the buffers in `classes` (at most [`POOL_BYTES`]).
+    bytes: usize,
 }
 
 impl BufPool {
@@ -257,6 +263,7 @@ impl BufPool {
         let c = Self::class(len);
         if let Some(v) = self.classes.get_mut(c) {
             if let Some(b) = v.pop() {
+                self.bytes -= b.len();
                 return b;
             }
         }
@@ -272,7 +279,8 @@ impl BufPool {
         if self.classes.len() <= c {
             self.classes.resize_with(c + 1, Vec::new);
         }
-        if self.classes[c].len() < POOL_PER_CLASS {
+        if self.classes[c].len() < POOL_PER_CLASS && self.bytes + b.len() <= POOL_BYTES {
+            self.bytes += b.len();
             self.classes[c].push(b);
         }
     }
@@ -367,6 +375,7 @@ impl<I: Io> Core<I> {
             chain_cache: ChainCache::new(per_core as u64 / 2),
             pool: BufPool {
                 classes: Vec::new(),
+                bytes: 0,
             },
             events: VecDeque::new(),
             reserve: (0, 0),

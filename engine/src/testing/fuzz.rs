@@ -181,6 +181,7 @@ impl ImageScratch {
             backing_format: Some("raw".to_string()),
             cluster_size: 4096,
             compat: Compat::V3,
+            ..CreateOptions::default()
         };
         create(&base_q, &opts).unwrap_or_else(|e| panic!("fuzz harness: {e}"));
         let disk = Disk::open(
@@ -524,6 +525,7 @@ pub fn open_and_read(data: &[u8]) {
         backing_format: Some("qcow2".to_string()),
         cluster_size: 64 << 10,
         compat: Compat::V3,
+        ..CreateOptions::default()
     };
     if create(&top, &top_opts).is_ok() {
         let chained = session(
@@ -877,6 +879,7 @@ impl Live {
             backing_format: Some("raw".to_string()),
             cluster_size: 4096,
             compat: Compat::V3,
+            ..CreateOptions::default()
         };
         create(&image, &opts).unwrap_or_else(|e| fail(&e));
         let disk = Disk::open(

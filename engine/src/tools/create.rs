@@ -7,6 +7,7 @@
 //! Anything else is refused rather than silently ignored.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::RefcountWidth;
 use crate::tools::units::parse_size;
 use crate::{Compat, CreateOptions};
 use std::path::Path;
@@ -50,6 +51,7 @@ pub fn build_options(args: &CreateArgs) -> Result<CreateOptions> {
         backing_format: None,
         cluster_size: DEFAULT_CLUSTER_BYTES,
         compat: Compat::V3,
+        ..CreateOptions::default()
     };
     for list in &args.options {
         for item in list.split(',').filter(|item| !item.is_empty()) {
@@ -66,9 +68,20 @@ pub fn build_options(args: &CreateArgs) -> Result<CreateOptions> {
                 "backing_file" => opts.backing = Some(value.to_owned()),
                 "backing_fmt" => opts.backing_format = Some(value.to_owned()),
                 "size" => opts.size = Some(parse_size(value)?),
+                "refcount_bits" => {
+                    opts.refcount_width = value
+                        .parse::<u64>()
+                        .ok()
+                        .and_then(RefcountWidth::from_bits)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "refcount_bits {value}: expected a power of two from 1 to 64"
+                            ))
+                        })?
+                }
                 _ => {
                     return Err(invalid(format!(
-                        "invalid option '{key}' (supported: cluster_size, compat, backing_file, backing_fmt, size)"
+                        "invalid option '{key}' (supported: cluster_size, compat, backing_file, backing_fmt, size, refcount_bits)"
                     )))
                 }
             }

@@ -180,6 +180,7 @@ fn run_in(dir: &Path, seed: u64, opts: &DemoOptions) -> Result<DemoReport> {
         backing_format: Some("raw".into()),
         cluster_size: crate::tools::create::DEFAULT_CLUSTER_BYTES,
         compat: Compat::V3,
+        ..CreateOptions::default()
     };
     crate::create(&overlay_path, &create)
         .map_err(|e| e.context(format_args!("creating {}", overlay_path.display())))?;

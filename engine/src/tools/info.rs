@@ -42,6 +42,7 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     }
     writeln!(out, "Format specific information:")?;
     writeln!(out, "    compat: {}", info.compat)?;
+    writeln!(out, "    refcount bits: {}", info.refcount_bits)?;
     writeln!(out, "    dirty: {}", info.dirty)?;
     writeln!(out, "    corrupt: {}", info.corrupt)?;
     let whole = info.virtual_size;

@@ -110,6 +110,25 @@ pub fn mib_per_sec(bytes: u64, seconds: f64) -> f64 {
     }
 }
 
+/// A `qemu-img resize` size: `SIZE`, `+SIZE` (grow by) or `-SIZE` (shrink
+/// by), against the image's `current` size.
+pub fn parse_resize(text: &str, current: u64) -> Result<u64> {
+    let t = text.trim();
+    let overflow = || {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("invalid size '{text}': out of range"),
+        )
+    };
+    if let Some(rest) = t.strip_prefix('+') {
+        current.checked_add(parse_size(rest)?).ok_or_else(overflow)
+    } else if let Some(rest) = t.strip_prefix('-') {
+        current.checked_sub(parse_size(rest)?).ok_or_else(overflow)
+    } else {
+        parse_size(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +188,14 @@ mod tests {
     fn rate_of_nothing_is_zero() {
         assert_eq!(mib_per_sec(1 << 20, 0.0), 0.0);
         assert_eq!(mib_per_sec(1 << 21, 2.0), 1.0);
+    }
+
+    #[test]
+    fn resize_sizes() {
+        assert_eq!(parse_resize("2G", 1 << 30).unwrap(), 2 << 30);
+        assert_eq!(parse_resize("+1M", 1 << 20).unwrap(), 2 << 20);
+        assert_eq!(parse_resize("-512K", 1 << 20).unwrap(), 512 << 10);
+        assert!(parse_resize("-2M", 1 << 20).is_err());
+        assert!(parse_resize("+x", 1).is_err());
     }
 }

@@ -1,0 +1,916 @@
+//! A backing image read over HTTP or HTTPS with range requests.
+//!
+//! # Interface for the engine
+//!
+//! * [`HttpBacking::open`] takes an `http://` or `https://` URL and
+//!   [`HttpOptions`]. It sends one `Range: bytes=0-0` GET, which proves that
+//!   the server honours ranges (a server that answers it with `200 OK` and
+//!   the whole file is refused with [`HttpErrorKind::RangesUnsupported`]),
+//!   learns the image size from `Content-Range`, and pins a [`Validator`]:
+//!   the strong `ETag`, or else `Last-Modified`. A server that sends neither
+//!   is refused ([`HttpErrorKind::NoValidator`]) unless
+//!   [`HttpOptions::require_validator`] is false.
+//! * [`HttpBacking::size`] is the image size in bytes, fixed at open.
+//! * [`HttpBacking::read_at`] fills a buffer from an offset with one ranged
+//!   GET carrying `If-Match` (or `If-Unmodified-Since`). Every response is
+//!   checked: status 206, `Content-Range` exactly the range asked for and
+//!   the pinned size, and the pinned validator. Anything else that says the
+//!   image is not the one opened (412, 200, 416, another ETag, another
+//!   Last-Modified, another size) is [`HttpErrorKind::Changed`]: it is never
+//!   retried, the handle stays failed (every later read returns the same
+//!   error at once), and the caller's buffer must be treated as garbage: no
+//!   mix of old and new data is ever returned as a success. Bytes past
+//!   [`HttpBacking::size`] read as zeros without a request; the engine
+//!   clamps backing reads to the backing size anyway.
+//! * Thread-safety: `HttpBacking` is `Send + Sync`; `read_at` takes `&self`
+//!   and many threads may call it at once. Each call borrows one connection
+//!   from a pool of at most [`HttpOptions::max_connections`] keep-alive
+//!   connections (blocking while all are busy), so that option also bounds
+//!   the requests in flight. Calls block (plain sockets, no async runtime):
+//!   call them from fetch threads, never from a reactor thread.
+//! * Retry policy ([`RetryPolicy`]): connection refused or reset, connect
+//!   and I/O timeouts, 408, 429 and 5xx are retried up to
+//!   `max_attempts` attempts in all, with exponential backoff (jittered,
+//!   capped at `max_backoff`); a `Retry-After` on 429 or 503 replaces the
+//!   backoff, capped at `max_retry_after`. A reused keep-alive connection
+//!   that the server closed while idle is replaced at once and not counted
+//!   as a retry. Other 4xx, 3xx, TLS refusals and malformed responses fail
+//!   at once. Every error names the URL and the byte range.
+//! * Errors are [`HttpError`]s with a matchable [`HttpErrorKind`]; they
+//!   convert into the engine's [`crate::Error`] (kind `BackingUnavailable`,
+//!   or `InvalidInput` / `Unsupported` for a bad URL or server).
+//! * Counters ([`HttpBacking::stats`]): requests sent, body bytes fetched,
+//!   retries, connections opened, total and maximum request latency.
+//!
+//! TLS is rustls with the ring provider: the system's root certificates
+//! (`rustls-native-certs`) plus, for private CAs, a PEM file
+//! ([`HttpOptions::ca_file`]).
+
+mod conn;
+pub mod url;
+mod wire;
+
+use std::fmt;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng as _;
+
+use self::conn::{Conn, ConnectError};
+use self::url::{Scheme, Url};
+use self::wire::ContentRange;
+use crate::error::{Error, ErrorKind};
+
+/// When and how often a failed request is tried again.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// The wait after the first failure; it doubles after each further one.
+    pub initial_backoff: Duration,
+    /// The longest wait between two attempts from backoff.
+    pub max_backoff: Duration,
+    /// The longest wait a server's `Retry-After` can ask for.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How an [`HttpBacking`] connects, times out and retries.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Keep-alive connections kept open at most, which is also the number
+    /// of requests in flight at most (at least 1).
+    pub max_connections: usize,
+    /// The limit for establishing one TCP connection.
+    pub connect_timeout: Duration,
+    /// The limit for any one read or write on a connection (TLS handshake
+    /// included): a server silent for longer is treated as failed.
+    pub io_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// A PEM file of CA certificates trusted for https in addition to the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Refuse a server that sends neither a strong ETag nor Last-Modified:
+    /// without a validator a changed image cannot be detected.
+    pub require_validator: bool,
+}
+
+impl Default for HttpOptions {
+    fn default() -> HttpOptions {
+        HttpOptions {
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            ca_file: None,
+            require_validator: true,
+        }
+    }
+}
+
+/// What identifies the version of the image that was opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Validator {
+    /// A strong entity tag, quotes included, sent back as `If-Match`.
+    ETag(String),
+    /// A `Last-Modified` date, sent back as `If-Unmodified-Since`.
+    LastModified(String),
+}
+
+/// What went wrong, coarse enough to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpErrorKind {
+    /// The URL is malformed or uses something we do not support.
+    InvalidUrl,
+    /// Options or local files (the CA file) are unusable.
+    InvalidOptions,
+    /// The server does not serve byte ranges of this resource.
+    RangesUnsupported,
+    /// The server sends neither a strong ETag nor Last-Modified.
+    NoValidator,
+    /// The remote image is no longer the one that was opened.
+    Changed,
+    /// The server answered with a status that retrying cannot fix (404,
+    /// 403, a redirect, ...); [`HttpError::status`] has it.
+    Status,
+    /// The response broke the protocol, or TLS refused the server.
+    Protocol,
+    /// The server could not be reached or kept failing transiently, and the
+    /// retries ran out.
+    Unavailable,
+}
+
+/// An error of the HTTP backing: a kind, the HTTP status if there was one,
+/// and a message naming the URL and byte range.
+#[derive(Clone, Debug)]
+pub struct HttpError {
+    kind: HttpErrorKind,
+    status: Option<u16>,
+    message: String,
+}
+
+impl HttpError {
+    fn new(kind: HttpErrorKind, message: impl Into<String>) -> HttpError {
+        HttpError {
+            kind,
+            status: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> HttpErrorKind {
+        self.kind
+    }
+
+    /// The HTTP status of the response that caused the error, if any.
+    pub fn status(&self) -> Option<u16> {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+impl From<HttpError> for Error {
+    fn from(e: HttpError) -> Error {
+        let kind = match e.kind {
+            HttpErrorKind::InvalidUrl | HttpErrorKind::InvalidOptions => ErrorKind::InvalidInput,
+            HttpErrorKind::RangesUnsupported | HttpErrorKind::NoValidator => ErrorKind::Unsupported,
+            HttpErrorKind::Changed
+            | HttpErrorKind::Status
+            | HttpErrorKind::Protocol
+            | HttpErrorKind::Unavailable => ErrorKind::BackingUnavailable,
+        };
+        Error::new(kind, e.message)
+    }
+}
+
+/// A snapshot of an [`HttpBacking`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpStats {
+    /// HTTP requests sent (the open probe and every attempt included).
+    pub requests: u64,
+    /// Body bytes of successful reads delivered into callers' buffers.
+    pub bytes_fetched: u64,
+    /// Attempts that followed a transient failure.
+    pub retries: u64,
+    /// TCP (and TLS) connections established.
+    pub connections_opened: u64,
+    /// Sum over requests of the time from sending the request to having
+    /// the whole response (or its failure).
+    pub total_latency: Duration,
+    /// The longest such time.
+    pub max_latency: Duration,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes_fetched: AtomicU64,
+    retries: AtomicU64,
+    connections_opened: AtomicU64,
+    total_latency_ns: AtomicU64,
+    max_latency_ns: AtomicU64,
+}
+
+/// The connection pool: idle connections, and how many exist in all (idle
+/// or lent out), which never exceeds `max`.
+struct Pool {
+    state: Mutex<PoolState>,
+    freed: Condvar,
+    max: usize,
+}
+
+struct PoolState {
+    idle: Vec<Conn>,
+    open: usize,
+}
+
+/// A slot taken from the pool: a connection that exists (idle before), or
+/// the right to open one. Dropping it gives the slot back.
+struct Lease<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+    /// Put the connection back as idle when the lease ends.
+    keep: bool,
+}
+
+impl Pool {
+    fn acquire(&self) -> Lease<'_> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(conn) = state.idle.pop() {
+                return Lease {
+                    pool: self,
+                    conn: Some(conn),
+                    keep: false,
+                };
+            }
+            if state.open < self.max {
+                state.open += 1;
+                return Lease {
+                    pool: self,
+                    conn: None,
+                    keep: false,
+                };
+            }
+            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        match self.conn.take() {
+            Some(conn) if self.keep => state.idle.push(conn),
+            _ => state.open -= 1,
+        }
+        drop(state);
+        self.pool.freed.notify_one();
+    }
+}
+
+/// How one attempt failed.
+enum Failure {
+    /// A reused connection failed before any byte of the response arrived:
+    /// the server most likely closed it while it was idle.
+    Stale(String),
+    /// Worth another attempt, after `retry_after` if the server asked.
+    Transient {
+        what: String,
+        retry_after: Option<Duration>,
+    },
+    Fatal(HttpError),
+}
+
+/// A backing image served over HTTP(S). See the module documentation.
+pub struct HttpBacking {
+    url: Url,
+    opts: HttpOptions,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    size: u64,
+    validator: Option<Validator>,
+    pool: Pool,
+    counters: Counters,
+    /// Set once the image is found changed; every later read fails with it.
+    changed: OnceLock<HttpError>,
+}
+
+impl fmt::Debug for HttpBacking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpBacking")
+            .field("url", &self.url.to_string())
+            .field("size", &self.size)
+            .field("validator", &self.validator)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `read_at` is called from many fetch threads at once.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<HttpBacking>();
+};
+
+/// What the open probe learned.
+struct Probe {
+    size: u64,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+impl HttpBacking {
+    /// Opens `url`: checks that the server serves byte ranges, learns the
+    /// size and pins the validator. Retries transient failures as reads do.
+    pub fn open(url: &str, opts: HttpOptions) -> Result<HttpBacking, HttpError> {
+        let parsed = Url::parse(url)
+            .map_err(|e| HttpError::new(HttpErrorKind::InvalidUrl, format!("{url}: {e}")))?;
+        if opts.max_connections == 0 || opts.retry.max_attempts == 0 {
+            return Err(HttpError::new(
+                HttpErrorKind::InvalidOptions,
+                format!("{url}: max_connections and retry.max_attempts must be at least 1"),
+            ));
+        }
+        let tls = match parsed.scheme {
+            Scheme::Http => None,
+            Scheme::Https => Some(conn::tls_config(opts.ca_file.as_deref()).map_err(|e| {
+                HttpError::new(HttpErrorKind::InvalidOptions, format!("{url}: {e}"))
+            })?),
+        };
+        let mut backing = HttpBacking {
+            pool: Pool {
+                state: Mutex::new(PoolState {
+                    idle: Vec::with_capacity(opts.max_connections),
+                    open: 0,
+                }),
+                freed: Condvar::new(),
+                max: opts.max_connections,
+            },
+            url: parsed,
+            opts,
+            tls,
+            size: 0,
+            validator: None,
+            counters: Counters::default(),
+            changed: OnceLock::new(),
+        };
+        let probe = backing.run(0, 0, |conn| backing.probe(conn))?;
+        let context = || format!("GET {} bytes=0-0", backing.url);
+        // A weak ETag cannot be used with If-Match (it needs the strong
+        // comparison), so Last-Modified is the fallback for it too.
+        backing.validator = match (probe.etag, probe.last_modified) {
+            (Some(etag), _) if etag.starts_with('"') => Some(Validator::ETag(etag)),
+            (_, Some(date)) => Some(Validator::LastModified(date)),
+            _ if !backing.opts.require_validator => None,
+            _ => {
+                return Err(HttpError::new(
+                    HttpErrorKind::NoValidator,
+                    format!(
+                        "{}: the server sends neither a strong ETag nor Last-Modified, so a \
+                         change of the remote image could not be detected",
+                        context()
+                    ),
+                ))
+            }
+        };
+        backing.size = probe.size;
+        Ok(backing)
+    }
+
+    /// The image size in bytes, as the server reported it at open.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The validator pinned at open (`None` only if
+    /// [`HttpOptions::require_validator`] was false and the server sent none).
+    pub fn validator(&self) -> Option<&Validator> {
+        self.validator.as_ref()
+    }
+
+    pub fn url(&self) -> String {
+        self.url.to_string()
+    }
+
+    /// Fills `buf` with the image bytes at `offset..offset + buf.len()`.
+    /// Bytes past [`HttpBacking::size`] are zeros. On error the contents of
+    /// `buf` are unspecified.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HttpError> {
+        let in_image = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (data, past_end) = buf.split_at_mut(in_image);
+        past_end.fill(0);
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = offset;
+        let last = offset + data.len() as u64 - 1;
+        self.run(first, last, |conn| self.ranged_get(conn, first, last, data))?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> HttpStats {
+        let c = &self.counters;
+        HttpStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            connections_opened: c.connections_opened.load(Ordering::Relaxed),
+            total_latency: Duration::from_nanos(c.total_latency_ns.load(Ordering::Relaxed)),
+            max_latency: Duration::from_nanos(c.max_latency_ns.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn context(&self, first: u64, last: u64) -> String {
+        format!("GET {} bytes={first}-{last}", self.url)
+    }
+
+    /// Runs `exchange` on a pooled connection until it succeeds, fails for
+    /// good, or the retries run out. `exchange` returns its result and
+    /// whether the connection may be reused.
+    fn run<T>(
+        &self,
+        first: u64,
+        last: u64,
+        mut exchange: impl FnMut(&mut Conn) -> Result<(T, bool), Failure>,
+    ) -> Result<T, HttpError> {
+        let policy = &self.opts.retry;
+        let mut failures = 0u32;
+        // Each stale connection is dropped, so at most `max` of them can be
+        // met in a row; one more is a server closing fresh connections too.
+        let mut stale = 0usize;
+        loop {
+            if let Some(first_report) = self.changed.get() {
+                return Err(HttpError::new(
+                    HttpErrorKind::Changed,
+                    format!(
+                        "{}: the remote image changed since it was opened (not sent: an earlier \
+                         request found it: {first_report})",
+                        self.context(first, last)
+                    ),
+                ));
+            }
+            let mut lease = self.pool.acquire();
+            let result = self.attempt(&mut lease, &mut exchange);
+            drop(lease);
+            let (what, retry_after) = match result {
+                Ok(value) => return Ok(value),
+                Err(Failure::Fatal(mut e)) => {
+                    e.message = format!("{}: {}", self.context(first, last), e.message);
+                    if e.kind == HttpErrorKind::Changed {
+                        // Only the first report is kept: it says what changed.
+                        let _ = self.changed.set(e.clone());
+                    }
+                    return Err(e);
+                }
+                Err(Failure::Stale(_)) if stale <= self.pool.max => {
+                    stale += 1;
+                    continue;
+                }
+                Err(Failure::Stale(what)) => (what, None),
+                Err(Failure::Transient { what, retry_after }) => (what, retry_after),
+            };
+            failures += 1;
+            if failures >= policy.max_attempts {
+                return Err(HttpError::new(
+                    HttpErrorKind::Unavailable,
+                    format!(
+                        "{}: {what} (gave up after {failures} attempt{})",
+                        self.context(first, last),
+                        if failures == 1 { "" } else { "s" }
+                    ),
+                ));
+            }
+            let wait = match retry_after {
+                Some(asked) => asked.min(policy.max_retry_after),
+                None => backoff(policy, failures),
+            };
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// One attempt: a connection from the lease (opened if need be), one
+    /// request and response on it.
+    fn attempt<T>(
+        &self,
+        lease: &mut Lease<'_>,
+        exchange: &mut impl FnMut(&mut Conn) -> Result<(T, bool), Failure>,
+    ) -> Result<T, Failure> {
+        if lease.conn.is_none() {
+            let conn = Conn::connect(
+                &self.url,
+                self.tls.as_ref(),
+                self.opts.connect_timeout,
+                self.opts.io_timeout,
+            )
+            .map_err(|e| match e {
+                ConnectError::Io(e) => Failure::Transient {
+                    what: format!("connecting to {}:{}: {}", self.url.host, self.url.port, e),
+                    retry_after: None,
+                },
+                ConnectError::Fatal(msg) => {
+                    Failure::Fatal(HttpError::new(HttpErrorKind::Protocol, msg))
+                }
+            })?;
+            self.counters
+                .connections_opened
+                .fetch_add(1, Ordering::Relaxed);
+            lease.conn = Some(conn);
+        }
+        let conn = lease.conn.as_mut().expect("a connection was just ensured");
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = exchange(conn);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.counters
+            .total_latency_ns
+            .fetch_add(ns, Ordering::Relaxed);
+        self.counters
+            .max_latency_ns
+            .fetch_max(ns, Ordering::Relaxed);
+        let (value, keep) = result?;
+        conn.completed += 1;
+        lease.keep = keep;
+        Ok(value)
+    }
+
+    /// Sends `GET` with `Range: bytes=first-last` and, once the size is
+    /// known, the validator precondition; reads and checks the head.
+    /// Returns the head's length in the connection's buffer.
+    fn send_and_read_head(
+        &self,
+        conn: &mut Conn,
+        first: u64,
+        last: u64,
+        conditional: bool,
+    ) -> Result<usize, Failure> {
+        let url = &self.url;
+        let validator = if conditional {
+            self.validator.as_ref()
+        } else {
+            None
+        };
+        conn.send(|req| {
+            // Writing into a Vec cannot fail.
+            let _ = write!(
+                req,
+                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: backfill/{}\r\n\
+                 Accept-Encoding: identity\r\nRange: bytes={first}-{last}\r\n",
+                url.target,
+                url.host_header(),
+                env!("CARGO_PKG_VERSION"),
+            );
+            let _ = match validator {
+                Some(Validator::ETag(tag)) => write!(req, "If-Match: {tag}\r\n"),
+                Some(Validator::LastModified(date)) => {
+                    write!(req, "If-Unmodified-Since: {date}\r\n")
+                }
+                None => Ok(()),
+            };
+            req.extend_from_slice(b"\r\n");
+        })
+        .map_err(|e| io_failure(conn, "sending the request", e))?;
+        loop {
+            let len = conn
+                .read_head()
+                .map_err(|e| io_failure(conn, "reading the response", e))?;
+            let head = wire::parse_head(conn.head(len)).map_err(protocol)?;
+            // Interim responses (100 Continue, 103 Early Hints) precede the
+            // real one; 101 would switch protocols, which we never asked for.
+            if (100..200).contains(&head.status) && head.status != 101 {
+                conn.consume(len);
+                continue;
+            }
+            return Ok(len);
+        }
+    }
+
+    /// The open probe: `Range: bytes=0-0` without preconditions.
+    fn probe(&self, conn: &mut Conn) -> Result<(Probe, bool), Failure> {
+        let len = self.send_and_read_head(conn, 0, 0, false)?;
+        let head = wire::parse_head(conn.head(len)).map_err(protocol)?;
+        let owned = |v: Option<&str>| v.map(str::to_string);
+        let (etag, last_modified) = (owned(head.etag), owned(head.last_modified));
+        match head.status {
+            206 => {}
+            // An empty file: nothing is satisfiable, not even byte 0, so
+            // servers answer 416 (RFC 9110) or the whole, empty, file (nginx).
+            // Either way no read will ever need a range.
+            416 | 200
+                if head.content_range == Some(ContentRange::Unsatisfied { total: 0 })
+                    || (head.status == 200 && head.content_length == Some(0)) =>
+            {
+                let probe = Probe {
+                    size: 0,
+                    etag,
+                    last_modified,
+                };
+                return Ok((probe, false));
+            }
+            200 => {
+                return Err(Failure::Fatal(HttpError::new(
+                    HttpErrorKind::RangesUnsupported,
+                    format!(
+                        "the server answered a range request with 200 OK and the whole file \
+                         ({}): it does not serve byte ranges, which a backing image needs",
+                        if head.accept_ranges_bytes {
+                            "despite Accept-Ranges: bytes"
+                        } else {
+                            "and no Accept-Ranges: bytes"
+                        }
+                    ),
+                )))
+            }
+            _ => return Err(status_failure(&head)),
+        }
+        check_encoding(&head)?;
+        let size = match head.content_range {
+            Some(ContentRange::Bytes {
+                first: 0,
+                last: 0,
+                total: Some(total),
+            }) => total,
+            other => {
+                return Err(protocol(format!(
+                    "206 for bytes=0-0 with Content-Range {other:?} (a whole size was expected)"
+                )))
+            }
+        };
+        let (chunked, content_length, keep_alive) =
+            (head.chunked, head.content_length, head.keep_alive);
+        conn.consume(len);
+        let mut byte = [0u8; 1];
+        read_body(conn, &mut byte, chunked, content_length)?;
+        let probe = Probe {
+            size,
+            etag,
+            last_modified,
+        };
+        Ok((probe, keep_alive))
+    }
+
+    /// One ranged read into `dst` (exactly `last - first + 1` bytes).
+    fn ranged_get(
+        &self,
+        conn: &mut Conn,
+        first: u64,
+        last: u64,
+        dst: &mut [u8],
+    ) -> Result<((), bool), Failure> {
+        let len = self.send_and_read_head(conn, first, last, true)?;
+        let head = wire::parse_head(conn.head(len)).map_err(protocol)?;
+        let pinned = self.pinned();
+        match head.status {
+            206 => {}
+            412 => {
+                return Err(changed(format!(
+                    "the server answered 412 Precondition Failed: {pinned} no longer matches"
+                )))
+            }
+            200 => {
+                return Err(changed(format!(
+                    "the server answered 200 OK (the whole resource) instead of 206 with \
+                     {pinned} as precondition"
+                )))
+            }
+            416 => {
+                return Err(changed(format!(
+                    "the server answered 416 Range Not Satisfiable (Content-Range {:?}): \
+                     the image is no longer {} bytes",
+                    head.content_range, self.size
+                )))
+            }
+            _ => return Err(status_failure(&head)),
+        }
+        match (&self.validator, head.etag, head.last_modified) {
+            (Some(Validator::ETag(tag)), Some(now), _) if now != tag => {
+                return Err(changed(format!(
+                    "its ETag is now {now}, {pinned} when it was opened"
+                )))
+            }
+            (Some(Validator::LastModified(date)), _, Some(now)) if now != date => {
+                return Err(changed(format!(
+                    "its Last-Modified is now {now}, {pinned} when it was opened"
+                )))
+            }
+            _ => {}
+        }
+        match head.content_range {
+            Some(ContentRange::Bytes {
+                total: Some(total), ..
+            }) if total != self.size => {
+                return Err(changed(format!(
+                    "its size is now {total} bytes, {} when it was opened",
+                    self.size
+                )))
+            }
+            Some(ContentRange::Bytes {
+                first: f, last: l, ..
+            }) if f == first && l == last => {}
+            other => {
+                return Err(protocol(format!(
+                    "206 with Content-Range {other:?}, bytes {first}-{last} were asked for"
+                )))
+            }
+        }
+        check_encoding(&head)?;
+        let (chunked, content_length, keep_alive) =
+            (head.chunked, head.content_length, head.keep_alive);
+        conn.consume(len);
+        read_body(conn, dst, chunked, content_length)?;
+        Ok(((), keep_alive))
+    }
+
+    /// The pinned validator, for messages (formatted only when one is made).
+    fn pinned(&self) -> Pinned<'_> {
+        Pinned(self.validator.as_ref())
+    }
+}
+
+/// Names a pinned validator in messages.
+struct Pinned<'a>(Option<&'a Validator>);
+
+impl fmt::Display for Pinned<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(Validator::ETag(tag)) => write!(f, "ETag {tag}"),
+            Some(Validator::LastModified(date)) => write!(f, "Last-Modified {date}"),
+            None => f.write_str("no validator"),
+        }
+    }
+}
+
+/// The wait before attempt `failures + 1`: `initial * 2^(failures - 1)`,
+/// capped, then jittered into its upper half so that many clients that
+/// failed together do not retry together.
+fn backoff(policy: &RetryPolicy, failures: u32) -> Duration {
+    let doubling = 1u32 << failures.saturating_sub(1).min(20);
+    let full = policy
+        .initial_backoff
+        .saturating_mul(doubling)
+        .min(policy.max_backoff);
+    let half = full / 2;
+    let jitter_ns = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(rand::rng().random_range(0..=jitter_ns))
+}
+
+/// Reads a body of exactly `dst.len()` bytes, however it is framed.
+fn read_body(
+    conn: &mut Conn,
+    dst: &mut [u8],
+    chunked: bool,
+    content_length: Option<u64>,
+) -> Result<(), Failure> {
+    let result = if chunked {
+        conn.read_chunked(dst)
+    } else {
+        match content_length {
+            Some(n) if n != dst.len() as u64 => {
+                return Err(protocol(format!(
+                    "Content-Length {n} for a range of {} bytes",
+                    dst.len()
+                )))
+            }
+            // Without a length the body runs to the end of the connection,
+            // which is then not reused (see `wire::parse_head`).
+            _ => conn.read_exact(dst),
+        }
+    };
+    result.map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidData => protocol(e.to_string()),
+        _ => Failure::Transient {
+            what: format!("reading the response body: {}", describe_io(&e)),
+            retry_after: None,
+        },
+    })
+}
+
+fn check_encoding(head: &wire::Head<'_>) -> Result<(), Failure> {
+    match head.content_encoding {
+        Some(enc) => Err(protocol(format!(
+            "the server sent Content-Encoding {enc} although identity was asked for"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The failure for a status other than the expected ones.
+fn status_failure(head: &wire::Head<'_>) -> Failure {
+    let status = head.status;
+    let name = status_name(status);
+    match status {
+        408 | 429 | 500..=599 => {
+            let retry_after = match status {
+                429 | 503 => head
+                    .retry_after
+                    .and_then(|v| wire::parse_retry_after(v, SystemTime::now())),
+                _ => None,
+            };
+            Failure::Transient {
+                what: format!("the server answered {status} {name}"),
+                retry_after,
+            }
+        }
+        _ => {
+            let mut message = format!("the server answered {status} {name} (not retried)");
+            if let (300..=399, Some(to)) = (status, head.location) {
+                message.push_str(&format!(
+                    "; it redirects to {to}, which is not followed: use the final URL"
+                ));
+            }
+            Failure::Fatal(HttpError {
+                kind: HttpErrorKind::Status,
+                status: Some(status),
+                message,
+            })
+        }
+    }
+}
+
+fn status_name(status: u16) -> &'static str {
+    match status {
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        410 => "Gone",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    }
+}
+
+fn changed(detail: String) -> Failure {
+    Failure::Fatal(HttpError::new(
+        HttpErrorKind::Changed,
+        format!("the remote image changed since it was opened: {detail}"),
+    ))
+}
+
+fn protocol(detail: String) -> Failure {
+    Failure::Fatal(HttpError::new(
+        HttpErrorKind::Protocol,
+        format!("malformed response: {detail}"),
+    ))
+}
+
+/// Classifies an I/O error while sending a request or reading a head.
+fn io_failure(conn: &Conn, doing: &str, e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::InvalidData {
+        return protocol(format!("{doing}: {e}"));
+    }
+    let what = format!("{doing}: {}", describe_io(&e));
+    if conn.completed > 0 && conn.nothing_received() {
+        Failure::Stale(what)
+    } else {
+        Failure::Transient {
+            what,
+            retry_after: None,
+        }
+    }
+}
+
+/// Socket timeouts surface as `WouldBlock` or `TimedOut`; name them plainly.
+fn describe_io(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out".into(),
+        _ => e.to_string(),
+    }
+}

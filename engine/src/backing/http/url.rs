@@ -1,0 +1,235 @@
+//! `http://` and `https://` URLs as a backing reference names them.
+//!
+//! Pure: parsing and formatting only, no name resolution and no I/O. The
+//! grammar is the part of RFC 3986 that a backing reference needs: a scheme,
+//! a host (a DNS name, an IPv4 literal, or an IPv6 literal in brackets), an
+//! optional port, and a path with an optional query, sent to the server
+//! exactly as written. What we do not support is refused with a message that
+//! says so (credentials in the URL, IPv6 zone ids), never silently dropped.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// Whether the connection is plain TCP or TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// The host part of a URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// A DNS name, lowercased.
+    Name(String),
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(name) => f.write_str(name),
+            Host::V4(ip) => write!(f, "{ip}"),
+            Host::V6(ip) => write!(f, "[{ip}]"),
+        }
+    }
+}
+
+/// A parsed `http://` or `https://` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Url {
+    pub scheme: Scheme,
+    pub host: Host,
+    pub port: u16,
+    /// The request target: the path (at least `/`) and the query, if any.
+    pub target: String,
+    /// The URL as given, without its fragment: what messages show.
+    text: String,
+    /// The value of the `Host` header, made once.
+    host_header: String,
+}
+
+impl Url {
+    /// Parses `s`; the error says what is wrong with it.
+    pub fn parse(s: &str) -> Result<Url, String> {
+        let text = match s.find('#') {
+            Some(i) => &s[..i],
+            None => s,
+        };
+        let lower_scheme_end = text.find("://").ok_or("not a URL (no \"scheme://\")")?;
+        let scheme = match text[..lower_scheme_end].to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => return Err(format!("unsupported scheme {other:?} (use http or https)")),
+        };
+        let rest = &text[lower_scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, target) = rest.split_at(authority_end);
+        if authority.contains('@') {
+            return Err("credentials in the URL are not supported".into());
+        }
+        let (host, port) = parse_authority(authority)?;
+        let port = port.unwrap_or(scheme.default_port());
+        let target = if target.starts_with('/') {
+            target.to_string()
+        } else {
+            format!("/{target}")
+        };
+        if let Some(bad) = target.bytes().find(|&b| !(0x21..0x7f).contains(&b)) {
+            return Err(format!(
+                "the path contains byte {bad:#04x}, which must be percent-encoded"
+            ));
+        }
+        let host_header = if port == scheme.default_port() {
+            host.to_string()
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Url {
+            scheme,
+            host,
+            port,
+            target,
+            text: text.to_string(),
+            host_header,
+        })
+    }
+
+    /// The value of the `Host` header: the host, and the port unless it is
+    /// the scheme's default.
+    pub fn host_header(&self) -> &str {
+        &self.host_header
+    }
+}
+
+impl fmt::Display for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn parse_authority(authority: &str) -> Result<(Host, Option<u16>), String> {
+    let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
+        let close = inner
+            .find(']')
+            .ok_or("unterminated IPv6 literal (no \"]\")")?;
+        let literal = &inner[..close];
+        if literal.contains('%') {
+            return Err("IPv6 zone ids are not supported".into());
+        }
+        let ip: Ipv6Addr = literal
+            .parse()
+            .map_err(|_| format!("{literal:?} is not an IPv6 address"))?;
+        let after = &inner[close + 1..];
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':').ok_or_else(|| {
+                format!("unexpected {after:?} after the IPv6 literal (expected \":PORT\")")
+            })?),
+        };
+        (Host::V6(ip), port)
+    } else {
+        let (name, port) = match authority.rfind(':') {
+            Some(i) => (&authority[..i], Some(&authority[i + 1..])),
+            None => (authority, None),
+        };
+        if name.is_empty() {
+            return Err("the URL has no host".into());
+        }
+        let host = match name.parse::<Ipv4Addr>() {
+            Ok(ip) => Host::V4(ip),
+            Err(_) => {
+                let valid = name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+                if !valid {
+                    return Err(format!("{name:?} is not a valid host name"));
+                }
+                Host::Name(name.to_ascii_lowercase())
+            }
+        };
+        (host, port)
+    };
+    let port = match port {
+        // "http://host:/" is allowed by RFC 3986 and means the default port.
+        None | Some("") => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+            _ => return Err(format!("{p:?} is not a valid port")),
+        },
+    };
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hosts_ports_and_targets() {
+        let u = Url::parse("http://Example.COM/disk.raw").unwrap();
+        assert_eq!(u.scheme, Scheme::Http);
+        assert_eq!(u.host, Host::Name("example.com".into()));
+        assert_eq!(u.port, 80);
+        assert_eq!(u.target, "/disk.raw");
+        assert_eq!(u.host_header(), "example.com");
+
+        let u = Url::parse("HTTPS://10.1.2.3:8443?x=1#frag").unwrap();
+        assert_eq!(u.scheme, Scheme::Https);
+        assert_eq!(u.host, Host::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(u.port, 8443);
+        assert_eq!(u.target, "/?x=1");
+        assert_eq!(u.host_header(), "10.1.2.3:8443");
+        assert_eq!(u.to_string(), "HTTPS://10.1.2.3:8443?x=1");
+
+        let u = Url::parse("https://[::1]:4443/a/b%20c.qcow2").unwrap();
+        assert_eq!(u.host, Host::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(u.port, 4443);
+        assert_eq!(u.target, "/a/b%20c.qcow2");
+        assert_eq!(u.host_header(), "[::1]:4443");
+
+        let u = Url::parse("https://[::1]").unwrap();
+        assert_eq!((u.port, u.target.as_str()), (443, "/"));
+        assert_eq!(u.host_header(), "[::1]");
+
+        let u = Url::parse("http://h:/x").unwrap();
+        assert_eq!(u.port, 80);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_serve() {
+        for bad in [
+            "",
+            "disk.raw",
+            "ftp://h/x",
+            "nbd://h/x",
+            "http://",
+            "http:///x",
+            "http://user:pw@h/x",
+            "http://h:0/x",
+            "http://h:65536/x",
+            "http://h:+80/x",
+            "http://h:8a/x",
+            "http://[::1/x",
+            "http://[::1]x/",
+            "http://[fe80::1%25eth0]/x",
+            "http://[1.2.3.4]/x",
+            "http://h h/x",
+            "http://h/a b",
+            "http://h/\u{e9}",
+            "http://h/a\r\nInjected: yes",
+        ] {
+            assert!(Url::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+}
