@@ -47,6 +47,7 @@
 //! ([`HttpOptions::ca_file`]).
 
 mod conn;
+pub mod medium;
 pub mod url;
 mod wire;
 

@@ -128,6 +128,25 @@ fn chain_text(names: &[String]) -> String {
     names.join(" -> ")
 }
 
+/// Whether a backing file name is a URI of a remote medium (NBD or HTTP).
+pub fn is_remote_name(name: &str) -> bool {
+    nbd::is_nbd_name(name) || http::medium::is_http_name(name)
+}
+
+/// Opens the remote medium a URI names: an NBD export or an HTTP(S) URL.
+/// For https, the system's CA certificates are trusted; `SSL_CERT_FILE`
+/// (a PEM file) replaces them, e.g. for a private CA.
+pub fn open_medium(name: &str) -> Result<Arc<dyn remote::Medium>> {
+    if http::medium::is_http_name(name) {
+        Ok(Arc::new(http::medium::HttpMedium::open(
+            name,
+            http::HttpOptions::default(),
+        )?))
+    } else {
+        Ok(Arc::new(nbd::NbdClient::open(name)?))
+    }
+}
+
 /// Opens a remote layer named by URI `name` (in `format`) below `parent`.
 fn open_remote(
     name: &str,
@@ -149,26 +168,26 @@ fn open_remote(
         Some("raw") => {}
         Some(other) => {
             return Err(Error::unsupported(format!(
-                "backing file {name:?} of {parent}: format {other:?} over NBD is not supported \
-                 (only raw; e.g. qemu-img create -b URI -F raw)"
+                "backing file {name:?} of {parent}: format {other:?} over NBD or HTTP is not \
+                 supported (only raw; e.g. qemu-img create -b URI -F raw)"
             )))
         }
         None => {
             return Err(Error::unsupported(format!(
                 "backing file {name:?} of {parent}: no backing format recorded, and formats are \
-                 not probed over NBD (name it: -F raw)"
+                 not probed over NBD or HTTP (name it: -F raw)"
             )))
         }
     }
-    let medium = nbd::NbdClient::open(name)?;
-    let size = remote::Medium::size(&medium);
+    let medium = open_medium(name)?;
+    let size = medium.size();
     Ok(Layer {
         name: name.to_string(),
         file: None,
         direct: None,
         file_len: size,
         size,
-        format: Format::Remote(Arc::new(medium)),
+        format: Format::Remote(medium),
     })
 }
 
@@ -228,7 +247,7 @@ impl Chain {
                     "{parent_name} names an empty backing file"
                 )));
             }
-            if nbd::is_nbd_name(&name) {
+            if is_remote_name(&name) {
                 layers.push(open_remote(&name, fmt.as_deref(), &parent_name, &confine)?);
                 names.push(name);
                 // A raw layer: the chain ends here.

@@ -149,22 +149,22 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         if backing.is_empty() {
             return Err(invalid("empty backing file name".into()));
         }
-        if crate::backing::nbd::is_nbd_name(backing) {
+        if crate::backing::is_remote_name(backing) {
             // A remote raw image: its size comes from the server.
             match backing_format.as_deref() {
                 Some("raw") => {}
                 other => {
                     return Err(Error::unsupported(format!(
-                        "creating {path_s}: backing image {backing:?} is on an NBD server: its \
-                         format must be given as raw (-F raw), not {}",
+                        "creating {path_s}: backing image {backing:?} is remote (NBD or HTTP): \
+                         its format must be given as raw (-F raw), not {}",
                         other.map_or("probed".to_string(), |f| format!("{f:?}"))
                     )))
                 }
             }
             if size.is_none() {
-                let medium = crate::backing::nbd::NbdClient::open(backing)
+                let medium = crate::backing::open_medium(backing)
                     .map_err(|e| e.context(format!("creating {path_s}")))?;
-                size = Some(crate::backing::remote::Medium::size(&medium));
+                size = Some(medium.size());
             }
         } else if size.is_none() || backing_format.is_none() {
             let bpath = resolve_backing_path(path, backing);
