@@ -17,6 +17,7 @@ use std::path::Path;
 
 use super::entry::{compressed_extent, decode_l1, decode_l2_at, L2Entry};
 use super::header::{read_exact_at, Header, EXT_BITMAPS};
+use super::snapshot::{parse_snapshot_table, snapshot_table_len, MAX_SNAPSHOT_TABLE_BYTES};
 use super::{OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
 
@@ -187,101 +188,12 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
 
     let stored = read_refcounts(&mut w, &h)?;
 
-    // L1 table, then each L2 table and what it points to.
-    let l1_len = u64::from(h.l1_size) * 8;
-    w.reference(h.l1_table_offset, l1_len, &|| "L1 table".into());
-    let mut l1 = vec![0u8; l1_len as usize];
-    read_exact_at(&file, &mut l1, h.l1_table_offset, &path_s)?;
-    let mut l2 = vec![0u8; cs as usize];
-    for (l1_index, chunk) in l1.chunks_exact(8).enumerate() {
-        let raw = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
-        let l2_offset = match decode_l1(raw, cs) {
-            Ok(Some(o)) => o,
-            Ok(None) => continue,
-            Err(_) => {
-                w.report.corruption(format!(
-                    "ERROR l2_offset={:#x}: Table is not cluster aligned; L1 entry corrupted",
-                    raw & super::L1E_OFFSET_MASK
-                ));
-                continue;
-            }
-        };
-        if !w.reference(l2_offset, cs, &|| {
-            format!("L2 table of L1 entry {l1_index}")
-        }) {
-            continue;
-        }
-        if l2_offset + cs > file_len {
-            // A partial L2 cluster at the end of the file: read what is there.
-            l2.fill(0);
-            let n = (file_len - l2_offset) as usize;
-            read_exact_at(&file, &mut l2[..n], l2_offset, &path_s)?;
-        } else {
-            read_exact_at(&file, &mut l2, l2_offset, &path_s)?;
-        }
-        let stored_l2 = stored.get((l2_offset / cs) as usize).copied().unwrap_or(0);
-        if (stored_l2 == 1) != (raw & OFLAG_COPIED != 0) {
-            w.report.corruption(format!(
-                "ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={raw:x} \
-                 refcount={stored_l2}"
-            ));
-        }
-        // Like qemu-img, fragmentation is counted within one L2 table.
-        let mut next_contiguous = 0u64;
-        for l2_index in 0..h.l2_entries() as usize {
-            let guest = ((l1_index as u64) * h.l2_entries() + l2_index as u64) * cs;
-            // With extended entries, `entry` names the host cluster whatever
-            // the subcluster bitmap says: the cluster is referenced.
-            let decoded = decode_l2_at(&l2, l2_index, h.version, cs, h.extended_l2());
-            let raw = decoded.as_ref().map_or(0, |d| d.0);
-            let entry = match decoded {
-                Ok((_, e)) => e.entry,
-                Err(err) => {
-                    w.report.corruption(format!(
-                        "ERROR guest offset {guest:#x}: {}; L2 entry corrupted",
-                        err.message()
-                    ));
-                    continue;
-                }
-            };
-            let host = match entry {
-                L2Entry::Unallocated | L2Entry::Zero { host: None } => continue,
-                L2Entry::Compressed(raw) => {
-                    if raw & OFLAG_COPIED != 0 {
-                        w.report.corruption(format!(
-                            "ERROR: coffset={:#x}: copied flag must never be set for \
-                             compressed clusters",
-                            compressed_extent(raw, h.cluster_bits).0
-                        ));
-                    }
-                    let (off, len) = compressed_extent(raw, h.cluster_bits);
-                    w.report.allocated_clusters += 1;
-                    w.report.compressed_clusters += 1;
-                    w.reference(off, len, &|| {
-                        format!("compressed cluster of guest offset {guest:#x}")
-                    });
-                    next_contiguous = 0;
-                    continue;
-                }
-                L2Entry::Data { host } | L2Entry::Zero { host: Some(host) } => host,
-            };
-            w.report.allocated_clusters += 1;
-            if next_contiguous != 0 && host != next_contiguous {
-                w.report.fragmented_clusters += 1;
-            }
-            next_contiguous = host + cs;
-            if !w.reference(host, cs, &|| {
-                format!("data cluster of guest offset {guest:#x}")
-            }) {
-                continue;
-            }
-            let refcount = stored.get((host / cs) as usize).copied().unwrap_or(0);
-            if (refcount == 1) != (raw & OFLAG_COPIED != 0) {
-                w.report.corruption(format!(
-                    "ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={refcount}"
-                ));
-            }
-        }
+    // The active L1 table, then each L2 table and what it points to; then
+    // every internal snapshot's, whose clusters the active one may share
+    // (each use counts, as QEMU counts them).
+    walk_l1(&mut w, &h, &stored, h.l1_table_offset, h.l1_size, None)?;
+    if h.nb_snapshots > 0 {
+        walk_snapshots(&mut w, &h, &stored)?;
     }
 
     // Persistent bitmaps: valid only while autoclear bit 0 is set (a writer
@@ -312,6 +224,160 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
     }
     w.report.image_end_offset = highest.map_or(0, |h| (h + 1) * cs);
     Ok(w.report)
+}
+
+/// Walks one L1 table (the active one, or snapshot `snapshot`'s) and the
+/// L2 tables and clusters it reaches, counting a reference for each use.
+/// The COPIED flags and the allocation counts are the active table's.
+fn walk_l1(
+    w: &mut Walk<'_>,
+    h: &Header,
+    stored: &[u16],
+    l1_offset: u64,
+    l1_size: u32,
+    snapshot: Option<usize>,
+) -> Result<()> {
+    let active = snapshot.is_none();
+    let cs = w.cs;
+    let l1_len = u64::from(l1_size) * 8;
+    let what = |t: &str| match snapshot {
+        None => t.to_string(),
+        Some(i) => format!("{t} of snapshot {i}"),
+    };
+    if !w.reference(l1_offset, l1_len, &|| what("L1 table")) {
+        return Ok(());
+    }
+    let mut l1 = vec![0u8; l1_len as usize];
+    read_exact_at(w.file, &mut l1, l1_offset, w.path)?;
+    let mut l2 = vec![0u8; cs as usize];
+    for (l1_index, chunk) in l1.chunks_exact(8).enumerate() {
+        let raw = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+        let l2_offset = match decode_l1(raw, cs) {
+            Ok(Some(o)) => o,
+            Ok(None) => continue,
+            Err(_) => {
+                w.report.corruption(format!(
+                    "ERROR l2_offset={:#x}: Table is not cluster aligned; L1 entry corrupted",
+                    raw & super::L1E_OFFSET_MASK
+                ));
+                continue;
+            }
+        };
+        if !w.reference(l2_offset, cs, &|| {
+            what(&format!("L2 table of L1 entry {l1_index}"))
+        }) {
+            continue;
+        }
+        if l2_offset + cs > w.file_len {
+            // A partial L2 cluster at the end of the file: read what is there.
+            l2.fill(0);
+            let n = (w.file_len - l2_offset) as usize;
+            read_exact_at(w.file, &mut l2[..n], l2_offset, w.path)?;
+        } else {
+            read_exact_at(w.file, &mut l2, l2_offset, w.path)?;
+        }
+        let stored_l2 = stored.get((l2_offset / cs) as usize).copied().unwrap_or(0);
+        // COPIED flags are the active table's (QEMU checks only those).
+        if active && (stored_l2 == 1) != (raw & OFLAG_COPIED != 0) {
+            w.report.corruption(format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={raw:x} \
+                 refcount={stored_l2}"
+            ));
+        }
+        // Like qemu-img, fragmentation is counted within one L2 table.
+        let mut next_contiguous = 0u64;
+        for l2_index in 0..h.l2_entries() as usize {
+            let guest = ((l1_index as u64) * h.l2_entries() + l2_index as u64) * cs;
+            // With extended entries, `entry` names the host cluster whatever
+            // the subcluster bitmap says: the cluster is referenced.
+            let decoded = decode_l2_at(&l2, l2_index, h.version, cs, h.extended_l2());
+            let raw = decoded.as_ref().map_or(0, |d| d.0);
+            let entry = match decoded {
+                Ok((_, e)) => e.entry,
+                Err(err) => {
+                    w.report.corruption(what(&format!(
+                        "ERROR guest offset {guest:#x}: {}; L2 entry corrupted",
+                        err.message()
+                    )));
+                    continue;
+                }
+            };
+            let host = match entry {
+                L2Entry::Unallocated | L2Entry::Zero { host: None } => continue,
+                L2Entry::Compressed(raw) => {
+                    if active && raw & OFLAG_COPIED != 0 {
+                        w.report.corruption(format!(
+                            "ERROR: coffset={:#x}: copied flag must never be set for \
+                             compressed clusters",
+                            compressed_extent(raw, h.cluster_bits).0
+                        ));
+                    }
+                    let (off, len) = compressed_extent(raw, h.cluster_bits);
+                    if active {
+                        w.report.allocated_clusters += 1;
+                        w.report.compressed_clusters += 1;
+                    }
+                    w.reference(off, len, &|| {
+                        what(&format!("compressed cluster of guest offset {guest:#x}"))
+                    });
+                    next_contiguous = 0;
+                    continue;
+                }
+                L2Entry::Data { host } | L2Entry::Zero { host: Some(host) } => host,
+            };
+            if active {
+                w.report.allocated_clusters += 1;
+                if next_contiguous != 0 && host != next_contiguous {
+                    w.report.fragmented_clusters += 1;
+                }
+            }
+            next_contiguous = host + cs;
+            if !w.reference(host, cs, &|| {
+                what(&format!("data cluster of guest offset {guest:#x}"))
+            }) {
+                continue;
+            }
+            let refcount = stored.get((host / cs) as usize).copied().unwrap_or(0);
+            if active && (refcount == 1) != (raw & OFLAG_COPIED != 0) {
+                w.report.corruption(format!(
+                    "ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={refcount}"
+                ));
+            }
+        }
+    }
+
+    Ok(())
+}
+
+/// Counts the snapshot table and every snapshot's L1 table and what it
+/// reaches. A table that cannot be parsed is corruption (the image's other
+/// structures are still checked).
+fn walk_snapshots(w: &mut Walk<'_>, h: &Header, stored: &[u16]) -> Result<()> {
+    let cs = w.cs;
+    let off = h.snapshots_offset;
+    if !off.is_multiple_of(cs) || off >= w.file_len {
+        w.report.corruption(format!(
+            "ERROR snapshot table at offset {off:#x} is unaligned or outside the image"
+        ));
+        return Ok(());
+    }
+    let len = (w.file_len - off).min(MAX_SNAPSHOT_TABLE_BYTES);
+    let mut table = vec![0u8; len as usize];
+    read_exact_at(w.file, &mut table, off, w.path)?;
+    let snapshots = match parse_snapshot_table(&table, h.nb_snapshots, cs) {
+        Ok(s) => s,
+        Err(e) => {
+            w.report
+                .corruption(format!("ERROR snapshot table: {}", e.message()));
+            return Ok(());
+        }
+    };
+    let table_len = snapshot_table_len(&table, snapshots.len());
+    w.reference(off, table_len, &|| "snapshot table".into());
+    for (i, s) in snapshots.iter().enumerate() {
+        walk_l1(w, h, stored, s.l1_table_offset, s.l1_size, Some(i))?;
+    }
+    Ok(())
 }
 
 /// Autoclear feature bit 0: the bitmaps extension is consistent.

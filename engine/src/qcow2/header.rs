@@ -18,8 +18,8 @@ use std::os::unix::fs::FileExt;
 
 use super::entry::RefcountWidth;
 use super::{
-    MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS,
-    QCOW_MAGIC,
+    MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
+    MIN_CLUSTER_BITS, QCOW_MAGIC,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -267,10 +267,16 @@ impl Header {
                 1u64 << MIN_EXTL2_CLUSTER_BITS
             )));
         }
-        if h.nb_snapshots != 0 {
-            return Err(unsupported(format!(
-                "image has {} internal snapshots; internal snapshots are not supported",
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(corrupt(format!(
+                "{} internal snapshots (at most {MAX_SNAPSHOTS})",
                 h.nb_snapshots
+            )));
+        }
+        if h.nb_snapshots != 0 && !h.snapshots_offset.is_multiple_of(1 << h.cluster_bits) {
+            return Err(corrupt(format!(
+                "snapshot table offset {:#x} is not cluster aligned",
+                h.snapshots_offset
             )));
         }
         if RefcountWidth::from_order(h.refcount_order).is_none() {
@@ -535,6 +541,15 @@ impl Header {
                 ),
             ));
         }
+        if self.nb_snapshots != 0 {
+            return Err(Error::unsupported(format!(
+                "qcow2 image {path} has {} internal snapshot(s); backfill opens such images \
+                 read-only (writing would have to copy the clusters the snapshots share \
+                 first): open it read-only, or make a copy without them with `qemu-img \
+                 convert -O qcow2`",
+                self.nb_snapshots
+            )));
+        }
         if self.is_dirty() {
             return Err(Error::unsupported(format!(
                 "qcow2 image {path} is dirty (incompatible feature bit 0): refcounts need \
@@ -790,7 +805,13 @@ mod tests {
         assert_eq!(kind(parse_mutated(|b| b[57] = 1)), ErrorKind::Corrupt);
         assert_eq!(kind(parse_mutated(|b| b[53] = 9)), ErrorKind::Corrupt);
         // Snapshots, external data file, extended L2, unknown bits, refcount order.
-        assert_eq!(kind(parse_mutated(|b| b[63] = 1)), ErrorKind::Unsupported);
+        // Snapshots: parsed (opened read-only only), but not too many.
+        let h = parse_mutated(|b| b[63] = 1).unwrap();
+        assert_eq!(
+            h.check_writable("x").unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(kind(parse_mutated(|b| b[61] = 2)), ErrorKind::Corrupt);
         assert_eq!(kind(parse_mutated(|b| b[79] = 4)), ErrorKind::Unsupported);
         // Extended L2 entries halve what one L1 entry maps.
         assert_eq!(kind(parse_mutated(|b| b[79] = 16)), ErrorKind::Corrupt);

@@ -48,6 +48,8 @@ pub struct ImageInfo {
     pub compat: String,
     /// Width of a refcount entry (1 to 64).
     pub refcount_bits: u64,
+    /// Internal snapshots (such an image opens read-only only).
+    pub internal_snapshots: u32,
     pub dirty: bool,
     pub corrupt: bool,
     /// L2 entries with subcluster bitmaps (`extended_l2=on`).
@@ -86,6 +88,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         cluster_size: h.cluster_size(),
         compat: h.compat_name().into(),
         refcount_bits: h.refcount_width().bits(),
+        internal_snapshots: h.nb_snapshots,
         dirty: h.is_dirty(),
         corrupt: h.is_corrupt(),
         extended_l2: h.extended_l2(),

@@ -380,6 +380,16 @@ pub fn rebuild_refcounts(path: impl AsRef<Path>) -> Result<RepairReport> {
         .map_err(|e| Error::io(e, format!("opening {path_s} for repair")))?;
     crate::imagelock::lock_image(&file, path_s, true)?;
     let h = Header::read_from(&file, path_s)?;
+    if h.nb_snapshots != 0 {
+        // The walk below counts every cluster as used once; snapshots share
+        // clusters with the active disk, and rebuilding without them would
+        // free what the snapshots still use.
+        return Err(Error::unsupported(format!(
+            "qcow2 image {path_s}: has {} internal snapshot(s); refcounts of images with \
+             snapshots are not rebuilt (use `qemu-img check -r all`)",
+            h.nb_snapshots
+        )));
+    }
     let width = h.refcount_width();
     let file_len = file
         .metadata()

@@ -105,6 +105,18 @@ pub fn parse_snapshot_table(table: &[u8], count: u32, cluster_size: u64) -> Resu
     Ok(out)
 }
 
+/// Bytes the first `count` entries of a table [`parse_snapshot_table`]
+/// accepted take, padding included.
+pub fn snapshot_table_len(table: &[u8], count: usize) -> u64 {
+    let mut at = 0usize;
+    for _ in 0..count {
+        let be16 = |o: usize| usize::from(u16::from_be_bytes([table[at + o], table[at + o + 1]]));
+        let extra = u32::from_be_bytes(table[at + 36..at + 40].try_into().expect("4 bytes"));
+        at = (at + FIXED + extra as usize + be16(12) + be16(14)).next_multiple_of(8);
+    }
+    at as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +156,8 @@ mod tests {
         assert_eq!((s[1].l1_table_offset, s[1].l1_size), (0x50000, 1));
         assert_eq!(s[1].vm_state_size, 5);
         assert_eq!(s[1].disk_size, None);
+        assert_eq!(snapshot_table_len(&t, 2), t.len() as u64);
+        assert_eq!(snapshot_table_len(&t, 1), 40 + 16 + 1 + 5 + 2);
     }
 
     #[test]

@@ -43,6 +43,13 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     writeln!(out, "Format specific information:")?;
     writeln!(out, "    compat: {}", info.compat)?;
     writeln!(out, "    refcount bits: {}", info.refcount_bits)?;
+    if info.internal_snapshots > 0 {
+        writeln!(
+            out,
+            "    internal snapshots: {} (opened read-only only)",
+            info.internal_snapshots
+        )?;
+    }
     writeln!(out, "    dirty: {}", info.dirty)?;
     writeln!(out, "    corrupt: {}", info.corrupt)?;
     if info.extended_l2 {
