@@ -724,7 +724,9 @@ impl Disk {
     }
 
     /// Flushes, writes the metadata, frees unused reserved clusters, stops
-    /// the reactors. Other clones of this handle fail with ShuttingDown after.
+    /// the reactors and waits for their threads to end (unless called on a
+    /// reactor thread). Other clones of this handle fail with ShuttingDown
+    /// after.
     pub fn close(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
             Ok(mut inner) => inner.shutdown(),

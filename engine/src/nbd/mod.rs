@@ -259,7 +259,8 @@ impl Server {
     }
 
     /// Accepts and serves connections until stopped; then lets requests in
-    /// flight finish and closes every connection.
+    /// flight finish, closes every connection, and returns once its
+    /// handshake threads have ended.
     pub fn run(&self) -> Result<()> {
         let inner = &self.inner;
         // The handshake threads, joined before run returns (finished ones
