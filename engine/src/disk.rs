@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// How the overlay file is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -152,6 +152,9 @@ struct Inner {
     /// that registered the descriptor are gone before the file closes.
     shared: Arc<Shared>,
     cores: Vec<CoreHandle>,
+    /// The reactor threads, joined by whoever closes the disk (see
+    /// [`Inner::join_cores`]).
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
     in_flight: Arc<AtomicU64>,
     _data_file: std::fs::File,
@@ -167,6 +170,9 @@ impl Drop for Inner {
                 let rest = Inner {
                     shared: self.shared.clone(),
                     cores: std::mem::take(&mut self.cores),
+                    threads: Mutex::new(std::mem::take(
+                        self.threads.get_mut().unwrap_or_else(|p| p.into_inner()),
+                    )),
                     closed: AtomicBool::new(false),
                     in_flight: self.in_flight.clone(),
                     _data_file: file,
@@ -212,15 +218,28 @@ impl Inner {
         if self.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut result = self.stop_cores();
-        for c in &mut self.cores {
-            if let Some(t) = c.thread.take() {
-                if t.join().is_err() && result.is_ok() {
-                    result = Err(Error::new(ErrorKind::Io, "a reactor thread panicked"));
-                }
+        let result = self.stop_cores();
+        let joined = self.join_cores();
+        result.and(joined).and(self.shared.release())
+    }
+
+    /// Waits for the reactor threads to end, after [`Inner::stop_cores`]
+    /// (a stopped core ends its thread once its ring is idle): when close
+    /// returns, nothing of the disk runs any more and the cores' state is
+    /// freed. A reactor thread cannot wait for the cores, itself among them:
+    /// there the threads end on their own.
+    fn join_cores(&self) -> Result<()> {
+        if reactor::on_core_thread() {
+            return Ok(());
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut result = Ok(());
+        for t in threads {
+            if t.join().is_err() {
+                result = Err(Error::new(ErrorKind::Io, "a reactor thread panicked"));
             }
         }
-        result.and(self.shared.release())
+        result
     }
 }
 
@@ -367,13 +386,29 @@ impl Disk {
         });
         let data_fd = data_file.as_raw_fd();
         let mut cores = Vec::with_capacity(opts.cores);
+        let mut threads = Vec::with_capacity(opts.cores);
         for i in 0..opts.cores {
-            cores.push(reactor::spawn(
-                i,
-                shared.clone(),
-                data_fd,
-                opts.sim.clone(),
-            )?);
+            match reactor::spawn(i, shared.clone(), data_fd, opts.sim.clone()) {
+                Ok(mut core) => {
+                    threads.extend(core.thread.take());
+                    cores.push(core);
+                }
+                Err(e) if cores.is_empty() => return Err(e),
+                Err(e) => {
+                    // The cores started so far wait for a Close that would
+                    // never come: stop them, and end their threads.
+                    let mut started = Inner {
+                        shared,
+                        cores,
+                        threads: Mutex::new(threads),
+                        closed: AtomicBool::new(false),
+                        in_flight: Arc::new(AtomicU64::new(0)),
+                        _data_file: data_file,
+                    };
+                    let _ = started.shutdown();
+                    return Err(e);
+                }
+            }
         }
         if let Some(sim) = &opts.sim {
             sim.wait_parked(opts.cores);
@@ -382,6 +417,7 @@ impl Disk {
             inner: Arc::new(Inner {
                 shared,
                 cores,
+                threads: Mutex::new(threads),
                 closed: AtomicBool::new(false),
                 in_flight: Arc::new(AtomicU64::new(0)),
                 _data_file: data_file,
@@ -821,17 +857,21 @@ impl Disk {
     }
 
     /// Flushes, writes the metadata, frees unused reserved clusters, stops
-    /// the reactors. Other clones of this handle fail with ShuttingDown after.
+    /// the reactors and waits for their threads to end (unless called on a
+    /// reactor thread). Other clones of this handle fail with ShuttingDown
+    /// after.
     pub fn close(self) -> Result<()> {
         match Arc::try_unwrap(self.inner) {
             Ok(mut inner) => inner.shutdown(),
             Err(inner) => {
-                // Other clones exist: stop the cores now; their threads end
-                // on their own and the clones fail with ShuttingDown.
+                // Other clones exist: stop the cores now and wait for their
+                // threads; the clones fail with ShuttingDown.
                 if inner.closed.load(Ordering::SeqCst) {
                     return Ok(());
                 }
-                inner.stop_cores()?;
+                let stopped = inner.stop_cores();
+                let joined = inner.join_cores();
+                stopped.and(joined)?;
                 inner.shared.release()
             }
         }

@@ -259,9 +259,13 @@ impl Server {
     }
 
     /// Accepts and serves connections until stopped; then lets requests in
-    /// flight finish and closes every connection.
+    /// flight finish, closes every connection, and returns once its
+    /// handshake threads have ended.
     pub fn run(&self) -> Result<()> {
         let inner = &self.inner;
+        // The handshake threads, joined before run returns (finished ones
+        // are let go as new ones start).
+        let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
         while !inner.stopping.load(Ordering::SeqCst) {
             let stream = match self.listener.accept() {
                 Ok(s) => s,
@@ -303,11 +307,20 @@ impl Server {
                         inner2.registry.remove(id);
                     }
                 });
-            if spawned.is_err() {
-                inner.registry.remove(id);
+            match spawned {
+                Ok(t) => {
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(t);
+                }
+                Err(_) => inner.registry.remove(id),
             }
         }
         self.drain();
+        // Every connection is gone from the registry; a handshake thread
+        // may still be on its way out, holding a handle on the disk.
+        for t in threads {
+            let _ = t.join();
+        }
         Ok(())
     }
 
