@@ -136,6 +136,10 @@ enum Command {
         /// With --stream: keep the backing file reference at the end.
         #[arg(long, requires = "stream")]
         keep_backing: bool,
+        /// Print the engine's counters on stderr every SECS seconds (bytes
+        /// read, written and fetched, amplification, remote fetch latency).
+        #[arg(long, value_name = "SECS")]
+        stats: Option<u64>,
         filename: PathBuf,
     },
     /// Populate the whole overlay from its backing chain, then drop the
@@ -333,8 +337,19 @@ fn run(command: Command) -> Outcome {
             backing_dir,
             stream,
             keep_backing,
+            stats,
             filename,
         } => {
+            let stats_interval = match stats {
+                None => None,
+                Some(0) => {
+                    return Err(backfill::Error::new(
+                        backfill::ErrorKind::InvalidInput,
+                        "--stats needs a number of seconds above 0",
+                    ))
+                }
+                Some(n) => Some(std::time::Duration::from_secs(n)),
+            };
             let stream = match stream.as_deref() {
                 None => None,
                 Some("") => Some(serve::StreamWhileServing {
@@ -359,6 +374,7 @@ fn run(command: Command) -> Outcome {
                 cores,
                 backing_dir,
                 stream,
+                stats_interval,
             };
             serve::serve(&filename, &opts)?;
             Ok(0)

@@ -32,6 +32,55 @@ pub struct ServeOptions {
     pub backing_dir: Option<PathBuf>,
     /// Stream the backing data into the overlay while serving.
     pub stream: Option<StreamWhileServing>,
+    /// Print a line of counters on stderr this often (`--stats SECS`).
+    pub stats_interval: Option<std::time::Duration>,
+}
+
+/// One line of the engine's counters, as `serve --stats` prints it:
+/// what clients read and wrote, what was fetched from the backing chain and
+/// how much that is per byte read (the amplification), and for a remote
+/// backing the reads it took and their latency.
+pub fn stats_line(s: &crate::Stats) -> String {
+    use crate::tools::units::format_size;
+    let amplification = if s.bytes_read == 0 {
+        0.0
+    } else {
+        s.bytes_fetched as f64 / s.bytes_read as f64
+    };
+    let mut line = format!(
+        "stats: read {} ({} bytes), written {}, fetched {} ({} bytes) from the backing \
+         chain, amplification {amplification:.2} fetched per byte read, {} in flight",
+        format_size(s.bytes_read),
+        s.bytes_read,
+        format_size(s.bytes_written),
+        format_size(s.bytes_fetched),
+        s.bytes_fetched,
+        s.in_flight
+    );
+    if s.remote_reads > 0 {
+        let mean_ms = s.remote_latency_us as f64 / s.remote_reads as f64 / 1000.0;
+        line.push_str(&format!(
+            "; remote backing: {} reads, {}, mean {mean_ms:.1} ms, max {:.1} ms, {} failed",
+            s.remote_reads,
+            format_size(s.remote_bytes),
+            s.remote_latency_max_us as f64 / 1000.0,
+            s.remote_errors
+        ));
+    }
+    line
+}
+
+/// Prints [`stats_line`] on stderr every `every` until `stop` is dropped.
+fn report_stats(
+    disk: Disk,
+    every: std::time::Duration,
+    stop: crossbeam_channel::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+            eprintln!("{}", stats_line(&disk.stats()));
+        }
+    })
 }
 
 /// `serve --stream[=RATE] [--keep-backing]`.
@@ -156,7 +205,15 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
         }
         _ => None,
     };
+    let stats = opts.stats_interval.map(|every| {
+        let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        (tx, report_stats(disk.clone(), every, rx))
+    });
     let result = server.run();
+    if let Some((tx, reporter)) = stats {
+        drop(tx);
+        let _ = reporter.join();
+    }
     handle.close();
     let _ = waiter.join();
     if let Some((stream, watcher)) = stream {
