@@ -77,8 +77,9 @@ def main(d):
     p("")
     p(
         "Each figure is the median of the rounds. In parentheses: for the peers, their ratio to "
-        "backfill serve (below 1: backfill is ahead); for backfill in process on warm and write "
-        "rows, its share of the limit (fio on the raw file); for backfill on cold rows, its "
+        "backfill serve (below 1: backfill is ahead); for backfill in process on warm, write "
+        "and slow-backing rows, its share of the limit (fio on the raw file; on slow-backing "
+        "rows, fio reading the slow nbdkit export directly); for backfill on cold rows, its "
         "share of the machine's copy-on-read limit (a cold read costs a backing read and a "
         "write, measured with fio alone). All are ratios of the medians of this run."
     )
@@ -96,8 +97,6 @@ def main(d):
             cell = fmt(m)
             if (w, s) not in runs:
                 cell = ""
-            elif m is None and w.startswith("slow") and s.startswith("bf"):
-                cell = "pending (needs NBD backing)"
             elif s.startswith("bf") and m is not None and cor_limit:
                 cell += f" ({m / cor_limit:.2f} of the CoR limit)"
             elif s == "bf-bench" and m is not None and med(w, "limit"):
@@ -118,7 +117,7 @@ def main(d):
         label = WORKLOADS[w][0]
         b = med(w, "bf-serve")
         if b is None:
-            p(f"- {label}: backfill pending (NBD backing does not exist yet).")
+            p(f"- {label}: no figure for backfill serve.")
             continue
         parts = []
         for s in PEERS:
