@@ -39,8 +39,8 @@ fn site(name: &str, tls: Option<&TlsFiles>) -> Site {
     Site { nginx, www, dir }
 }
 
-fn backfill_status(args: &[&str], env: &[(&str, &Path)]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"));
+fn backfill_env_output(args: &[&str], env: &[(&str, &Path)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(backfill_bin());
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -48,8 +48,8 @@ fn backfill_status(args: &[&str], env: &[(&str, &Path)]) -> std::process::Output
     cmd.output().expect("running backfill")
 }
 
-fn backfill_ok(args: &[&str], env: &[(&str, &Path)]) -> String {
-    let out = backfill_status(args, env);
+fn backfill_env_ok(args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = backfill_env_output(args, env);
     assert!(
         out.status.success(),
         "backfill {args:?}: {}",
@@ -82,7 +82,7 @@ fn copy_on_read_over_http() {
     let bytes = write_random_file(&s.www.join("base.raw"), size, 21);
     let image = s.dir.path().join("ov.qcow2");
     let url = s.nginx.url("base.raw");
-    backfill_ok(&["create", "-b", &url, "-F", "raw", &path_str(&image)], &[]);
+    backfill_env_ok(&["create", "-b", &url, "-F", "raw", &path_str(&image)], &[]);
     assert_eq!(virtual_size(&image), size);
 
     let disk = open(&image, options(2, true, false));
@@ -119,18 +119,12 @@ fn changed_remote_image_is_a_clear_error() {
     let size = 4 * MIB;
     let bytes = write_random_file(&s.www.join("base.raw"), size, 22);
     let image = s.dir.path().join("ov.qcow2");
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &s.nginx.url("base.raw"),
-        "-F",
-        "raw",
-        &path_str(&image),
-        &size.to_string(),
-    ]);
+    qemu_create_qcow2(
+        &image,
+        "",
+        Some((&s.nginx.url("base.raw"), "raw")),
+        Some(size),
+    );
     let disk = open(&image, options(2, true, false));
     let mut first = vec![0u8; MIB as usize];
     disk.read_at(&mut first, 0).unwrap();
@@ -180,17 +174,17 @@ fn https_with_a_private_ca_through_the_cli() {
     let env: [(&str, &Path); 1] = [("SSL_CERT_FILE", &ca)];
 
     // Without the CA: refused, and it says why.
-    let out = backfill_status(&["create", "-b", &url, "-F", "raw", &path_str(&image)], &[]);
+    let out = backfill_env_output(&["create", "-b", &url, "-F", "raw", &path_str(&image)], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
 
-    backfill_ok(
+    backfill_env_ok(
         &["create", "-b", &url, "-F", "raw", &path_str(&image)],
         &env,
     );
     let out = s.dir.path().join("out.raw");
-    backfill_ok(
+    backfill_env_ok(
         &[
             "convert",
             "--copy-on-read",

@@ -69,19 +69,12 @@ fn engine_writes_every_width() {
     let backing = write_random_file(&base, size, 7);
     for (i, bits) in WIDTHS.into_iter().enumerate() {
         let image = join(dir.path(), &format!("rc{bits}.qcow2"));
-        qemu_img([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        qemu_create_qcow2(
+            &image,
             &format!("cluster_size={CLUSTER},refcount_bits={bits}"),
-            "-b",
-            &path_str(&base),
-            "-F",
-            "raw",
-            &path_str(&image),
-        ]);
+            Some((&path_str(&base), "raw")),
+            None,
+        );
         assert_eq!(refcount_bits_of(&image), bits);
         let mut reference = backing.clone();
         let mut rng = Rng::new(100 + i as u64);
@@ -111,7 +104,7 @@ fn backfill_create_every_width() {
     let dir = tempdir("refcount-create");
     for bits in WIDTHS {
         let image = join(dir.path(), &format!("c{bits}.qcow2"));
-        backfill_cli(&[
+        backfill_ok(&[
             "create",
             "-o",
             &format!("refcount_bits={bits},cluster_size=4K"),
@@ -119,14 +112,14 @@ fn backfill_create_every_width() {
             "8M",
         ]);
         assert_eq!(refcount_bits_of(&image), bits);
-        let info = String::from_utf8_lossy(&backfill_status(&["info", &path_str(&image)]).stdout)
+        let info = String::from_utf8_lossy(&backfill_output(&["info", &path_str(&image)]).stdout)
             .into_owned();
         assert!(info.contains(&format!("refcount bits: {bits}\n")), "{info}");
         check_clean(&image);
         qemu_io(&image, "qcow2", &["write -P 9 100k 3M".to_string()]);
         check_clean(&image);
     }
-    let out = backfill_status(&[
+    let out = backfill_output(&[
         "create",
         "-o",
         "refcount_bits=3",
@@ -145,16 +138,12 @@ fn check_and_repair_every_width() {
     let dir = tempdir("refcount-repair");
     for bits in WIDTHS {
         let image = join(dir.path(), &format!("r{bits}.qcow2"));
-        qemu_img([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        qemu_create_qcow2(
+            &image,
             &format!("cluster_size={CLUSTER},refcount_bits={bits}"),
-            &path_str(&image),
-            "4M",
-        ]);
+            None,
+            Some(4 * MIB),
+        );
         qemu_io(
             &image,
             "qcow2",
@@ -164,16 +153,16 @@ fn check_and_repair_every_width() {
             ],
         );
         let before = raw_contents(&image);
-        let ok = backfill_status(&["check", &path_str(&image)]);
+        let ok = backfill_output(&["check", &path_str(&image)]);
         assert_eq!(ok.status.code(), Some(0), "{bits} bits: {ok:?}");
 
         wipe_refcount_blocks(&image);
         let qemu = run_status("qemu-img", ["check".as_ref(), image.as_os_str()]);
         assert_eq!(qemu.status.code(), Some(2), "{bits} bits: {qemu:?}");
-        let ours = backfill_status(&["check", &path_str(&image)]);
+        let ours = backfill_output(&["check", &path_str(&image)]);
         assert_eq!(ours.status.code(), Some(2), "{bits} bits: {ours:?}");
 
-        let repaired = backfill_status(&["check", "--repair", &path_str(&image)]);
+        let repaired = backfill_output(&["check", "--repair", &path_str(&image)]);
         assert_eq!(repaired.status.code(), Some(0), "{bits} bits: {repaired:?}");
         check_clean(&image);
         assert_same_bytes(&raw_contents(&image), &before, "after repair");
@@ -202,17 +191,4 @@ fn wipe_refcount_blocks(image: &Path) {
             f.write_all_at(&vec![0u8; cs as usize], off).unwrap();
         }
     }
-}
-
-fn backfill_status(args: &[&str]) -> std::process::Output {
-    run_status(env!("CARGO_BIN_EXE_backfill"), args)
-}
-
-fn backfill_cli(args: &[&str]) {
-    let out = backfill_status(args);
-    assert!(
-        out.status.success(),
-        "backfill {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

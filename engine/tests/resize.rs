@@ -12,33 +12,12 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn backfill_status(args: &[&str]) -> std::process::Output {
-    run_status(env!("CARGO_BIN_EXE_backfill"), args)
-}
-
-fn create_overlay(path: &Path, base: &Path, opts: &str, size: u64) {
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        "-b",
-        &path_str(base),
-        "-F",
-        "raw",
-        &path_str(path),
-        &size.to_string(),
-    ]);
-}
-
 /// Resizes `image` with backfill and (with `qemu_too`) a copy of it with
 /// qemu-img, and checks both against `expect` (the whole new disk).
 fn resize_and_verify(dir: &Path, image: &Path, new_size: u64, expect: &[u8], qemu_too: bool) {
     let theirs = dir.join("qemu-resized.qcow2");
     std::fs::copy(image, &theirs).unwrap();
-    let out = backfill_status(&["resize", &path_str(image), &new_size.to_string()]);
+    let out = backfill_output(&["resize", &path_str(image), &new_size.to_string()]);
     assert!(
         out.status.success(),
         "backfill resize: {}",
@@ -84,7 +63,7 @@ fn grow_over_a_larger_backing_reads_zeros() {
         // How the last, partial cluster looks before the resize.
         for last in ["unallocated", "copy-on-read", "qemu-write", "zero"] {
             let image = join(dir.path(), &format!("ov{i}-{last}.qcow2"));
-            create_overlay(&image, &base, opts, old);
+            qemu_create_qcow2(&image, opts, Some((&path_str(&base), "raw")), Some(old));
             let mut expect = backing[..old as usize].to_vec();
             match last {
                 "copy-on-read" => {
@@ -126,7 +105,12 @@ fn grow_moves_the_l1_table_and_keeps_data() {
     let backing = write_random_file(&base, 6 * MIB, 12);
     // 4 KiB clusters: one L1 cluster maps 1 GiB, so 3 GiB needs a new table.
     let image = join(dir.path(), "ov.qcow2");
-    create_overlay(&image, &base, "cluster_size=4096", 6 * MIB);
+    qemu_create_qcow2(
+        &image,
+        "cluster_size=4096",
+        Some((&path_str(&base), "raw")),
+        Some(6 * MIB),
+    );
     let mut expect = backing.clone();
     let disk = open(&image, options(2, true, false));
     let mut rng = Rng::new(5);
@@ -165,9 +149,9 @@ fn grow_without_backing_and_cli_errors() {
     require_tool("qemu-img");
     let dir = tempdir("resize-cli");
     let image = join(dir.path(), "plain.qcow2");
-    qemu_img(["create", "-q", "-f", "qcow2", &path_str(&image), "1M"]);
+    qemu_create_qcow2(&image, "", None, Some(MIB));
     qemu_io(&image, "qcow2", &["write -P 3 0 1M".to_string()]);
-    let ok = backfill_status(&["resize", &path_str(&image), "+1M"]);
+    let ok = backfill_output(&["resize", &path_str(&image), "+1M"]);
     assert!(ok.status.success(), "{ok:?}");
     assert_eq!(virtual_size(&image), 2 * MIB);
     let mut expect = vec![3u8; MIB as usize];
@@ -184,13 +168,13 @@ fn grow_without_backing_and_cli_errors() {
             .iter()
             .map(|a| if *a == "IMG" { img.as_str() } else { a })
             .collect();
-        let out = backfill_status(&args);
+        let out = backfill_output(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("shrinking"), "{args:?}: {err}");
     }
     // Same size: nothing to do, still success.
-    let same = backfill_status(&["resize", &path_str(&image), "2M"]);
+    let same = backfill_output(&["resize", &path_str(&image), "2M"]);
     assert!(same.status.success(), "{same:?}");
     check_clean(&image);
     compare_with_bytes(&image, &expect, dir.path());

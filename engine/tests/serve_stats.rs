@@ -28,19 +28,9 @@ fn serve_prints_counters_periodically() {
     let base = join(dir.path(), "base.raw");
     let bytes = write_random_file(&base, size, 31);
     let image = join(dir.path(), "ov.qcow2");
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &path_str(&image),
-    ]);
+    qemu_create_qcow2(&image, "", Some(("base.raw", "raw")), None);
     let sock = join(dir.path(), "s.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_backfill"))
+    let mut child = Command::new(backfill_bin())
         .args(["serve", "--socket", &path_str(&sock), "--stats", "1"])
         .arg(&image)
         .stdin(Stdio::null())

@@ -22,16 +22,7 @@ use std::path::{Path, PathBuf};
 /// An image with two snapshots, the active layer changed after each.
 fn snapshotted(dir: &Path, opts: &str) -> PathBuf {
     let img = dir.join("snap.qcow2");
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        &path_str(&img),
-        "6M",
-    ]);
+    qemu_create_qcow2(&img, opts, None, Some(6 * MIB));
     qemu_io(
         &img,
         "qcow2",
@@ -50,10 +41,6 @@ fn snapshotted(dir: &Path, opts: &str) -> PathBuf {
         &["write -P 4 1M 1500k".into(), "discard 5M 1M".into()],
     );
     img
-}
-
-fn backfill_status(args: &[&str]) -> std::process::Output {
-    run_status(env!("CARGO_BIN_EXE_backfill"), args)
 }
 
 #[test]
@@ -75,7 +62,7 @@ fn read_only_reads_the_active_layer() {
         assert_same_bytes(&read_all(&disk, 320 * KIB), &expect, opts);
         disk.close().unwrap();
 
-        let ok = backfill_status(&["check", &path_str(&img)]);
+        let ok = backfill_output(&["check", &path_str(&img)]);
         assert_eq!(ok.status.code(), Some(0), "{opts}: {ok:?}");
 
         let Err(e) = backfill::Disk::open(&img, options(1, true, false)) else {
@@ -84,13 +71,13 @@ fn read_only_reads_the_active_layer() {
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
         assert!(e.to_string().contains("internal snapshot"), "{e}");
         assert!(e.to_string().contains("read-only"), "{e}");
-        let repair = backfill_status(&["check", "--repair", &path_str(&img)]);
+        let repair = backfill_output(&["check", "--repair", &path_str(&img)]);
         assert!(!repair.status.success(), "{opts}: {repair:?}");
         assert!(
             String::from_utf8_lossy(&repair.stderr).contains("snapshot"),
             "{repair:?}"
         );
-        let info = backfill_status(&["info", &path_str(&img)]);
+        let info = backfill_output(&["info", &path_str(&img)]);
         assert!(
             String::from_utf8_lossy(&info.stdout).contains("internal snapshots: 2"),
             "{info:?}"
@@ -109,17 +96,7 @@ fn as_a_backing_image() {
     let base = snapshotted(dir.path(), "cluster_size=64K");
     let expect = raw_contents(&base);
     let top = dir.path().join("top.qcow2");
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "snap.qcow2",
-        "-F",
-        "qcow2",
-        &path_str(&top),
-    ]);
+    qemu_create_qcow2(&top, "", Some(("snap.qcow2", "qcow2")), None);
     let disk = open(&top, options(2, true, false));
     assert_same_bytes(&read_all(&disk, 256 * KIB), &expect, "copy-on-read");
     disk.close().unwrap();
@@ -152,7 +129,7 @@ fn check_finds_damage_in_a_snapshot_table() {
     drop(f);
     let qemu = run_status("qemu-img", ["check".as_ref(), img.as_os_str()]);
     assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
-    let ours = backfill_status(&["check", &path_str(&img)]);
+    let ours = backfill_output(&["check", &path_str(&img)]);
     assert_eq!(ours.status.code(), Some(2), "{ours:?}");
     assert!(
         String::from_utf8_lossy(&ours.stdout).contains("snapshot 0"),

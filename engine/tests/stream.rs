@@ -842,20 +842,12 @@ fn extended_l2_overlay_streams_to_a_standalone_image() {
     expected[(2 * MIB) as usize..(2 * MIB + 200 * KIB) as usize].fill(0);
     write_file(&base, &expected);
     let overlay = dir.path().join("overlay.qcow2");
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    qemu_create_qcow2(
+        &overlay,
         "cluster_size=64K,extended_l2=on",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &path_str(&overlay),
-        &size.to_string(),
-    ]);
+        Some(("base.raw", "raw")),
+        Some(size),
+    );
     let disk = open(&overlay, options(2, true, false));
     let mut buf = vec![0u8; 4096];
     for off in [8 * KIB, 700 * KIB, 3 * MIB + 12 * KIB] {

@@ -143,6 +143,40 @@ pub struct Piece {
     span_hi: u64,
 }
 
+impl Piece {
+    /// Bytes `[start, start + len)` of `cluster` for part `part`, at
+    /// `buf_off` in the request's buffer; nothing done yet.
+    fn new(part: usize, kind: ReqKind, cluster: u64, start: u64, len: u64, buf_off: u64) -> Piece {
+        Piece {
+            part,
+            kind,
+            cluster,
+            start,
+            len,
+            buf_off,
+            step: Step::Start,
+            buf: None,
+            io_pending: 0,
+            io_error: None,
+            span_lo: 0,
+            host: 0,
+            publish: false,
+            io_len: 0,
+            short: None,
+            written: 0,
+            stalled: false,
+            backing_want: 0,
+            backing_got: 0,
+            inflates: Vec::new(),
+            compressed: None,
+            pinned: false,
+            locked: false,
+            sub_mask: 0,
+            span_hi: 0,
+        }
+    }
+}
+
 pub struct Fill {
     seq: u64,
     cluster: u64,
@@ -266,33 +300,14 @@ impl<I: Io> Core<I> {
             } else {
                 end.min((cluster + 1) * cs)
             };
-            let id = self.pieces.insert(Piece {
+            let id = self.pieces.insert(Piece::new(
                 part,
                 kind,
                 cluster,
-                start: pos - (cluster << self.cluster_bits()),
-                len: stop - pos,
-                buf_off: buf_off + pos - offset,
-                step: Step::Start,
-                buf: None,
-                io_pending: 0,
-                io_error: None,
-                span_lo: 0,
-                host: 0,
-                publish: false,
-                io_len: 0,
-                short: None,
-                written: 0,
-                stalled: false,
-                backing_want: 0,
-                backing_got: 0,
-                inflates: Vec::new(),
-                compressed: None,
-                pinned: false,
-                locked: false,
-                sub_mask: 0,
-                span_hi: 0,
-            });
+                pos - (cluster << self.cluster_bits()),
+                stop - pos,
+                buf_off + pos - offset,
+            ));
             self.events.push_back(Ev::Run(id));
             n += 1;
             pos = stop;
@@ -722,6 +737,27 @@ impl<I: Io> Core<I> {
         CompressionType::from_header(self.shared.meta.header.compression_type)
     }
 
+    /// Reads `len` bytes of the overlay file at `at` into `buf` for piece
+    /// `id`, which goes on at `step` when they are in.
+    pub(super) fn read_into_piece(
+        &mut self,
+        id: usize,
+        buf: Rc<IoBuf>,
+        at: u64,
+        len: usize,
+        step: Step,
+    ) {
+        self.io.push(
+            TAG_PIECE | id as u64,
+            Op::read(FILE_DATA, at, buf.clone(), 0, len),
+        );
+        let p = &mut self.pieces[id];
+        p.buf = Some(buf);
+        p.io_len = len;
+        p.step = step;
+        p.io_pending = 1;
+    }
+
     /// Reads the bytes of the overlay's compressed cluster `raw` for piece
     /// `id` (an aligned span, for O_DIRECT), which goes on at `step`.
     fn read_compressed(&mut self, id: usize, raw: u64, step: Step) {
@@ -730,17 +766,10 @@ impl<I: Io> Core<I> {
         let hi = (off + len).next_multiple_of(IO_ALIGN as u64);
         let n = (hi - lo) as usize;
         let buf = self.pool.get(n);
-        self.io.push(
-            TAG_PIECE | id as u64,
-            Op::read(FILE_DATA, lo, buf.clone(), 0, n),
-        );
+        self.read_into_piece(id, buf, lo, n, step);
         let p = &mut self.pieces[id];
-        p.buf = Some(buf);
-        p.io_len = n;
         p.span_lo = lo;
         p.compressed = Some(raw);
-        p.step = step;
-        p.io_pending = 1;
     }
 
     /// Queues the release of the host clusters the overlay's compressed
@@ -842,16 +871,9 @@ impl<I: Io> Core<I> {
             .next_multiple_of(IO_ALIGN as u64)
             .min(self.cs());
         let buf = self.pool.get((hi - lo) as usize);
-        self.io.push(
-            TAG_PIECE | id as u64,
-            Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
-        );
-        let p = &mut self.pieces[id];
-        p.buf = Some(buf);
-        p.io_len = (hi - lo) as usize;
-        p.span_lo = lo;
-        p.step = Step::OverlayRead;
-        p.io_pending = 1;
+        let n = (hi - lo) as usize;
+        self.read_into_piece(id, buf, host + lo, n, Step::OverlayRead);
+        self.pieces[id].span_lo = lo;
     }
 
     fn read_unallocated(&mut self, id: usize) -> Result<()> {
@@ -1378,15 +1400,7 @@ impl<I: Io> Core<I> {
             self.merge_client_data(id, &mut buf);
             self.push_write(id, buf, host + lo, (hi - lo) as usize);
         } else {
-            self.io.push(
-                TAG_PIECE | id as u64,
-                Op::read(FILE_DATA, host + lo, buf.clone(), 0, (hi - lo) as usize),
-            );
-            let p = &mut self.pieces[id];
-            p.buf = Some(buf);
-            p.io_len = (hi - lo) as usize;
-            p.step = Step::RmwRead;
-            p.io_pending = 1;
+            self.read_into_piece(id, buf, host + lo, (hi - lo) as usize, Step::RmwRead);
         }
     }
 

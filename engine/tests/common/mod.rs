@@ -80,6 +80,44 @@ where
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The path of this build's `backfill` command.
+pub fn backfill_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_backfill")
+}
+
+/// `backfill ARGS`; its output, whatever the exit status.
+pub fn backfill_output(args: &[&str]) -> Output {
+    run_status(backfill_bin(), args)
+}
+
+/// `backfill ARGS`, which must succeed; returns stdout.
+pub fn backfill_ok(args: &[&str]) -> String {
+    run_ok(backfill_bin(), args)
+}
+
+/// `qemu-img create -q -f qcow2 [-o OPTS] [-b BACKING -F FORMAT] PATH
+/// [SIZE]`: the backing name is stored as given (relative to the image's
+/// directory when relative, as qemu resolves it).
+pub fn qemu_create_qcow2(
+    path: &Path,
+    opts: &str,
+    backing: Option<(&str, &str)>,
+    size: Option<u64>,
+) {
+    let mut args: Vec<String> = ["create", "-q", "-f", "qcow2"].map(String::from).to_vec();
+    if !opts.is_empty() {
+        args.extend(["-o".into(), opts.into()]);
+    }
+    if let Some((name, format)) = backing {
+        args.extend(["-b".into(), name.into(), "-F".into(), format.into()]);
+    }
+    args.push(path_str(path));
+    if let Some(size) = size {
+        args.push(size.to_string());
+    }
+    qemu_img(&args);
+}
+
 /// `qemu-img ARGS`, which must succeed; returns stdout.
 pub fn qemu_img<I, S>(args: I) -> String
 where

@@ -164,33 +164,14 @@ impl<I: Io> Core<I> {
     fn split_piece(&mut self, id: usize, at: u64) {
         let p = &self.pieces[id];
         debug_assert!(p.start < at && at < p.start + p.len);
-        let tail = Piece {
-            part: p.part,
-            kind: p.kind,
-            cluster: p.cluster,
-            start: at,
-            len: p.start + p.len - at,
-            buf_off: p.buf_off + (at - p.start),
-            step: Step::Start,
-            buf: None,
-            io_pending: 0,
-            io_error: None,
-            span_lo: 0,
-            host: 0,
-            publish: false,
-            io_len: 0,
-            short: None,
-            written: 0,
-            stalled: false,
-            backing_want: 0,
-            backing_got: 0,
-            inflates: Vec::new(),
-            compressed: None,
-            pinned: false,
-            locked: false,
-            sub_mask: 0,
-            span_hi: 0,
-        };
+        let tail = Piece::new(
+            p.part,
+            p.kind,
+            p.cluster,
+            at,
+            p.start + p.len - at,
+            p.buf_off + (at - p.start),
+        );
         let part = p.part;
         self.pieces[id].len = at - self.pieces[id].start;
         let tail = self.pieces.insert(tail);
@@ -401,15 +382,7 @@ impl<I: Io> Core<I> {
         if !covered && e.alloc & mask != 0 {
             // Some of them hold data: read it first.
             let host = e.host().expect("allocated subclusters have a host");
-            self.io.push(
-                TAG_PIECE | id as u64,
-                Op::read(FILE_DATA, host + a, buf.clone(), 0, (b - a) as usize),
-            );
-            let p = &mut self.pieces[id];
-            p.buf = Some(buf);
-            p.io_len = (b - a) as usize;
-            p.step = Step::SubRead;
-            p.io_pending = 1;
+            self.read_into_piece(id, buf, host + a, (b - a) as usize, Step::SubRead);
             return Ok(());
         }
         self.pieces[id].buf = Some(buf);
