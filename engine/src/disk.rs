@@ -205,7 +205,8 @@ impl Inner {
     /// Sends Close to every core and waits for their final commits. The
     /// first caller does it; later ones return at once.
     fn stop_cores(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
+        if self.closed.swap(true, Ordering::SeqCst) || self.cores.is_empty() {
+            // Closed already, or no core ever started (a failed open).
             return Ok(());
         }
         let req = Request::new(ReqKind::Close, Vec::new(), self.cores.len());
@@ -385,27 +386,25 @@ impl Disk {
             stats: (0..opts.cores).map(|_| CoreStats::default()).collect(),
         });
         let data_fd = data_file.as_raw_fd();
-        let mut cores = Vec::with_capacity(opts.cores);
-        let mut threads = Vec::with_capacity(opts.cores);
+        let mut inner = Inner {
+            shared,
+            cores: Vec::with_capacity(opts.cores),
+            threads: Mutex::new(Vec::with_capacity(opts.cores)),
+            closed: AtomicBool::new(false),
+            in_flight: Arc::new(AtomicU64::new(0)),
+            _data_file: data_file,
+        };
         for i in 0..opts.cores {
-            match reactor::spawn(i, shared.clone(), data_fd, opts.sim.clone()) {
+            match reactor::spawn(i, inner.shared.clone(), data_fd, opts.sim.clone()) {
                 Ok(mut core) => {
+                    let threads = inner.threads.get_mut().unwrap_or_else(|p| p.into_inner());
                     threads.extend(core.thread.take());
-                    cores.push(core);
+                    inner.cores.push(core);
                 }
-                Err(e) if cores.is_empty() => return Err(e),
                 Err(e) => {
                     // The cores started so far wait for a Close that would
                     // never come: stop them, and end their threads.
-                    let mut started = Inner {
-                        shared,
-                        cores,
-                        threads: Mutex::new(threads),
-                        closed: AtomicBool::new(false),
-                        in_flight: Arc::new(AtomicU64::new(0)),
-                        _data_file: data_file,
-                    };
-                    let _ = started.shutdown();
+                    let _ = inner.shutdown();
                     return Err(e);
                 }
             }
@@ -414,14 +413,7 @@ impl Disk {
             sim.wait_parked(opts.cores);
         }
         Ok(Disk {
-            inner: Arc::new(Inner {
-                shared,
-                cores,
-                threads: Mutex::new(threads),
-                closed: AtomicBool::new(false),
-                in_flight: Arc::new(AtomicU64::new(0)),
-                _data_file: data_file,
-            }),
+            inner: Arc::new(inner),
         })
     }
 

@@ -146,17 +146,40 @@ pub enum Msg {
     Remote { tag: u64, result: Result<Vec<u8>> },
 }
 
-/// The client side of a core: its inbox and wake-up.
-pub struct CoreHandle {
-    pub tx: Sender<Msg>,
+/// How any thread reaches a core: its inbox, and the eventfd that wakes it
+/// when it sleeps. Clients and remote backing media both post here.
+#[derive(Clone)]
+pub(crate) struct Mailbox {
+    tx: Sender<Msg>,
     wake: Arc<EventFd>,
     sleeping: Arc<AtomicBool>,
+}
+
+impl Mailbox {
+    /// Sends `msg` to the core and wakes it if it sleeps.
+    pub(crate) fn post(&self, msg: Msg) {
+        if self.tx.send(msg).is_err() {
+            return; // The core is gone; the caller's request fails at close.
+        }
+        // Pairs with the fence in `Core::sleep_prepare`: either the core
+        // sees the message before it sleeps, or we see it sleeping and wake
+        // it.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake.signal();
+        }
+    }
+}
+
+/// The client side of a core: its mailbox and its thread.
+pub struct CoreHandle {
+    mailbox: Mailbox,
     pub thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CoreHandle {
     pub fn send(&self, msg: Msg) {
-        remote::post(&self.tx, &self.wake, &self.sleeping, msg);
+        self.mailbox.post(msg);
     }
 }
 
@@ -182,11 +205,13 @@ pub fn spawn(
     let efd = wake.raw_fd();
     let (tx, rx) = crossbeam_channel::unbounded();
     let sleeping = Arc::new(AtomicBool::new(false));
-    let reply: Arc<dyn crate::backing::remote::Reply> = Arc::new(remote::CoreReply {
-        tx: tx.clone(),
+    let mailbox = Mailbox {
+        tx,
         wake: wake.clone(),
         sleeping: sleeping.clone(),
-    });
+    };
+    let reply: Arc<dyn crate::backing::remote::Reply> =
+        Arc::new(remote::CoreReply(mailbox.clone()));
     let mut files = vec![data_fd, efd];
     if let Some(chain) = &shared.chain {
         files.extend(chain.layer_files());
@@ -230,9 +255,7 @@ pub fn spawn(
         }
     }
     Ok(CoreHandle {
-        tx,
-        wake,
-        sleeping,
+        mailbox,
         thread: Some(thread),
     })
 }

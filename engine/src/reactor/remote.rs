@@ -18,16 +18,14 @@
 //! local backing read: local layers never come here, so their path has no
 //! extra allocation or system call.
 
-use super::{Core, Msg};
+use super::{Core, Mailbox, Msg};
 use crate::backing::remote::{RemoteRead, Reply};
 use crate::backing::Chain;
 use crate::error::{Error, Result};
-use crate::io::wake::EventFd;
 use crate::io::{Cqe, Io, IoBuf};
-use crossbeam_channel::Sender;
 use slab::Slab;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,34 +34,12 @@ use std::time::Instant;
 /// that a long sequential burst still spreads over several connections.
 pub const COALESCE_MAX_BYTES: usize = 2 << 20;
 
-/// Posts remote results to one core: its inbox, then a wake-up if it sleeps.
-pub(crate) struct CoreReply {
-    pub(super) tx: Sender<Msg>,
-    pub(super) wake: Arc<EventFd>,
-    pub(super) sleeping: Arc<AtomicBool>,
-}
+/// Posts remote results to one core's mailbox.
+pub(crate) struct CoreReply(pub(super) Mailbox);
 
 impl Reply for CoreReply {
     fn done(&self, tag: u64, result: Result<Vec<u8>>) {
-        post(
-            &self.tx,
-            &self.wake,
-            &self.sleeping,
-            Msg::Remote { tag, result },
-        );
-    }
-}
-
-/// Sends `msg` to a core and wakes it if it sleeps.
-pub(super) fn post(tx: &Sender<Msg>, wake: &EventFd, sleeping: &AtomicBool, msg: Msg) {
-    if tx.send(msg).is_err() {
-        return; // The core is gone; the caller's request fails at close.
-    }
-    // Pairs with the fence in `Core::sleep_prepare`: either the core sees
-    // the message before it sleeps, or we see it sleeping and wake it.
-    std::sync::atomic::fence(Ordering::SeqCst);
-    if sleeping.load(Ordering::SeqCst) {
-        wake.signal();
+        self.0.post(Msg::Remote { tag, result });
     }
 }
 
