@@ -108,6 +108,48 @@ pub fn unlock_image(file: &File) {
     let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
 }
 
+/// An image file holding the locks of [`lock_image`], which it drops
+/// explicitly when it goes away (or hands the file to an owner that does,
+/// see [`LockedFile::into_file`]).
+///
+/// Closing the descriptor is not enough: a child that another thread of
+/// this process forks holds a copy of every descriptor until it execs, and
+/// with it the locks, so a reopen in that window (the next step of a
+/// resize, a test's next open) would find the image locked by itself.
+pub struct LockedFile(Option<File>);
+
+impl LockedFile {
+    /// Takes the locks on `file` (see [`lock_image`]).
+    pub fn lock(file: File, path: &str, writable: bool) -> Result<LockedFile> {
+        if let Err(e) = lock_image(&file, path, writable) {
+            unlock_image(&file);
+            return Err(e);
+        }
+        Ok(LockedFile(Some(file)))
+    }
+
+    /// The file, still locked, for an owner that calls [`unlock_image`]
+    /// when it is done with it (the overlay's `Meta`).
+    pub fn into_file(mut self) -> File {
+        self.0.take().expect("a locked file")
+    }
+}
+
+impl std::ops::Deref for LockedFile {
+    type Target = File;
+    fn deref(&self) -> &File {
+        self.0.as_ref().expect("a locked file")
+    }
+}
+
+impl Drop for LockedFile {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0 {
+            unlock_image(f);
+        }
+    }
+}
+
 fn conflict(path: &str, perm: i64) -> Error {
     Error::new(
         ErrorKind::Locked,

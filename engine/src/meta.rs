@@ -71,6 +71,14 @@ struct Alloc {
 /// next open allocates after it), which `qemu-img check` ignores.
 pub const EXTEND_AHEAD_BYTES: u64 = 64 << 20;
 
+impl Drop for Meta {
+    /// Drops the image locks at once, even while a forked child still
+    /// holds a copy of the descriptor (see `imagelock::LockedFile`).
+    fn drop(&mut self) {
+        crate::imagelock::unlock_image(&self.file);
+    }
+}
+
 impl Meta {
     /// Reads the L1 and refcount tables of an already validated header.
     pub fn open(path: &str, header: Header, file: File, read_only: bool) -> Result<Meta> {

@@ -29,6 +29,7 @@
 //! Shrinking is refused: it discards data, and QEMU asks for `--shrink`
 //! before it does it; we do not do it at all.
 
+use crate::imagelock::LockedFile;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -132,13 +133,13 @@ fn invalid(msg: String) -> Error {
     Error::new(ErrorKind::InvalidInput, msg)
 }
 
-fn open_locked(path: &Path, name: &str) -> Result<(File, Header)> {
+fn open_locked(path: &Path, name: &str) -> Result<(LockedFile, Header)> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|e| Error::io(e, format!("opening {name}")))?;
-    crate::imagelock::lock_image(&file, name, true)?;
+    let file = LockedFile::lock(file, name, true)?;
     let header = Header::read_from(&file, name)?;
     Ok((file, header))
 }
@@ -154,7 +155,7 @@ fn write_sync(file: &File, buf: &[u8], at: u64, name: &str, what: &str) -> Resul
 /// nothing promised it); past that cluster the table moves.
 fn grow_l1(
     name: &str,
-    file: File,
+    file: LockedFile,
     header: Header,
     needed: u64,
     report: &mut ResizeReport,
@@ -242,7 +243,7 @@ fn materialize_last_cluster(path: &Path, old_size: u64, cs: u64) -> Result<()> {
 /// cluster of the overlay, whose tail is zeroed here.
 fn zero_new_area(
     name: &str,
-    file: File,
+    file: LockedFile,
     header: Header,
     old_size: u64,
     zero_end: u64,

@@ -109,6 +109,18 @@ pub struct Chain {
     layers: Vec<Layer>,
 }
 
+impl Drop for Chain {
+    /// Drops the read locks a disk took on the local layers at once (see
+    /// `imagelock::LockedFile` for why closing is not enough).
+    fn drop(&mut self) {
+        for layer in &self.layers {
+            if let Some(f) = &layer.file {
+                crate::imagelock::unlock_image(f);
+            }
+        }
+    }
+}
+
 static NEXT_CHAIN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Refuses protocol-style names ("nbd:", "http:", "json:..."): those are

@@ -163,7 +163,7 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
     let path_s = path.display().to_string();
     let file = File::open(path).map_err(|e| Error::io(e, format!("opening {path_s}")))?;
     // Like qemu-img check: a consistent view needs that nobody writes.
-    crate::imagelock::lock_image(&file, &path_s, false)?;
+    let file = crate::imagelock::LockedFile::lock(file, &path_s, false)?;
     let h = Header::read_from(&file, &path_s)?;
     let file_len = file
         .metadata()

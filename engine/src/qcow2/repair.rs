@@ -378,7 +378,7 @@ pub fn rebuild_refcounts(path: impl AsRef<Path>) -> Result<RepairReport> {
         .write(true)
         .open(path)
         .map_err(|e| Error::io(e, format!("opening {path_s} for repair")))?;
-    crate::imagelock::lock_image(&file, path_s, true)?;
+    let file = crate::imagelock::LockedFile::lock(file, path_s, true)?;
     let h = Header::read_from(&file, path_s)?;
     if h.nb_snapshots != 0 {
         // The walk below counts every cluster as used once; snapshots share
