@@ -52,11 +52,20 @@ pub struct Options {
     /// and symbolic links): for images someone else supplied, whose header
     /// could otherwise name any file the process can read.
     pub backing_dir: Option<std::path::PathBuf>,
+    /// Largest readahead window, in bytes, for sequential reads of data a
+    /// remote backing medium (NBD, HTTP) holds: the engine populates up to
+    /// this far ahead of a sequential reader, so the medium's round trips
+    /// overlap. Only with copy-on-read on a writable disk whose chain has a
+    /// remote layer; 0 turns it off. Default 16 MiB.
+    pub readahead_max_bytes: u64,
     /// Run the cores on this simulated I/O layer instead of io_uring
     /// (deterministic tests and crash replay; see `testing::sim`). Polling
     /// is off under simulation.
     pub sim: Option<Arc<crate::testing::sim::Sim>>,
 }
+
+/// Default [`Options::readahead_max_bytes`].
+pub const DEFAULT_READAHEAD_MAX: u64 = 16 << 20;
 
 impl Default for Options {
     fn default() -> Options {
@@ -74,6 +83,7 @@ impl Default for Options {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000),
             backing_dir: None,
+            readahead_max_bytes: DEFAULT_READAHEAD_MAX,
             sim: None,
         }
     }
@@ -137,6 +147,10 @@ pub struct Stats {
     /// by `remote_reads` for the mean) and the largest, in microseconds.
     pub remote_latency_us: u64,
     pub remote_latency_max_us: u64,
+    /// Bytes readahead asked to populate ahead of sequential readers (what
+    /// it fetched is in `bytes_fetched`; clusters the overlay held cost
+    /// nothing).
+    pub readahead_bytes: u64,
     /// Requests accepted and not yet completed.
     pub in_flight: u64,
 }
@@ -299,13 +313,13 @@ impl Disk {
                 format!("cores must be 1 to 256, not {}", opts.cores),
             ));
         }
-        let open_locked = || -> Result<(std::fs::File, Header)> {
+        let open_locked = || -> Result<(crate::imagelock::LockedFile, Header)> {
             let f = OpenOptions::new()
                 .read(true)
                 .write(!opts.read_only)
                 .open(path)
                 .map_err(|e| Error::io(e, format!("opening {name}")))?;
-            crate::imagelock::lock_image(&f, &name, !opts.read_only)?;
+            let f = crate::imagelock::LockedFile::lock(f, &name, !opts.read_only)?;
             let h = Header::read_from(&f, &name)?;
             Ok((f, h))
         };
@@ -370,20 +384,30 @@ impl Disk {
         }
         let size = header.size;
         let cluster_bits = header.cluster_bits;
-        let mut meta = Meta::open(&name, header, meta_file, opts.read_only)?;
+        let mut meta = Meta::open(&name, header, meta_file.into_file(), opts.read_only)?;
         if let Some(sim) = &opts.sim {
             meta.attach_sim(sim.clone());
         }
+        let copy_on_read = opts.copy_on_read && !opts.read_only;
+        let remote_layer = chain
+            .as_ref()
+            .is_some_and(|c| (0..c.depth()).any(|i| c.remote(i).is_some()));
         let shared = Arc::new(Shared {
             meta,
             chain,
             router: Router::new(cluster_bits, opts.cores),
             size,
-            copy_on_read: opts.copy_on_read && !opts.read_only,
+            copy_on_read,
             read_only: opts.read_only,
             metadata_cache_bytes: opts.metadata_cache_bytes,
             poll_us: if opts.sim.is_some() { 0 } else { opts.poll_us },
+            readahead_max: if copy_on_read && remote_layer {
+                opts.readahead_max_bytes
+            } else {
+                0
+            },
             stats: (0..opts.cores).map(|_| CoreStats::default()).collect(),
+            peers: std::sync::OnceLock::new(),
         });
         let data_fd = data_file.as_raw_fd();
         let mut inner = Inner {
@@ -409,6 +433,8 @@ impl Disk {
                 }
             }
         }
+        let peers = inner.cores.iter().map(|c| c.mailbox().clone()).collect();
+        let _ = inner.shared.peers.set(peers);
         if let Some(sim) = &opts.sim {
             sim.wait_parked(opts.cores);
         }
@@ -842,6 +868,7 @@ impl Disk {
             s.remote_reads += g(&c.remote_reads);
             s.remote_bytes += g(&c.remote_bytes);
             s.remote_errors += g(&c.remote_errors);
+            s.readahead_bytes += g(&c.readahead_bytes);
             s.remote_latency_us += g(&c.remote_latency_us);
             s.remote_latency_max_us = s.remote_latency_max_us.max(g(&c.remote_latency_max_us));
         }

@@ -629,3 +629,80 @@ fn qemu_img_overlay_over_nbd_through_the_cli() {
     assert!(e.to_string().contains("over NBD"), "{e}");
     server.stop();
 }
+
+/// Sequential reads over a slow server read ahead: the engine populates
+/// the clusters ahead of the reader (across both cores' stripes, 2 MiB with
+/// 4 KiB clusters), the reader finds most of them filled or in flight, no
+/// byte is fetched twice, and the overlay ends identical to the base.
+/// Random reads never read ahead, and `readahead_max_bytes: 0` turns it off.
+#[test]
+fn sequential_reads_read_ahead_and_random_reads_do_not() {
+    let size = 24 * MIB;
+    let s = Setup::new("nbdb-ra", size, 21);
+    let sock = s.sock("ra.sock");
+    let server = s.nbdkit(&sock, &["delay"], &["rdelay=1ms"]);
+    let uri = unix_uri(&sock);
+    let make = |name: &str| {
+        let p = s.path(name);
+        qemu_create_qcow2(&p, "cluster_size=4096", Some((&uri, "raw")), None);
+        p
+    };
+
+    // 1 MiB reads in order, two in flight, over the whole disk.
+    let seq = make("seq.qcow2");
+    let disk = open(&seq, options(2, true, false));
+    let ranges: Vec<(u64, u64)> = (0..size).step_by(MIB as usize).map(|o| (o, MIB)).collect();
+    for pair in ranges.chunks(2) {
+        for (got, &(off, len)) in read_all_at_once(&disk, pair).iter().zip(pair) {
+            let want = &s.data[off as usize..(off + len) as usize];
+            assert_same_bytes(got, want, &format!("sequential read at {off}"));
+        }
+    }
+    disk.flush().unwrap();
+    let st = disk.stats();
+    let clusters = size / (4 * KIB);
+    assert!(st.readahead_bytes > 0, "no readahead: {st:?}");
+    assert!(st.remote_bytes <= size, "fetched something twice: {st:?}");
+    assert!(st.bytes_fetched <= size, "fetched something twice: {st:?}");
+    assert!(
+        st.overlay_hits + st.dedup_hits >= clusters / 2,
+        "the reader did not find the readahead's clusters: {st:?}"
+    );
+    disk.close().unwrap();
+    check_clean(&seq);
+    compare_identical(&seq, &s.base);
+    for e in qemu_map(&seq) {
+        assert_eq!(e.depth, 0, "not in the overlay: {e:?}");
+    }
+
+    // Random 4 KiB reads: no readahead, and only what they need fetched.
+    let rand = make("rand.qcow2");
+    let disk = open(&rand, options(2, true, false));
+    let mut rng = Rng::new(21);
+    let reads: Vec<(u64, u64)> = (0..300)
+        .map(|_| (rng.below(size / (4 * KIB)) * 4 * KIB, 4 * KIB))
+        .collect();
+    for (got, &(off, len)) in read_all_at_once(&disk, &reads).iter().zip(&reads) {
+        let want = &s.data[off as usize..(off + len) as usize];
+        assert_same_bytes(got, want, &format!("random read at {off}"));
+    }
+    let st = disk.stats();
+    assert_eq!(st.readahead_bytes, 0, "{st:?}");
+    assert!(st.remote_bytes <= 300 * 4 * KIB, "{st:?}");
+    disk.close().unwrap();
+    check_clean(&rand);
+
+    // Off: sequential reads fetch only what they read.
+    let off = make("off.qcow2");
+    let mut opts = options(2, true, false);
+    opts.readahead_max_bytes = 0;
+    let disk = open(&off, opts);
+    for chunk in ranges[..8].chunks(2) {
+        read_all_at_once(&disk, chunk);
+    }
+    let st = disk.stats();
+    assert_eq!(st.readahead_bytes, 0, "{st:?}");
+    assert_eq!(st.remote_bytes, 8 * MIB, "{st:?}");
+    disk.close().unwrap();
+    server.stop();
+}

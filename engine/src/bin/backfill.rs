@@ -97,6 +97,10 @@ enum Command {
         /// Offset of the first request.
         #[arg(short = 'o', value_name = "OFFSET", default_value = "0")]
         offset: String,
+        /// Largest readahead window for sequential reads over a remote
+        /// backing (NBD, HTTP), e.g. 16M (the default); 0 turns it off.
+        #[arg(long, value_name = "SIZE")]
+        readahead: Option<String>,
         filename: PathBuf,
     },
     /// Serve the disk over NBD (until SIGINT or SIGTERM).
@@ -140,6 +144,10 @@ enum Command {
         /// read, written and fetched, amplification, remote fetch latency).
         #[arg(long, value_name = "SECS")]
         stats: Option<u64>,
+        /// Largest readahead window for sequential reads over a remote
+        /// backing (NBD, HTTP), e.g. 16M (the default); 0 turns it off.
+        #[arg(long, value_name = "SIZE")]
+        readahead: Option<String>,
         filename: PathBuf,
     },
     /// Populate the whole overlay from its backing chain, then drop the
@@ -300,6 +308,7 @@ fn run(command: Command) -> Outcome {
             cores,
             cache,
             offset,
+            readahead,
             filename,
         } => {
             let request_bytes = usize::try_from(units::parse_size(&size)?).map_err(|_| {
@@ -323,6 +332,7 @@ fn run(command: Command) -> Outcome {
                 },
                 offset: units::parse_size(&offset)?,
                 seed,
+                readahead: readahead.as_deref().map(units::parse_size).transpose()?,
             };
             println!("{}", bench::run(&filename, &opts)?);
             Ok(0)
@@ -338,6 +348,7 @@ fn run(command: Command) -> Outcome {
             stream,
             keep_backing,
             stats,
+            readahead,
             filename,
         } => {
             let stats_interval = match stats {
@@ -375,6 +386,7 @@ fn run(command: Command) -> Outcome {
                 backing_dir,
                 stream,
                 stats_interval,
+                readahead: readahead.as_deref().map(units::parse_size).transpose()?,
             };
             serve::serve(&filename, &opts)?;
             Ok(0)

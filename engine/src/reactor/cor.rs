@@ -317,6 +317,9 @@ impl<I: Io> Core<I> {
             let p = self.parts.remove(part);
             p.req.finish_part(None);
         }
+        if kind == ReqKind::Read {
+            self.read_ahead(offset, len);
+        }
     }
 
     fn finish_piece(&mut self, id: usize, result: Result<()>) {

@@ -12,6 +12,7 @@
 
 mod cor;
 pub mod l2cache;
+mod readahead;
 mod remote;
 pub mod request;
 
@@ -61,7 +62,12 @@ pub struct Shared {
     pub metadata_cache_bytes: usize,
     /// Microseconds a core polls for work before it sleeps.
     pub poll_us: u64,
+    /// Readahead window limit in bytes (0: no readahead; see `readahead`).
+    pub readahead_max: u64,
     pub stats: Vec<CoreStats>,
+    /// Every core's mailbox, set once all cores started: readahead sends
+    /// populate parts to the cores that own their stripes.
+    pub(crate) peers: std::sync::OnceLock<Vec<Mailbox>>,
 }
 
 impl Shared {
@@ -103,6 +109,8 @@ pub struct CoreStats {
     pub remote_errors: AtomicU64,
     pub remote_latency_us: AtomicU64,
     pub remote_latency_max_us: AtomicU64,
+    /// Bytes this core's readahead asked to populate.
+    pub readahead_bytes: AtomicU64,
 }
 
 /// Something that lives on a core besides the engine (the NBD server's
@@ -180,6 +188,10 @@ pub struct CoreHandle {
 impl CoreHandle {
     pub fn send(&self, msg: Msg) {
         self.mailbox.post(msg);
+    }
+
+    pub(crate) fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
     }
 }
 
@@ -370,6 +382,10 @@ pub(crate) struct Core<I: Io = Uring> {
     segs: Vec<crate::backing::Segment>,
     /// Reads of remote backing layers, queued and in flight.
     remote: remote::RemoteOps,
+    /// Sequential-read detection (None: readahead is off for this disk).
+    readahead: Option<readahead::Detector>,
+    /// Bytes of this core's readahead requests not yet finished.
+    readahead_in_flight: Arc<AtomicU64>,
     front: Option<Box<dyn Frontend>>,
     front_ctx: FrontCtx,
 }
@@ -383,6 +399,11 @@ impl<I: Io> Core<I> {
         sleeping: Arc<AtomicBool>,
     ) -> Core<I> {
         let per_core = shared.metadata_cache_bytes / shared.router.cores().max(1);
+        let router = shared.router;
+        let readahead = (shared.readahead_max > 0).then(|| {
+            let cores = router.cores() as u64;
+            readahead::Detector::new(router.stripe_bytes(), cores, shared.readahead_max)
+        });
         Core {
             id,
             io,
@@ -416,6 +437,8 @@ impl<I: Io> Core<I> {
             commit_bufs: Vec::new(),
             segs: Vec::new(),
             remote: remote::RemoteOps::default(),
+            readahead,
+            readahead_in_flight: Arc::new(AtomicU64::new(0)),
             front: None,
             front_ctx: FrontCtx {
                 core: id,

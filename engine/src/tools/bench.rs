@@ -53,6 +53,8 @@ pub struct BenchOptions {
     pub offset: u64,
     /// Seed for `Pattern::Random`; `None` picks one (and reports it).
     pub seed: Option<u64>,
+    /// Readahead window limit; `None` for the engine's default.
+    pub readahead: Option<u64>,
 }
 
 impl Default for BenchOptions {
@@ -69,6 +71,7 @@ impl Default for BenchOptions {
             cache: CacheMode::None,
             offset: 0,
             seed: None,
+            readahead: None,
         }
     }
 }
@@ -160,6 +163,9 @@ impl fmt::Display for BenchReport {
                 s.remote_latency_us / s.remote_reads,
                 s.remote_latency_max_us
             )?;
+            if s.readahead_bytes > 0 {
+                write!(f, ", readahead: {} bytes", s.readahead_bytes)?;
+            }
         }
         Ok(())
     }
@@ -248,6 +254,9 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     };
     if let Some(cores) = opts.cores {
         disk_opts.cores = cores;
+    }
+    if let Some(bytes) = opts.readahead {
+        disk_opts.readahead_max_bytes = bytes;
     }
     let disk = Disk::open(path, disk_opts)
         .map_err(|e| e.context(format_args!("opening {}", path.display())))?;

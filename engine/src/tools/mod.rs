@@ -50,6 +50,7 @@ pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
             .remote_latency_us
             .saturating_sub(before.remote_latency_us),
         remote_latency_max_us: after.remote_latency_max_us,
+        readahead_bytes: after.readahead_bytes.saturating_sub(before.readahead_bytes),
         in_flight: after.in_flight,
     }
 }

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub stream: Option<StreamWhileServing>,
     /// Print a line of counters on stderr this often (`--stats SECS`).
     pub stats_interval: Option<std::time::Duration>,
+    /// Readahead window limit (`--readahead SIZE`); `None` for the default.
+    pub readahead: Option<u64>,
 }
 
 /// One line of the engine's counters, as `serve --stats` prints it:
@@ -66,6 +68,9 @@ pub fn stats_line(s: &crate::Stats) -> String {
             s.remote_latency_max_us as f64 / 1000.0,
             s.remote_errors
         ));
+        if s.readahead_bytes > 0 {
+            line.push_str(&format!(", readahead {}", format_size(s.readahead_bytes)));
+        }
     }
     line
 }
@@ -143,6 +148,9 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     };
     if let Some(n) = opts.cores {
         o.cores = n;
+    }
+    if let Some(bytes) = opts.readahead {
+        o.readahead_max_bytes = bytes;
     }
     if opts.stream.is_some() && (opts.read_only || !opts.copy_on_read) {
         return Err(Error::new(
