@@ -10,9 +10,14 @@
 //! filter, which records every read the server was asked for (so that a
 //! resumed stream can be shown to fetch only what the first run left).
 //!
-//! * `cli_stream_over_nbdkit`, `cli_stream_over_a_slow_nbdkit_on_four_cores`,
+//! * `cli_stream_over_nbdkit` (also: no server is a clear error),
+//!   `cli_stream_over_a_slow_nbdkit_on_four_cores` (delay filter, reads
+//!   capped at 64 KiB), `cli_stream_over_qemu_nbd_tcp` (with `--rate`),
 //!   `cli_stream_over_http`: a fresh overlay streams to a standalone image
 //!   identical to the base, with its zero regions zero.
+//! * `overlay_larger_than_its_remote_backing`: a backing whose size is no
+//!   multiple of 512, below a larger overlay, over NBD and HTTP: the bytes
+//!   past its end stream as zeros.
 //! * `cancelled_over_nbd_then_resumed_by_the_cli`: a stream cancelled
 //!   through the API after some progress keeps its work and its backing;
 //!   `backfill stream` finishes it, and the server was asked for every byte
@@ -35,6 +40,9 @@
 //!   byte in the overlay and the URI still in the header.
 //! * `serve_stream_over_a_slow_nbdkit`: `backfill serve --stream` over a
 //!   delayed nbdkit while a client writes and reads through NBD.
+//! * `serve_stream_with_a_failing_backing_keeps_serving`: the stream of
+//!   `backfill serve --stream` fails (error on stderr, naming the backing);
+//!   the server goes on serving, and a later `backfill stream` finishes.
 //!
 //! Synchronisation is by observation only: servers are ready once they
 //! wrote their pid file (nbdkit) or accept connections (nginx), a stream is
@@ -258,14 +266,41 @@ fn cli_stream_over_nbdkit() {
     b.check_streamed();
 }
 
-/// Every read takes a millisecond longer on the server, and four reactors
-/// (more than the machine's cores in CI) fill their stripes at once.
+/// Every read takes a millisecond longer on the server, which refuses
+/// reads larger than 64 KiB (so every 1 MiB stream request is split), and
+/// four reactors (more than the machine's cores in CI) fill their stripes
+/// at once.
 #[test]
 fn cli_stream_over_a_slow_nbdkit_on_four_cores() {
     let b = Base::new("sr-nbd-slow", 12 * MIB + 4 * KIB);
-    let server = b.nbdkit(&["delay"], &["rdelay=1ms"]);
+    let server = b.nbdkit(
+        &["delay", "blocksize-policy"],
+        &[
+            "rdelay=1ms",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
     b.create_overlay(&b.uri());
     let out = b.stream_cli(&["--cores", "4"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    b.check_streamed();
+}
+
+/// qemu-nbd on TCP (`nbd://127.0.0.1:PORT/`), with a rate limit.
+#[test]
+fn cli_stream_over_qemu_nbd_tcp() {
+    let b = Base::new("sr-qnbd", 6 * MIB + 512);
+    // A port nobody listens on now; qemu-nbd takes it a moment later.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("finding a free port")
+        .port();
+    let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(String::from);
+    let server = nbd_peer::qemu_nbd(b.dir.path(), &b.base, &listen);
+    b.create_overlay(&format!("nbd://127.0.0.1:{port}/"));
+    let out = b.stream_cli(&["--rate", "256M", "--cores", "2"]);
     stream_summary_ok(&out, "backing file dropped");
     server.stop();
     b.check_streamed();
@@ -341,7 +376,7 @@ fn cancelled_over_nbd_then_resumed_by_the_cli() {
     server.stop();
     let first_log = b.path("first.log");
     let server = b.nbdkit_logged(&first_log);
-    let (disk, s) = start_stream(&b, 8 * MIB);
+    let (disk, s) = start_stream(&b, 4 * MIB);
     wait_populated(&s, 2 * MIB);
     s.cancel();
     let last = s.wait_until(|p| p.state.is_stopped());
@@ -450,7 +485,7 @@ fn failing_backing_stops_the_stream_clearly() {
     let server = b.nbdkit(&["error"], &errors);
     let uri = b.uri();
     b.create_overlay(&uri);
-    let (disk, s) = start_stream(&b, 8 * MIB);
+    let (disk, s) = start_stream(&b, 4 * MIB);
     wait_populated(&s, 2 * MIB);
     write_file(&trigger, b"");
     let last = s.wait_until(|p| p.state.is_stopped());
@@ -486,7 +521,7 @@ fn backing_server_killed_midway() {
     let server = b.nbdkit(&[], &[]);
     let uri = b.uri();
     b.create_overlay(&uri);
-    let (disk, s) = start_stream(&b, 8 * MIB);
+    let (disk, s) = start_stream(&b, 4 * MIB);
 
     // Killed and back at once: the stream goes on.
     wait_populated(&s, 2 * MIB);
@@ -535,7 +570,7 @@ fn http_image_replaced_mid_stream_fails_clearly() {
     let original = read_file(&b.base);
     let url = nginx.url("base.raw");
     b.create_overlay(&url);
-    let (disk, s) = start_stream(&b, 8 * MIB);
+    let (disk, s) = start_stream(&b, 4 * MIB);
     wait_populated(&s, 2 * MIB);
 
     // A new image under the same name (written aside, renamed over it), an
@@ -651,4 +686,71 @@ fn overlay_larger_than_its_remote_backing() {
     assert_standalone(&overlay);
     check_clean(&overlay);
     compare_with_bytes(&overlay, &expected, b.dir.path());
+}
+
+/// `backfill serve --stream` whose backing fails every read from the start:
+/// the stream fails with the error on stderr, the server goes on serving
+/// (a write that needs no backing data succeeds; once the backing heals,
+/// reads do too), and a later `backfill stream` finishes the image.
+#[test]
+fn serve_stream_with_a_failing_backing_keeps_serving() {
+    let b = Base::new("sr-serve-fail", 6 * MIB);
+    let trigger = b.path("errors-on");
+    write_file(&trigger, b"");
+    let errors = [
+        "error=EIO".to_string(),
+        "error-pread-rate=100%".to_string(),
+        format!("error-pread-file={}", trigger.display()),
+    ];
+    let errors: Vec<&str> = errors.iter().map(String::as_str).collect();
+    let server = b.nbdkit(&["error"], &errors);
+    let uri = b.uri();
+    b.create_overlay(&uri);
+    let mut expected = read_file(&b.base);
+    let served = nbd_common::Server::start(b.dir.path(), &b.overlay, &["--stream"]);
+    // The failure shows on stderr; polled with a hang guard, the pause only
+    // keeps the poll from spinning.
+    let guard = std::time::Instant::now() + nbd_common::HANG_GUARD;
+    let failure = loop {
+        let log = served.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("stream failed")) {
+            break line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < guard,
+            "no stream failure on stderr:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(
+        failure.starts_with("backfill: stream failed: streaming: ") && failure.contains(&uri),
+        "{failure}"
+    );
+    // Whole clusters need nothing from the backing.
+    qemu_io(
+        Path::new(&served.uri),
+        "raw",
+        &["write -P 0xab 2M 128K".into()],
+    );
+    expected[2 * MIB as usize..(2 * MIB + 2 * CLUSTER) as usize].fill(0xab);
+    std::fs::remove_file(&trigger).unwrap();
+    let copy = b.path("read.raw");
+    qemu_img([
+        "convert".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        served.uri.as_ref(),
+        copy.as_os_str(),
+    ]);
+    assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
+    served.stop();
+    check_no_corruption(&b.overlay);
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    assert_standalone(&b.overlay);
+    check_clean(&b.overlay);
+    compare_with_bytes(&b.overlay, &expected, b.dir.path());
 }
