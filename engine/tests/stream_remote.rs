@@ -121,6 +121,18 @@ impl Base {
         nbd_peer::nbdkit(self.dir.path(), &self.sock(), &self.base, filters, params)
     }
 
+    /// nginx serving the base image, which moves to `www/base.raw` below
+    /// the directory. Its URL is `nginx.url("base.raw")`; the server must
+    /// be dropped before `self` (declared after it).
+    fn nginx(&mut self) -> nginx_common::Nginx {
+        let www = self.path("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let moved = www.join("base.raw");
+        std::fs::rename(&self.base, &moved).unwrap();
+        self.base = moved;
+        nginx_common::Nginx::start(&self.path("nginx"), &www, "", None)
+    }
+
     /// nbdkit whose log filter writes every request to `log`.
     fn nbdkit_logged(&self, log: &Path) -> Peer {
         let _ = std::fs::remove_file(log);
@@ -308,15 +320,8 @@ fn cli_stream_over_qemu_nbd_tcp() {
 
 #[test]
 fn cli_stream_over_http() {
-    let b = Base::new("sr-http", 8 * MIB + 4 * KIB);
-    let www = b.path("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::rename(&b.base, www.join("base.raw")).unwrap();
-    let nginx = nginx_common::Nginx::start(&b.path("nginx"), &www, "", None);
-    let b = Base {
-        base: www.join("base.raw"),
-        ..b
-    };
+    let mut b = Base::new("sr-http", 8 * MIB + 4 * KIB);
+    let nginx = b.nginx();
     let url = nginx.url("base.raw");
     b.create_overlay(&url);
     assert_eq!(info_json(&b.overlay)["backing-filename"], url.as_str());
@@ -558,15 +563,8 @@ fn backing_server_killed_midway() {
 /// disk keeps serving what it holds, and a new stream fails the same way.
 #[test]
 fn http_image_replaced_mid_stream_fails_clearly() {
-    let b = Base::new("sr-http-changed", 12 * MIB);
-    let www = b.path("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::rename(&b.base, www.join("base.raw")).unwrap();
-    let nginx = nginx_common::Nginx::start(&b.path("nginx"), &www, "", None);
-    let b = Base {
-        base: www.join("base.raw"),
-        ..b
-    };
+    let mut b = Base::new("sr-http-changed", 12 * MIB);
+    let nginx = b.nginx();
     let original = read_file(&b.base);
     let url = nginx.url("base.raw");
     b.create_overlay(&url);
@@ -576,7 +574,7 @@ fn http_image_replaced_mid_stream_fails_clearly() {
     // A new image under the same name (written aside, renamed over it), an
     // hour newer: nginx's ETag is the modification second and the size,
     // which a rewrite within the same second would not change.
-    let new = www.join("base.new");
+    let new = b.base.with_extension("new");
     write_random_file(&new, b.size, 0x5eed);
     let later =
         std::fs::metadata(&new).unwrap().modified().unwrap() + std::time::Duration::from_secs(3600);
@@ -654,7 +652,7 @@ fn serve_stream_over_a_slow_nbdkit() {
 /// further (the rest reads as zeros), over NBD and over HTTP.
 #[test]
 fn overlay_larger_than_its_remote_backing() {
-    let b = Base::new("sr-larger", 6 * MIB + 4 * KIB + 123);
+    let mut b = Base::new("sr-larger", 6 * MIB + 4 * KIB + 123);
     let base_bytes = read_file(&b.base);
     let size = 8 * MIB + 12 * KIB;
     let mut expected = base_bytes.clone();
@@ -669,10 +667,7 @@ fn overlay_larger_than_its_remote_backing() {
     check_clean(&b.overlay);
     compare_with_bytes(&b.overlay, &expected, b.dir.path());
 
-    let www = b.path("www");
-    std::fs::create_dir_all(&www).unwrap();
-    write_file(&www.join("base.raw"), &base_bytes);
-    let nginx = nginx_common::Nginx::start(&b.path("nginx"), &www, "", None);
+    let nginx = b.nginx();
     let overlay = b.path("http.qcow2");
     qemu_create_qcow2(
         &overlay,
