@@ -8,95 +8,22 @@
 //! itself), the engine's remote counters, and nbdcopy reading a
 //! `backfill serve` of such an overlay.
 //!
-//! Synchronisation: a server is ready when it has written its pid file
-//! (qemu-nbd and nbdkit both write it once they accept connections); it is
-//! gone when `wait` returns. No sleeps stand in for either.
+//! Synchronisation: the servers are started and stopped by
+//! `common/nbd_peer.rs` (ready once they wrote their pid file, gone when
+//! `wait` returns); no sleeps stand in for either.
 
 mod common;
 #[path = "common/nbd.rs"]
 mod nbd_common;
+#[path = "common/nbd_peer.rs"]
+mod nbd_peer;
 
 use backfill::{Disk, ErrorKind, Stats};
 use common::*;
+use nbd_peer::{socket_path, unix_uri, Peer};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 const CLUSTER: u64 = 64 * KIB;
-
-/// A running NBD server (qemu-nbd or nbdkit) serving the base image.
-struct Peer {
-    child: Option<Child>,
-    what: String,
-    log: PathBuf,
-}
-
-impl Peer {
-    /// Runs `program args`; returns once it wrote `pid_file`, which both
-    /// servers do when they accept connections.
-    fn start(dir: &Path, program: &str, args: &[String], pid_file: &Path) -> Peer {
-        require_tool(program);
-        let _ = std::fs::remove_file(pid_file);
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = dir.join(format!("{program}-{n}.log"));
-        let out = std::fs::File::create(&log).expect("creating a server log");
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("cloning the log file"))
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {program} {args:?}: {e}"));
-        let what = format!("{program} {}", args.join(" "));
-        let guard = Instant::now() + nbd_common::HANG_GUARD;
-        // Polls for the pid file (the servers' readiness signal); the pause
-        // only keeps the poll from spinning.
-        while !std::fs::read_to_string(pid_file).is_ok_and(|s| s.ends_with('\n')) {
-            if let Some(status) = child.try_wait().expect("waiting for the server") {
-                panic!(
-                    "{what} exited ({status}) before it was ready:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < guard, "{what} never became ready");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Peer {
-            child: Some(child),
-            what,
-            log,
-        }
-    }
-
-    /// Stops the server with `signal` and waits until it is gone.
-    fn stop_with(mut self, signal: libc::c_int) {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) with the pid of a child we have not reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-        child.wait().expect("waiting for the server to exit");
-    }
-
-    fn stop(self) {
-        self.stop_with(libc::SIGTERM);
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            if std::thread::panicking() {
-                eprintln!(
-                    "{} log:\n{}",
-                    self.what,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-        }
-    }
-}
 
 /// A base image and, once a server runs, an overlay on it.
 struct Setup {
@@ -129,41 +56,17 @@ impl Setup {
     }
 
     fn sock(&self, name: &str) -> PathBuf {
-        let p = self.path(name);
-        assert!(p.as_os_str().len() < 100, "socket path too long: {p:?}");
-        p
+        socket_path(self.dir.path(), name)
     }
 
     /// `nbdkit [FILTERS] file base.raw [PARAMS]` on Unix socket `sock`.
     fn nbdkit(&self, sock: &Path, filters: &[&str], params: &[&str]) -> Peer {
-        let pid = self.path("nbdkit.pid");
-        let _ = std::fs::remove_file(sock);
-        let mut args: Vec<String> = vec![
-            "-f".into(),
-            "--exit-with-parent".into(),
-            "-U".into(),
-            path_str(sock),
-            "-P".into(),
-            path_str(&pid),
-        ];
-        args.extend(filters.iter().map(|f| format!("--filter={f}")));
-        args.push("file".into());
-        args.push(path_str(&self.base));
-        args.extend(params.iter().map(|p| p.to_string()));
-        Peer::start(self.dir.path(), "nbdkit", &args, &pid)
+        nbd_peer::nbdkit(self.dir.path(), sock, &self.base, filters, params)
     }
 
     /// `qemu-nbd -r -f raw base.raw` on `listen` (`-k SOCKET` or `-b HOST -p PORT`).
     fn qemu_nbd(&self, listen: &[String]) -> Peer {
-        let pid = self.path("qemu-nbd.pid");
-        let mut args: Vec<String> = ["-r", "-t", "-e", "16", "-f", "raw", "--pid-file"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.push(path_str(&pid));
-        args.extend(listen.iter().cloned());
-        args.push(path_str(&self.base));
-        Peer::start(self.dir.path(), "qemu-nbd", &args, &pid)
+        nbd_peer::qemu_nbd(self.dir.path(), &self.base, listen)
     }
 
     /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2` (the size
@@ -205,10 +108,6 @@ impl Setup {
             None => compare_identical(&self.overlay, &self.base),
         }
     }
-}
-
-fn unix_uri(sock: &Path) -> String {
-    format!("nbd+unix:///?socket={}", sock.display())
 }
 
 /// Reads `ranges` with every read in flight at once; panics on an error.

@@ -79,45 +79,6 @@ fn fixture(name: &str, size: u64, zeros: &[(u64, u64)], seed: u64) -> Fixture {
     }
 }
 
-fn info_json(image: &Path) -> serde_json::Value {
-    let json = qemu_img(["info".as_ref(), "--output=json".as_ref(), image.as_os_str()]);
-    serde_json::from_str(&json).unwrap_or_else(|e| panic!("parsing qemu-img info: {e}\n{json}"))
-}
-
-#[track_caller]
-fn assert_standalone(image: &Path) {
-    let info = info_json(image);
-    assert!(
-        info.get("backing-filename").is_none() && info.get("full-backing-filename").is_none(),
-        "qemu-img info still shows a backing file: {info}"
-    );
-    let ours = backfill::info(image).expect("backfill info");
-    assert!(ours.backing_chain.is_empty(), "{ours:?}");
-}
-
-/// Every cluster of `[off, off + len)` maps to zeros in the image itself,
-/// not to data (`qemu-img map`).
-#[track_caller]
-fn assert_zero_in_overlay(map: &[MapEntry], off: u64, len: u64) {
-    let mut pos = off;
-    while pos < off + len {
-        let e = map_at(map, pos);
-        assert!(
-            e.zero && !e.data && e.depth == 0,
-            "offset {pos}: expected a zero region of the image itself, got {e:?}"
-        );
-        pos = e.end();
-    }
-}
-
-/// Every byte of the image maps to the image itself (depth 0).
-#[track_caller]
-fn assert_all_in_overlay(map: &[MapEntry]) {
-    for e in map {
-        assert_eq!(e.depth, 0, "{e:?} still comes from a backing file");
-    }
-}
-
 fn stream_to_end(disk: &Disk, opts: StreamOptions) -> (StreamEnd, backfill::StreamProgress) {
     let s = disk.stream(opts).expect("starting the stream");
     let last = s.wait_until(|p| p.state.is_stopped());

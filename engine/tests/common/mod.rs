@@ -382,6 +382,47 @@ pub fn map_at(map: &[MapEntry], offset: u64) -> MapEntry {
         .unwrap_or_else(|| panic!("qemu-img map does not cover offset {offset}: {map:?}"))
 }
 
+/// `qemu-img info --output=json IMAGE`, parsed.
+pub fn info_json(image: &Path) -> serde_json::Value {
+    let json = qemu_img(["info".as_ref(), "--output=json".as_ref(), image.as_os_str()]);
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("parsing qemu-img info: {e}\n{json}"))
+}
+
+/// Neither `qemu-img info` nor `backfill info` finds a backing file.
+#[track_caller]
+pub fn assert_standalone(image: &Path) {
+    let info = info_json(image);
+    assert!(
+        info.get("backing-filename").is_none() && info.get("full-backing-filename").is_none(),
+        "qemu-img info still shows a backing file: {info}"
+    );
+    let ours = backfill::info(image).expect("backfill info");
+    assert!(ours.backing_chain.is_empty(), "{ours:?}");
+}
+
+/// Every cluster of `[off, off + len)` maps to zeros in the image itself,
+/// not to data (`qemu-img map`).
+#[track_caller]
+pub fn assert_zero_in_overlay(map: &[MapEntry], off: u64, len: u64) {
+    let mut pos = off;
+    while pos < off + len {
+        let e = map_at(map, pos);
+        assert!(
+            e.zero && !e.data && e.depth == 0,
+            "offset {pos}: expected a zero region of the image itself, got {e:?}"
+        );
+        pos = e.end();
+    }
+}
+
+/// Every byte of the image maps to the image itself (depth 0).
+#[track_caller]
+pub fn assert_all_in_overlay(map: &[MapEntry]) {
+    for e in map {
+        assert_eq!(e.depth, 0, "{e:?} still comes from a backing file");
+    }
+}
+
 /// `qemu-img check`: no corruption and no check errors, leaked clusters
 /// allowed (exit status 3: e.g. clusters reserved by a write that failed, or
 /// by fills a crash cut short). Returns the number of leaks, or what

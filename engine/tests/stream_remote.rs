@@ -1,0 +1,751 @@
+//! Streaming over remote backing media (issue 5): overlays made by
+//! `qemu-img create -f qcow2 -b URI -F raw` whose backing image is served by
+//! nbdkit (plain, with its delay, error and log filters) or by nginx, streamed
+//! to standalone images with `backfill stream` and through the API.
+//!
+//! Oracles: `qemu-img info` (the backing reference is gone, or kept),
+//! `qemu-img check`, `qemu-img compare` against the raw base file,
+//! `qemu-img map` (the all-zero regions of the base became zero clusters,
+//! not data, though their bytes came over the network), and nbdkit's log
+//! filter, which records every read the server was asked for (so that a
+//! resumed stream can be shown to fetch only what the first run left).
+//!
+//! * `cli_stream_over_nbdkit` (also: no server is a clear error),
+//!   `cli_stream_over_a_slow_nbdkit_on_four_cores` (delay filter, reads
+//!   capped at 64 KiB), `cli_stream_over_qemu_nbd_tcp` (with `--rate`),
+//!   `cli_stream_over_http`: a fresh overlay streams to a standalone image
+//!   identical to the base, with its zero regions zero.
+//! * `overlay_larger_than_its_remote_backing`: a backing whose size is no
+//!   multiple of 512, below a larger overlay, over NBD and HTTP: the bytes
+//!   past its end stream as zeros.
+//! * `cancelled_over_nbd_then_resumed_by_the_cli`: a stream cancelled
+//!   through the API after some progress keeps its work and its backing;
+//!   `backfill stream` finishes it, and the server was asked for every byte
+//!   exactly once over both runs.
+//! * `cli_stream_killed_over_nbd_then_resumed`: SIGKILL to `backfill stream`
+//!   after its first progress line, then a second run to the end.
+//! * `failing_backing_stops_the_stream_clearly`: nbdkit's error filter
+//!   starts failing every read midway: the stream fails with an error that
+//!   names the backing, the disk keeps serving what it holds, the overlay
+//!   has no corruption, and a later stream over the healthy server ends
+//!   identical.
+//! * `backing_server_killed_midway`: nbdkit is killed mid-stream and
+//!   restarted (the stream goes on), then killed for good (the stream
+//!   fails, naming the backing, once reconnecting gave up); a new stream on
+//!   the same open disk finishes when the server is back.
+//! * `http_image_replaced_mid_stream_fails_clearly`: the file under nginx is
+//!   replaced midway: the stream fails saying the remote image changed, and
+//!   so does a new one on the same disk; nothing of the new image gets in.
+//! * `cli_stream_keep_backing_over_nbd`: `--keep-backing` ends with every
+//!   byte in the overlay and the URI still in the header.
+//! * `serve_stream_over_a_slow_nbdkit`: `backfill serve --stream` over a
+//!   delayed nbdkit while a client writes and reads through NBD.
+//! * `serve_stream_with_a_failing_backing_keeps_serving`: the stream of
+//!   `backfill serve --stream` fails (error on stderr, naming the backing);
+//!   the server goes on serving, and a later `backfill stream` finishes.
+//!
+//! Synchronisation is by observation only: servers are ready once they
+//! wrote their pid file (nbdkit) or accept connections (nginx), a stream is
+//! midway once its progress says so (`Stream::wait_until`, or the CLI's
+//! first progress line), and the error filter is switched by a file. Rate
+//! limits only keep a stream from finishing before the test acts; nothing
+//! is asserted about time.
+
+mod common;
+#[path = "common/nbd.rs"]
+mod nbd_common;
+#[path = "common/nbd_peer.rs"]
+mod nbd_peer;
+#[path = "common/nginx.rs"]
+mod nginx_common;
+
+use backfill::{ErrorKind, ExtentKind, StreamEnd, StreamOptions, StreamProgress, StreamState};
+use common::*;
+use nbd_peer::{socket_path, unix_uri, Peer};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const CLUSTER: u64 = 64 * KIB;
+
+/// The all-zero stretches of every base image: one cluster-aligned, one not
+/// (only the clusters wholly inside it can become zero clusters).
+const ZEROS: [(u64, u64); 2] = [(MIB, MIB + CLUSTER), (5 * MIB + 4 * KIB, 300 * KIB)];
+/// The whole clusters inside [`ZEROS`]: what must map as zero, not data.
+const ZERO_CLUSTERS: [(u64, u64); 2] = [(MIB, MIB + CLUSTER), (5 * MIB + CLUSTER, 3 * CLUSTER)];
+
+/// A raw base image of random bytes with [`ZEROS`] in it, and the path of
+/// an overlay on it (made once its server runs).
+struct Base {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    overlay: PathBuf,
+    size: u64,
+}
+
+impl Base {
+    /// `size` (at least 6 MiB) random bytes; sizes that are not a multiple
+    /// of the cluster size give the overlay a partial last cluster.
+    fn new(prefix: &str, size: u64) -> Base {
+        assert!(size >= 6 * MIB);
+        let dir = tempdir(prefix);
+        let base = dir.path().join("base.raw");
+        let mut data = random_bytes(size as usize, seed_from_env(prefix));
+        for (off, len) in ZEROS {
+            data[off as usize..(off + len) as usize].fill(0);
+        }
+        write_file(&base, &data);
+        let overlay = dir.path().join("overlay.qcow2");
+        Base {
+            dir,
+            base,
+            overlay,
+            size,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn sock(&self) -> PathBuf {
+        socket_path(self.dir.path(), "nbd.sock")
+    }
+
+    fn uri(&self) -> String {
+        unix_uri(&self.sock())
+    }
+
+    /// nbdkit serving the base image on [`Base::sock`], with `filters`.
+    fn nbdkit(&self, filters: &[&str], params: &[&str]) -> Peer {
+        nbd_peer::nbdkit(self.dir.path(), &self.sock(), &self.base, filters, params)
+    }
+
+    /// nginx serving the base image, which moves to `www/base.raw` below
+    /// the directory. Its URL is `nginx.url("base.raw")`; the server must
+    /// be dropped before `self` (declared after it).
+    fn nginx(&mut self) -> nginx_common::Nginx {
+        let www = self.path("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let moved = www.join("base.raw");
+        std::fs::rename(&self.base, &moved).unwrap();
+        self.base = moved;
+        nginx_common::Nginx::start(&self.path("nginx"), &www, "", None)
+    }
+
+    /// nbdkit whose log filter writes every request to `log`.
+    fn nbdkit_logged(&self, log: &Path) -> Peer {
+        let _ = std::fs::remove_file(log);
+        self.nbdkit(&["log"], &[&format!("logfile={}", log.display())])
+    }
+
+    /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2`: the size
+    /// comes from the server, which must be running.
+    fn create_overlay(&self, uri: &str) {
+        qemu_img([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            uri,
+            "-F",
+            "raw",
+            &path_str(&self.overlay),
+        ]);
+        assert_eq!(virtual_size(&self.overlay), self.size);
+    }
+
+    /// `backfill stream ARGS overlay.qcow2`, which must succeed; its stdout.
+    fn stream_cli(&self, args: &[&str]) -> String {
+        let mut argv = vec!["stream"];
+        argv.extend_from_slice(args);
+        let overlay = path_str(&self.overlay);
+        argv.push(&overlay);
+        backfill_ok(&argv)
+    }
+
+    /// `backfill stream ARGS overlay.qcow2`, which must fail with status 1
+    /// and one `backfill: ` line on stderr; that line.
+    fn stream_cli_fails(&self, args: &[&str]) -> String {
+        let mut argv = vec!["stream"];
+        argv.extend_from_slice(args);
+        let overlay = path_str(&self.overlay);
+        argv.push(&overlay);
+        let out = backfill_output(&argv);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "backfill {argv:?}: {err}");
+        let last = err.lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with("backfill: "), "{err}");
+        last
+    }
+
+    /// After a complete stream: standalone (`qemu-img info`), clean,
+    /// identical to the base, everything in the overlay itself, and the
+    /// zero regions zero clusters, not data (`qemu-img map`).
+    fn check_streamed(&self) {
+        assert_standalone(&self.overlay);
+        self.check_populated();
+    }
+
+    /// Every byte in the overlay, which checks clean, reads as the base, and
+    /// holds the zero regions as zero clusters.
+    fn check_populated(&self) {
+        check_clean(&self.overlay);
+        compare_identical(&self.overlay, &self.base);
+        let map = qemu_map(&self.overlay);
+        assert_all_in_overlay(&map);
+        for (off, len) in ZERO_CLUSTERS {
+            assert_zero_in_overlay(&map, off, len);
+        }
+        assert!(map_at(&map, 0).data, "random bytes are data: {map:?}");
+        assert!(map_at(&map, self.size - 1).data, "{map:?}");
+    }
+
+    /// Bytes of the overlay that the image itself holds (data or zero
+    /// clusters), by `qemu-img map` (the backing must be reachable).
+    fn held_bytes(&self) -> u64 {
+        qemu_map(&self.overlay)
+            .iter()
+            .filter(|e| e.depth == 0)
+            .map(|e| e.length)
+            .sum()
+    }
+}
+
+fn stream_summary_ok(stdout: &str, how: &str) {
+    assert!(
+        stdout.starts_with("streamed ") && stdout.contains(how),
+        "backfill stream said: {stdout}"
+    );
+}
+
+/// The reads nbdkit's log filter recorded in `log`, as (offset, count).
+fn logged_reads(log: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let hex = |line: &str, key: &str| -> u64 {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in log line {line:?}"));
+        u64::from_str_radix(v.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|e| panic!("{key}{v} in {line:?}: {e}"))
+    };
+    text.lines()
+        .filter(|l| l.contains(" Read id="))
+        .map(|l| (hex(l, "offset="), hex(l, "count=")))
+        .collect()
+}
+
+/// The reads of `runs` together cover `[0, size)` exactly once: nothing was
+/// fetched twice, nothing was skipped.
+#[track_caller]
+fn assert_each_byte_fetched_once(runs: &[&[(u64, u64)]], size: u64) {
+    let mut reads: Vec<(u64, u64)> = runs.iter().flat_map(|r| r.iter().copied()).collect();
+    reads.sort_unstable();
+    let mut pos = 0;
+    for &(off, len) in &reads {
+        assert!(
+            off >= pos,
+            "bytes [{off:#x}, {:#x}) fetched twice",
+            pos.min(off + len)
+        );
+        assert_eq!(off, pos, "bytes [{pos:#x}, {off:#x}) never fetched");
+        pos = off + len;
+    }
+    assert_eq!(pos, size, "the reads end at {pos:#x}");
+}
+
+// ------------------------------------------------------- complete streams
+
+#[test]
+fn cli_stream_over_nbdkit() {
+    let b = Base::new("sr-nbd", 8 * MIB + 12 * KIB);
+    let server = b.nbdkit(&[], &[]);
+    let uri = b.uri();
+    b.create_overlay(&uri);
+    // With no server, a clear error that names the backing.
+    server.stop();
+    let err = b.stream_cli_fails(&[]);
+    assert!(err.contains(&uri) && err.contains("connect"), "{err}");
+    assert_eq!(info_json(&b.overlay)["backing-filename"], uri.as_str());
+
+    let server = b.nbdkit(&[], &[]);
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    // The standalone image needs no server any more.
+    server.stop();
+    b.check_streamed();
+}
+
+/// Every read takes a millisecond longer on the server, which refuses
+/// reads larger than 64 KiB (so every 1 MiB stream request is split), and
+/// four reactors (more than the machine's cores in CI) fill their stripes
+/// at once.
+#[test]
+fn cli_stream_over_a_slow_nbdkit_on_four_cores() {
+    let b = Base::new("sr-nbd-slow", 12 * MIB + 4 * KIB);
+    let server = b.nbdkit(
+        &["delay", "blocksize-policy"],
+        &[
+            "rdelay=1ms",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    b.create_overlay(&b.uri());
+    let out = b.stream_cli(&["--cores", "4"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    b.check_streamed();
+}
+
+/// qemu-nbd on TCP (`nbd://127.0.0.1:PORT/`), with a rate limit.
+#[test]
+fn cli_stream_over_qemu_nbd_tcp() {
+    let b = Base::new("sr-qnbd", 6 * MIB + 512);
+    // A port nobody listens on now; qemu-nbd takes it a moment later.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("finding a free port")
+        .port();
+    let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(String::from);
+    let server = nbd_peer::qemu_nbd(b.dir.path(), &b.base, &listen);
+    b.create_overlay(&format!("nbd://127.0.0.1:{port}/"));
+    let out = b.stream_cli(&["--rate", "256M", "--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    b.check_streamed();
+}
+
+#[test]
+fn cli_stream_over_http() {
+    let mut b = Base::new("sr-http", 8 * MIB + 4 * KIB);
+    let nginx = b.nginx();
+    let url = nginx.url("base.raw");
+    b.create_overlay(&url);
+    assert_eq!(info_json(&b.overlay)["backing-filename"], url.as_str());
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    drop(nginx);
+    b.check_streamed();
+}
+
+#[test]
+fn cli_stream_keep_backing_over_nbd() {
+    let b = Base::new("sr-keep", 6 * MIB + 8 * KIB);
+    let server = b.nbdkit(&[], &[]);
+    let uri = b.uri();
+    b.create_overlay(&uri);
+    let out = b.stream_cli(&["--keep-backing", "--cores", "2"]);
+    stream_summary_ok(&out, "backing file kept");
+    let info = info_json(&b.overlay);
+    assert_eq!(info["backing-filename"], uri.as_str(), "{info}");
+    assert_eq!(info["backing-filename-format"], "raw", "{info}");
+    b.check_populated();
+    let text = backfill_ok(&["info", &path_str(&b.overlay)]);
+    assert!(text.contains("100.0% populated"), "{text}");
+    server.stop();
+}
+
+// ------------------------------------------------ interrupted and resumed
+
+/// Opens the overlay and starts a stream at `rate` bytes/s (slow enough
+/// that the test acts midway).
+fn start_stream(b: &Base, rate: u64) -> (backfill::Disk, backfill::Stream) {
+    let disk = open(&b.overlay, options(2, true, false));
+    let s = disk
+        .stream(StreamOptions {
+            rate_bytes_per_sec: Some(rate),
+            ..StreamOptions::default()
+        })
+        .expect("starting the stream");
+    (disk, s)
+}
+
+/// Waits until the stream populated at least `bytes`; it must still run.
+#[track_caller]
+fn wait_populated(s: &backfill::Stream, bytes: u64) -> StreamProgress {
+    let p = s.wait_until(|p| p.populated_bytes >= bytes);
+    assert_eq!(p.state, StreamState::Running, "{p:?}");
+    p
+}
+
+#[test]
+fn cancelled_over_nbd_then_resumed_by_the_cli() {
+    let b = Base::new("sr-cancel", 12 * MIB + 12 * KIB);
+    // The overlay is made before the logged server runs, so that the logs
+    // hold the streams' reads only.
+    let server = b.nbdkit(&[], &[]);
+    b.create_overlay(&b.uri());
+    server.stop();
+    let first_log = b.path("first.log");
+    let server = b.nbdkit_logged(&first_log);
+    let (disk, s) = start_stream(&b, 4 * MIB);
+    wait_populated(&s, 2 * MIB);
+    s.cancel();
+    let last = s.wait_until(|p| p.state.is_stopped());
+    assert_eq!(last.state, StreamState::Cancelled, "{last:?}");
+    assert_eq!(s.wait().expect("a cancelled stream"), StreamEnd::Cancelled);
+    let first = last.populated_bytes;
+    assert!(first >= 2 * MIB && first < b.size, "{last:?}");
+    disk.close().unwrap();
+    // The server exits once its clients are gone, and its log is complete.
+    server.stop();
+    let first_reads = logged_reads(&first_log);
+
+    // Cancelled: flushed, clean, the backing still named, the work kept.
+    let server = b.nbdkit(&[], &[]);
+    check_clean(&b.overlay);
+    assert_eq!(info_json(&b.overlay)["backing-filename"], b.uri().as_str());
+    assert_eq!(b.held_bytes(), first, "what the first stream populated");
+    server.stop();
+
+    let second_log = b.path("second.log");
+    let server = b.nbdkit_logged(&second_log);
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    assert_each_byte_fetched_once(&[&first_reads, &logged_reads(&second_log)], b.size);
+    b.check_streamed();
+}
+
+#[test]
+fn cli_stream_killed_over_nbd_then_resumed() {
+    let b = Base::new("sr-kill", 24 * MIB);
+    let server = b.nbdkit(&[], &[]);
+    b.create_overlay(&b.uri());
+    // Slow, so that it is surely midway at its first progress line.
+    let mut child = Command::new(backfill_bin())
+        .args(["stream", "--rate", "4M", "--cores", "2"])
+        .arg(&b.overlay)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .next()
+        .expect("a progress line")
+        .expect("reading stderr");
+    assert!(line.starts_with("stream: "), "{line}");
+    assert!(!line.starts_with("stream: 100"), "{line}");
+    child.kill().unwrap(); // SIGKILL, with fetches in flight
+    child.wait().unwrap();
+
+    // Clusters a crash leaves reserved are leaks, never corruption.
+    check_no_corruption(&b.overlay);
+    assert_eq!(info_json(&b.overlay)["backing-filename"], b.uri().as_str());
+    let held = b.held_bytes();
+    assert!(held > 0 && held < b.size, "{held}");
+
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    b.check_streamed();
+}
+
+/// The failure of a stream over `uri`: it names the stream and the backing.
+#[track_caller]
+fn assert_backing_failure(last: &StreamProgress, e: &backfill::Error, uri: &str) {
+    assert_eq!(last.state, StreamState::Failed, "{last:?}");
+    let msg = e.to_string();
+    eprintln!("the stream failed: {msg}");
+    assert_eq!(last.error.as_deref(), Some(msg.as_str()));
+    assert_eq!(e.kind(), ErrorKind::BackingUnavailable, "{msg}");
+    assert!(
+        msg.starts_with("streaming: ") && msg.contains(uri),
+        "the error names the stream and the backing: {msg}"
+    );
+    assert!(last.populated_bytes < last.total_bytes, "{last:?}");
+}
+
+/// The disk still reads what the overlay holds (found by block status),
+/// equal to the base image.
+fn check_held_reads(disk: &backfill::Disk, base: &[u8]) {
+    let mut checked = 0;
+    for e in disk.block_status(0, disk.size()).unwrap() {
+        if matches!(e.kind, ExtentKind::Data | ExtentKind::Zero) {
+            let mut buf = vec![0u8; e.len as usize];
+            disk.read_at(&mut buf, e.offset)
+                .unwrap_or_else(|err| panic!("reading held {e:?}: {err}"));
+            let at = e.offset as usize;
+            assert_same_bytes(&buf, &base[at..at + buf.len()], "a held range");
+            checked += e.len;
+        }
+    }
+    assert!(checked > 0, "nothing held");
+}
+
+#[test]
+fn failing_backing_stops_the_stream_clearly() {
+    let b = Base::new("sr-fail", 12 * MIB);
+    let trigger = b.path("errors-on");
+    let errors = [
+        "error=EIO".to_string(),
+        "error-pread-rate=100%".to_string(),
+        format!("error-pread-file={}", trigger.display()),
+    ];
+    let errors: Vec<&str> = errors.iter().map(String::as_str).collect();
+    let server = b.nbdkit(&["error"], &errors);
+    let uri = b.uri();
+    b.create_overlay(&uri);
+    let (disk, s) = start_stream(&b, 4 * MIB);
+    wait_populated(&s, 2 * MIB);
+    write_file(&trigger, b"");
+    let last = s.wait_until(|p| p.state.is_stopped());
+    let e = s.wait().expect_err("a stream whose backing fails");
+    assert_backing_failure(&last, &e, &uri);
+    check_held_reads(&disk, &read_file(&b.base));
+    disk.close().unwrap();
+
+    // Consistent, the backing still named, nothing lost of what is held.
+    check_no_corruption(&b.overlay);
+    assert_eq!(info_json(&b.overlay)["backing-filename"], uri.as_str());
+    assert!(b.held_bytes() >= last.populated_bytes);
+
+    // The CLI fails the same way, with the error on stderr.
+    let err = b.stream_cli_fails(&["--cores", "2"]);
+    assert!(
+        err.contains("streaming: ") && err.contains(&uri) && err.contains("error 5"),
+        "{err}"
+    );
+    check_no_corruption(&b.overlay);
+
+    // The server heals; the next stream finishes the job.
+    std::fs::remove_file(&trigger).unwrap();
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    b.check_streamed();
+}
+
+#[test]
+fn backing_server_killed_midway() {
+    let b = Base::new("sr-killed-server", 16 * MIB);
+    let server = b.nbdkit(&[], &[]);
+    let uri = b.uri();
+    b.create_overlay(&uri);
+    let (disk, s) = start_stream(&b, 4 * MIB);
+
+    // Killed and back at once: the stream goes on.
+    wait_populated(&s, 2 * MIB);
+    server.stop_with(libc::SIGKILL);
+    let server = b.nbdkit(&[], &[]);
+    wait_populated(&s, 6 * MIB);
+
+    // Killed for good: the stream fails once reconnecting gives up.
+    server.stop_with(libc::SIGKILL);
+    let last = s.wait_until(|p| p.state.is_stopped());
+    let e = s.wait().expect_err("a stream whose backing is gone");
+    assert_backing_failure(&last, &e, &uri);
+    check_held_reads(&disk, &read_file(&b.base));
+
+    // Back again: a new stream on the same open disk finishes.
+    let server = b.nbdkit(&[], &[]);
+    let s = disk.stream(StreamOptions::default()).unwrap();
+    let end = s
+        .wait()
+        .unwrap_or_else(|e| panic!("the stream after the restart: {e}"));
+    assert_eq!(
+        end,
+        StreamEnd::Finished {
+            backing_dropped: true
+        }
+    );
+    disk.close().unwrap();
+    server.stop();
+    b.check_streamed();
+}
+
+/// The file under nginx is replaced by another image midway: the stream
+/// fails with "changed" (never mixing the two images in the overlay), the
+/// disk keeps serving what it holds, and a new stream fails the same way.
+#[test]
+fn http_image_replaced_mid_stream_fails_clearly() {
+    let mut b = Base::new("sr-http-changed", 12 * MIB);
+    let nginx = b.nginx();
+    let original = read_file(&b.base);
+    let url = nginx.url("base.raw");
+    b.create_overlay(&url);
+    let (disk, s) = start_stream(&b, 4 * MIB);
+    wait_populated(&s, 2 * MIB);
+
+    // A new image under the same name (written aside, renamed over it), an
+    // hour newer: nginx's ETag is the modification second and the size,
+    // which a rewrite within the same second would not change.
+    let new = b.base.with_extension("new");
+    write_random_file(&new, b.size, 0x5eed);
+    let later =
+        std::fs::metadata(&new).unwrap().modified().unwrap() + std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    std::fs::rename(&new, &b.base).unwrap();
+
+    let last = s.wait_until(|p| p.state.is_stopped());
+    let e = s.wait().expect_err("a stream whose remote image changed");
+    assert_backing_failure(&last, &e, &url);
+    assert!(e.to_string().contains("changed"), "{e}");
+    check_held_reads(&disk, &original);
+    let again = disk.stream(StreamOptions::default()).unwrap().wait();
+    let e = again.expect_err("a new stream over the changed image");
+    assert!(e.to_string().contains("changed"), "{e}");
+    disk.close().unwrap();
+    check_no_corruption(&b.overlay);
+    assert_eq!(info_json(&b.overlay)["backing-filename"], url.as_str());
+}
+
+// ------------------------------------------------------- serve --stream
+
+/// `backfill serve --stream` over a slow nbdkit backing: a client writes
+/// and reads through NBD while the stream runs; the image ends standalone
+/// with the client's writes in it.
+#[test]
+fn serve_stream_over_a_slow_nbdkit() {
+    let b = Base::new("sr-serve", 12 * MIB);
+    let server = b.nbdkit(&["delay"], &["rdelay=1ms"]);
+    b.create_overlay(&b.uri());
+    let mut expected = read_file(&b.base);
+    let mut served = nbd_common::Server::start(b.dir.path(), &b.overlay, &["--stream=16M"]);
+    qemu_io(
+        Path::new(&served.uri),
+        "raw",
+        &[
+            "write -P 0xab 1M 64K".into(),
+            "write -P 0xcd 10000 3000".into(),
+            "write -z 7M 128K".into(),
+        ],
+    );
+    expected[MIB as usize..(MIB + CLUSTER) as usize].fill(0xab);
+    expected[10000..13000].fill(0xcd);
+    expected[7 * MIB as usize..(7 * MIB + 128 * KIB) as usize].fill(0);
+    let copy = b.path("read.raw");
+    qemu_img([
+        "convert".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        served.uri.as_ref(),
+        copy.as_os_str(),
+    ]);
+    assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
+    let line = served.read_stdout_line();
+    stream_summary_ok(&line, "backing file dropped");
+    served.stop();
+    server.stop();
+    assert_standalone(&b.overlay);
+    check_clean(&b.overlay);
+    compare_with_bytes(&b.overlay, &expected, b.dir.path());
+    let map = qemu_map(&b.overlay);
+    assert_all_in_overlay(&map);
+    assert_zero_in_overlay(&map, MIB + CLUSTER, MIB);
+    assert_zero_in_overlay(&map, ZERO_CLUSTERS[1].0, ZERO_CLUSTERS[1].1);
+}
+
+/// An overlay larger than its remote backing image, whose size is no
+/// multiple of 512: the stream reads up to the backing's end and no
+/// further (the rest reads as zeros), over NBD and over HTTP.
+#[test]
+fn overlay_larger_than_its_remote_backing() {
+    let mut b = Base::new("sr-larger", 6 * MIB + 4 * KIB + 123);
+    let base_bytes = read_file(&b.base);
+    let size = 8 * MIB + 12 * KIB;
+    let mut expected = base_bytes.clone();
+    expected.resize(size as usize, 0);
+
+    let server = b.nbdkit(&[], &[]);
+    qemu_create_qcow2(&b.overlay, "", Some((&b.uri(), "raw")), Some(size));
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    assert_standalone(&b.overlay);
+    check_clean(&b.overlay);
+    compare_with_bytes(&b.overlay, &expected, b.dir.path());
+
+    let nginx = b.nginx();
+    let overlay = b.path("http.qcow2");
+    qemu_create_qcow2(
+        &overlay,
+        "",
+        Some((&nginx.url("base.raw"), "raw")),
+        Some(size),
+    );
+    let out = backfill_ok(&["stream", "--cores", "2", &path_str(&overlay)]);
+    stream_summary_ok(&out, "backing file dropped");
+    drop(nginx);
+    assert_standalone(&overlay);
+    check_clean(&overlay);
+    compare_with_bytes(&overlay, &expected, b.dir.path());
+}
+
+/// `backfill serve --stream` whose backing fails every read from the start:
+/// the stream fails with the error on stderr, the server goes on serving
+/// (a write that needs no backing data succeeds; once the backing heals,
+/// reads do too), and a later `backfill stream` finishes the image.
+#[test]
+fn serve_stream_with_a_failing_backing_keeps_serving() {
+    let b = Base::new("sr-serve-fail", 6 * MIB);
+    let trigger = b.path("errors-on");
+    write_file(&trigger, b"");
+    let errors = [
+        "error=EIO".to_string(),
+        "error-pread-rate=100%".to_string(),
+        format!("error-pread-file={}", trigger.display()),
+    ];
+    let errors: Vec<&str> = errors.iter().map(String::as_str).collect();
+    let server = b.nbdkit(&["error"], &errors);
+    let uri = b.uri();
+    b.create_overlay(&uri);
+    let mut expected = read_file(&b.base);
+    let served = nbd_common::Server::start(b.dir.path(), &b.overlay, &["--stream"]);
+    // The failure shows on stderr; polled with a hang guard, the pause only
+    // keeps the poll from spinning.
+    let guard = std::time::Instant::now() + nbd_common::HANG_GUARD;
+    let failure = loop {
+        let log = served.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("stream failed")) {
+            break line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < guard,
+            "no stream failure on stderr:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(
+        failure.starts_with("backfill: stream failed: streaming: ") && failure.contains(&uri),
+        "{failure}"
+    );
+    // Whole clusters need nothing from the backing.
+    qemu_io(
+        Path::new(&served.uri),
+        "raw",
+        &["write -P 0xab 2M 128K".into()],
+    );
+    expected[2 * MIB as usize..(2 * MIB + 2 * CLUSTER) as usize].fill(0xab);
+    std::fs::remove_file(&trigger).unwrap();
+    let copy = b.path("read.raw");
+    qemu_img([
+        "convert".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        served.uri.as_ref(),
+        copy.as_os_str(),
+    ]);
+    assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
+    served.stop();
+    check_no_corruption(&b.overlay);
+    let out = b.stream_cli(&["--cores", "2"]);
+    stream_summary_ok(&out, "backing file dropped");
+    server.stop();
+    assert_standalone(&b.overlay);
+    check_clean(&b.overlay);
+    compare_with_bytes(&b.overlay, &expected, b.dir.path());
+}
