@@ -661,23 +661,7 @@ fn cli_stream_keep_backing_and_bad_rate() {
 fn cli_stream_killed_midway_resumes() {
     let size = 32 * MIB;
     let f = fixture("stream-kill", size, &[], 13);
-    // Slow, so that it is surely midway at its first progress line.
-    let mut child = backfill_cmd()
-        .args(["stream", "--rate", "4M", "--cores", "2"])
-        .arg(&f.overlay)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines
-        .next()
-        .expect("a progress line")
-        .expect("reading stderr");
-    assert!(line.starts_with("stream: "), "{line}");
-    assert!(!line.starts_with("stream: 100"), "{line}");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_stream_midway(&f.overlay);
 
     // Clusters a crash leaves reserved are leaks, never corruption.
     check_no_corruption(&f.overlay);

@@ -62,9 +62,7 @@ mod nginx_common;
 use backfill::{ErrorKind, ExtentKind, StreamEnd, StreamOptions, StreamProgress, StreamState};
 use common::*;
 use nbd_peer::{socket_path, unix_uri, Peer};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 const CLUSTER: u64 = 64 * KIB;
 
@@ -415,23 +413,7 @@ fn cli_stream_killed_over_nbd_then_resumed() {
     let b = Base::new("sr-kill", 24 * MIB);
     let server = b.nbdkit(&[], &[]);
     b.create_overlay(&b.uri());
-    // Slow, so that it is surely midway at its first progress line.
-    let mut child = Command::new(backfill_bin())
-        .args(["stream", "--rate", "4M", "--cores", "2"])
-        .arg(&b.overlay)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines
-        .next()
-        .expect("a progress line")
-        .expect("reading stderr");
-    assert!(line.starts_with("stream: "), "{line}");
-    assert!(!line.starts_with("stream: 100"), "{line}");
-    child.kill().unwrap(); // SIGKILL, with fetches in flight
-    child.wait().unwrap();
+    kill_stream_midway(&b.overlay);
 
     // Clusters a crash leaves reserved are leaks, never corruption.
     check_no_corruption(&b.overlay);

@@ -628,3 +628,27 @@ pub fn join(dir: &Path, name: &str) -> PathBuf {
 pub fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
+
+/// Runs `backfill stream --rate 4M --cores 2 OVERLAY` and kills it with
+/// SIGKILL, fetches in flight, once it printed its first progress line
+/// (which must say it is midway: slow, so that it surely is).
+#[allow(dead_code)]
+pub fn kill_stream_midway(overlay: &Path) {
+    use std::io::BufRead;
+    let mut child = Command::new(backfill_bin())
+        .args(["stream", "--rate", "4M", "--cores", "2"])
+        .arg(overlay)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .next()
+        .expect("a progress line")
+        .expect("reading stderr");
+    assert!(line.starts_with("stream: "), "{line}");
+    assert!(!line.starts_with("stream: 100"), "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
