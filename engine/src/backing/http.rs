@@ -93,7 +93,10 @@ impl Default for RetryPolicy {
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
     /// Keep-alive connections kept open at most, which is also the number
-    /// of requests in flight at most (at least 1).
+    /// of requests in flight at most (at least 1). Default 32: a backing
+    /// served over a link with milliseconds of round trip needs as many
+    /// ranges in flight as the client has reads in flight (fio's depth 32,
+    /// a guest's queue), or the link idles; QEMU's curl driver keeps 8.
     pub max_connections: usize,
     /// The limit for establishing one TCP connection.
     pub connect_timeout: Duration,
@@ -112,7 +115,7 @@ pub struct HttpOptions {
 impl Default for HttpOptions {
     fn default() -> HttpOptions {
         HttpOptions {
-            max_connections: 8,
+            max_connections: 32,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
