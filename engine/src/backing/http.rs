@@ -10,6 +10,9 @@
 //!   the strong `ETag`, or else `Last-Modified`. A server that sends neither
 //!   is refused ([`HttpErrorKind::NoValidator`]) unless
 //!   [`HttpOptions::require_validator`] is false.
+//!   [`HttpOptions::expect`] is the validator and size an overlay pinned
+//!   on an earlier run (`qcow2::pin`): if the server now reports another,
+//!   the open fails with [`HttpErrorKind::Changed`], before any read.
 //! * [`HttpBacking::size`] is the image size in bytes, fixed at open.
 //! * [`HttpBacking::read_at`] fills a buffer from an offset with one ranged
 //!   GET carrying `If-Match` (or `If-Unmodified-Since`). Every response is
