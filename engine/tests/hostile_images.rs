@@ -614,14 +614,14 @@ fn case15_malformed_remote_image_pin() {
     long_name[16..18].copy_from_slice(&0xffffu16.to_be_bytes());
     let mut version = good.clone();
     version[3] = 2;
-    let cases: &[(&str, Vec<Vec<u8>>, &[&str])] = &[
-        ("15a-pin-truncated", vec![good[..10].to_vec()], &["pin"]),
-        ("15b-pin-name-length", vec![long_name], &["pin"]),
-        ("15c-pin-version", vec![version], &["layout version 2"]),
+    let cases = [
+        ("15a-pin-truncated", vec![good[..10].to_vec()], "pin"),
+        ("15b-pin-name-length", vec![long_name], "pin"),
+        ("15c-pin-version", vec![version], "layout version 2"),
         (
             "15d-two-pins",
             vec![good.clone(), good.clone()],
-            &["more than one"],
+            "more than one",
         ),
     ];
     for b in bases(dir.path())
@@ -629,7 +629,7 @@ fn case15_malformed_remote_image_pin() {
         .filter(|b| b.hdr64(BACKING_FILE_OFFSET) != 0)
     {
         let header = Header::parse(&b.bytes, b.len(), "base").unwrap();
-        for (what, pins, needles) in cases {
+        for (what, pins, needle) in &cases {
             let mut h = header.clone();
             h.extensions.extend(pins.iter().map(|data| Extension {
                 kind: EXT_REMOTE_PIN,
@@ -637,7 +637,7 @@ fn case15_malformed_remote_image_pin() {
             }));
             let case = name(b, what);
             let p = b.damaged(&case, &[(0, h.serialize().unwrap())]);
-            expect_open_refused(&case, &p, needles, false);
+            expect_open_refused(&case, &p, &[needle], false);
         }
         // A length running past the header area: the extension list itself
         // is refused.
