@@ -56,7 +56,7 @@
 //!    is written further on (behind the end marker, unread), then bytes
 //!    8..20 (`backing_file_offset`, `backing_file_size`) switch to it;
 //! 3. the new pin's data and a new end marker are written at `P + 8`,
-//!    behind the end marker, unread;
+//!    behind the end marker, unread, followed by zeros up to the name;
 //! 4. the pin's type and length (8 bytes) replace the end marker at `P`,
 //!    which makes the pin visible at once.
 //!
@@ -302,8 +302,11 @@ pub fn set_pin_plan(
             bytes: field,
         });
     }
+    // Behind the end marker up to the name, all unread by now: the pin's
+    // data, the new end marker, then zeros over whatever an old name or
+    // pin left there (qcow2.rst allows nothing else in that space).
     let mut body = data.clone();
-    body.resize(padded + 8, 0);
+    body.resize(new_name_off - at - 8, 0);
     plan.push(HeaderWrite {
         offset: at as u64 + 8,
         bytes: body,
@@ -462,6 +465,14 @@ mod tests {
         let h = Header::parse(&area, 1 << 30, "t").unwrap();
         assert_eq!(stored_pin(&h, "t").unwrap().as_ref(), Some(want));
         assert_eq!(h.extensions[0], qemu_feature_table());
+        // Nothing but zeros between the end marker and the name.
+        let mut off = h.header_length as usize;
+        while area[off..off + 4] != [0; 4] {
+            let len = u32::from_be_bytes(area[off + 4..off + 8].try_into().unwrap()) as usize;
+            off += 8 + len.next_multiple_of(8);
+        }
+        let name_off = h.backing_file_offset as usize;
+        assert!(area[off..name_off].iter().all(|&b| b == 0));
     }
 
     #[test]
