@@ -22,6 +22,8 @@
 //!   `qemu-img amend` rewrote the header the pin is still there and still
 //!   enforced; after `qemu-img rebase -u` onto another URL the old pin no
 //!   longer applies and the next writable open pins the new URL.
+//! * `last_modified_is_pinned_without_etags`: nginx with `etag off;`:
+//!   Last-Modified is pinned, and a newer file is refused the same way.
 //! * `malformed_pins_are_refused`: a pin with broken fields, or a length
 //!   running past the header area, is a clear `Corrupt` error, never a
 //!   panic, and nothing is written.
@@ -33,6 +35,7 @@ mod common;
 #[path = "common/nginx.rs"]
 mod nginx_common;
 
+use backfill::backing::http::Validator;
 use backfill::qcow2::pin::{stored_pin, EXT_REMOTE_PIN};
 use backfill::qcow2::Header;
 use backfill::{Disk, ErrorKind, StreamEnd, StreamOptions, StreamState};
@@ -54,12 +57,17 @@ struct Setup {
 impl Setup {
     /// The server must be declared after the setup (dropped first).
     fn new(prefix: &str) -> (Setup, nginx_common::Nginx) {
+        Setup::with_server(prefix, "")
+    }
+
+    /// Like [`Setup::new`], with `server_extra` in nginx's server block.
+    fn with_server(prefix: &str, server_extra: &str) -> (Setup, nginx_common::Nginx) {
         let dir = tempdir(prefix);
         let www = dir.path().join("www");
         std::fs::create_dir_all(&www).unwrap();
         let base = www.join("base.raw");
         let original = write_random_file(&base, SIZE, seed_from_env(prefix));
-        let nginx = nginx_common::Nginx::start(&dir.path().join("nginx"), &www, "", None);
+        let nginx = nginx_common::Nginx::start(&dir.path().join("nginx"), &www, server_extra, None);
         let url = nginx.url("base.raw");
         let overlay = dir.path().join("overlay.qcow2");
         qemu_img([
@@ -134,7 +142,7 @@ fn assert_every_open_refused(s: &Setup) {
         assert_eq!(e.kind(), ErrorKind::BackingUnavailable, "{e}");
         let m = e.to_string();
         assert!(
-            m.contains("changed") && m.contains(&s.url) && m.contains("pinned ETag"),
+            m.contains("changed") && m.contains(&s.url) && m.contains("pinned "),
             "{m}"
         );
     }
@@ -284,6 +292,36 @@ fn qemu_keeps_the_pin_and_a_rebase_replaces_it() {
             .count(),
         1
     );
+    drop(nginx);
+}
+
+/// A server without ETags: Last-Modified is what gets pinned, and what
+/// tells the replaced file.
+#[test]
+fn last_modified_is_pinned_without_etags() {
+    let (s, nginx) = Setup::with_server("pin-lastmod", "etag off;");
+    let disk = open(&s.overlay, options(1, true, false));
+    let mut buf = vec![0u8; 256 * KIB as usize];
+    disk.read_at(&mut buf, MIB).unwrap();
+    disk.close().unwrap();
+    let pin = s.pin().expect("pinned");
+    assert!(
+        matches!(&pin.validator, Validator::LastModified(d) if d.ends_with(" GMT")),
+        "{pin:?}"
+    );
+    open(&s.overlay, options(1, true, false)).close().unwrap();
+    let before = read_file(&s.overlay);
+    s.replace();
+    assert_every_open_refused(&s);
+    let e = Disk::open(&s.overlay, options(1, true, false))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("pinned Last-Modified"), "{e}");
+    assert!(
+        read_file(&s.overlay) == before,
+        "a refused open changed the overlay"
+    );
+    check_clean(&s.overlay);
     drop(nginx);
 }
 
