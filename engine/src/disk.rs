@@ -362,18 +362,34 @@ impl Disk {
             };
             Error::io(e, format!("opening {name} with O_DIRECT{hint}"))
         })?;
+        // The version of a remote image the overlay's data came from: the
+        // remote layer it names must still be that version (qcow2::pin).
+        let stored_pin = match &header.backing_file {
+            Some(_) => crate::qcow2::pin::stored_pin(&header, &name)?,
+            None => None,
+        };
         let chain = match &header.backing_file {
             Some(b) => Some(Arc::new(
-                Chain::open_confined(
+                Chain::open_pinned(
                     path,
                     b,
                     header.backing_format.as_deref(),
                     opts.backing_dir.as_deref(),
+                    stored_pin.as_ref(),
                 )
                 .map_err(|e| e.context(format!("{name}: opening its backing image")))?,
             )),
             None => None,
         };
+        if !opts.read_only {
+            // Pin the remote image's version before any of its data can
+            // land in the overlay: durable here, before the reactors start.
+            let now = chain.as_ref().and_then(|c| c.remote_pin());
+            if let Some(now) = now.filter(|p| stored_pin.as_ref() != Some(p)) {
+                crate::qcow2::pin::write_pin(&meta_file, &name, &mut header, &now)
+                    .map_err(|e| e.context(format!("{name}: pinning its remote backing image")))?;
+            }
+        }
         if let Some(chain) = &chain {
             // Nobody may change a backing image under us while we read it.
             for i in 0..chain.depth() {

@@ -591,3 +591,68 @@ fn refcount_table_pointing_into_itself_is_refused() {
         expect_refused(&case, &p, &["refcount"]);
     }
 }
+
+/// backfill's remote-image pin extension (`qcow2::pin`), damaged: too
+/// short, a name length past its data, an unknown layout version, two of
+/// them, and a length past the header area. Open refuses each one
+/// (`check` only looks at the image's own structure, where nothing is
+/// wrong).
+#[test]
+fn case15_malformed_remote_image_pin() {
+    use backfill::backing::http::Validator;
+    use backfill::qcow2::pin::{Pin, EXT_REMOTE_PIN};
+    use backfill::qcow2::{Extension, Header};
+    let dir = tempdir("hostile");
+    let good = Pin {
+        name: "http://127.0.0.1:1/base.raw".into(),
+        size: 64 * MIB,
+        validator: Validator::ETag("\"1-2\"".into()),
+    }
+    .encode()
+    .unwrap();
+    let mut long_name = good.clone();
+    long_name[16..18].copy_from_slice(&0xffffu16.to_be_bytes());
+    let mut version = good.clone();
+    version[3] = 2;
+    let cases = [
+        ("15a-pin-truncated", vec![good[..10].to_vec()], "pin"),
+        ("15b-pin-name-length", vec![long_name], "pin"),
+        ("15c-pin-version", vec![version], "layout version 2"),
+        (
+            "15d-two-pins",
+            vec![good.clone(), good.clone()],
+            "more than one",
+        ),
+    ];
+    for b in bases(dir.path())
+        .iter()
+        .filter(|b| b.hdr64(BACKING_FILE_OFFSET) != 0)
+    {
+        let header = Header::parse(&b.bytes, b.len(), "base").unwrap();
+        for (what, pins, needle) in &cases {
+            let mut h = header.clone();
+            h.extensions.extend(pins.iter().map(|data| Extension {
+                kind: EXT_REMOTE_PIN,
+                data: data.clone(),
+            }));
+            let case = name(b, what);
+            let p = b.damaged(&case, &[(0, h.serialize().unwrap())]);
+            expect_open_refused(&case, &p, &[needle], false);
+        }
+        // A length running past the header area: the extension list itself
+        // is refused.
+        let mut h = header.clone();
+        h.extensions.push(Extension {
+            kind: EXT_REMOTE_PIN,
+            data: good.clone(),
+        });
+        let area = h.serialize().unwrap();
+        let at = area
+            .windows(4)
+            .position(|w| w == EXT_REMOTE_PIN.to_be_bytes())
+            .unwrap() as u64;
+        let case = name(b, "15e-pin-length-huge");
+        let p = b.damaged(&case, &[(0, area), (at + 4, be32(0x7fff_fff0))]);
+        expect_refused(&case, &p, &["overruns the header area"]);
+    }
+}

@@ -91,6 +91,7 @@ fn quick_options() -> HttpOptions {
         },
         ca_file: None,
         require_validator: true,
+        expect: None,
     }
 }
 
@@ -339,6 +340,49 @@ fn replaced_file_is_caught_by_last_modified() {
         Some(mtime + Duration::from_secs(10)),
     );
     assert_changed(&backing, &url, 0, 4096);
+}
+
+/// An overlay's pinned validator (`HttpOptions::expect`, Last-Modified
+/// here) is checked at open: the same one opens, another size or a newer
+/// file is `Changed` before any read, naming both validators.
+#[test]
+fn pinned_validator_is_checked_at_open() {
+    let mut rng = Rng::new(seed_from_env("pinned_validator_is_checked_at_open"));
+    let site = Site::start("http-pinned", "etag off;", None);
+    let len = MIB;
+    site.put_random("disk.raw", len, rng.next_u64());
+    let url = site.url("disk.raw");
+    let pinned = open(&url, quick_options()).validator().cloned().unwrap();
+    let with = |expect| HttpOptions {
+        expect: Some(expect),
+        ..quick_options()
+    };
+    let same = open(&url, with((pinned.clone(), len)));
+    assert_eq!(same.validator(), Some(&pinned));
+    let refused = |opts: HttpOptions| {
+        let err = HttpBacking::open(&url, opts).unwrap_err();
+        eprintln!("expected error: {err}");
+        assert_eq!(err.kind(), HttpErrorKind::Changed, "{err}");
+        assert!(
+            err.message().contains(&url) && err.message().contains(&format!("pinned {pinned}")),
+            "{err}"
+        );
+        err
+    };
+    refused(with((pinned.clone(), len + 1)));
+    let mtime = std::fs::metadata(site.www.join("disk.raw"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let newer = common::random_bytes(len as usize, rng.next_u64());
+    replace_file(
+        &site.www,
+        "disk.raw",
+        &newer,
+        Some(mtime + Duration::from_secs(10)),
+    );
+    let err = refused(with((pinned.clone(), len)));
+    assert!(err.message().contains("now sends Last-Modified"), "{err}");
 }
 
 #[test]

@@ -10,6 +10,9 @@
 //!   the strong `ETag`, or else `Last-Modified`. A server that sends neither
 //!   is refused ([`HttpErrorKind::NoValidator`]) unless
 //!   [`HttpOptions::require_validator`] is false.
+//!   [`HttpOptions::expect`] is the validator and size an overlay pinned
+//!   on an earlier run (`qcow2::pin`): if the server now reports another,
+//!   the open fails with [`HttpErrorKind::Changed`], before any read.
 //! * [`HttpBacking::size`] is the image size in bytes, fixed at open.
 //! * [`HttpBacking::read_at`] fills a buffer from an offset with one ranged
 //!   GET carrying `If-Match` (or `If-Unmodified-Since`). Every response is
@@ -110,6 +113,11 @@ pub struct HttpOptions {
     /// Refuse a server that sends neither a strong ETag nor Last-Modified:
     /// without a validator a changed image cannot be detected.
     pub require_validator: bool,
+    /// The validator and size an overlay pinned when it first used this
+    /// image (see `qcow2::pin`): the open fails with
+    /// [`HttpErrorKind::Changed`] unless the server still reports exactly
+    /// these, so data copied from another version is never mixed in.
+    pub expect: Option<(Validator, u64)>,
 }
 
 impl Default for HttpOptions {
@@ -121,6 +129,7 @@ impl Default for HttpOptions {
             retry: RetryPolicy::default(),
             ca_file: None,
             require_validator: true,
+            expect: None,
         }
     }
 }
@@ -132,6 +141,15 @@ pub enum Validator {
     ETag(String),
     /// A `Last-Modified` date, sent back as `If-Unmodified-Since`.
     LastModified(String),
+}
+
+impl fmt::Display for Validator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Validator::ETag(tag) => write!(f, "ETag {tag}"),
+            Validator::LastModified(date) => write!(f, "Last-Modified {date:?}"),
+        }
+    }
 }
 
 /// What went wrong, coarse enough to act on.
@@ -401,6 +419,25 @@ impl HttpBacking {
             }
         };
         backing.size = probe.size;
+        if let Some((pinned, pinned_size)) = &backing.opts.expect {
+            let now = backing.validator.as_ref();
+            if now != Some(pinned) || backing.size != *pinned_size {
+                let now = match now {
+                    Some(v) => v.to_string(),
+                    None => "no validator".to_string(),
+                };
+                return Err(HttpError::new(
+                    HttpErrorKind::Changed,
+                    format!(
+                        "{}: the remote image changed since the overlay first used it (pinned \
+                         {pinned}, {pinned_size} bytes; the server now sends {now}, {} bytes): \
+                         refusing to mix data of two images; point the overlay at the original \
+                         image, or recreate it",
+                        backing.url, backing.size
+                    ),
+                ));
+            }
+        }
         Ok(backing)
     }
 

@@ -32,6 +32,7 @@ pub mod remote;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::create::{probe_format, resolve_backing_path};
+use crate::qcow2::pin::Pin;
 use crate::qcow2::{
     compressed_data, decode_l1, decode_l2, decode_l2_ext, CompressionType, Header, L2Entry,
     SubState, SUBCLUSTERS,
@@ -147,13 +148,19 @@ pub fn is_remote_name(name: &str) -> bool {
 
 /// Opens the remote medium a URI names: an NBD export or an HTTP(S) URL.
 /// For https, the system's CA certificates are trusted; `SSL_CERT_FILE`
-/// (a PEM file) replaces them, e.g. for a private CA.
-pub fn open_medium(name: &str) -> Result<Arc<dyn remote::Medium>> {
+/// (a PEM file) replaces them, e.g. for a private CA. A `pin` for this very
+/// URL (the overlay's record of the version it copied from, see
+/// `qcow2::pin`) must still match what the server reports, or the open
+/// fails; a pin for another name is ignored.
+pub fn open_medium(name: &str, pin: Option<&Pin>) -> Result<Arc<dyn remote::Medium>> {
     if http::medium::is_http_name(name) {
-        Ok(Arc::new(http::medium::HttpMedium::open(
-            name,
-            http::HttpOptions::default(),
-        )?))
+        let opts = http::HttpOptions {
+            expect: pin
+                .filter(|p| p.name == name)
+                .map(|p| (p.validator.clone(), p.size)),
+            ..http::HttpOptions::default()
+        };
+        Ok(Arc::new(http::medium::HttpMedium::open(name, opts)?))
     } else {
         Ok(Arc::new(nbd::NbdClient::open(name)?))
     }
@@ -165,6 +172,7 @@ fn open_remote(
     format: Option<&str>,
     parent: &str,
     confine: &Option<PathBuf>,
+    pin: Option<&Pin>,
 ) -> Result<Layer> {
     if let Some(dir) = confine {
         return Err(Error::new(
@@ -191,7 +199,7 @@ fn open_remote(
             )))
         }
     }
-    let medium = open_medium(name)?;
+    let medium = open_medium(name, pin)?;
     let size = medium.size();
     Ok(Layer {
         name: name.to_string(),
@@ -223,6 +231,19 @@ impl Chain {
         backing_file: &str,
         backing_format: Option<&str>,
         confine: Option<&Path>,
+    ) -> Result<Chain> {
+        Chain::open_pinned(overlay_path, backing_file, backing_format, confine, None)
+    }
+
+    /// Like [`Chain::open_confined`]; a remote layer whose URL `pin` names
+    /// must still be the version pinned (see `qcow2::pin`), or the open
+    /// fails before any read.
+    pub fn open_pinned(
+        overlay_path: &Path,
+        backing_file: &str,
+        backing_format: Option<&str>,
+        confine: Option<&Path>,
+        pin: Option<&Pin>,
     ) -> Result<Chain> {
         let confine = match confine {
             Some(d) => Some(
@@ -260,7 +281,13 @@ impl Chain {
                 )));
             }
             if is_remote_name(&name) {
-                layers.push(open_remote(&name, fmt.as_deref(), &parent_name, &confine)?);
+                layers.push(open_remote(
+                    &name,
+                    fmt.as_deref(),
+                    &parent_name,
+                    &confine,
+                    pin,
+                )?);
                 names.push(name);
                 // A raw layer: the chain ends here.
                 continue;
@@ -412,6 +439,12 @@ impl Chain {
     }
 
     /// The medium of layer `i` when it is remote.
+    /// The pin of the chain's remote layer (see `qcow2::pin`), if it has
+    /// one that can be pinned (an HTTP image with a validator).
+    pub fn remote_pin(&self) -> Option<Pin> {
+        (0..self.depth()).find_map(|i| self.remote(i).and_then(|m| m.pin()))
+    }
+
     pub fn remote(&self, i: usize) -> Option<&Arc<dyn remote::Medium>> {
         match &self.layers[i].format {
             Format::Remote(m) => Some(m),

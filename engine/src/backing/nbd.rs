@@ -18,8 +18,11 @@
 //! most [`MAX_ATTEMPTS`] times in all; so is a read the server answers with
 //! ESHUTDOWN (it is going away, another server may come). Once no
 //! connection could be made for [`GIVE_UP_AFTER`], queued reads fail
-//! instead of waiting; later reads find the server again as soon as it is
-//! back.
+//! instead of waiting. Connection threads that failed to connect wait out
+//! their backoff (up to 2 s), but a read submitted while no connection is
+//! up wakes them: it is tried at once, so a server that came back is found
+//! by the next read, not up to a backoff later (and, while the server is
+//! still away after the give-up time, the read fails at once too).
 //!
 //! What it never does: write to the export, block the thread that submits
 //! a read, read past the export's end, or hand out bytes a reply did not
@@ -29,7 +32,7 @@
 use super::remote::{Medium, RemoteRead};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::proto::*;
-use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -479,6 +482,11 @@ struct Pool {
     jobs_rx: Receiver<Job>,
     /// Disconnected when the client is dropped.
     stop_rx: Receiver<()>,
+    /// A read arrived while no connection was up: connection threads in
+    /// their backoff wait try again at once. Bounded, sent with
+    /// `try_send`: one token per waiting thread is enough.
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
     /// Connections in the transmission phase.
     live: AtomicUsize,
 }
@@ -542,6 +550,7 @@ impl NbdClient {
         })?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(CONNECTIONS);
         let pool = Arc::new(Pool {
             name: uri.to_string(),
             uri: parsed,
@@ -549,6 +558,8 @@ impl NbdClient {
             jobs_tx,
             jobs_rx,
             stop_rx,
+            wake_tx,
+            wake_rx,
             live: AtomicUsize::new(0),
         });
         let mut first = Some((stream, info));
@@ -596,6 +607,11 @@ impl Medium for NbdClient {
         // Unbounded: the submitters' own in-flight limits bound the queue.
         if let Err(e) = self.pool.jobs_tx.send(Job { read, attempts: 0 }) {
             self.pool.fail(e.into_inner(), "the client is shut down");
+            return;
+        }
+        if self.pool.live.load(Ordering::SeqCst) == 0 {
+            // Never blocks: a full channel already wakes every thread.
+            let _ = self.pool.wake_tx.try_send(());
         }
     }
 }
@@ -629,9 +645,14 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
                         "cannot reach the NBD server for {GIVE_UP_AFTER:?}: {e}"
                     ));
                 }
-                match pool.stop_rx.recv_timeout(backoff) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => break,
+                // The backoff, cut short by a new read (see `submit`).
+                let stop = select! {
+                    recv(pool.stop_rx) -> _ => true,
+                    recv(pool.wake_rx) -> _ => false,
+                    default(backoff) => false,
+                };
+                if stop {
+                    break;
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -639,6 +660,8 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
         };
         failing_since = None;
         backoff = BACKOFF_FIRST;
+        // Wake-ups sent while no connection was up are answered.
+        while pool.wake_rx.try_recv().is_ok() {}
         pool.live.fetch_add(1, Ordering::SeqCst);
         let (left, why) = session(pool, stream, info);
         pool.live.fetch_sub(1, Ordering::SeqCst);

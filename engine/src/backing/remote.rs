@@ -38,6 +38,12 @@ pub trait Medium: Send + Sync {
     /// Queues a read. Never blocks; `read.len <= self.max_read()`, the
     /// range is aligned and lies inside `[0, size)`.
     fn submit(&self, read: RemoteRead);
+    /// What identifies the version of the image this medium serves, for
+    /// the overlay to pin (see `qcow2::pin`); None where the medium has no
+    /// such thing (NBD).
+    fn pin(&self) -> Option<crate::qcow2::pin::Pin> {
+        None
+    }
 }
 
 /// One ranged read of a [`Medium`].

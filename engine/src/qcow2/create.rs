@@ -162,7 +162,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
                 }
             }
             if size.is_none() {
-                let medium = crate::backing::open_medium(backing)
+                let medium = crate::backing::open_medium(backing, None)
                     .map_err(|e| e.context(format!("creating {path_s}")))?;
                 size = Some(medium.size());
             }

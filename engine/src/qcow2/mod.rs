@@ -21,6 +21,7 @@ pub mod create;
 pub mod entry;
 pub mod header;
 pub mod info;
+pub mod pin;
 pub mod repair;
 pub mod snapshot;
 pub mod standalone;

@@ -7,8 +7,10 @@
 //! each one followed by an fdatasync before the next (`Meta`).
 //!
 //! The end state is what `qemu-img rebase -b ''` leaves: backing_file_offset
-//! and backing_file_size are 0, the backing format extension is gone, the
-//! other extensions are kept in order, and the old name's bytes are zeroed.
+//! and backing_file_size are 0, the backing format extension is gone, and so
+//! is backfill's remote-image pin (`qcow2::pin`, which only describes the
+//! backing), the other extensions are kept in order, and the old name's
+//! bytes are zeroed.
 //!
 //! Crash safety: a write of a few bytes inside one 512-byte sector lands
 //! whole or not at all (the assumption QEMU's own header updates make);
@@ -58,7 +60,12 @@ pub fn drop_backing_plan(area: &[u8], header: &Header) -> Vec<HeaderWrite> {
         V2_HEADER_LEN as usize
     };
     let mut new_list = Vec::new();
-    for e in &header.extensions {
+    // The remote-image pin belongs to the backing reference and goes with it.
+    for e in header
+        .extensions
+        .iter()
+        .filter(|e| e.kind != super::pin::EXT_REMOTE_PIN)
+    {
         new_list.extend_from_slice(&e.kind.to_be_bytes());
         new_list.extend_from_slice(&(e.data.len() as u32).to_be_bytes());
         new_list.extend_from_slice(&e.data);
@@ -224,6 +231,25 @@ mod tests {
                 assert_eq!(mid, done, "resumed after {k} steps");
             }
         }
+    }
+
+    #[test]
+    fn the_remote_pin_goes_with_the_backing() {
+        let (_, mut h) = backed();
+        let pin = crate::qcow2::Extension {
+            kind: crate::qcow2::pin::EXT_REMOTE_PIN,
+            data: vec![1; 40],
+        };
+        h.extensions.push(pin);
+        let mut area = h.serialize().expect("serializes");
+        area.resize(65536, 0);
+        let h = Header::parse(&area, 1 << 20, "t").expect("parses");
+        for w in &drop_backing_plan(&area, &h) {
+            apply(&mut area, w);
+            Header::parse(&area, 1 << 20, "t").expect("every prefix parses");
+        }
+        let end = Header::parse(&area, 1 << 20, "t").expect("end parses");
+        assert_eq!(end.extensions, h.extensions[..2]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::{HttpBacking, HttpOptions};
 use crate::backing::remote::{Medium, RemoteRead};
 use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::pin::Pin;
 
 /// The largest read one request asks for: big enough that a sequential
 /// fill is a few requests per MiB, small enough that a retry is cheap.
@@ -88,6 +89,14 @@ impl Medium for HttpMedium {
 
     fn max_read(&self) -> usize {
         HTTP_MAX_READ
+    }
+
+    fn pin(&self) -> Option<Pin> {
+        self.client.validator().map(|v| Pin {
+            name: self.name.clone(),
+            size: self.client.size(),
+            validator: v.clone(),
+        })
     }
 
     fn submit(&self, read: RemoteRead) {
