@@ -10,7 +10,8 @@
 //! image checked. After each epoch:
 //!
 //! * no server, connection or reactor thread is left (they are joined by
-//!   the time stop and close return), read from /proc/self/task;
+//!   the time stop and close return), read from /proc/self/task (where a
+//!   joined thread may linger a moment: see `server_threads_after_exit`);
 //! * the heap, counted by this binary's global allocator (every allocation
 //!   of every thread goes through it), is back to what it was after the
 //!   first epoch (which also pays for one-time initialisation: the
@@ -109,13 +110,31 @@ fn server_threads() -> Vec<String> {
         .collect()
 }
 
+/// [`server_threads`] once the joined threads are gone from /proc too.
+///
+/// A join returns when the thread's function has returned and the kernel
+/// has cleared its thread id, which it does before it removes the thread's
+/// /proc/self/task entry: on a loaded machine a joined thread stays listed
+/// for a moment. A thread still listed after the guard was never joined.
+/// The pause only keeps the poll from spinning.
+fn server_threads_after_exit() -> Vec<String> {
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = server_threads();
+        if left.is_empty() || std::time::Instant::now() > guard {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// One server lifetime; `offset` picks which slice of the corpus it gets.
 fn epoch(inputs: &[Vec<u8>], offset: usize) {
     for data in inputs.iter().skip(offset % STRIDE).step_by(STRIDE) {
         fuzz::nbd_client_bytes(data);
     }
     fuzz::nbd_finish();
-    let left = server_threads();
+    let left = server_threads_after_exit();
     assert!(
         left.is_empty(),
         "threads of a stopped server are still running: {left:?}"
