@@ -60,6 +60,11 @@ impl Reply {
         self.segs.push((true, start, end));
     }
 
+    /// The data buffer, once the reply has been copied out (for reuse).
+    pub fn into_data(self) -> Vec<u8> {
+        self.data
+    }
+
     /// Bytes on the wire.
     pub fn len(&self) -> usize {
         self.segs.iter().map(|&(_, s, e)| e - s).sum()
@@ -177,12 +182,14 @@ impl Session {
         }
     }
 
-    /// Starts a request that passed `check`; `payload` is a WRITE's data.
+    /// Starts a request that passed `check`; `payload` is a WRITE's data,
+    /// or a READ's buffer (any contents; a fresh one if its length is not
+    /// the request's).
     pub fn start(&self, req: RequestHeader, payload: Vec<u8>) {
         let tail = self.tail(req);
         let len = req.len as u64;
         match req.kind {
-            CMD_READ => self.read(req, tail),
+            CMD_READ => self.read(req, payload, tail),
             CMD_WRITE => self
                 .disk
                 .submit_write_with(req.offset, payload, move |res| tail.done(res.map(|_| ()))),
@@ -212,8 +219,10 @@ impl Session {
         }
     }
 
-    fn read(&self, req: RequestHeader, tail: Tail) {
-        let buf = vec![0u8; req.len as usize];
+    fn read(&self, req: RequestHeader, mut buf: Vec<u8>, tail: Tail) {
+        if buf.len() != req.len as usize {
+            buf = vec![0u8; req.len as usize];
+        }
         self.disk
             .submit_read_sparse_with(req.offset, buf, move |res| match res {
                 Ok(read) => {

@@ -35,7 +35,36 @@ const TX_BYTES: usize = 256 << 10;
 const TOKEN_RECV: u64 = 0;
 const TOKEN_SEND: u64 = 1;
 
-/// The connections of one core.
+/// A connection's read buffers, kept after their reply is sent: a read
+/// reuses one instead of allocating (and zeroing) a new one; the engine
+/// writes every byte of a read's buffer. Bounded, so a burst of large
+/// reads does not pin memory.
+#[derive(Default)]
+struct SpareBuffers(Vec<Vec<u8>>);
+
+/// Bytes of spare buffers a connection keeps at most.
+const SPARE_BYTES: usize = 8 << 20;
+
+impl SpareBuffers {
+    /// A buffer of `len` bytes (contents unspecified).
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = match self.0.iter().position(|b| b.capacity() >= len) {
+            Some(i) => self.0.swap_remove(i),
+            None => return vec![0u8; len],
+        };
+        // Only bytes past the old length are zeroed.
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&mut self, buf: Vec<u8>) {
+        let kept: usize = self.0.iter().map(Vec::capacity).sum();
+        if buf.capacity() > 0 && kept + buf.capacity() <= SPARE_BYTES {
+            self.0.push(buf);
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Connections {
     conns: slab::Slab<Conn>,
@@ -57,6 +86,8 @@ struct Conn {
     /// Payload bytes of a refused WRITE still to drop.
     skip: u64,
     out: VecDeque<Reply>,
+    /// Data buffers of sent read replies, for the next reads.
+    spare: SpareBuffers,
     tx: Rc<IoBuf>,
     tx_lo: usize,
     tx_hi: usize,
@@ -135,6 +166,7 @@ pub fn adopt(
                 partial: None,
                 skip: 0,
                 out: VecDeque::new(),
+                spare: SpareBuffers::default(),
                 tx: Rc::new(IoBuf::zeroed(TX_BYTES)),
                 tx_lo: 0,
                 tx_hi: 0,
@@ -353,6 +385,9 @@ impl Conn {
             self.charge(cost(&req));
             if req.kind == CMD_WRITE && req.len > 0 {
                 self.partial = Some((req, Vec::with_capacity(req.len as usize)));
+            } else if req.kind == CMD_READ {
+                let buf = self.spare.take(req.len as usize);
+                self.session.start(req, buf);
             } else {
                 self.session.start(req, Vec::new());
             }
@@ -399,6 +434,7 @@ impl Conn {
             let r = self.out.pop_front().expect("front exists");
             self.tx_cost += r.cost;
             self.tx_count += 1;
+            self.spare.give(r.into_data());
         }
         self.tx_lo = 0;
         self.tx_hi = at;
