@@ -731,29 +731,7 @@ mod tests {
     use crate::qcow2::testutil::{qemu_img, tool_available};
 
     fn sample() -> Header {
-        Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: 1 << 30,
-            crypt_method: 0,
-            l1_size: 2,
-            l1_table_offset: 3 << 16,
-            refcount_table_offset: 1 << 16,
-            refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: V3_HEADER_LEN,
-            compression_type: 0,
-            extensions: vec![qemu_feature_table()],
-            backing_file: Some("base.raw".into()),
-            backing_format: Some("raw".into()),
-        }
+        crate::qcow2::testutil::sample_header()
     }
 
     fn parse_mutated(f: impl FnOnce(&mut Vec<u8>)) -> Result<Header> {

@@ -359,24 +359,11 @@ mod tests {
     /// A header area as QEMU lays it out, backed by `name`, with `exts`.
     fn backed(name: &str, cluster_bits: u32, filler: usize) -> (Vec<u8>, Header) {
         let h = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
             cluster_bits,
             size: 1 << 20,
-            crypt_method: 0,
             l1_size: 1,
             l1_table_offset: 3 << cluster_bits,
             refcount_table_offset: 1 << cluster_bits,
-            refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 112,
-            compression_type: 0,
             extensions: vec![
                 qemu_feature_table(),
                 crate::qcow2::Extension {
@@ -385,7 +372,7 @@ mod tests {
                 },
             ],
             backing_file: Some(name.into()),
-            backing_format: Some("raw".into()),
+            ..crate::qcow2::testutil::sample_header()
         };
         let mut area = h.serialize().expect("serializes");
         area.resize(1 << cluster_bits, 0);

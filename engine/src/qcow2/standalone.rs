@@ -141,27 +141,12 @@ mod tests {
     /// A minimal valid version 3 header area with no backing file.
     fn sample_area() -> Vec<u8> {
         let h = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
             size: 1 << 20,
-            crypt_method: 0,
             l1_size: 1,
-            l1_table_offset: 3 << 16,
-            refcount_table_offset: 1 << 16,
-            refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 112,
-            compression_type: 0,
             extensions: Vec::new(),
             backing_file: None,
             backing_format: None,
+            ..crate::qcow2::testutil::sample_header()
         };
         let mut area = h.serialize().expect("serializes");
         area.resize(65536, 0);

@@ -3,6 +3,7 @@
 //! A test that needs a tool fails when the tool is missing under CI
 //! (`CI=true`), and says out loud that it skips otherwise.
 
+use crate::qcow2::header::{qemu_feature_table, Header, V3_HEADER_LEN};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -71,4 +72,32 @@ pub(crate) fn qemu_check(img: &Path) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// A valid version 3 header (64 KiB clusters, 1 GiB, backed by
+/// `base.raw`) for unit tests to start from.
+pub(crate) fn sample_header() -> Header {
+    Header {
+        version: 3,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: 16,
+        size: 1 << 30,
+        crypt_method: 0,
+        l1_size: 2,
+        l1_table_offset: 3 << 16,
+        refcount_table_offset: 1 << 16,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: 4,
+        header_length: V3_HEADER_LEN,
+        compression_type: 0,
+        extensions: vec![qemu_feature_table()],
+        backing_file: Some("base.raw".into()),
+        backing_format: Some("raw".into()),
+    }
 }
