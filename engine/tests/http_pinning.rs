@@ -243,6 +243,13 @@ fn qemu_keeps_the_pin_and_a_rebase_replaces_it() {
     let pin = s.pin().expect("pinned");
     check_clean(&s.overlay);
     assert_eq!(info_json(&s.overlay)["backing-filename"], s.url.as_str());
+    // `backfill info` shows what the overlay is pinned to.
+    let shown = format!(
+        "remote image pinned: {}, {} bytes\n",
+        pin.validator, pin.size
+    );
+    let out = backfill_ok(&["info", &path_str(&s.overlay)]);
+    assert!(out.contains(&shown), "{out}");
 
     // qemu rewrites the header; it keeps the unknown extension.
     let ov = path_str(&s.overlay);
@@ -268,6 +275,9 @@ fn qemu_keeps_the_pin_and_a_rebase_replaces_it() {
     let other_url = nginx.url("copy.raw");
     qemu_img(["rebase", "-q", "-u", "-b", &other_url, "-F", "raw", &ov]);
     assert_eq!(s.pin().as_ref(), Some(&pin), "qemu-img rebase -u keeps it");
+    let out = backfill_ok(&["info", &ov]);
+    let of_old = format!("(of {}, not the current backing file)", s.url);
+    assert!(out.contains(&of_old), "{out}");
     s.replace(); // the old URL changes: irrelevant now
     let ro = open(&s.overlay, options(1, false, true));
     ro.close().unwrap();

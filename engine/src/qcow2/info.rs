@@ -27,6 +27,17 @@ const INFO_CACHE_BYTES: u64 = 32 << 20;
 /// Largest range handed to one `Chain::resolve`, to bound its output.
 const RESOLVE_CHUNK_BYTES: u64 = 1 << 30;
 
+/// The version of a remote (HTTP) backing image the overlay's data came
+/// from, as the overlay records it (see `qcow2::pin`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RemotePinInfo {
+    /// The backing name (URL) it belongs to.
+    pub filename: String,
+    /// `ETag "..."` or `Last-Modified "..."`.
+    pub validator: String,
+    pub virtual_size: u64,
+}
+
 /// One layer of the backing chain.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct BackingInfo {
@@ -56,6 +67,8 @@ pub struct ImageInfo {
     pub extended_l2: bool,
     /// The backing chain, nearest first.
     pub backing_chain: Vec<BackingInfo>,
+    /// The remote image version the overlay is pinned to, if any.
+    pub remote_pin: Option<RemotePinInfo>,
     /// Virtual bytes the overlay holds as data.
     pub overlay_data_bytes: u64,
     /// Virtual bytes the overlay records as zeros.
@@ -76,6 +89,11 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         .metadata()
         .map_err(|e| Error::io(e, format!("stat {path_s}")))?;
     let h = Header::read_from(&file, &path_s)?;
+    let remote_pin = super::pin::stored_pin(&h, &path_s)?.map(|p| RemotePinInfo {
+        filename: p.name,
+        validator: p.validator.to_string(),
+        virtual_size: p.size,
+    });
     let chain = match &h.backing_file {
         Some(b) => Some(Chain::open(path, b, h.backing_format.as_deref())?),
         None => None,
@@ -93,6 +111,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         corrupt: h.is_corrupt(),
         extended_l2: h.extended_l2(),
         backing_chain: Vec::new(),
+        remote_pin,
         overlay_data_bytes: 0,
         overlay_zero_bytes: 0,
         backing_bytes: 0,

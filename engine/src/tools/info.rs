@@ -55,6 +55,17 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     if info.extended_l2 {
         writeln!(out, "    extended l2: true")?;
     }
+    if let Some(pin) = &info.remote_pin {
+        let other = match info.backing_chain.first() {
+            Some(b) if b.filename == pin.filename => String::new(),
+            _ => format!(" (of {}, not the current backing file)", pin.filename),
+        };
+        writeln!(
+            out,
+            "    remote image pinned: {}, {} bytes{other}",
+            pin.validator, pin.virtual_size
+        )?;
+    }
     let whole = info.virtual_size;
     writeln!(out, "Allocation:")?;
     for (label, bytes) in [
