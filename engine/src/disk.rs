@@ -725,26 +725,14 @@ impl Disk {
             )));
             return;
         }
-        let check = self
-            .check_open()
-            .and_then(|_| self.check_range(offset, len))
-            .and_then(|_| self.inner.shared.meta.check_writable());
-        let parts = self.parts(offset, len);
-        let req = Request::with_callback(
+        self.submit_cb(
             ReqKind::Populate,
+            offset,
+            len,
             Vec::new(),
-            parts.max(1),
-            unit(done),
-            None,
             false,
+            unit(done),
         );
-        if let Err(e) = check {
-            req.finish_part(Some(e));
-        } else if parts == 0 {
-            req.finish_part(None);
-        } else {
-            self.send(req, offset, len);
-        }
     }
 
     /// [`Disk::submit_populate_with`], blocking until done.
@@ -836,7 +824,9 @@ impl Disk {
                 _ => self.inner.shared.meta.check_writable(),
             });
         let parts = self.parts(offset, len);
-        let in_flight = Some(self.count_in_flight());
+        // The stream's populate requests are not client I/O: the stream
+        // yields to what `in_flight` counts.
+        let in_flight = (kind != ReqKind::Populate).then(|| self.count_in_flight());
         let req = Request::with_callback(kind, buf, parts.max(1), cb, in_flight, track_zeros);
         if let Err(e) = check {
             req.finish_part(Some(e));

@@ -80,8 +80,15 @@ impl Detector {
     }
 
     /// A read of `[offset, offset + len)` arrived. Returns the range to
-    /// read ahead, if any, and notes it as asked for.
-    pub(super) fn on_read(&mut self, offset: u64, len: u64, disk_size: u64) -> Option<(u64, u64)> {
+    /// read ahead, if any, and notes it as asked for. A range longer than
+    /// `budget` bytes is not asked for now; the next read asks again.
+    pub(super) fn on_read(
+        &mut self,
+        offset: u64,
+        len: u64,
+        disk_size: u64,
+        budget: u64,
+    ) -> Option<(u64, u64)> {
         if self.max_window == 0 || len == 0 {
             return None;
         }
@@ -136,19 +143,12 @@ impl Detector {
         }
         let from = s.issued;
         let to = (s.next + s.window).min(disk_size);
+        if to - from > budget {
+            return None;
+        }
         s.issued = to;
         s.window = (s.window * 2).min(self.max_window).max(MIN_WINDOW);
         Some((from, to - from))
-    }
-
-    /// A readahead of `[from, from + len)` could not be sent: ask for it
-    /// again on the next read.
-    pub(super) fn retract(&mut self, from: u64, len: u64) {
-        for s in &mut self.streams {
-            if s.issued == from + len {
-                s.issued = from.max(s.next);
-            }
-        }
     }
 }
 
@@ -156,26 +156,21 @@ impl<I: Io> Core<I> {
     /// After a client read part of `[offset, offset + len)` arrived: read
     /// ahead of it if it continues a sequential stream.
     pub(super) fn read_ahead(&mut self, offset: u64, len: u64) {
-        if self.closing.is_some() || self.shared.meta.is_poisoned() {
+        // The first test keeps a disk without readahead (every local one)
+        // free of anything more on its read path.
+        if self.readahead.is_none() || self.closing.is_some() || self.shared.meta.is_poisoned() {
             return;
         }
-        let size = self.shared.size;
-        let Some(detector) = self.readahead.as_mut() else {
-            return;
-        };
-        let Some((from, n)) = detector.on_read(offset, len, size) else {
-            return;
-        };
         let shared = self.shared.clone();
-        let limit = 2 * shared.readahead_max;
-        let Some(peers) = shared.peers.get() else {
-            detector.retract(from, n);
+        // Set before the disk is handed out, so before any read.
+        let (Some(detector), Some(peers)) = (self.readahead.as_mut(), shared.peers.get()) else {
             return;
         };
-        if self.readahead_in_flight.load(Ordering::Relaxed) + n > limit {
-            detector.retract(from, n);
+        let budget = (2 * shared.readahead_max)
+            .saturating_sub(self.readahead_in_flight.load(Ordering::Relaxed));
+        let Some((from, n)) = detector.on_read(offset, len, shared.size, budget) else {
             return;
-        }
+        };
         self.readahead_in_flight.fetch_add(n, Ordering::Relaxed);
         shared.stats[self.id]
             .readahead_bytes
@@ -187,7 +182,7 @@ impl<I: Io> Core<I> {
         let done: Callback = Box::new(move |_| {
             in_flight.fetch_sub(n, Ordering::Relaxed);
         });
-        let parts = router.split(from, n).count();
+        let parts = router.count(from, n);
         let req = Request::with_callback(ReqKind::Populate, Vec::new(), parts, done, None, false);
         for part in router.split(from, n) {
             if part.core == self.id {
@@ -210,24 +205,54 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     const DISK: u64 = 1 << 40;
+    const NO_LIMIT: u64 = u64::MAX;
 
     #[test]
     fn sequential_reads_start_readahead_on_the_third_read() {
         let mut d = Detector::new(32 * MIB, 1, 16 * MIB);
-        assert_eq!(d.on_read(0, MIB, DISK), None);
-        assert_eq!(d.on_read(MIB, MIB, DISK), None);
+        assert_eq!(d.on_read(0, MIB, DISK, NO_LIMIT), None);
+        assert_eq!(d.on_read(MIB, MIB, DISK, NO_LIMIT), None);
         // Third read: the window (4 x 1 MiB) ahead of the reader.
-        assert_eq!(d.on_read(2 * MIB, MIB, DISK), Some((3 * MIB, 4 * MIB)));
+        assert_eq!(
+            d.on_read(2 * MIB, MIB, DISK, NO_LIMIT),
+            Some((3 * MIB, 4 * MIB))
+        );
         // The window doubled: the fourth read asks for more, up to 8 MiB
         // past the reader; the fifth up to 16 MiB (the limit).
-        assert_eq!(d.on_read(3 * MIB, MIB, DISK), Some((7 * MIB, 5 * MIB)));
-        assert_eq!(d.on_read(4 * MIB, MIB, DISK), Some((12 * MIB, 9 * MIB)));
+        assert_eq!(
+            d.on_read(3 * MIB, MIB, DISK, NO_LIMIT),
+            Some((7 * MIB, 5 * MIB))
+        );
+        assert_eq!(
+            d.on_read(4 * MIB, MIB, DISK, NO_LIMIT),
+            Some((12 * MIB, 9 * MIB))
+        );
         // Now more than half of the window lies ahead: nothing until the
         // reader gets closer.
         for i in 5..13 {
-            assert_eq!(d.on_read(i * MIB, MIB, DISK), None, "read at {i} MiB");
+            assert_eq!(
+                d.on_read(i * MIB, MIB, DISK, NO_LIMIT),
+                None,
+                "read at {i} MiB"
+            );
         }
-        assert_eq!(d.on_read(13 * MIB, MIB, DISK), Some((21 * MIB, 9 * MIB)));
+        assert_eq!(
+            d.on_read(13 * MIB, MIB, DISK, NO_LIMIT),
+            Some((21 * MIB, 9 * MIB))
+        );
+    }
+
+    #[test]
+    fn a_range_over_the_budget_waits_for_the_next_read() {
+        let mut d = Detector::new(32 * MIB, 1, 16 * MIB);
+        d.on_read(0, MIB, DISK, NO_LIMIT);
+        d.on_read(MIB, MIB, DISK, NO_LIMIT);
+        assert_eq!(d.on_read(2 * MIB, MIB, DISK, MIB), None);
+        // Nothing was noted as asked for: the next read asks for it all.
+        assert_eq!(
+            d.on_read(3 * MIB, MIB, DISK, NO_LIMIT),
+            Some((4 * MIB, 4 * MIB))
+        );
     }
 
     #[test]
@@ -237,7 +262,7 @@ mod tests {
         let mut biggest = 0;
         let mut off = 0;
         while off < 64 * MIB {
-            if let Some((from, len)) = d.on_read(off, MIB, 64 * MIB) {
+            if let Some((from, len)) = d.on_read(off, MIB, 64 * MIB, NO_LIMIT) {
                 assert!(from >= off + MIB, "readahead behind the reader");
                 assert!(from + len <= 64 * MIB, "readahead past the disk end");
                 assert_eq!(from, asked.max(from), "overlapping readahead");
@@ -259,7 +284,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let off = (x % (DISK / 4096)) * 4096;
-            assert_eq!(d.on_read(off, 4096, DISK), None, "at {off}");
+            assert_eq!(d.on_read(off, 4096, DISK, NO_LIMIT), None, "at {off}");
         }
     }
 
@@ -275,7 +300,9 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let off = (x % (24 * MIB / 4096)) * 4096;
-            asked += d.on_read(off, 4096, 24 * MIB).map_or(0, |(_, n)| n);
+            asked += d
+                .on_read(off, 4096, 24 * MIB, NO_LIMIT)
+                .map_or(0, |(_, n)| n);
         }
         assert_eq!(asked, 0);
     }
@@ -286,10 +313,10 @@ mod tests {
         let mut d = Detector::new(32 * MIB, 2, 16 * MIB);
         let mut got = false;
         for i in 30..32 {
-            d.on_read(i * MIB, MIB, DISK);
+            d.on_read(i * MIB, MIB, DISK, NO_LIMIT);
         }
         for i in 64..67 {
-            got |= d.on_read(i * MIB, MIB, DISK).is_some();
+            got |= d.on_read(i * MIB, MIB, DISK, NO_LIMIT).is_some();
         }
         assert!(got, "the stream was lost at the other core's stripe");
     }
@@ -301,7 +328,7 @@ mod tests {
         let mut hits = [0; 2];
         for i in 0..8 {
             for (k, base) in [a, b].into_iter().enumerate() {
-                if d.on_read(base + i * MIB, MIB, DISK).is_some() {
+                if d.on_read(base + i * MIB, MIB, DISK, NO_LIMIT).is_some() {
                     hits[k] += 1;
                 }
             }
@@ -313,7 +340,7 @@ mod tests {
     fn off_when_the_limit_is_zero() {
         let mut d = Detector::new(32 * MIB, 1, 0);
         for i in 0..10 {
-            assert_eq!(d.on_read(i * MIB, MIB, DISK), None);
+            assert_eq!(d.on_read(i * MIB, MIB, DISK, NO_LIMIT), None);
         }
     }
 }
