@@ -712,40 +712,36 @@ impl Chain {
 
 fn push_merged(out: &mut Vec<Segment>, s: Segment) {
     if let Some(last) = out.last_mut() {
-        if last.depth == s.depth {
-            match (last.source, s.source) {
-                (Source::Zero, Source::Zero) => {
-                    last.len += s.len;
-                    return;
-                }
+        // Zeros join zeros; bytes join bytes that follow them in the same
+        // layer's file or remote medium.
+        let joins = last.depth == s.depth
+            && match (last.source, s.source) {
+                (Source::Zero, Source::Zero) => true,
                 (
                     Source::File {
                         layer: a,
-                        host_offset: ha,
+                        host_offset: x,
                     },
                     Source::File {
                         layer: b,
-                        host_offset: hb,
+                        host_offset: y,
                     },
-                ) if a == b && ha + last.len == hb => {
-                    last.len += s.len;
-                    return;
-                }
-                (
+                )
+                | (
                     Source::Remote {
                         layer: a,
-                        offset: oa,
+                        offset: x,
                     },
                     Source::Remote {
                         layer: b,
-                        offset: ob,
+                        offset: y,
                     },
-                ) if a == b && oa + last.len == ob => {
-                    last.len += s.len;
-                    return;
-                }
-                _ => {}
-            }
+                ) => a == b && x + last.len == y,
+                _ => false,
+            };
+        if joins {
+            last.len += s.len;
+            return;
         }
     }
     out.push(s);
