@@ -42,9 +42,8 @@ mod nbd_common;
 
 use backfill::{Disk, ExtentKind, StreamEnd, StreamOptions, StreamState};
 use common::*;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const C64: u64 = 64 * KIB;
 
@@ -211,24 +210,7 @@ fn qcow2_chain_streams_to_a_standalone_image() {
     assert_standalone(&overlay);
     check_clean(&overlay);
     // The original backing image and the standalone overlay are identical.
-    let out = run_status(
-        "qemu-img",
-        [
-            "compare".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "qcow2".as_ref(),
-            overlay.as_os_str(),
-            mid.as_os_str(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "qemu-img compare overlay mid: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    compare_same(&overlay, &mid, "qcow2");
     compare_with_bytes(&overlay, &expected, dir.path());
     let map = qemu_map(&overlay);
     assert_zero_in_overlay(&map, 3 * MIB, MIB);
@@ -689,19 +671,7 @@ fn cli_stream_killed_midway_resumes() {
 fn cli_stream_sigint_cancels_cleanly() {
     let size = 32 * MIB;
     let f = fixture("stream-sigint", size, &[], 16);
-    let mut child = backfill_cmd()
-        .args(["stream", "--rate", "4M", "--cores", "2"])
-        .arg(&f.overlay)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = lines
-        .next()
-        .expect("a progress line")
-        .expect("reading stderr");
-    assert!(line.starts_with("stream: "), "{line}");
+    let (child, lines) = start_slow_stream(&f.overlay);
     // SAFETY: kill(2) has no memory effects; the child is not reaped yet, so
     // its pid cannot have been reused.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);

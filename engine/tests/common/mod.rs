@@ -520,6 +520,12 @@ pub fn compare_identical(image: &Path, raw: &Path) {
         image.display(),
         raw.display()
     );
+    compare_same(image, raw, "raw");
+}
+
+/// `qemu-img compare -f qcow2 -F FORMAT IMAGE OTHER` must report identical
+/// contents.
+pub fn compare_same(image: &Path, other: &Path, format: &str) {
     let out = run_status(
         "qemu-img",
         [
@@ -527,16 +533,16 @@ pub fn compare_identical(image: &Path, raw: &Path) {
             "-f".as_ref(),
             "qcow2".as_ref(),
             "-F".as_ref(),
-            "raw".as_ref(),
+            format.as_ref(),
             image.as_os_str(),
-            raw.as_os_str(),
+            other.as_os_str(),
         ],
     );
     assert!(
         out.status.success(),
         "qemu-img compare {} {} exited with {} (1 = different)\n{}\n{}",
         image.display(),
-        raw.display(),
+        other.display(),
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -629,11 +635,14 @@ pub fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
-/// Runs `backfill stream --rate 4M --cores 2 OVERLAY` and kills it with
-/// SIGKILL, fetches in flight, once it printed its first progress line
-/// (which must say it is midway: slow, so that it surely is).
+/// The rest of a child's stderr, line by line.
+pub type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
+/// Starts `backfill stream --rate 4M --cores 2 OVERLAY` and returns it once
+/// it printed its first progress line, which must say it is midway (slow,
+/// so that it surely is), with the rest of its stderr.
 #[allow(dead_code)]
-pub fn kill_stream_midway(overlay: &Path) {
+pub fn start_slow_stream(overlay: &Path) -> (std::process::Child, StderrLines) {
     use std::io::BufRead;
     let mut child = Command::new(backfill_bin())
         .args(["stream", "--rate", "4M", "--cores", "2"])
@@ -649,6 +658,13 @@ pub fn kill_stream_midway(overlay: &Path) {
         .expect("reading stderr");
     assert!(line.starts_with("stream: "), "{line}");
     assert!(!line.starts_with("stream: 100"), "{line}");
+    (child, lines)
+}
+
+/// [`start_slow_stream`], then SIGKILL, with fetches in flight.
+#[allow(dead_code)]
+pub fn kill_stream_midway(overlay: &Path) {
+    let (mut child, _) = start_slow_stream(overlay);
     child.kill().unwrap();
     child.wait().unwrap();
 }
