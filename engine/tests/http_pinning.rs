@@ -70,17 +70,7 @@ impl Setup {
         let nginx = nginx_common::Nginx::start(&dir.path().join("nginx"), &www, server_extra, None);
         let url = nginx.url("base.raw");
         let overlay = dir.path().join("overlay.qcow2");
-        qemu_img([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &url,
-            "-F",
-            "raw",
-            &path_str(&overlay),
-        ]);
+        qemu_create_qcow2(&overlay, "", Some((&url, "raw")), None);
         let s = Setup {
             dir,
             base,

@@ -72,17 +72,7 @@ impl Setup {
     /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2` (the size
     /// comes from the server).
     fn make_overlay(&self, uri: &str) {
-        qemu_img([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            uri,
-            "-F",
-            "raw",
-            &path_str(&self.overlay),
-        ]);
+        qemu_create_qcow2(&self.overlay, "", Some((uri, "raw")), None);
     }
 
     fn open(&self, copy_on_read: bool) -> Disk {

@@ -140,17 +140,7 @@ impl Base {
     /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2`: the size
     /// comes from the server, which must be running.
     fn create_overlay(&self, uri: &str) {
-        qemu_img([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            uri,
-            "-F",
-            "raw",
-            &path_str(&self.overlay),
-        ]);
+        qemu_create_qcow2(&self.overlay, "", Some((uri, "raw")), None);
         assert_eq!(virtual_size(&self.overlay), self.size);
     }
 
