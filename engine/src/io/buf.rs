@@ -7,6 +7,11 @@
 //! Mutable access goes through [`Rc::get_mut`] in [`IoBuf::unique_mut`],
 //! which succeeds only when no operation holds the buffer any more — the
 //! ownership proof that the kernel is done with it.
+//!
+//! A buffer can also wrap a `Vec<u8>` the caller already has
+//! ([`IoBuf::from_vec`]), so that a socket send goes out of that memory
+//! without a copy. Such a buffer is not aligned: it is for sockets only,
+//! never for an O_DIRECT file.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -17,6 +22,8 @@ pub const IO_ALIGN: usize = 4096;
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// `Some(capacity)`: the memory is a `Vec<u8>`'s (see `from_vec`).
+    vec_cap: Option<usize>,
 }
 
 impl IoBuf {
@@ -27,7 +34,33 @@ impl IoBuf {
         // power-of-two alignment; a null return is handled below.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        IoBuf { ptr, len }
+        IoBuf {
+            ptr,
+            len,
+            vec_cap: None,
+        }
+    }
+
+    /// Wraps `v` without copying it: its bytes, not aligned (for socket
+    /// sends). [`IoBuf::into_vec`] gives it back.
+    pub fn from_vec(v: Vec<u8>) -> IoBuf {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        IoBuf {
+            ptr: NonNull::new(v.as_mut_ptr()).expect("a Vec's pointer is never null"),
+            len: v.len(),
+            vec_cap: Some(v.capacity()),
+        }
+    }
+
+    /// The `Vec` a buffer made by [`IoBuf::from_vec`] wraps; `None` for an
+    /// aligned buffer (which is then freed).
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        let cap = self.vec_cap?;
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: ptr, len and capacity are those of the Vec that
+        // `from_vec` took apart, and `this` is never dropped, so the memory
+        // has exactly one owner again.
+        Some(unsafe { Vec::from_raw_parts(this.ptr.as_ptr(), this.len, cap) })
     }
 
     fn layout(len: usize) -> Layout {
@@ -47,7 +80,8 @@ impl IoBuf {
     /// buffer is in flight (the state machines read only after completion).
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len bytes for the lifetime of self; the
-        // allocation is initialised (zeroed at creation).
+        // allocation is initialised (zeroed at creation, or a Vec's first `len`
+        // bytes).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -99,8 +133,13 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with the same layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        match self.vec_cap {
+            // SAFETY: the parts of the Vec `from_vec` took apart; this is
+            // its only owner.
+            Some(cap) => drop(unsafe { Vec::from_raw_parts(self.ptr.as_ptr(), self.len, cap) }),
+            // SAFETY: allocated in `zeroed` with the same layout.
+            None => unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) },
+        }
     }
 }
 
@@ -121,5 +160,18 @@ mod tests {
         assert!(b.as_slice().iter().all(|&x| x == 0));
         b.as_mut_slice()[4999] = 7;
         assert_eq!(b.as_slice()[4999], 7);
+    }
+
+    #[test]
+    fn wraps_a_vec_and_gives_it_back() {
+        let mut v = Vec::with_capacity(100);
+        v.extend_from_slice(b"reply data");
+        let ptr = v.as_ptr();
+        let b = IoBuf::from_vec(v);
+        assert_eq!(b.as_slice(), b"reply data");
+        let v = b.into_vec().expect("made from a Vec");
+        assert_eq!((v.as_ptr(), v.len(), v.capacity()), (ptr, 10, 100));
+        assert!(IoBuf::zeroed(10).into_vec().is_none());
+        drop(IoBuf::from_vec(vec![1, 2, 3]));
     }
 }

@@ -73,7 +73,8 @@ pub enum OpKind {
     WakeRead,
     /// Receive up to `len` bytes from socket `fd` into `buf[buf_off..]`.
     Recv,
-    /// Send `buf[buf_off..buf_off+len]` on socket `fd` (never raising SIGPIPE).
+    /// Send `buf[buf_off..buf_off+len]` on socket `fd`, or with `iov` the
+    /// pieces one after another (never raising SIGPIPE).
     Send,
 }
 
@@ -88,8 +89,8 @@ pub struct Op {
     pub buf_off: usize,
     /// The socket of `Recv` and `Send` (not registered); -1 otherwise.
     pub fd: i32,
-    /// A vectored `Read` or `Write`: these (buffer, offset, length) pieces
-    /// in order, instead of `buf` (which is then `None`).
+    /// A vectored `Read`, `Write` or `Send`: these (buffer, offset, length)
+    /// pieces in order, instead of `buf` (which is then `None`).
     pub iov: Vec<(Rc<IoBuf>, usize, usize)>,
 }
 
@@ -151,7 +152,7 @@ impl Op {
     ) -> Op {
         assert!(
             matches!(kind, OpKind::Read | OpKind::Write),
-            "only reads and writes are vectored"
+            "only reads and writes of files are vectored"
         );
         let mut len = 0usize;
         for (b, off, l) in &iov {
@@ -202,6 +203,17 @@ impl Op {
             fd,
             ..Op::recv(fd, buf, buf_off, len)
         }
+    }
+}
+
+impl Op {
+    /// Sends the pieces of `iov` (buffer, offset in it, length), one after
+    /// another, on socket `fd`: one system call, no copy into one buffer.
+    pub fn send_vectored(fd: i32, iov: Vec<(Rc<IoBuf>, usize, usize)>) -> Op {
+        let mut op = Op::vectored(OpKind::Write, FileId(u32::MAX), 0, iov);
+        op.kind = OpKind::Send;
+        op.fd = fd;
+        op
     }
 }
 

@@ -26,6 +26,8 @@ struct Slot {
     /// (a boxed slice: its address does not move while the slot lives).
     _iov: Vec<Rc<super::IoBuf>>,
     _iovecs: Box<[libc::iovec]>,
+    /// A vectored send's message header, which points at `_iovecs`.
+    _msg: Option<Box<libc::msghdr>>,
 }
 
 pub struct Uring {
@@ -63,8 +65,19 @@ impl Uring {
         })
     }
 
-    fn entry(op: &Op, iovecs: &[libc::iovec], user_data: u64) -> squeue::Entry {
+    fn entry(
+        op: &Op,
+        iovecs: &[libc::iovec],
+        msg: Option<&libc::msghdr>,
+        user_data: u64,
+    ) -> squeue::Entry {
         let fd = types::Fixed(op.file.0);
+        if let Some(msg) = msg {
+            return opcode::SendMsg::new(types::Fd(op.fd), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+                .user_data(user_data);
+        }
         if !iovecs.is_empty() {
             let n = iovecs.len() as u32;
             let sqe = match op.kind {
@@ -115,7 +128,7 @@ impl Uring {
                 let mut sq = self.ring.submission();
                 for e in self.backlog.iter() {
                     // SAFETY: every entry's buffers (and a vectored entry's
-                    // iovec array) are held by its slot in `self.slots`
+                    // iovec array and message header) are held by its slot in `self.slots`
                     // until the matching completion is reaped.
                     if unsafe { sq.push(e) }.is_err() {
                         break;
@@ -146,15 +159,24 @@ impl Io for Uring {
             })
             .collect();
         let iov = op.iov.drain(..).map(|(b, _, _)| b).collect();
-        let entry = Self::entry(&op, &iovecs, 0);
+        let msg = (op.kind == OpKind::Send && !iovecs.is_empty()).then(|| {
+            // SAFETY: msghdr is plain data; all-zero is a valid empty one.
+            let mut m: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+            m.msg_iov = iovecs.as_ptr().cast_mut();
+            m.msg_iovlen = iovecs.len() as _;
+            m
+        });
+        let entry = Self::entry(&op, &iovecs, msg.as_deref(), 0);
         let slot = self.slots.insert(Slot {
             token,
             buf: op.buf.clone(),
             _iov: iov,
             _iovecs: iovecs,
+            _msg: msg,
         });
-        // The iovec array moved into the slot as a box: its heap address,
-        // which the entry points at, is the same.
+        // The iovec array and the message header moved into the slot as
+        // boxes: their heap addresses, which the entry points at, are the
+        // same.
         self.backlog.push(entry.user_data(slot as u64));
     }
 

@@ -24,6 +24,9 @@ const CACHE_PIECE: u64 = 4 << 20;
 /// lets a server answer less than asked; the client asks again).
 const STATUS_MAX_CLUSTERS: u64 = 1 << 16;
 
+/// A reply's wire segments: (from the data buffer?, start, end), in order.
+pub type Segments = Vec<(bool, usize, usize)>;
+
 /// One encoded reply: header bytes interleaved with slices of a data buffer.
 pub struct Reply {
     /// What its request cost the connection's budget (given back once sent).
@@ -31,7 +34,7 @@ pub struct Reply {
     bytes: Vec<u8>,
     data: Vec<u8>,
     /// (from `data`?, start, end), in wire order.
-    segs: Vec<(bool, usize, usize)>,
+    segs: Segments,
     /// `bytes` up to here are in `segs`.
     marked: usize,
 }
@@ -60,9 +63,15 @@ impl Reply {
         self.segs.push((true, start, end));
     }
 
-    /// The data buffer, once the reply has been copied out (for reuse).
-    pub fn into_data(self) -> Vec<u8> {
-        self.data
+    /// The header bytes, the data buffer, and the segments (from `data`?,
+    /// start, end) that say how they interleave on the wire.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<u8>, Segments) {
+        (self.bytes, self.data, self.segs)
+    }
+
+    /// The wire segments: (from the data buffer?, start, end), in order.
+    pub fn segments(&self) -> &[(bool, usize, usize)] {
+        &self.segs
     }
 
     /// Bytes on the wire.
@@ -70,6 +79,7 @@ impl Reply {
         self.segs.iter().map(|&(_, s, e)| e - s).sum()
     }
 
+    #[cfg(test)]
     pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
         self.segs.iter().map(|&(d, s, e)| {
             if d {

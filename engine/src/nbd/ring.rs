@@ -7,7 +7,10 @@
 //! request in it is started at once (a WRITE's payload is gathered first).
 //! Sending: replies arrive from whichever core finished their request (as
 //! a task on this core's inbox) and queue; one SEND at a time carries as
-//! many queued replies as fit in the send buffer.
+//! many queued replies as fit in the send buffer. Their headers and short
+//! data are copied into it; read data of [`ZERO_COPY_MIN`] bytes or more
+//! goes out of the reply's own buffer, as a piece of a vectored send
+//! (SENDMSG), so a large read is never copied in user space on its way out.
 //!
 //! Bounds: a connection holds at most [`BUDGET_BYTES`] of requests and
 //! replies and [`BUDGET_REQUESTS`] requests; past that it stops receiving
@@ -31,6 +34,11 @@ pub const BUDGET_REQUESTS: u64 = 1024;
 const RX_BYTES: usize = 256 << 10;
 /// Send buffer of a connection (a larger reply gets a buffer of its size).
 const TX_BYTES: usize = 256 << 10;
+/// Data segments of a reply at least this long are sent from the reply's
+/// own buffer instead of a copy in the send buffer.
+pub const ZERO_COPY_MIN: usize = 16 << 10;
+/// Pieces one vectored send carries at most (well below IOV_MAX).
+const SEND_PIECES: usize = 64;
 
 const TOKEN_RECV: u64 = 0;
 const TOKEN_SEND: u64 = 1;
@@ -89,8 +97,11 @@ struct Conn {
     /// Data buffers of sent read replies, for the next reads.
     spare: SpareBuffers,
     tx: Rc<IoBuf>,
-    tx_lo: usize,
-    tx_hi: usize,
+    /// What the send in flight still has to send: ranges of `tx` and of
+    /// reply buffers, in wire order.
+    tx_iov: Vec<(Rc<IoBuf>, usize, usize)>,
+    /// The reply buffers that send carries, for reuse once it is done.
+    tx_data: Vec<Rc<IoBuf>>,
     /// Cost of the replies in `tx`, given back when it has been sent.
     tx_cost: u64,
     tx_count: u64,
@@ -168,8 +179,8 @@ pub fn adopt(
                 out: VecDeque::new(),
                 spare: SpareBuffers::default(),
                 tx: Rc::new(IoBuf::zeroed(TX_BYTES)),
-                tx_lo: 0,
-                tx_hi: 0,
+                tx_iov: Vec::new(),
+                tx_data: Vec::new(),
                 tx_cost: 0,
                 tx_count: 0,
                 send_pending: false,
@@ -254,8 +265,20 @@ impl Connections {
             c.kill();
             return;
         }
-        c.tx_lo += result as usize;
-        if c.tx_lo < c.tx_hi {
+        // Drop what was sent; a short send goes on with the rest.
+        let mut n = result as usize;
+        let mut whole = 0;
+        for piece in c.tx_iov.iter_mut() {
+            if n < piece.2 {
+                piece.1 += n;
+                piece.2 -= n;
+                break;
+            }
+            n -= piece.2;
+            whole += 1;
+        }
+        c.tx_iov.drain(..whole);
+        if !c.tx_iov.is_empty() {
             c.push_send(id, ctx);
             return;
         }
@@ -263,6 +286,11 @@ impl Connections {
         c.tx_cost = 0;
         c.tx_count = 0;
         c.release(cost, n);
+        for b in c.tx_data.drain(..) {
+            if let Some(v) = Rc::try_unwrap(b).ok().and_then(IoBuf::into_vec) {
+                c.spare.give(v);
+            }
+        }
         c.flush(id, ctx);
         self.resume(id, ctx);
     }
@@ -280,6 +308,27 @@ impl Connections {
         let (reg, key) = &c.reg;
         reg.remove(*key);
     }
+}
+
+/// How reply `r` goes out: the bytes copied into the send buffer, and how
+/// many of its data segments are sent from its own buffer (none when there
+/// are too many for one vectored send: then everything is copied).
+fn plan(r: &Reply) -> (usize, usize) {
+    let big = r
+        .segments()
+        .iter()
+        .filter(|&&(d, s, e)| d && e - s >= ZERO_COPY_MIN)
+        .count();
+    if big == 0 || 2 * big + 1 > SEND_PIECES {
+        return (r.len(), 0);
+    }
+    let copied = r
+        .segments()
+        .iter()
+        .filter(|&&(d, s, e)| !d || e - s < ZERO_COPY_MIN)
+        .map(|&(_, s, e)| e - s)
+        .sum();
+    (copied, big)
 }
 
 impl Conn {
@@ -312,8 +361,8 @@ impl Conn {
         let (cost, n) = (self.tx_cost, self.tx_count);
         self.tx_cost = 0;
         self.tx_count = 0;
-        self.tx_lo = 0;
-        self.tx_hi = 0;
+        self.tx_iov.clear();
+        self.tx_data.clear();
         self.release(cost, n);
         while let Some(r) = self.out.pop_front() {
             self.release(r.cost, 1);
@@ -413,7 +462,7 @@ impl Conn {
         if self.send_pending || self.dead || self.out.is_empty() {
             return;
         }
-        let first = self.out.front().map_or(0, Reply::len);
+        let first = self.out.front().map_or(0, |r| plan(r).0);
         if first > self.tx.len() {
             self.tx = Rc::new(IoBuf::zeroed(first.next_power_of_two()));
         } else if self.tx.len() > TX_BYTES && first <= TX_BYTES {
@@ -422,33 +471,58 @@ impl Conn {
         }
         let cap = self.tx.len();
         let buf = IoBuf::unique_mut(&mut self.tx);
-        let mut at = 0;
+        // Ranges of `tx` (None) and of reply buffers, in wire order.
+        let mut pieces: Vec<(Option<Rc<IoBuf>>, usize, usize)> = Vec::new();
+        let (mut at, mut run) = (0, 0);
         while let Some(r) = self.out.front() {
-            if at + r.len() > cap {
+            let (copied, big) = plan(r);
+            if at + copied > cap || pieces.len() + 2 * big + 1 > SEND_PIECES {
                 break;
-            }
-            for s in r.slices() {
-                buf[at..at + s.len()].copy_from_slice(s);
-                at += s.len();
             }
             let r = self.out.pop_front().expect("front exists");
             self.tx_cost += r.cost;
             self.tx_count += 1;
-            self.spare.give(r.into_data());
+            let (bytes, data, segs) = r.into_parts();
+            let data = Rc::new(IoBuf::from_vec(data));
+            for (from_data, s, e) in segs {
+                if from_data && big > 0 && e - s >= ZERO_COPY_MIN {
+                    if at > run {
+                        pieces.push((None, run, at - run));
+                        run = at;
+                    }
+                    pieces.push((Some(data.clone()), s, e - s));
+                    continue;
+                }
+                let src = if from_data {
+                    &data.as_slice()[s..e]
+                } else {
+                    &bytes[s..e]
+                };
+                buf[at..at + src.len()].copy_from_slice(src);
+                at += src.len();
+            }
+            if big > 0 {
+                self.tx_data.push(data);
+            } else if let Some(v) = Rc::try_unwrap(data).ok().and_then(IoBuf::into_vec) {
+                self.spare.give(v);
+            }
         }
-        self.tx_lo = 0;
-        self.tx_hi = at;
+        if at > run {
+            pieces.push((None, run, at - run));
+        }
+        self.tx_iov = pieces
+            .into_iter()
+            .map(|(b, off, len)| (b.unwrap_or_else(|| self.tx.clone()), off, len))
+            .collect();
         self.push_send(id, ctx);
     }
 
     fn push_send(&mut self, id: usize, ctx: &mut FrontCtx) {
         self.send_pending = true;
-        let op = Op::send(
-            self.fd,
-            self.tx.clone(),
-            self.tx_lo,
-            self.tx_hi - self.tx_lo,
-        );
+        let op = match &self.tx_iov[..] {
+            [(b, off, len)] => Op::send(self.fd, b.clone(), *off, *len),
+            _ => Op::send_vectored(self.fd, self.tx_iov.clone()),
+        };
         ctx.push((id as u64) << 1 | TOKEN_SEND, op);
     }
 }

@@ -119,6 +119,8 @@ pub fn stream(path: &Path, args: &StreamArgs) -> Result<String> {
     let stream = std::sync::Arc::new(disk.stream(StreamOptions {
         rate_bytes_per_sec: args.rate_bytes_per_sec,
         keep_backing: args.keep_backing,
+        // Nothing else uses the disk: a deep queue.
+        window: crate::stream::OFFLINE_WINDOW,
         ..StreamOptions::default()
     })?);
     let handle = signals.handle();
