@@ -151,6 +151,10 @@ pub struct Stats {
     /// it fetched is in `bytes_fetched`; clusters the overlay held cost
     /// nothing).
     pub readahead_bytes: u64,
+    /// Read pieces (cluster-sized parts of reads) answered from the buffer
+    /// of a readahead fill kept in memory, instead of read back from the
+    /// overlay.
+    pub readahead_hits: u64,
     /// Requests accepted and not yet completed.
     pub in_flight: u64,
 }
@@ -875,6 +879,7 @@ impl Disk {
             s.remote_bytes += g(&c.remote_bytes);
             s.remote_errors += g(&c.remote_errors);
             s.readahead_bytes += g(&c.readahead_bytes);
+            s.readahead_hits += g(&c.readahead_hits);
             s.remote_latency_us += g(&c.remote_latency_us);
             s.remote_latency_max_us = s.remote_latency_max_us.max(g(&c.remote_latency_max_us));
         }

@@ -521,9 +521,11 @@ fn qemu_img_overlay_over_nbd_through_the_cli() {
 
 /// Sequential reads over a slow server read ahead: the engine populates
 /// the clusters ahead of the reader (across both cores' stripes, 2 MiB with
-/// 4 KiB clusters), the reader finds most of them filled or in flight, no
-/// byte is fetched twice, and the overlay ends identical to the base.
-/// Random reads never read ahead, and `readahead_max_bytes: 0` turns it off.
+/// 4 KiB clusters), the reader finds most of them filled or in flight
+/// (some answered from the fills' kept buffers), no byte is fetched twice,
+/// writes to clusters filled ahead of the reader are what it reads, and
+/// the overlay ends as the base with those writes. Random reads never read
+/// ahead, and `readahead_max_bytes: 0` turns it off.
 #[test]
 fn sequential_reads_read_ahead_and_random_reads_do_not() {
     let size = 24 * MIB;
@@ -537,20 +539,47 @@ fn sequential_reads_read_ahead_and_random_reads_do_not() {
         p
     };
 
-    // 1 MiB reads in order, two in flight, over the whole disk.
+    // 1 MiB reads in order, two in flight, over the whole disk; halfway,
+    // writes land in clusters readahead filled (and keeps in memory) ahead
+    // of the reader, and a 4 KiB read of the middle of one (which keeps
+    // it) comes before the write: the reader must see the writes.
     let seq = make("seq.qcow2");
     let disk = open(&seq, options(2, true, false));
     let ranges: Vec<(u64, u64)> = (0..size).step_by(MIB as usize).map(|o| (o, MIB)).collect();
-    for pair in ranges.chunks(2) {
-        for (got, &(off, len)) in read_all_at_once(&disk, pair).iter().zip(pair) {
-            let want = &s.data[off as usize..(off + len) as usize];
-            assert_same_bytes(got, want, &format!("sequential read at {off}"));
+    let mut want = s.data.clone();
+    let seq_read = |pairs: &[(u64, u64)], want: &[u8]| {
+        for pair in pairs.chunks(2) {
+            for (got, &(off, len)) in read_all_at_once(&disk, pair).iter().zip(pair) {
+                let w = &want[off as usize..(off + len) as usize];
+                assert_same_bytes(got, w, &format!("sequential read at {off}"));
+            }
         }
+    };
+    seq_read(&ranges[..12], &want);
+    let mid = 12 * MIB + 64 * KIB + 2048;
+    assert_same_bytes(
+        &read_all_at_once(&disk, &[(mid, 1024)])[0],
+        &want[mid as usize..mid as usize + 1024],
+        "a 4 KiB read ahead of the reader",
+    );
+    for (off, len, byte) in [
+        (mid - 512, 4 * KIB, 0xa1u8),
+        (13 * MIB + 4 * KIB, 8 * KIB, 0xb2),
+    ] {
+        disk.write_at(&vec![byte; len as usize], off).unwrap();
+        want[off as usize..(off + len) as usize].fill(byte);
     }
+    disk.write_zeroes(14 * MIB, 4 * KIB).unwrap();
+    want[14 * MIB as usize..(14 * MIB + 4 * KIB) as usize].fill(0);
+    seq_read(&ranges[12..], &want);
     disk.flush().unwrap();
     let st = disk.stats();
     let clusters = size / (4 * KIB);
     assert!(st.readahead_bytes > 0, "no readahead: {st:?}");
+    assert!(
+        st.readahead_hits > 0,
+        "no read was answered from a kept readahead buffer: {st:?}"
+    );
     assert!(st.remote_bytes <= size, "fetched something twice: {st:?}");
     assert!(st.bytes_fetched <= size, "fetched something twice: {st:?}");
     assert!(
@@ -559,7 +588,9 @@ fn sequential_reads_read_ahead_and_random_reads_do_not() {
     );
     disk.close().unwrap();
     check_clean(&seq);
-    compare_identical(&seq, &s.base);
+    let expected = s.path("seq-expected.raw");
+    std::fs::write(&expected, &want).unwrap();
+    compare_same(&seq, &expected, "raw");
     for e in qemu_map(&seq) {
         assert_eq!(e.depth, 0, "not in the overlay: {e:?}");
     }

@@ -489,6 +489,8 @@ struct Pool {
     wake_rx: Receiver<()>,
     /// Connections in the transmission phase.
     live: AtomicUsize,
+    /// Read buffers the cores gave back.
+    spares: crate::backing::remote::SharedSpares,
 }
 
 impl Pool {
@@ -561,6 +563,7 @@ impl NbdClient {
             wake_tx,
             wake_rx,
             live: AtomicUsize::new(0),
+            spares: Default::default(),
         });
         let mut first = Some((stream, info));
         for i in 0..CONNECTIONS {
@@ -595,6 +598,10 @@ impl Medium for NbdClient {
 
     fn alignment(&self) -> usize {
         self.alignment
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        self.pool.spares.give(buf);
     }
 
     fn submit(&self, read: RemoteRead) {
@@ -769,7 +776,7 @@ fn send_requests(
                 cookie,
                 Pending {
                     job: j,
-                    data: vec![0u8; len],
+                    data: pool.spares.take(len),
                     covered: 0,
                     error: None,
                     sent: Instant::now(),

@@ -44,6 +44,32 @@ pub trait Medium: Send + Sync {
     fn pin(&self) -> Option<crate::qcow2::pin::Pin> {
         None
     }
+    /// Takes back the buffer of a completed read once its bytes were
+    /// copied out, for a later read; by default it is dropped.
+    fn recycle(&self, _buf: Vec<u8>) {}
+}
+
+/// Bytes of read buffers a medium keeps for reuse at most.
+pub const SPARE_BYTES: usize = 32 << 20;
+
+/// A medium's spare read buffers, shared by its threads and the cores.
+pub struct SharedSpares(std::sync::Mutex<crate::io::Spares>);
+
+impl Default for SharedSpares {
+    fn default() -> SharedSpares {
+        SharedSpares(std::sync::Mutex::new(crate::io::Spares::new(SPARE_BYTES)))
+    }
+}
+
+impl SharedSpares {
+    /// A buffer of `len` bytes for a read (contents unspecified).
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take(len)
+    }
+
+    pub fn give(&self, buf: Vec<u8>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).give(buf)
+    }
 }
 
 /// One ranged read of a [`Medium`].

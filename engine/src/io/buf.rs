@@ -131,6 +131,42 @@ impl IoBuf {
     }
 }
 
+/// Byte vectors kept for reuse once their contents were consumed, so that
+/// the next buffer needs neither an allocation nor zeroing (its user
+/// overwrites every byte). Bounded by `max_bytes` of capacity.
+pub struct Spares {
+    bufs: Vec<Vec<u8>>,
+    max_bytes: usize,
+}
+
+impl Spares {
+    pub fn new(max_bytes: usize) -> Spares {
+        Spares {
+            bufs: Vec::new(),
+            max_bytes,
+        }
+    }
+
+    /// A vector of `len` bytes (contents unspecified).
+    pub fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = match self.bufs.iter().position(|b| b.capacity() >= len) {
+            Some(i) => self.bufs.swap_remove(i),
+            None => return vec![0u8; len],
+        };
+        // Only bytes past the old length are zeroed.
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Keeps `buf` for a later `take`, if the bound allows.
+    pub fn give(&mut self, buf: Vec<u8>) {
+        let kept: usize = self.bufs.iter().map(Vec::capacity).sum();
+        if buf.capacity() > 0 && kept + buf.capacity() <= self.max_bytes {
+            self.bufs.push(buf);
+        }
+    }
+}
+
 impl Drop for IoBuf {
     fn drop(&mut self) {
         match self.vec_cap {
@@ -173,5 +209,24 @@ mod tests {
         assert_eq!((v.as_ptr(), v.len(), v.capacity()), (ptr, 10, 100));
         assert!(IoBuf::zeroed(10).into_vec().is_none());
         drop(IoBuf::from_vec(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn spares_are_reused_within_their_bound() {
+        let mut s = Spares::new(10);
+        let mut v = s.take(8);
+        v.fill(7);
+        let ptr = v.as_ptr();
+        s.give(v);
+        let v = s.take(4);
+        assert_eq!((v.as_ptr(), v.len()), (ptr, 4));
+        s.give(v);
+        // Past the bound: not kept.
+        s.give(vec![0; 8]);
+        let a = s.take(8);
+        let b = s.take(8);
+        assert_eq!(a.as_ptr(), ptr);
+        assert_ne!(b.as_ptr(), ptr);
+        assert_eq!(b, vec![0; 8]);
     }
 }

@@ -11,7 +11,7 @@ pub mod merge;
 pub mod uring;
 pub mod wake;
 
-pub use buf::{IoBuf, IO_ALIGN};
+pub use buf::{IoBuf, Spares, IO_ALIGN};
 
 use std::rc::Rc;
 

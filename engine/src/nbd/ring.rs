@@ -20,7 +20,7 @@
 use super::conn::{cost, Reply, Session, BASE_COST};
 use super::proto::*;
 use super::Registry;
-use crate::io::{IoBuf, Op};
+use crate::io::{IoBuf, Op, Spares};
 use crate::reactor::{FrontCtx, Frontend};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -43,35 +43,10 @@ const SEND_PIECES: usize = 64;
 const TOKEN_RECV: u64 = 0;
 const TOKEN_SEND: u64 = 1;
 
-/// A connection's read buffers, kept after their reply is sent: a read
-/// reuses one instead of allocating (and zeroing) a new one; the engine
-/// writes every byte of a read's buffer. Bounded, so a burst of large
-/// reads does not pin memory.
-#[derive(Default)]
-struct SpareBuffers(Vec<Vec<u8>>);
-
-/// Bytes of spare buffers a connection keeps at most.
+/// Bytes of spare read buffers a connection keeps at most: a read reuses
+/// one of its sent replies' buffers instead of allocating (and zeroing) a
+/// new one; the engine writes every byte of a read's buffer.
 const SPARE_BYTES: usize = 8 << 20;
-
-impl SpareBuffers {
-    /// A buffer of `len` bytes (contents unspecified).
-    fn take(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = match self.0.iter().position(|b| b.capacity() >= len) {
-            Some(i) => self.0.swap_remove(i),
-            None => return vec![0u8; len],
-        };
-        // Only bytes past the old length are zeroed.
-        buf.resize(len, 0);
-        buf
-    }
-
-    fn give(&mut self, buf: Vec<u8>) {
-        let kept: usize = self.0.iter().map(Vec::capacity).sum();
-        if buf.capacity() > 0 && kept + buf.capacity() <= SPARE_BYTES {
-            self.0.push(buf);
-        }
-    }
-}
 
 #[derive(Default)]
 pub struct Connections {
@@ -95,7 +70,7 @@ struct Conn {
     skip: u64,
     out: VecDeque<Reply>,
     /// Data buffers of sent read replies, for the next reads.
-    spare: SpareBuffers,
+    spare: Spares,
     tx: Rc<IoBuf>,
     /// What the send in flight still has to send: ranges of `tx` and of
     /// reply buffers, in wire order.
@@ -177,7 +152,7 @@ pub fn adopt(
                 partial: None,
                 skip: 0,
                 out: VecDeque::new(),
-                spare: SpareBuffers::default(),
+                spare: Spares::new(SPARE_BYTES),
                 tx: Rc::new(IoBuf::zeroed(TX_BYTES)),
                 tx_iov: Vec::new(),
                 tx_data: Vec::new(),

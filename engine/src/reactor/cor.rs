@@ -847,7 +847,9 @@ impl<I: Io> Core<I> {
         match self.decode(raw)? {
             L2Entry::Data { host } => {
                 self.bump(|s| &s.overlay_hits, 1);
-                self.read_overlay(id, host);
+                if !self.read_kept(id, host) {
+                    self.read_overlay(id, host);
+                }
                 Ok(())
             }
             L2Entry::Zero { .. } => {
@@ -863,6 +865,30 @@ impl<I: Io> Core<I> {
             }
             L2Entry::Unallocated => self.read_unallocated(id),
         }
+    }
+
+    /// Answers read piece `id` from the kept buffer of its cluster, if
+    /// there is one for host cluster `host`. A piece that reads up to the
+    /// cluster's end uses it up.
+    fn read_kept(&mut self, id: usize, host: u64) -> bool {
+        if self.kept.is_empty() {
+            return false;
+        }
+        let (cluster, start, len) = self.span(id);
+        let Some(buf) = self.kept.get(cluster, host).cloned() else {
+            return false;
+        };
+        let (s, l) = (start as usize, len as usize);
+        self.deliver(id, &buf.as_slice()[s..s + l]);
+        drop(buf);
+        if start + len == self.cs() {
+            if let Some(b) = self.kept.forget(cluster) {
+                self.pool.put(b);
+            }
+        }
+        self.bump(|s| &s.readahead_hits, 1);
+        self.finish_piece(id, Ok(()));
+        true
     }
 
     /// Reads the piece's bytes from the overlay's host cluster `host` (an
@@ -1187,6 +1213,7 @@ impl<I: Io> Core<I> {
         };
         if !err && published.is_ok() {
             self.bump(|s| &s.cor_fills, 1);
+            self.keep_fill(fid);
         } else {
             self.bump(|s| &s.writeback_errors, 1);
         }
@@ -1194,6 +1221,22 @@ impl<I: Io> Core<I> {
             self.fills[fid].error = Some(e);
         }
         self.release_fill(fid);
+    }
+
+    /// Keeps the buffer of populate fill `fid`, just published, for the
+    /// reader readahead ran ahead of (see `kept`).
+    fn keep_fill(&mut self, fid: usize) {
+        if self.readahead.is_none() || self.ext() || self.fills[fid].populators.is_empty() {
+            return;
+        }
+        let f = &mut self.fills[fid];
+        let Some(buf) = f.buf.take() else {
+            return;
+        };
+        let (cluster, host) = (f.cluster, f.host);
+        for b in self.kept.insert(cluster, host, buf) {
+            self.pool.put(b);
+        }
     }
 
     fn release_fill(&mut self, fid: usize) {
@@ -1264,6 +1307,10 @@ impl<I: Io> Core<I> {
                 return Ok(());
             }
             self.pieces[id].locked = true;
+            // The cluster changes: its kept content is stale from here.
+            if let Some(b) = self.kept.forget(cluster) {
+                self.pool.put(b);
+            }
         }
         self.shared.meta.check_writable()?;
         let Some(raw) = self.lookup(id, cluster) else {

@@ -11,6 +11,7 @@
 //! turn, not per request), then dispatch the completions reaped.
 
 mod cor;
+mod kept;
 pub mod l2cache;
 mod readahead;
 mod remote;
@@ -111,6 +112,8 @@ pub struct CoreStats {
     pub remote_latency_max_us: AtomicU64,
     /// Bytes this core's readahead asked to populate.
     pub readahead_bytes: AtomicU64,
+    /// Read pieces answered from a kept readahead buffer (see `kept`).
+    pub readahead_hits: AtomicU64,
 }
 
 /// Something that lives on a core besides the engine (the NBD server's
@@ -386,6 +389,9 @@ pub(crate) struct Core<I: Io = Uring> {
     readahead: Option<readahead::Detector>,
     /// Bytes of this core's readahead requests not yet finished.
     readahead_in_flight: Arc<AtomicU64>,
+    /// Buffers of completed populate fills, for the readers readahead ran
+    /// ahead of (empty and unused without readahead).
+    kept: kept::Kept,
     front: Option<Box<dyn Frontend>>,
     front_ctx: FrontCtx,
 }
@@ -439,6 +445,8 @@ impl<I: Io> Core<I> {
             remote: remote::RemoteOps::default(),
             readahead,
             readahead_in_flight: Arc::new(AtomicU64::new(0)),
+            // Readahead keeps at most twice its limit in flight per core.
+            kept: kept::Kept::new(2 * shared.readahead_max as usize),
             front: None,
             front_ctx: FrontCtx {
                 core: id,

@@ -12,7 +12,8 @@
 //! clusters that one client read starts become one remote read. A batch's
 //! result arrives as [`Msg::Remote`] in the core's inbox (with an eventfd
 //! wake-up); its bytes are copied into each slot's buffer and each slot is
-//! dispatched as a completion, exactly as the ring would.
+//! dispatched as a completion, exactly as the ring would. The result's
+//! buffer then goes back to the medium for a later read.
 //!
 //! What it never does: block the core (submitting only queues), or touch a
 //! local backing read: local layers never come here, so their path has no
@@ -55,6 +56,7 @@ struct Slot {
 
 /// One read of a medium, covering adjacent slots.
 struct Batch {
+    layer: usize,
     slots: Vec<usize>,
     offset: u64,
     len: usize,
@@ -154,6 +156,7 @@ impl<I: Io> Core<I> {
             let (offset, hi) = widen(end);
             let len = (hi - offset) as usize;
             let tag = self.remote.batches.insert(Batch {
+                layer,
                 slots: queued[i..j].to_vec(),
                 offset,
                 len,
@@ -216,6 +219,12 @@ impl<I: Io> Core<I> {
                 buf: Some(s.buf),
             });
             self.remote.error = None;
+        }
+        // Every byte was copied out: the medium reuses the buffer.
+        if let (Ok(data), Some(chain)) = (result, &self.shared.chain) {
+            if let Some(medium) = chain.remote(batch.layer) {
+                medium.recycle(data);
+            }
         }
     }
 }

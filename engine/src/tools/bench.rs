@@ -164,7 +164,11 @@ impl fmt::Display for BenchReport {
                 s.remote_latency_max_us
             )?;
             if s.readahead_bytes > 0 {
-                write!(f, ", readahead: {} bytes", s.readahead_bytes)?;
+                write!(
+                    f,
+                    ", readahead: {} bytes, {} reads answered from its buffers",
+                    s.readahead_bytes, s.readahead_hits
+                )?;
             }
         }
         Ok(())

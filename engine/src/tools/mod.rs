@@ -51,6 +51,7 @@ pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
             .saturating_sub(before.remote_latency_us),
         remote_latency_max_us: after.remote_latency_max_us,
         readahead_bytes: after.readahead_bytes.saturating_sub(before.readahead_bytes),
+        readahead_hits: after.readahead_hits.saturating_sub(before.readahead_hits),
         in_flight: after.in_flight,
     }
 }

@@ -69,7 +69,11 @@ pub fn stats_line(s: &crate::Stats) -> String {
             s.remote_errors
         ));
         if s.readahead_bytes > 0 {
-            line.push_str(&format!(", readahead {}", format_size(s.readahead_bytes)));
+            line.push_str(&format!(
+                ", readahead {} ({} reads from its buffers)",
+                format_size(s.readahead_bytes),
+                s.readahead_hits
+            ));
         }
     }
     line

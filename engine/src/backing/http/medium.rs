@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{HttpBacking, HttpOptions};
-use crate::backing::remote::{Medium, RemoteRead};
+use crate::backing::remote::{Medium, RemoteRead, SharedSpares};
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::pin::Pin;
 
@@ -33,6 +33,7 @@ pub struct HttpMedium {
     client: Arc<HttpBacking>,
     jobs: Option<Sender<RemoteRead>>,
     threads: Vec<JoinHandle<()>>,
+    spares: Arc<SharedSpares>,
 }
 
 impl HttpMedium {
@@ -42,13 +43,15 @@ impl HttpMedium {
         let threads = opts.max_connections.max(1);
         let client = Arc::new(HttpBacking::open(url, opts).map_err(Error::from)?);
         let (tx, rx) = crossbeam_channel::unbounded::<RemoteRead>();
+        let spares = Arc::new(SharedSpares::default());
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let rx: Receiver<RemoteRead> = rx.clone();
             let client = client.clone();
+            let spares = spares.clone();
             let h = std::thread::Builder::new()
                 .name(format!("backfill-http-{i}"))
-                .spawn(move || fetch_loop(&client, &rx))
+                .spawn(move || fetch_loop(&client, &rx, &spares))
                 .map_err(|e| Error::io(e, "spawning an HTTP fetch thread"))?;
             handles.push(h);
         }
@@ -57,6 +60,7 @@ impl HttpMedium {
             client,
             jobs: Some(tx),
             threads: handles,
+            spares,
         })
     }
 
@@ -66,10 +70,10 @@ impl HttpMedium {
     }
 }
 
-fn fetch_loop(client: &HttpBacking, jobs: &Receiver<RemoteRead>) {
+fn fetch_loop(client: &HttpBacking, jobs: &Receiver<RemoteRead>, spares: &SharedSpares) {
     // Ends when the medium is dropped and the queue is empty.
     while let Ok(read) = jobs.recv() {
-        let mut buf = vec![0u8; read.len];
+        let mut buf = spares.take(read.len);
         let result = client
             .read_at(&mut buf, read.offset)
             .map(|()| buf)
@@ -97,6 +101,10 @@ impl Medium for HttpMedium {
             size: self.client.size(),
             validator: v.clone(),
         })
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        self.spares.give(buf);
     }
 
     fn submit(&self, read: RemoteRead) {
