@@ -94,6 +94,13 @@ impl<F: Copy, W> LockTable<F, W> {
             .waiters
     }
 
+    /// Whether someone waits for `cluster`.
+    pub fn has_waiters(&self, cluster: u64) -> bool {
+        self.map
+            .get(&cluster)
+            .is_some_and(|e| !e.waiters.is_empty())
+    }
+
     /// Clusters currently held.
     pub fn len(&self) -> usize {
         self.map.len()

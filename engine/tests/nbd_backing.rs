@@ -626,3 +626,59 @@ fn sequential_reads_read_ahead_and_random_reads_do_not() {
     disk.close().unwrap();
     server.stop();
 }
+
+/// Random reads over a slow server hold their write-backs until a batch is
+/// ready (so that they merge into one large write): writes into the
+/// clusters of held fills and a flush in the middle of them get through,
+/// every read returns the base image's bytes, and the overlay ends as the
+/// base with the writes (`qemu-img check` and `compare`).
+#[test]
+fn held_write_backs_give_way_to_writes_and_flushes() {
+    let size = 8 * MIB;
+    let s = Setup::new("nbdb-held", size, 23);
+    let sock = s.sock("held.sock");
+    let server = s.nbdkit(&sock, &["delay"], &["rdelay=2ms"]);
+    let uri = unix_uri(&sock);
+    let image = s.path("held.qcow2");
+    qemu_create_qcow2(&image, "cluster_size=65536", Some((&uri, "raw")), None);
+    let disk = open(&image, options(2, true, false));
+    let mut want = s.data.clone();
+    let mut rng = Rng::new(23);
+    let cs = 64 * KIB;
+    for round in 0..4u8 {
+        let reads: Vec<(u64, u64)> = (0..64)
+            .map(|_| (rng.below(size / (4 * KIB)) * 4 * KIB, 4 * KIB))
+            .collect();
+        let pending: Vec<_> = reads
+            .iter()
+            .map(|&(off, len)| disk.submit_read(off, vec![0u8; len as usize]))
+            .collect();
+        // Into every eighth read's cluster, half a cluster away from it.
+        let writes: Vec<(u64, u64)> = reads
+            .iter()
+            .step_by(8)
+            .map(|&(off, _)| (off - off % cs + (off % cs + cs / 2) % cs, 4 * KIB))
+            .filter(|&(w, _)| reads.iter().all(|&(r, _)| r != w))
+            .collect();
+        let written: Vec<_> = writes
+            .iter()
+            .map(|&(off, len)| disk.submit_write(off, vec![0xc0 | round; len as usize]))
+            .collect();
+        disk.flush().unwrap();
+        for (c, &(off, len)) in pending.into_iter().zip(&reads) {
+            let got = c.wait().unwrap();
+            let w = &s.data[off as usize..(off + len) as usize];
+            assert_same_bytes(&got, w, &format!("round {round}: read at {off}"));
+        }
+        for (c, &(off, len)) in written.into_iter().zip(&writes) {
+            c.wait().unwrap();
+            want[off as usize..(off + len) as usize].fill(0xc0 | round);
+        }
+    }
+    disk.close().unwrap();
+    check_clean(&image);
+    let expected = s.path("held-expected.raw");
+    std::fs::write(&expected, &want).unwrap();
+    compare_same(&image, &expected, "raw");
+    server.stop();
+}

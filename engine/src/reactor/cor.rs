@@ -217,6 +217,10 @@ pub struct Commit {
     l1: Vec<u64>,
 }
 
+/// Bytes of held write-backs that go out together at most (one merged
+/// write, see `release_held`).
+const HOLD_BYTES: usize = crate::io::merge::MAX_MERGED;
+
 const PHASE_SYNC1: usize = 0;
 const PHASE_WRITE: usize = 1;
 const PHASE_SYNC2: usize = 2;
@@ -1186,15 +1190,60 @@ impl<I: Io> Core<I> {
                 return;
             }
         };
-        let cs = self.cs() as usize;
-        self.io.push(
-            TAG_FILL | fid as u64,
-            Op::write(FILE_DATA, host, buf, 0, cs),
-        );
+        drop(buf);
         let f = &mut self.fills[fid];
         f.host = host;
         f.writing = true;
         f.pending = 1;
+        if self.remote.in_flight() {
+            // More fills are on their way from a remote medium: their
+            // write-backs go out together (see `release_held`).
+            self.held.push(fid);
+            self.held_bytes += self.cs() as usize;
+        } else {
+            self.push_fill_write(fid);
+        }
+    }
+
+    fn push_fill_write(&mut self, fid: usize) {
+        let f = &self.fills[fid];
+        let buf = f.buf.clone().expect("fill has a buffer");
+        let op = Op::write(FILE_DATA, f.host, buf, 0, self.cs() as usize);
+        self.io.push(TAG_FILL | fid as u64, op);
+    }
+
+    /// Sends the held write-backs of remote fills once there is a batch of
+    /// them ([`HOLD_BYTES`]), or nothing more is coming (no remote read in
+    /// flight), or someone waits: a flush, a close, a request for one of
+    /// their clusters. Fills of random reads complete one by one, each
+    /// with a cluster allocated after the previous one; written back in
+    /// host order in one turn they merge into one large write (`io::merge`)
+    /// instead of a small random write each, which leaves the disk's
+    /// operations to the backing medium's reads. The readers were answered
+    /// already: holding delays only the write-back.
+    pub(super) fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let waited = self.held_bytes >= HOLD_BYTES
+            || !self.remote.in_flight()
+            || !self.fill_barriers.is_empty()
+            || self.closing.is_some()
+            || self
+                .held
+                .iter()
+                .any(|&f| self.locks.has_waiters(self.fills[f].cluster));
+        if !waited {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.held);
+        held.sort_unstable_by_key(|&f| self.fills[f].host);
+        for &fid in &held {
+            self.push_fill_write(fid);
+        }
+        held.clear();
+        self.held = held;
+        self.held_bytes = 0;
     }
 
     fn fill_written(&mut self, fid: usize) {

@@ -392,6 +392,10 @@ pub(crate) struct Core<I: Io = Uring> {
     /// Buffers of completed populate fills, for the readers readahead ran
     /// ahead of (empty and unused without readahead).
     kept: kept::Kept,
+    /// Fills whose write-back waits for more (see `release_held`), and
+    /// their bytes.
+    held: Vec<usize>,
+    held_bytes: usize,
     front: Option<Box<dyn Frontend>>,
     front_ctx: FrontCtx,
 }
@@ -447,6 +451,8 @@ impl<I: Io> Core<I> {
             readahead_in_flight: Arc::new(AtomicU64::new(0)),
             // Readahead keeps at most twice its limit in flight per core.
             kept: kept::Kept::new(2 * shared.readahead_max as usize),
+            held: Vec::new(),
+            held_bytes: 0,
             front: None,
             front_ctx: FrontCtx {
                 core: id,
@@ -469,6 +475,7 @@ impl<I: Io> Core<I> {
             if self.stopped {
                 break;
             }
+            self.release_held();
             self.submit_remote();
             let busy = !self.events.is_empty() || !self.inbox.is_empty() || self.poll_briefly();
             let want = if busy { 0 } else { self.sleep_prepare() };

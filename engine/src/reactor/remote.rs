@@ -77,6 +77,11 @@ pub(super) struct RemoteOps {
 }
 
 impl RemoteOps {
+    /// Whether remote reads are queued or in flight.
+    pub(super) fn in_flight(&self) -> bool {
+        !self.batches.is_empty() || !self.queued.is_empty()
+    }
+
     /// Queues `len` bytes of remote layer `layer` at `offset` (`source`)
     /// into `buf[buf_off..]` (`dst`); each part completes as an operation
     /// of `token`. Returns how many completions will come.
