@@ -64,6 +64,30 @@ impl Setup {
         nbd_peer::nbdkit(self.dir.path(), sock, &self.base, filters, params)
     }
 
+    /// nbdkit with its delay filter (`rdelay`), and the URI it serves on.
+    fn delayed_server(&self, rdelay: &str) -> (Peer, String) {
+        let sock = self.sock("delayed.sock");
+        let server = self.nbdkit(&sock, &["delay"], &[&format!("rdelay={rdelay}")]);
+        (server, unix_uri(&sock))
+    }
+
+    /// A fresh overlay `name` over `uri` with `cluster`-byte clusters.
+    fn overlay_over(&self, name: &str, uri: &str, cluster: u64) -> PathBuf {
+        let p = self.path(name);
+        let opts = format!("cluster_size={cluster}");
+        qemu_create_qcow2(&p, &opts, Some((uri, "raw")), None);
+        p
+    }
+
+    /// After the disk closed: `qemu-img check` is clean and `compare` finds
+    /// `image` equal to `want` (written to a raw file for it).
+    fn check_reads_as(&self, image: &Path, want: &[u8]) {
+        check_clean(image);
+        let expected = self.path("expected.raw");
+        std::fs::write(&expected, want).unwrap();
+        compare_same(image, &expected, "raw");
+    }
+
     /// `qemu-nbd -r -f raw base.raw` on `listen` (`-k SOCKET` or `-b HOST -p PORT`).
     fn qemu_nbd(&self, listen: &[String]) -> Peer {
         nbd_peer::qemu_nbd(self.dir.path(), &self.base, listen)
@@ -187,9 +211,8 @@ fn many_reads_in_flight_over_a_slow_server() {
     let seed = seed_from_env("many_reads_in_flight_over_a_slow_server");
     let size = 12 * MIB;
     let s = Setup::new("nbdb-delay", size, seed);
-    let sock = s.sock("d.sock");
-    let server = s.nbdkit(&sock, &["delay"], &["rdelay=2ms"]);
-    s.make_overlay(&unix_uri(&sock));
+    let (server, uri) = s.delayed_server("2ms");
+    s.make_overlay(&uri);
 
     // Without copy-on-read (read-only): reads pass through to the server.
     let disk = open(&s.overlay, options(2, false, true));
@@ -530,14 +553,8 @@ fn qemu_img_overlay_over_nbd_through_the_cli() {
 fn sequential_reads_read_ahead_and_random_reads_do_not() {
     let size = 24 * MIB;
     let s = Setup::new("nbdb-ra", size, 21);
-    let sock = s.sock("ra.sock");
-    let server = s.nbdkit(&sock, &["delay"], &["rdelay=1ms"]);
-    let uri = unix_uri(&sock);
-    let make = |name: &str| {
-        let p = s.path(name);
-        qemu_create_qcow2(&p, "cluster_size=4096", Some((&uri, "raw")), None);
-        p
-    };
+    let (server, uri) = s.delayed_server("1ms");
+    let make = |name: &str| s.overlay_over(name, &uri, 4 * KIB);
 
     // 1 MiB reads in order, two in flight, over the whole disk; halfway,
     // writes land in clusters readahead filled (and keeps in memory) ahead
@@ -587,10 +604,7 @@ fn sequential_reads_read_ahead_and_random_reads_do_not() {
         "the reader did not find the readahead's clusters: {st:?}"
     );
     disk.close().unwrap();
-    check_clean(&seq);
-    let expected = s.path("seq-expected.raw");
-    std::fs::write(&expected, &want).unwrap();
-    compare_same(&seq, &expected, "raw");
+    s.check_reads_as(&seq, &want);
     for e in qemu_map(&seq) {
         assert_eq!(e.depth, 0, "not in the overlay: {e:?}");
     }
@@ -636,11 +650,8 @@ fn sequential_reads_read_ahead_and_random_reads_do_not() {
 fn held_write_backs_give_way_to_writes_and_flushes() {
     let size = 8 * MIB;
     let s = Setup::new("nbdb-held", size, 23);
-    let sock = s.sock("held.sock");
-    let server = s.nbdkit(&sock, &["delay"], &["rdelay=2ms"]);
-    let uri = unix_uri(&sock);
-    let image = s.path("held.qcow2");
-    qemu_create_qcow2(&image, "cluster_size=65536", Some((&uri, "raw")), None);
+    let (server, uri) = s.delayed_server("2ms");
+    let image = s.overlay_over("held.qcow2", &uri, 64 * KIB);
     let disk = open(&image, options(2, true, false));
     let mut want = s.data.clone();
     let mut rng = Rng::new(23);
@@ -676,10 +687,7 @@ fn held_write_backs_give_way_to_writes_and_flushes() {
         }
     }
     disk.close().unwrap();
-    check_clean(&image);
-    let expected = s.path("held-expected.raw");
-    std::fs::write(&expected, &want).unwrap();
-    compare_same(&image, &expected, "raw");
+    s.check_reads_as(&image, &want);
     server.stop();
 }
 
@@ -697,12 +705,8 @@ fn kept_readahead_buffers_follow_every_change() {
     for (cluster, read) in [(4 * KIB, 64 * KIB), (64 * KIB, 24 * KIB)] {
         let size = 12 * MIB;
         let s = Setup::new(&format!("nbdb-kept{}k", cluster / KIB), size, 31);
-        let sock = s.sock("kept.sock");
-        let server = s.nbdkit(&sock, &["delay"], &["rdelay=1ms"]);
-        let uri = unix_uri(&sock);
-        let image = s.path("kept.qcow2");
-        let opts = format!("cluster_size={cluster}");
-        qemu_create_qcow2(&image, &opts, Some((&uri, "raw")), None);
+        let (server, uri) = s.delayed_server("1ms");
+        let image = s.overlay_over("kept.qcow2", &uri, cluster);
         let disk = open(&image, options(2, true, false));
         let mut want = s.data.clone();
         let mut rng = Rng::new(31 + cluster);
@@ -747,10 +751,7 @@ fn kept_readahead_buffers_follow_every_change() {
         assert!(changes > 20, "{changes} changes");
         assert!(st.readahead_hits > 0, "no read from a kept buffer: {st:?}");
         disk.close().unwrap();
-        check_clean(&image);
-        let expected = s.path("expected.raw");
-        std::fs::write(&expected, &want).unwrap();
-        compare_same(&image, &expected, "raw");
+        s.check_reads_as(&image, &want);
         server.stop();
     }
 }

@@ -124,6 +124,14 @@ impl IoBuf {
         }
     }
 
+    /// A buffer of `len` bytes of `byte` (for tests).
+    #[cfg(test)]
+    pub(crate) fn filled(len: usize, byte: u8) -> std::rc::Rc<IoBuf> {
+        let mut b = IoBuf::zeroed(len);
+        b.as_mut_slice().fill(byte);
+        std::rc::Rc::new(b)
+    }
+
     /// Raw pointer for the kernel. The caller keeps an `Rc` clone alive until
     /// the operation's completion is reaped.
     pub(crate) fn raw_ptr(&self) -> *mut u8 {

@@ -205,12 +205,6 @@ mod tests {
     use crate::io::FileId;
     use std::os::fd::AsRawFd;
 
-    fn filled(len: usize, byte: u8) -> Rc<IoBuf> {
-        let mut b = IoBuf::zeroed(len);
-        b.as_mut_slice().fill(byte);
-        Rc::new(b)
-    }
-
     fn run<I: Io>(io: &mut I, n: usize) -> Vec<Cqe> {
         let mut out = Vec::new();
         io.submit_and_wait(n).unwrap();
@@ -234,7 +228,10 @@ mod tests {
             (3, 16384, 3),
             (4, 65536, 9),
         ] {
-            io.push(t, Op::write(FileId(0), off, filled(4096, byte), 0, 4096));
+            io.push(
+                t,
+                Op::write(FileId(0), off, IoBuf::filled(4096, byte), 0, 4096),
+            );
         }
         let mut done = run(&mut io, 4);
         done.sort_by_key(|c| c.token);

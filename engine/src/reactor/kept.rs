@@ -95,39 +95,35 @@ impl Kept {
 mod tests {
     use super::*;
 
-    fn buf(len: usize, fill: u8) -> Rc<IoBuf> {
-        let mut b = IoBuf::zeroed(len);
-        b.as_mut_slice().fill(fill);
-        Rc::new(b)
-    }
-
     #[test]
     fn keeps_within_budget_oldest_out_first() {
         let mut k = Kept::new(3 * 4096);
         for c in 0..3 {
-            assert!(k.insert(c, 100 + c, buf(4096, c as u8)).is_empty());
+            assert!(k
+                .insert(c, 100 + c, IoBuf::filled(4096, c as u8))
+                .is_empty());
         }
-        let out = k.insert(3, 103, buf(4096, 3));
+        let out = k.insert(3, 103, IoBuf::filled(4096, 3));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].as_slice()[0], 0, "the oldest goes first");
         assert!(k.get(0, 100).is_none());
         assert_eq!(k.get(3, 103).unwrap().as_slice()[0], 3);
         // Too big for the budget: handed straight back.
-        assert_eq!(k.insert(9, 9, buf(4 * 4096, 9)).len(), 1);
+        assert_eq!(k.insert(9, 9, IoBuf::filled(4 * 4096, 9)).len(), 1);
     }
 
     #[test]
     fn a_moved_or_forgotten_cluster_is_not_used() {
         let mut k = Kept::new(1 << 20);
-        k.insert(5, 500, buf(4096, 5));
+        k.insert(5, 500, IoBuf::filled(4096, 5));
         assert!(k.get(5, 501).is_none(), "another host cluster");
         assert!(k.get(5, 500).is_some());
         assert!(k.forget(5).is_some());
         assert!(k.get(5, 500).is_none());
         assert!(k.is_empty());
         // Re-inserting a cluster replaces its entry.
-        k.insert(6, 600, buf(4096, 1));
-        let out = k.insert(6, 601, buf(4096, 2));
+        k.insert(6, 600, IoBuf::filled(4096, 1));
+        let out = k.insert(6, 601, IoBuf::filled(4096, 2));
         assert_eq!(out.len(), 1);
         assert_eq!(k.get(6, 601).unwrap().as_slice()[0], 2);
     }
@@ -136,7 +132,7 @@ mod tests {
     fn stale_order_entries_do_not_pile_up() {
         let mut k = Kept::new(1 << 30);
         for c in 0..10_000u64 {
-            k.insert(c, c, buf(16, 0));
+            k.insert(c, c, IoBuf::filled(16, 0));
             k.forget(c);
         }
         assert!(k.order.len() < 100);
