@@ -586,8 +586,17 @@ impl<I: Io> Core<I> {
         buf: &mut Rc<IoBuf>,
         at: usize,
     ) -> (u32, u64, Vec<Inflate>) {
-        let total: u64 = self.segs.iter().map(|s| s.len).sum();
-        IoBuf::unique_mut(buf)[at..at + total as usize].fill(0);
+        // Reads, remote fetches and inflates write every byte of their
+        // segments (or fail the step): only zero segments need zeroing.
+        let b = IoBuf::unique_mut(buf);
+        let mut pos = at;
+        for s in &self.segs {
+            let len = s.len as usize;
+            if matches!(s.source, Source::Zero) {
+                b[pos..pos + len].fill(0);
+            }
+            pos += len;
+        }
         self.push_segment_reads(token, buf, at)
     }
 
@@ -1057,7 +1066,11 @@ impl<I: Io> Core<I> {
         let key = self.l2_key(cluster);
         self.l2.get(key).expect("looked-up block is cached").pins += 1;
         let mut buf = self.pool.get((hi - lo) as usize);
-        IoBuf::unique_mut(&mut buf).fill(0);
+        // Past the disk's end (a partial last cluster) and past `hi` (the
+        // pool rounds sizes up) nothing is read: zeros, which zero
+        // detection and the write-back see.
+        let covered = valid.min(hi).saturating_sub(lo) as usize;
+        IoBuf::unique_mut(&mut buf)[covered..].fill(0);
         let (n, bytes, inflates) = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
         self.bump(|s| &s.misses, 1);
         let f = &mut self.fills[fid];
