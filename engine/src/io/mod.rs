@@ -204,9 +204,7 @@ impl Op {
             ..Op::recv(fd, buf, buf_off, len)
         }
     }
-}
 
-impl Op {
     /// Sends the pieces of `iov` (buffer, offset in it, length), one after
     /// another, on socket `fd`: one system call, no copy into one buffer.
     pub fn send_vectored(fd: i32, iov: Vec<(Rc<IoBuf>, usize, usize)>) -> Op {

@@ -73,10 +73,9 @@ struct Conn {
     spare: Spares,
     tx: Rc<IoBuf>,
     /// What the send in flight still has to send: ranges of `tx` and of
-    /// reply buffers, in wire order.
+    /// reply buffers, in wire order. A reply buffer goes back to `spare`
+    /// once its last range is sent.
     tx_iov: Vec<(Rc<IoBuf>, usize, usize)>,
-    /// The reply buffers that send carries, for reuse once it is done.
-    tx_data: Vec<Rc<IoBuf>>,
     /// Cost of the replies in `tx`, given back when it has been sent.
     tx_cost: u64,
     tx_count: u64,
@@ -155,7 +154,6 @@ pub fn adopt(
                 spare: Spares::new(SPARE_BYTES),
                 tx: Rc::new(IoBuf::zeroed(TX_BYTES)),
                 tx_iov: Vec::new(),
-                tx_data: Vec::new(),
                 tx_cost: 0,
                 tx_count: 0,
                 send_pending: false,
@@ -252,7 +250,12 @@ impl Connections {
             n -= piece.2;
             whole += 1;
         }
-        c.tx_iov.drain(..whole);
+        for (b, _, _) in c.tx_iov.drain(..whole) {
+            // The last range of a reply buffer (`tx` itself never unwraps).
+            if let Some(v) = Rc::try_unwrap(b).ok().and_then(IoBuf::into_vec) {
+                c.spare.give(v);
+            }
+        }
         if !c.tx_iov.is_empty() {
             c.push_send(id, ctx);
             return;
@@ -261,11 +264,6 @@ impl Connections {
         c.tx_cost = 0;
         c.tx_count = 0;
         c.release(cost, n);
-        for b in c.tx_data.drain(..) {
-            if let Some(v) = Rc::try_unwrap(b).ok().and_then(IoBuf::into_vec) {
-                c.spare.give(v);
-            }
-        }
         c.flush(id, ctx);
         self.resume(id, ctx);
     }
@@ -289,20 +287,17 @@ impl Connections {
 /// many of its data segments are sent from its own buffer (none when there
 /// are too many for one vectored send: then everything is copied).
 fn plan(r: &Reply) -> (usize, usize) {
-    let big = r
-        .segments()
-        .iter()
-        .filter(|&&(d, s, e)| d && e - s >= ZERO_COPY_MIN)
-        .count();
+    let (mut copied, mut big) = (0, 0);
+    for &(from_data, s, e) in r.segments() {
+        if from_data && e - s >= ZERO_COPY_MIN {
+            big += 1;
+        } else {
+            copied += e - s;
+        }
+    }
     if big == 0 || 2 * big + 1 > SEND_PIECES {
         return (r.len(), 0);
     }
-    let copied = r
-        .segments()
-        .iter()
-        .filter(|&&(d, s, e)| !d || e - s < ZERO_COPY_MIN)
-        .map(|&(_, s, e)| e - s)
-        .sum();
     (copied, big)
 }
 
@@ -337,7 +332,6 @@ impl Conn {
         self.tx_cost = 0;
         self.tx_count = 0;
         self.tx_iov.clear();
-        self.tx_data.clear();
         self.release(cost, n);
         while let Some(r) = self.out.pop_front() {
             self.release(r.cost, 1);
@@ -457,29 +451,32 @@ impl Conn {
             let r = self.out.pop_front().expect("front exists");
             self.tx_cost += r.cost;
             self.tx_count += 1;
-            let (bytes, data, segs) = r.into_parts();
-            let data = Rc::new(IoBuf::from_vec(data));
+            let (bytes, mut data, segs) = r.into_parts();
+            // Only a reply with data to send from its buffer shares it.
+            let shared = (big > 0).then(|| Rc::new(IoBuf::from_vec(std::mem::take(&mut data))));
+            let data_bytes = shared.as_deref().map_or(&data[..], IoBuf::as_slice);
             for (from_data, s, e) in segs {
-                if from_data && big > 0 && e - s >= ZERO_COPY_MIN {
+                if let Some(b) = shared
+                    .as_ref()
+                    .filter(|_| from_data && e - s >= ZERO_COPY_MIN)
+                {
                     if at > run {
                         pieces.push((None, run, at - run));
                         run = at;
                     }
-                    pieces.push((Some(data.clone()), s, e - s));
+                    pieces.push((Some(b.clone()), s, e - s));
                     continue;
                 }
                 let src = if from_data {
-                    &data.as_slice()[s..e]
+                    &data_bytes[s..e]
                 } else {
                     &bytes[s..e]
                 };
                 buf[at..at + src.len()].copy_from_slice(src);
                 at += src.len();
             }
-            if big > 0 {
-                self.tx_data.push(data);
-            } else if let Some(v) = Rc::try_unwrap(data).ok().and_then(IoBuf::into_vec) {
-                self.spare.give(v);
+            if shared.is_none() {
+                self.spare.give(data);
             }
         }
         if at > run {

@@ -1212,7 +1212,6 @@ impl<I: Io> Core<I> {
             // More fills are on their way from a remote medium: their
             // write-backs go out together (see `release_held`).
             self.held.push(fid);
-            self.held_bytes += self.cs() as usize;
         } else {
             self.push_fill_write(fid);
         }
@@ -1238,7 +1237,7 @@ impl<I: Io> Core<I> {
         if self.held.is_empty() {
             return;
         }
-        let waited = self.held_bytes >= HOLD_BYTES
+        let waited = self.held.len() * self.cs() as usize >= HOLD_BYTES
             || !self.remote.in_flight()
             || !self.fill_barriers.is_empty()
             || self.closing.is_some()
@@ -1251,12 +1250,10 @@ impl<I: Io> Core<I> {
         }
         let mut held = std::mem::take(&mut self.held);
         held.sort_unstable_by_key(|&f| self.fills[f].host);
-        for &fid in &held {
+        for fid in held.drain(..) {
             self.push_fill_write(fid);
         }
-        held.clear();
         self.held = held;
-        self.held_bytes = 0;
     }
 
     fn fill_written(&mut self, fid: usize) {

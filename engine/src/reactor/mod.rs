@@ -392,10 +392,8 @@ pub(crate) struct Core<I: Io = Uring> {
     /// Buffers of completed populate fills, for the readers readahead ran
     /// ahead of (empty and unused without readahead).
     kept: kept::Kept,
-    /// Fills whose write-back waits for more (see `release_held`), and
-    /// their bytes.
+    /// Fills whose write-back waits for more (see `release_held`).
     held: Vec<usize>,
-    held_bytes: usize,
     front: Option<Box<dyn Frontend>>,
     front_ctx: FrontCtx,
 }
@@ -452,7 +450,6 @@ impl<I: Io> Core<I> {
             // Readahead keeps at most twice its limit in flight per core.
             kept: kept::Kept::new(2 * shared.readahead_max as usize),
             held: Vec::new(),
-            held_bytes: 0,
             front: None,
             front_ctx: FrontCtx {
                 core: id,
