@@ -144,25 +144,36 @@ impl Base {
         assert_eq!(virtual_size(&self.overlay), self.size);
     }
 
-    /// `backfill stream ARGS overlay.qcow2`, which must succeed; its stdout.
-    fn stream_cli(&self, args: &[&str]) -> String {
+    /// Runs `backfill stream ARGS overlay.qcow2` with `run`.
+    fn stream_with<T>(&self, args: &[&str], run: impl FnOnce(&[&str]) -> T) -> T {
+        let overlay = path_str(&self.overlay);
         let mut argv = vec!["stream"];
         argv.extend_from_slice(args);
-        let overlay = path_str(&self.overlay);
         argv.push(&overlay);
-        backfill_ok(&argv)
+        run(&argv)
+    }
+
+    /// `backfill stream ARGS overlay.qcow2`, which must succeed; its stdout.
+    fn stream_cli(&self, args: &[&str]) -> String {
+        self.stream_with(args, backfill_ok)
+    }
+
+    /// `backfill stream ARGS overlay.qcow2` to the end: it must say it
+    /// dropped the backing file.
+    fn stream_to_the_end(&self, args: &[&str]) {
+        stream_summary_ok(&self.stream_cli(args), "backing file dropped");
     }
 
     /// `backfill stream ARGS overlay.qcow2`, which must fail with status 1
     /// and one `backfill: ` line on stderr; that line.
     fn stream_cli_fails(&self, args: &[&str]) -> String {
-        let mut argv = vec!["stream"];
-        argv.extend_from_slice(args);
-        let overlay = path_str(&self.overlay);
-        argv.push(&overlay);
-        let out = backfill_output(&argv);
+        let out = self.stream_with(args, backfill_output);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "backfill {argv:?}: {err}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "backfill stream {args:?}: {err}"
+        );
         let last = err.lines().last().unwrap_or_default().to_string();
         assert!(last.starts_with("backfill: "), "{err}");
         last
@@ -259,8 +270,7 @@ fn cli_stream_over_nbdkit() {
     assert_eq!(info_json(&b.overlay)["backing-filename"], uri.as_str());
 
     let server = b.nbdkit(&[], &[]);
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     // The standalone image needs no server any more.
     server.stop();
     b.check_streamed();
@@ -282,8 +292,7 @@ fn cli_stream_over_a_slow_nbdkit_on_four_cores() {
         ],
     );
     b.create_overlay(&b.uri());
-    let out = b.stream_cli(&["--cores", "4"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "4"]);
     server.stop();
     b.check_streamed();
 }
@@ -300,8 +309,7 @@ fn cli_stream_over_qemu_nbd_tcp() {
     let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(String::from);
     let server = nbd_peer::qemu_nbd(b.dir.path(), &b.base, &listen);
     b.create_overlay(&format!("nbd://127.0.0.1:{port}/"));
-    let out = b.stream_cli(&["--rate", "256M", "--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--rate", "256M", "--cores", "2"]);
     server.stop();
     b.check_streamed();
 }
@@ -313,8 +321,7 @@ fn cli_stream_over_http() {
     let url = nginx.url("base.raw");
     b.create_overlay(&url);
     assert_eq!(info_json(&b.overlay)["backing-filename"], url.as_str());
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     drop(nginx);
     b.check_streamed();
 }
@@ -391,8 +398,7 @@ fn cancelled_over_nbd_then_resumed_by_the_cli() {
 
     let second_log = b.path("second.log");
     let server = b.nbdkit_logged(&second_log);
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     server.stop();
     assert_each_byte_fetched_once(&[&first_reads, &logged_reads(&second_log)], b.size);
     b.check_streamed();
@@ -411,8 +417,7 @@ fn cli_stream_killed_over_nbd_then_resumed() {
     let held = b.held_bytes();
     assert!(held > 0 && held < b.size, "{held}");
 
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     server.stop();
     b.check_streamed();
 }
@@ -486,8 +491,7 @@ fn failing_backing_stops_the_stream_clearly() {
 
     // The server heals; the next stream finishes the job.
     std::fs::remove_file(&trigger).unwrap();
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     server.stop();
     b.check_streamed();
 }
@@ -632,8 +636,7 @@ fn overlay_larger_than_its_remote_backing() {
 
     let server = b.nbdkit(&[], &[]);
     qemu_create_qcow2(&b.overlay, "", Some((&b.uri(), "raw")), Some(size));
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     server.stop();
     assert_standalone(&b.overlay);
     check_clean(&b.overlay);
@@ -714,8 +717,7 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
     served.stop();
     check_no_corruption(&b.overlay);
-    let out = b.stream_cli(&["--cores", "2"]);
-    stream_summary_ok(&out, "backing file dropped");
+    b.stream_to_the_end(&["--cores", "2"]);
     server.stop();
     assert_standalone(&b.overlay);
     check_clean(&b.overlay);
