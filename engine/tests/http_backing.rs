@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backfill::backing::http::{HttpBacking, HttpErrorKind, HttpOptions, RetryPolicy, Validator};
-use common::{assert_same_bytes, seed_from_env, tempdir, Rng, KIB, MIB};
+use common::{assert_same_bytes, replace_with_newer, seed_from_env, tempdir, Rng, KIB, MIB};
 use nginx_common::{make_test_ca, Nginx, TlsFiles};
 
 /// A directory with nginx serving `www/` below it.
@@ -328,16 +328,11 @@ fn replaced_file_is_caught_by_last_modified() {
     check_read(&backing, &data, 12345, 54321);
 
     // Same size, newer modification time: only Last-Modified tells.
-    let mtime = std::fs::metadata(site.www.join("disk.raw"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    let newer = common::random_bytes(len as usize, rng.next_u64());
-    replace_file(
-        &site.www,
-        "disk.raw",
-        &newer,
-        Some(mtime + Duration::from_secs(10)),
+    replace_with_newer(
+        &site.www.join("disk.raw"),
+        len,
+        rng.next_u64(),
+        Duration::from_secs(10),
     );
     assert_changed(&backing, &url, 0, 4096);
 }
@@ -370,16 +365,11 @@ fn pinned_validator_is_checked_at_open() {
         err
     };
     refused(with((pinned.clone(), len + 1)));
-    let mtime = std::fs::metadata(site.www.join("disk.raw"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    let newer = common::random_bytes(len as usize, rng.next_u64());
-    replace_file(
-        &site.www,
-        "disk.raw",
-        &newer,
-        Some(mtime + Duration::from_secs(10)),
+    replace_with_newer(
+        &site.www.join("disk.raw"),
+        len,
+        rng.next_u64(),
+        Duration::from_secs(10),
     );
     let err = refused(with((pinned.clone(), len)));
     assert!(err.message().contains("now sends Last-Modified"), "{err}");

@@ -130,20 +130,13 @@ fn changed_remote_image_is_a_clear_error() {
     disk.read_at(&mut first, 0).unwrap();
     assert_same_bytes(&first, &bytes[..MIB as usize], "first MiB");
 
-    // A new image under the same name (written aside, renamed over it),
-    // an hour newer: nginx's ETag is the modification second and the size,
-    // which a rewrite within the same second would not change.
-    let new = s.www.join("base.new");
-    write_random_file(&new, size, 23);
-    let later =
-        std::fs::metadata(&new).unwrap().modified().unwrap() + std::time::Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&new)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
-    std::fs::rename(&new, s.www.join("base.raw")).unwrap();
+    // A new image under the same name, an hour newer.
+    replace_with_newer(
+        &s.www.join("base.raw"),
+        size,
+        23,
+        std::time::Duration::from_secs(3600),
+    );
 
     let mut buf = vec![0u8; 64 * KIB as usize];
     let err = disk.read_at(&mut buf, 3 * MIB).unwrap_err();

@@ -708,17 +708,8 @@ fn serve_stream_finishes_while_clients_read_and_write() {
     );
     expected[MIB as usize..(MIB + 64 * KIB) as usize].fill(0xab);
     expected[10000..13000].fill(0xcd);
-    let copy = f.dir.path().join("read.raw");
-    qemu_img([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        server.uri.as_ref(),
-        copy.as_os_str(),
-    ]);
-    assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
+    let copy = read_through_nbd(&server.uri, &f.dir.path().join("read.raw"));
+    assert_same_bytes(&copy, &expected, "read through NBD");
     let line = server.read_stdout_line();
     assert!(
         line.starts_with("streamed ") && line.contains("backing file dropped"),

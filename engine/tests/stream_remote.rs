@@ -547,20 +547,13 @@ fn http_image_replaced_mid_stream_fails_clearly() {
     let (disk, s) = start_stream(&b, 4 * MIB);
     wait_populated(&s, 2 * MIB);
 
-    // A new image under the same name (written aside, renamed over it), an
-    // hour newer: nginx's ETag is the modification second and the size,
-    // which a rewrite within the same second would not change.
-    let new = b.base.with_extension("new");
-    write_random_file(&new, b.size, 0x5eed);
-    let later =
-        std::fs::metadata(&new).unwrap().modified().unwrap() + std::time::Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&new)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
-    std::fs::rename(&new, &b.base).unwrap();
+    // A new image under the same name, an hour newer.
+    replace_with_newer(
+        &b.base,
+        b.size,
+        0x5eed,
+        std::time::Duration::from_secs(3600),
+    );
 
     let last = s.wait_until(|p| p.state.is_stopped());
     let e = s.wait().expect_err("a stream whose remote image changed");
@@ -599,17 +592,8 @@ fn serve_stream_over_a_slow_nbdkit() {
     expected[MIB as usize..(MIB + CLUSTER) as usize].fill(0xab);
     expected[10000..13000].fill(0xcd);
     expected[7 * MIB as usize..(7 * MIB + 128 * KIB) as usize].fill(0);
-    let copy = b.path("read.raw");
-    qemu_img([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        served.uri.as_ref(),
-        copy.as_os_str(),
-    ]);
-    assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
+    let copy = read_through_nbd(&served.uri, &b.path("read.raw"));
+    assert_same_bytes(&copy, &expected, "read through NBD");
     let line = served.read_stdout_line();
     stream_summary_ok(&line, "backing file dropped");
     served.stop();
@@ -704,17 +688,8 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     );
     expected[2 * MIB as usize..(2 * MIB + 2 * CLUSTER) as usize].fill(0xab);
     std::fs::remove_file(&trigger).unwrap();
-    let copy = b.path("read.raw");
-    qemu_img([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        served.uri.as_ref(),
-        copy.as_os_str(),
-    ]);
-    assert_same_bytes(&read_file(&copy), &expected, "read through NBD");
+    let copy = read_through_nbd(&served.uri, &b.path("read.raw"));
+    assert_same_bytes(&copy, &expected, "read through NBD");
     served.stop();
     check_no_corruption(&b.overlay);
     b.stream_to_the_end(&["--cores", "2"]);

@@ -668,3 +668,35 @@ pub fn kill_stream_midway(overlay: &Path) {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Replaces the file at `path` with `len` new random bytes (seeded by
+/// `seed`) whose modification time is `later` after the old file's:
+/// written aside, then renamed over it, as a web server's document would
+/// be. nginx's ETag is the modification second and the size, so a rewrite
+/// within the same second would not change it.
+pub fn replace_with_newer(path: &Path, len: u64, seed: u64, later: std::time::Duration) {
+    let old = std::fs::metadata(path).unwrap().modified().unwrap();
+    let new = path.with_extension("new");
+    write_random_file(&new, len, seed);
+    std::fs::File::options()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_modified(old + later)
+        .unwrap();
+    std::fs::rename(&new, path).unwrap();
+}
+
+/// The whole disk behind NBD `uri`, read by `qemu-img convert` into `copy`.
+pub fn read_through_nbd(uri: &str, copy: &Path) -> Vec<u8> {
+    qemu_img([
+        "convert".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        uri.as_ref(),
+        copy.as_os_str(),
+    ]);
+    read_file(copy)
+}
