@@ -119,6 +119,13 @@ impl Base {
         nbd_peer::nbdkit(self.dir.path(), &self.sock(), &self.base, filters, params)
     }
 
+    /// nbdkit whose every read fails with EIO (its error filter) while the
+    /// file `trigger` exists.
+    fn nbdkit_failing_while(&self, trigger: &Path) -> Peer {
+        let file = format!("error-pread-file={}", trigger.display());
+        self.nbdkit(&["error"], &["error=EIO", "error-pread-rate=100%", &file])
+    }
+
     /// nginx serving the base image, which moves to `www/base.raw` below
     /// the directory. Its URL is `nginx.url("base.raw")`; the server must
     /// be dropped before `self` (declared after it).
@@ -458,13 +465,7 @@ fn check_held_reads(disk: &backfill::Disk, base: &[u8]) {
 fn failing_backing_stops_the_stream_clearly() {
     let b = Base::new("sr-fail", 12 * MIB);
     let trigger = b.path("errors-on");
-    let errors = [
-        "error=EIO".to_string(),
-        "error-pread-rate=100%".to_string(),
-        format!("error-pread-file={}", trigger.display()),
-    ];
-    let errors: Vec<&str> = errors.iter().map(String::as_str).collect();
-    let server = b.nbdkit(&["error"], &errors);
+    let server = b.nbdkit_failing_while(&trigger);
     let uri = b.uri();
     b.create_overlay(&uri);
     let (disk, s) = start_stream(&b, 4 * MIB);
@@ -651,13 +652,7 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     let b = Base::new("sr-serve-fail", 6 * MIB);
     let trigger = b.path("errors-on");
     write_file(&trigger, b"");
-    let errors = [
-        "error=EIO".to_string(),
-        "error-pread-rate=100%".to_string(),
-        format!("error-pread-file={}", trigger.display()),
-    ];
-    let errors: Vec<&str> = errors.iter().map(String::as_str).collect();
-    let server = b.nbdkit(&["error"], &errors);
+    let server = b.nbdkit_failing_while(&trigger);
     let uri = b.uri();
     b.create_overlay(&uri);
     let mut expected = read_file(&b.base);
