@@ -27,6 +27,13 @@
 //! * `malformed_pins_are_refused`: a pin with broken fields, or a length
 //!   running past the header area, is a clear `Corrupt` error, never a
 //!   panic, and nothing is written.
+//! * `check_reports_a_malformed_pin_and_repair_removes_it`: `backfill check`
+//!   counts a malformed (or doubled) pin as corruption (exit 2) while
+//!   `qemu-img check`, which ignores the extension, stays clean; `backfill
+//!   check --repair` changes exactly the pin's 8 type-and-length bytes into
+//!   an end marker, after which `qemu-img info` still names the URL, `qemu-img
+//!   compare` says identical to the base, and the next writable open pins the
+//!   server's version again.
 //!
 //! Synchronisation is by observation only (nginx is ready once it accepts
 //! connections; a stream is midway once its progress says so).
@@ -365,6 +372,82 @@ fn malformed_pins_are_refused() {
             read_file(&s.overlay) == bad,
             "{what}: the overlay was written"
         );
+    }
+    drop(nginx);
+}
+
+#[test]
+fn check_reports_a_malformed_pin_and_repair_removes_it() {
+    let (s, nginx) = Setup::new("pin-repair");
+    // Some data in the overlay first, so that the repair has data to keep.
+    let disk = open(&s.overlay, options(1, true, false));
+    let mut head = vec![0u8; MIB as usize];
+    disk.read_at(&mut head, 0).unwrap();
+    disk.close().unwrap();
+    let pinned = s
+        .pin()
+        .expect("the first writable open pinned the server's version");
+    let good = read_file(&s.overlay);
+    let at = pin_offset(&good);
+    let pin_len = u32::from_be_bytes(good[at + 4..at + 8].try_into().unwrap()) as usize;
+    // A second pin after the first: the extension repeated, a new end
+    // marker, and the backing name moved to 4 KiB (the header names it
+    // there; zeros in between, as qcow2.rst wants).
+    let h = read_header(&s.overlay);
+    let (name_off, name_len) = (h.backing_file_offset as usize, h.backing_file_size as usize);
+    let name = good[name_off..name_off + name_len].to_vec();
+    let ext = good[at..at + 8 + pin_len.next_multiple_of(8)].to_vec();
+    let after = at + ext.len();
+    let mut doubled = good.clone();
+    doubled[after..after + ext.len()].copy_from_slice(&ext);
+    doubled[after + ext.len()..4096].fill(0);
+    doubled[4096..4096 + name_len].copy_from_slice(&name);
+    doubled[8..16].copy_from_slice(&4096u64.to_be_bytes());
+    doubled[16..20].copy_from_slice(&(name_len as u32).to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("layout version", {
+            let mut b = good.clone();
+            b[at + 8 + 3] = 9;
+            b
+        }),
+        ("validator kind", {
+            let mut b = good.clone();
+            b[at + 8 + 4] = 7;
+            b
+        }),
+        ("two pins", doubled),
+    ];
+    let overlay = path_str(&s.overlay);
+    for (what, bad) in cases {
+        write_file(&s.overlay, &bad);
+        let out = backfill_output(&["check", &overlay]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{what}: {text}");
+        assert!(text.contains("remote-image pin"), "{what}: {text}");
+        // qemu-img ignores the extension: nothing wrong for it.
+        check_clean(&s.overlay);
+
+        let fixed = backfill_ok(&["check", "--repair", &overlay]);
+        assert!(
+            fixed.contains("Removed the malformed remote-image pin"),
+            "{what}: {fixed}"
+        );
+        assert!(fixed.contains("No errors were found"), "{what}: {fixed}");
+        let now = read_file(&s.overlay);
+        let changed: Vec<usize> = (0..now.len()).filter(|&i| now[i] != bad[i]).collect();
+        assert!(
+            !changed.is_empty() && changed.iter().all(|&i| (at..at + 8).contains(&i)),
+            "{what}: the repair wrote outside the pin's type and length: {changed:?}"
+        );
+        assert_eq!(now.len(), bad.len(), "{what}");
+        assert_eq!(s.pin(), None, "{what}");
+        check_clean(&s.overlay);
+        assert_eq!(info_json(&s.overlay)["backing-filename"], s.url.as_str());
+        compare_identical(&s.overlay, &s.base);
+
+        // Usable again, and pinned again by the next writable open.
+        open(&s.overlay, options(1, true, false)).close().unwrap();
+        assert_eq!(s.pin().as_ref(), Some(&pinned), "{what}");
     }
     drop(nginx);
 }

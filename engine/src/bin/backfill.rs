@@ -167,8 +167,9 @@ enum Command {
     /// Check an image's consistency; exit 0 clean, 2 corrupt, 3 leaked clusters.
     Check {
         /// First rebuild the refcounts (fixes leaks, wrong refcounts and a
-        /// dirty image, like `qemu-img check -r all`); the exit code is then
-        /// the check's after the repair.
+        /// dirty image, like `qemu-img check -r all`) and remove a malformed
+        /// remote-image pin; the exit code is then the check's after the
+        /// repair.
         #[arg(long)]
         repair: bool,
         filename: PathBuf,
@@ -407,6 +408,9 @@ fn run(command: Command) -> Outcome {
         }
         Command::Check { repair, filename } => {
             if repair {
+                if let Some(done) = backfill::qcow2::pin::repair_pin(&filename)? {
+                    println!("{done}");
+                }
                 match backfill::qcow2::repair::rebuild_refcounts(&filename) {
                     Ok(r) => println!("{r}"),
                     // Broken mapping metadata is not a refcount problem: say

@@ -185,6 +185,11 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
 
     // The header area is one cluster (the parser keeps everything in it).
     w.reference(0, cs.min(file_len.max(1)), &|| "header".into());
+    // Our own extension: qemu-img ignores it, but no open accepts a
+    // malformed one.
+    if let Err(e) = super::pin::stored_pin(&h, &path_s) {
+        w.report.corruption(format!("ERROR {}", e.message()));
+    }
 
     let stored = read_refcounts(&mut w, &h)?;
 

@@ -67,6 +67,17 @@
 //!
 //! A header area without room for the pin (small clusters and a long URL)
 //! is a clear error before anything is written.
+//!
+//! # Removing a malformed pin
+//!
+//! A pin that does not decode (or a second one) makes every open fail:
+//! without it a changed remote image could not be told. `backfill check`
+//! reports it as corruption and `backfill check --repair` ([`repair_pin`])
+//! removes it with one write: an end marker over the pin's type and length
+//! (8 bytes, inside one sector), then an fdatasync. The pin is the last
+//! extension, so nothing else is cut off (a pin followed by another
+//! extension is refused). The next writable open pins the version the
+//! server has then.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -203,13 +214,15 @@ pub fn stored_pin(header: &Header, path: &str) -> Result<Option<Pin>> {
     };
     if pins.next().is_some() {
         return Err(Error::corrupt(format!(
-            "qcow2 image {path}: more than one remote-image pin extension ({EXT_REMOTE_PIN:#010x})"
+            "qcow2 image {path}: more than one remote-image pin extension ({EXT_REMOTE_PIN:#010x}) \
+             (`backfill check --repair` removes them)"
         )));
     }
     Pin::decode(&ext.data).map(Some).map_err(|what| {
         Error::corrupt(format!(
             "qcow2 image {path}: backfill's remote-image pin extension ({EXT_REMOTE_PIN:#010x}) \
-             is malformed: {what}; the version of the remote image its data came from is unknown"
+             is malformed: {what}; the version of the remote image its data came from is \
+             unknown (`backfill check --repair` removes the pin)"
         ))
     })
 }
@@ -240,28 +253,7 @@ pub fn set_pin_plan(
             format!("qcow2 image {path}: no backing file to pin"),
         ));
     }
-    // Walk the list as `Header::parse` does: it ends at an end marker, at
-    // the backing name, or at the end of the area.
-    let end = name_off.min(area.len());
-    let mut off = hdr_len;
-    let mut old_pin = None;
-    while off + 8 <= end {
-        let kind = u32::from_be_bytes(area[off..off + 4].try_into().expect("4 bytes"));
-        let len = u32::from_be_bytes(area[off + 4..off + 8].try_into().expect("4 bytes")) as usize;
-        if kind == 0 {
-            break;
-        }
-        if old_pin.is_some() {
-            return Err(Error::unsupported(format!(
-                "qcow2 image {path}: another header extension ({kind:#010x}) follows the \
-                 remote-image pin, which therefore cannot be replaced safely"
-            )));
-        }
-        if kind == EXT_REMOTE_PIN {
-            old_pin = Some(off);
-        }
-        off += 8 + len.next_multiple_of(8);
-    }
+    let (old_pin, off) = find_pin(area, hdr_len, name_off, path, "replaced")?;
     // Where the pin goes: over the old one, or where the list ends.
     let at = old_pin.unwrap_or(off);
     let padded = data.len().next_multiple_of(8);
@@ -319,6 +311,106 @@ pub fn set_pin_plan(
         bytes: head,
     });
     Ok(plan)
+}
+
+/// Walks the extension list of `area` as `Header::parse` does (it ends at
+/// an end marker, at the backing name at `name_off`, or at the end of the
+/// area), from `hdr_len`. Returns the offset of the pin extension, if any,
+/// and where the list ends. A pin with other extensions after it is
+/// refused: cutting the list at the pin would drop them (`doing` says what
+/// could not be done).
+fn find_pin(
+    area: &[u8],
+    hdr_len: usize,
+    name_off: usize,
+    path: &str,
+    doing: &str,
+) -> Result<(Option<usize>, usize)> {
+    let end = name_off.min(area.len());
+    let mut off = hdr_len;
+    let mut pin_at = None;
+    while off + 8 <= end {
+        let kind = u32::from_be_bytes(area[off..off + 4].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(area[off + 4..off + 8].try_into().expect("4 bytes")) as usize;
+        if kind == 0 {
+            break;
+        }
+        if pin_at.is_some() && kind != EXT_REMOTE_PIN {
+            return Err(Error::unsupported(format!(
+                "qcow2 image {path}: another header extension ({kind:#010x}) follows the \
+                 remote-image pin, which therefore cannot be {doing} safely"
+            )));
+        }
+        if kind == EXT_REMOTE_PIN && pin_at.is_none() {
+            pin_at = Some(off);
+        }
+        off += 8 + len.next_multiple_of(8);
+    }
+    Ok((pin_at, off))
+}
+
+/// The write that removes the pin (and any second one after it) from the
+/// image whose header area is `area` and parses as `header`: an end marker
+/// over the pin's type and length, 8 bytes inside one sector, so that it
+/// lands whole or not at all. `None` when there is no pin.
+pub fn drop_pin_plan(area: &[u8], header: &Header, path: &str) -> Result<Option<HeaderWrite>> {
+    let hdr_len = if header.version >= 3 {
+        header.header_length as usize
+    } else {
+        V2_HEADER_LEN as usize
+    };
+    let name_off = match header.backing_file_offset {
+        0 => area.len(),
+        o => o as usize,
+    };
+    let (pin_at, _) = find_pin(area, hdr_len, name_off, path, "removed")?;
+    Ok(pin_at.map(|at| HeaderWrite {
+        offset: at as u64,
+        bytes: vec![0; 8],
+    }))
+}
+
+/// `backfill check --repair`'s part for the pin: removes a malformed pin
+/// (or a second one), which no open accepts, so that the image can be used
+/// again. The version of the remote image the overlay's data came from is
+/// then unknown: the next writable open pins the version the server has at
+/// that time. Returns what was done, `None` when the pin was fine or
+/// absent. Takes the image's write lock, like the refcount repair.
+pub fn repair_pin(path: impl AsRef<std::path::Path>) -> Result<Option<String>> {
+    let path = path.as_ref();
+    let name = path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(e, format!("opening {name}")))?;
+    let file = crate::imagelock::LockedFile::lock(file, &name, true)?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(e, format!("{name}: stat")))?
+        .len();
+    // A header that does not parse is not the pin's to repair: the check
+    // reports it.
+    let Ok(header) = Header::read_from(&file, &name) else {
+        return Ok(None);
+    };
+    let Err(why) = stored_pin(&header, &name) else {
+        return Ok(None);
+    };
+    let mut area = vec![0u8; header.cluster_size().min(len) as usize];
+    super::header::read_exact_at(&file, &mut area, 0, &name)?;
+    let Some(w) = drop_pin_plan(&area, &header, &name)? else {
+        return Ok(None);
+    };
+    file.write_all_at(&w.bytes, w.offset)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| Error::io(e, format!("{name}: removing the remote-image pin")))?;
+    Ok(Some(format!(
+        "Removed the malformed remote-image pin ({}). The next writable open pins the version \
+         of the remote image the server has then: make sure it is the one the overlay's data \
+         came from.",
+        why.message()
+    )))
 }
 
 /// Makes `pin` the pin of the image open as `file` (read-write), each
@@ -487,6 +579,39 @@ mod tests {
         let plan = set_pin_plan(&rebased, &h2, &second, "t").unwrap();
         assert_eq!(plan[0].bytes, vec![0; 8], "the old pin is cut off first");
         check_every_prefix(rebased, &plan, &second, Some(&first));
+    }
+
+    #[test]
+    fn dropping_a_pin_is_one_end_marker() {
+        let url = "http://127.0.0.1:8080/images/base.raw";
+        let (area, h) = backed(url, 16, 8);
+        assert!(drop_pin_plan(&area, &h, "t").unwrap().is_none(), "no pin");
+        let mut pinned = area.clone();
+        for w in &set_pin_plan(&area, &h, &pin(url, "\"5f1-800000\""), "t").unwrap() {
+            apply(&mut pinned, w);
+        }
+        let h = Header::parse(&pinned, 1 << 30, "t").unwrap();
+        let w = drop_pin_plan(&pinned, &h, "t").unwrap().expect("a pin");
+        assert_eq!(w.bytes, vec![0; 8]);
+        assert_eq!(w.offset / 512, (w.offset + 7) / 512, "inside one sector");
+        let mut dropped = pinned.clone();
+        apply(&mut dropped, &w);
+        let after = Header::parse(&dropped, 1 << 30, "t").unwrap();
+        assert_eq!(stored_pin(&after, "t").unwrap(), None);
+        assert_eq!(after.backing_file.as_deref(), Some(url));
+        assert_eq!(after.extensions.len(), h.extensions.len() - 1);
+
+        // Another extension after the pin would be cut off with it.
+        let mut h2 = h.clone();
+        h2.extensions.push(crate::qcow2::Extension {
+            kind: 0x1111_2222,
+            data: vec![1; 8],
+        });
+        let mut followed = h2.serialize().unwrap();
+        followed.resize(1 << 16, 0);
+        let h2 = Header::parse(&followed, 1 << 30, "t").unwrap();
+        let e = drop_pin_plan(&followed, &h2, "t").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     }
 
     #[test]
