@@ -46,7 +46,8 @@ pub struct Options {
     /// eventfd wake-up when requests keep coming (it made two cores scale on
     /// a CPU-bound workload, and cut warm-read latency); the poll yields the
     /// CPU to any other runnable thread, so a client sharing the cores is
-    /// not starved. 0 sleeps at once and never polls.
+    /// not starved. 0 sleeps at once and never polls. A core never polls
+    /// while it waits for remote reads (NBD, HTTP): they take milliseconds.
     pub poll_us: u64,
     /// Refuse backing files outside this directory (after resolving `..`
     /// and symbolic links): for images someone else supplied, whose header

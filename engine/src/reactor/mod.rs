@@ -508,9 +508,15 @@ impl<I: Io> Core<I> {
     /// Before sleeping, submits what this turn queued and polls for a
     /// moment for new messages or completions: a sleep and an eventfd
     /// wake-up cost more than a short spin when requests keep coming.
+    ///
+    /// Not while remote reads are queued or in flight: they take
+    /// milliseconds, the core's work is paced by them, and a spin would
+    /// only burn CPU that a client or the backing server's own threads on
+    /// the same machine could use (in process over nbdkit 2 ms, the same
+    /// IOPS with half the CPU: BENCHMARKS.md, session 7).
     fn poll_briefly(&mut self) -> bool {
         let spin = self.shared.poll_us;
-        if spin == 0 {
+        if spin == 0 || self.remote.in_flight() {
             return false;
         }
         if self.io.submit_and_wait(0).is_err() {
