@@ -29,7 +29,8 @@
 //!   panic, and nothing is written.
 //! * `check_reports_a_malformed_pin_and_repair_removes_it`: `backfill check`
 //!   counts a malformed (or doubled) pin as corruption (exit 2) while
-//!   `qemu-img check`, which ignores the extension, stays clean; `backfill
+//!   `qemu-img check`, which ignores the extension, stays clean, and
+//!   `backfill info` still describes the image and names the problem; `backfill
 //!   check --repair` changes exactly the pin's 8 type-and-length bytes into
 //!   an end marker, after which `qemu-img info` still names the URL, `qemu-img
 //!   compare` says identical to the base, and the next writable open pins the
@@ -426,6 +427,12 @@ fn check_reports_a_malformed_pin_and_repair_removes_it() {
         assert!(text.contains("remote-image pin"), "{what}: {text}");
         // qemu-img ignores the extension: nothing wrong for it.
         check_clean(&s.overlay);
+        // `backfill info` still describes the image, and says what is wrong.
+        let info = backfill_ok(&["info", &overlay]);
+        assert!(
+            info.contains("remote image pin: unusable") && info.contains("check --repair"),
+            "{what}: {info}"
+        );
 
         let fixed = backfill_ok(&["check", "--repair", &overlay]);
         assert!(

@@ -69,6 +69,10 @@ pub struct ImageInfo {
     pub backing_chain: Vec<BackingInfo>,
     /// The remote image version the overlay is pinned to, if any.
     pub remote_pin: Option<RemotePinInfo>,
+    /// Why the pin could not be read (a malformed or doubled extension:
+    /// no open accepts the image until `backfill check --repair`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_pin_error: Option<String>,
     /// Virtual bytes the overlay holds as data.
     pub overlay_data_bytes: u64,
     /// Virtual bytes the overlay records as zeros.
@@ -89,11 +93,19 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         .metadata()
         .map_err(|e| Error::io(e, format!("stat {path_s}")))?;
     let h = Header::read_from(&file, &path_s)?;
-    let remote_pin = super::pin::stored_pin(&h, &path_s)?.map(|p| RemotePinInfo {
-        filename: p.name,
-        validator: p.validator.to_string(),
-        virtual_size: p.size,
-    });
+    // A malformed pin is reported, not fatal: this is where a user looks
+    // to find out what is wrong with the image.
+    let (remote_pin, remote_pin_error) = match super::pin::stored_pin(&h, &path_s) {
+        Ok(p) => (
+            p.map(|p| RemotePinInfo {
+                filename: p.name,
+                validator: p.validator.to_string(),
+                virtual_size: p.size,
+            }),
+            None,
+        ),
+        Err(e) => (None, Some(e.message().to_string())),
+    };
     let chain = match &h.backing_file {
         Some(b) => Some(Chain::open(path, b, h.backing_format.as_deref())?),
         None => None,
@@ -112,6 +124,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         extended_l2: h.extended_l2(),
         backing_chain: Vec::new(),
         remote_pin,
+        remote_pin_error,
         overlay_data_bytes: 0,
         overlay_zero_bytes: 0,
         backing_bytes: 0,

@@ -66,6 +66,9 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             pin.validator, pin.virtual_size
         )?;
     }
+    if let Some(e) = &info.remote_pin_error {
+        writeln!(out, "    remote image pin: unusable: {e}")?;
+    }
     let whole = info.virtual_size;
     writeln!(out, "Allocation:")?;
     for (label, bytes) in [
