@@ -238,11 +238,6 @@ pub fn set_pin_plan(
     path: &str,
 ) -> Result<Vec<HeaderWrite>> {
     let data = pin.encode()?;
-    let hdr_len = if header.version >= 3 {
-        header.header_length as usize
-    } else {
-        V2_HEADER_LEN as usize
-    };
     let (name_off, name_len) = (
         header.backing_file_offset as usize,
         header.backing_file_size as usize,
@@ -253,7 +248,7 @@ pub fn set_pin_plan(
             format!("qcow2 image {path}: no backing file to pin"),
         ));
     }
-    let (old_pin, off) = find_pin(area, hdr_len, name_off, path, "replaced")?;
+    let (old_pin, off) = find_pin(area, header, name_off, path, "replaced")?;
     // Where the pin goes: over the old one, or where the list ends.
     let at = old_pin.unwrap_or(off);
     let padded = data.len().next_multiple_of(8);
@@ -315,19 +310,23 @@ pub fn set_pin_plan(
 
 /// Walks the extension list of `area` as `Header::parse` does (it ends at
 /// an end marker, at the backing name at `name_off`, or at the end of the
-/// area), from `hdr_len`. Returns the offset of the pin extension, if any,
-/// and where the list ends. A pin with other extensions after it is
-/// refused: cutting the list at the pin would drop them (`doing` says what
-/// could not be done).
+/// area), from the end of `header`'s fixed part. Returns the offset of the
+/// pin extension, if any, and where the list ends. A pin with other
+/// extensions after it is refused: cutting the list at the pin would drop
+/// them (`doing` says what could not be done).
 fn find_pin(
     area: &[u8],
-    hdr_len: usize,
+    header: &Header,
     name_off: usize,
     path: &str,
     doing: &str,
 ) -> Result<(Option<usize>, usize)> {
     let end = name_off.min(area.len());
-    let mut off = hdr_len;
+    let mut off = if header.version >= 3 {
+        header.header_length as usize
+    } else {
+        V2_HEADER_LEN as usize
+    };
     let mut pin_at = None;
     while off + 8 <= end {
         let kind = u32::from_be_bytes(area[off..off + 4].try_into().expect("4 bytes"));
@@ -354,16 +353,11 @@ fn find_pin(
 /// over the pin's type and length, 8 bytes inside one sector, so that it
 /// lands whole or not at all. `None` when there is no pin.
 pub fn drop_pin_plan(area: &[u8], header: &Header, path: &str) -> Result<Option<HeaderWrite>> {
-    let hdr_len = if header.version >= 3 {
-        header.header_length as usize
-    } else {
-        V2_HEADER_LEN as usize
-    };
     let name_off = match header.backing_file_offset {
         0 => area.len(),
         o => o as usize,
     };
-    let (pin_at, _) = find_pin(area, hdr_len, name_off, path, "removed")?;
+    let (pin_at, _) = find_pin(area, header, name_off, path, "removed")?;
     Ok(pin_at.map(|at| HeaderWrite {
         offset: at as u64,
         bytes: vec![0; 8],
