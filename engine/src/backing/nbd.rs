@@ -24,6 +24,14 @@
 //! by the next read, not up to a backoff later (and, while the server is
 //! still away after the give-up time, the read fails at once too).
 //!
+//! Dropping the client stops the pool: idle connections say goodbye
+//! (NBD_CMD_DISC) and close; a quarter of [`DROP_WAIT`] later the sockets
+//! of any still open are shut down, which wakes threads blocked on them;
+//! the drop then waits for every thread, all within [`DROP_WAIT`]. When
+//! the drop returns, no connection is open and no thread is left, except
+//! one inside a TCP connect or handshake to a host that does not answer,
+//! which is left to that step's own timeout.
+//!
 //! What it never does: write to the export, block the thread that submits
 //! a read, read past the export's end, or hand out bytes a reply did not
 //! cover (a malformed reply is an error, never zeros passed off as data).
@@ -38,7 +46,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +75,8 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a waiting reader looks at the age of its requests; also the
 /// longest a reply may stall part way, or a request may wait to be sent.
 const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long dropping the client waits for its connection threads.
+pub const DROP_WAIT: Duration = Duration::from_secs(1);
 /// The largest read we ask for when the server names no maximum.
 const DEFAULT_MAX_READ: u32 = 32 << 20;
 /// The largest option reply or error chunk we accept.
@@ -491,11 +501,52 @@ struct Pool {
     live: AtomicUsize,
     /// Read buffers the cores gave back.
     spares: crate::backing::remote::SharedSpares,
+    /// A handle on each live session's socket, for the drop to shut down.
+    sockets: Mutex<HashMap<u64, Stream>>,
+    next_socket: AtomicU64,
 }
 
 impl Pool {
     fn stopped(&self) -> bool {
         matches!(self.stop_rx.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Keeps a handle on `stream` for [`Pool::shut_down_sockets`]; `None`
+    /// if it could not be cloned. A stream registered after the client
+    /// stopped is shut down at once: the drop's sweep may be over.
+    fn register(&self, stream: &Stream) -> Option<u64> {
+        let handle = stream.try_clone().ok()?;
+        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, handle);
+        if self.stopped() {
+            stream.shutdown();
+        }
+        Some(id)
+    }
+
+    fn unregister(&self, id: Option<u64>) {
+        if let Some(id) = id {
+            self.sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+
+    /// Shuts down every live session's socket: blocked reads and writes on
+    /// them return, so their threads see the stop.
+    fn shut_down_sockets(&self) {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.shutdown();
+        }
     }
 
     fn fail(&self, job: Job, why: &str) {
@@ -535,8 +586,12 @@ pub struct NbdClient {
     pool: Arc<Pool>,
     max_read: usize,
     alignment: usize,
-    /// Dropped with the client: tells the connection threads to stop.
-    _stop: Sender<()>,
+    /// Dropped first by the drop: tells the connection threads to stop.
+    stop: Option<Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Disconnected once every connection thread has ended (each holds a
+    /// sender).
+    ended: Receiver<()>,
 }
 
 impl NbdClient {
@@ -553,6 +608,7 @@ impl NbdClient {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(CONNECTIONS);
+        let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
         let pool = Arc::new(Pool {
             name: uri.to_string(),
             uri: parsed,
@@ -564,22 +620,65 @@ impl NbdClient {
             wake_rx,
             live: AtomicUsize::new(0),
             spares: Default::default(),
+            sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(0),
         });
-        let mut first = Some((stream, info));
-        for i in 0..CONNECTIONS {
-            let pool = pool.clone();
-            let conn = first.take();
-            std::thread::Builder::new()
-                .name(format!("backfill-nbd-{i}"))
-                .spawn(move || run_connection(&pool, conn))
-                .map_err(|e| Error::io(e, "spawning an NBD connection thread"))?;
-        }
-        Ok(NbdClient {
+        let mut client = NbdClient {
             pool,
             max_read: info.max_block as usize,
             alignment: info.min_block as usize,
-            _stop: stop_tx,
-        })
+            stop: Some(stop_tx),
+            threads: Vec::with_capacity(CONNECTIONS),
+            ended,
+        };
+        let mut first = Some((stream, info));
+        for i in 0..CONNECTIONS {
+            let pool = client.pool.clone();
+            let conn = first.take();
+            let ended = ended_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("backfill-nbd-{i}"))
+                .spawn(move || {
+                    let _ended = ended;
+                    run_connection(&pool, conn)
+                })
+                .map_err(|e| Error::io(e, "spawning an NBD connection thread"))?;
+            client.threads.push(t);
+        }
+        Ok(client)
+    }
+}
+
+impl NbdClient {
+    /// Waits until every connection thread has ended or `deadline` passed;
+    /// true if they all ended.
+    fn wait_ended(&self, deadline: Instant) -> bool {
+        loop {
+            match self.ended.recv_deadline(deadline) {
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return true,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return false,
+                Ok(()) => {}
+            }
+        }
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        // The stop: idle connections say goodbye and close on their own.
+        self.stop = None;
+        let start = Instant::now();
+        // Then the sockets of those that did not (blocked on a server that
+        // does not answer, or waiting for room on a full connection).
+        let ended = self.wait_ended(start + DROP_WAIT / 4) || {
+            self.pool.shut_down_sockets();
+            self.wait_ended(start + DROP_WAIT)
+        };
+        if ended {
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
     }
 }
 
@@ -709,6 +808,7 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         Ok(s) => s,
         Err(e) => return (Vec::new(), format!("setting up the socket: {e}")),
     };
+    let registered = pool.register(&stream);
     let (dead_tx, dead_rx) = crossbeam_channel::bounded::<()>(0);
     std::thread::scope(|sc| {
         let reader = std::thread::Builder::new()
@@ -719,15 +819,22 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
                 let why = read_replies(pool, rx, &wire, &room, &info);
                 end(why, &wire);
             });
-        if let Err(e) = reader {
-            end(format!("spawning the reader thread: {e}"), &wire);
-            return;
-        }
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                end(format!("spawning the reader thread: {e}"), &wire);
+                return;
+            }
+        };
         let why = send_requests(pool, &stream, &wire, &room, &dead_rx);
         end(why, &wire);
-        // Wakes the reader, which then ends too.
+        // Wakes the reader, which then ends too. Joined here, not by the
+        // scope: the scope only waits for its closure, and the client's drop
+        // promises that the thread itself is gone.
         stream.shutdown();
+        let _ = reader.join();
     });
+    pool.unregister(registered);
     let wire = wire.into_inner().unwrap_or_else(|e| e.into_inner());
     let left = wire.pending.into_values().map(|p| p.job).collect();
     (left, reason.into_inner().unwrap_or_else(|e| e.into_inner()))

@@ -81,6 +81,13 @@ impl Peer {
     pub fn stop(self) {
         self.stop_with(libc::SIGTERM);
     }
+
+    /// Waits until the server exits on its own (nbdkit's exitlast filter:
+    /// once its last client has gone); its exit status.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        child.wait().expect("waiting for the server to exit")
+    }
 }
 
 impl Drop for Peer {
