@@ -265,13 +265,29 @@ impl Inner {
 
 use crate::reactor::request::Callback;
 pub use crate::reactor::request::Completion;
+pub use crate::reactor::request::Lent;
 
 /// A read's data, and the ranges of it (offset into `data`, length; in
 /// order, merged) that the engine knew to be zero without reading them.
+/// The bytes of the `lent` ranges (in order, disjoint) are not in `data`
+/// but in the engine's buffers they came from; [`SparseRead::flatten`]
+/// copies them in.
 #[derive(Debug, Default)]
 pub struct SparseRead {
     pub data: Vec<u8>,
     pub zeros: Vec<(u64, u64)>,
+    pub lent: Vec<Lent>,
+}
+
+impl SparseRead {
+    /// The read's bytes in one buffer.
+    pub fn flatten(mut self) -> Vec<u8> {
+        for l in &self.lent {
+            let o = l.off as usize;
+            self.data[o..o + l.len].copy_from_slice(l.bytes());
+        }
+        self.data
+    }
 }
 
 /// Sorts and merges touching ranges.
@@ -627,21 +643,29 @@ impl Disk {
 
     /// Like `submit_read_with`, and also says which ranges of the buffer
     /// the engine knew to read as zeros without any I/O (zero clusters,
-    /// ranges allocated nowhere): an NBD server sends those as holes.
+    /// ranges allocated nowhere): an NBD server sends those as holes. Large
+    /// ranges are lent from the engine's buffers instead of copied (see
+    /// [`SparseRead`]): an NBD server sends them from there.
     pub fn submit_read_sparse_with<F>(&self, offset: u64, buf: Vec<u8>, done: F)
     where
         F: FnOnce(Result<SparseRead>) + Send + 'static,
     {
         let len = buf.len() as u64;
-        let cb =
-            Box::new(move |r: &Request| {
-                done(r.take_result().map(|data| SparseRead {
+        let cb = Box::new(move |r: &Request| {
+            done(r.take_result().map(|data| {
+                fn take<T>(m: &Option<std::sync::Mutex<Vec<T>>>) -> Option<Vec<T>> {
+                    m.as_ref()
+                        .map(|m| std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())))
+                }
+                let mut lent: Vec<Lent> = take(&r.lent).unwrap_or_default();
+                lent.sort_unstable_by_key(|l| l.off);
+                SparseRead {
                     data,
-                    zeros: merge_ranges(r.zeros.as_ref().map(|z| {
-                        std::mem::take(&mut *z.lock().unwrap_or_else(|p| p.into_inner()))
-                    })),
-                }))
-            });
+                    zeros: merge_ranges(take(&r.zeros)),
+                    lent,
+                }
+            }))
+        });
         self.submit_cb(ReqKind::Read, offset, len, buf, true, cb)
     }
 
@@ -818,7 +842,7 @@ impl Disk {
         offset: u64,
         len: u64,
         buf: Vec<u8>,
-        track_zeros: bool,
+        sparse: bool,
         cb: Callback,
     ) {
         let check = self
@@ -832,7 +856,7 @@ impl Disk {
         // The stream's populate requests are not client I/O: the stream
         // yields to what `in_flight` counts.
         let in_flight = (kind != ReqKind::Populate).then(|| self.count_in_flight());
-        let req = Request::with_callback(kind, buf, parts.max(1), cb, in_flight, track_zeros);
+        let req = Request::with_callback(kind, buf, parts.max(1), cb, in_flight, sparse);
         if let Err(e) = check {
             req.finish_part(Some(e));
         } else if parts == 0 {

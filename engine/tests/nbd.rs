@@ -26,6 +26,13 @@
 //! * `nbdcopy_both_ways`: out of the disk (in 256 KiB and in 32 MiB reads)
 //!   equals the backing file; into the disk, the overlay equals the source
 //!   after shutdown.
+//! * `reads_sent_from_engine_buffers`: reads of 64 KiB and more go out of
+//!   the engine's own buffers (lent, not copied); cold copy-on-read, warm
+//!   overlay reads and reads across zero clusters (structured replies with
+//!   holes between lent data), 64 requests in flight over several
+//!   connections, each pass after the last one's buffers went back to the
+//!   pools, equal a reference (`nbdcopy`, byte comparison; `qemu-img
+//!   compare`).
 //! * `fio_verify`: random writes at depth 16 with crc32c verification, and
 //!   random reads at depth 32.
 //! * `concurrent_clients`: four `qemu-io` processes writing their own regions
@@ -477,6 +484,53 @@ fn nbdcopy_both_ways() {
 
     server.stop();
     f.check_image(&data);
+}
+
+#[test]
+fn reads_sent_from_engine_buffers() {
+    let seed = seed_from_env("reads_sent_from_engine_buffers");
+    let size = 32 * MIB;
+    let f = Fixture::with_backing("nbd-lent", size, seed);
+    let server = f.serve(&[]);
+
+    // Zero clusters and zeroed parts of clusters amid the data.
+    let zeroed: [(u64, u64); 3] = [(MIB, 192 * KIB), (5_000_000, 300_000), (20 * MIB, 64 * KIB)];
+    let cmds: Vec<String> = zeroed
+        .iter()
+        .map(|(o, l)| format!("write -z {o} {l}"))
+        .collect();
+    qemu_io_uri(&server.uri, &cmds);
+    let mut reference = f.data.clone();
+    for &(o, l) in &zeroed {
+        reference[o as usize..(o + l) as usize].fill(0);
+    }
+
+    let copy = |request: &str, requests: &str, what: &str| {
+        let out = f.path("out.raw");
+        write_file(&out, &[]);
+        tool(
+            "nbdcopy",
+            &strings(&[
+                &format!("--request-size={request}"),
+                &format!("--requests={requests}"),
+                &server.uri,
+                &path_str(&out),
+            ]),
+        );
+        assert_same_bytes(&read_file(&out), &reference, what);
+    };
+    // Cold: every read is a copy-on-read fill, sent from the fill's buffer.
+    copy("65536", "64", "cold 64 KiB reads");
+    // Warm, twice: overlay reads sent from pool buffers that earlier
+    // replies were sent from.
+    copy("65536", "64", "warm 64 KiB reads");
+    copy("1048576", "16", "warm 1 MiB reads across zero clusters");
+    let reference_file = f.path("reference.raw");
+    write_file(&reference_file, &reference);
+    compare_uri(&server.uri, &reference_file);
+
+    server.stop();
+    f.check_image(&reference);
 }
 
 #[test]

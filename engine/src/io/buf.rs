@@ -2,11 +2,17 @@
 //!
 //! An [`IoBuf`] is a heap allocation aligned for O_DIRECT (4 KiB). The ring
 //! reads into and writes from it through a raw pointer, so it is shared with
-//! in-flight operations as an `Rc<IoBuf>`: an operation holds a clone until
+//! in-flight operations as an `Arc<IoBuf>`: an operation holds a clone until
 //! its completion is reaped, which keeps the memory alive for the kernel.
-//! Mutable access goes through [`Rc::get_mut`] in [`IoBuf::unique_mut`],
+//! Mutable access goes through [`Arc::get_mut`] in [`IoBuf::unique_mut`],
 //! which succeeds only when no operation holds the buffer any more — the
 //! ownership proof that the kernel is done with it.
+//!
+//! A buffer whose contents are final can be *lent* to another thread (an
+//! `Arc` clone in a finished read, which an NBD connection on another core
+//! sends from): nothing writes a buffer that anyone else holds, since every
+//! write goes through `&mut` (which needs the only `Arc`), a fresh buffer's
+//! first operation, or [`IoBuf::copy_in`] into a range in flight.
 //!
 //! A buffer can also wrap a `Vec<u8>` the caller already has
 //! ([`IoBuf::from_vec`]), so that a socket send goes out of that memory
@@ -25,6 +31,17 @@ pub struct IoBuf {
     /// `Some(capacity)`: the memory is a `Vec<u8>`'s (see `from_vec`).
     vec_cap: Option<usize>,
 }
+
+// SAFETY: an `IoBuf` owns its allocation as a `Vec<u8>` does (it frees it
+// on drop, from any thread, with the global allocator), and holds no
+// thread-bound state, so moving it to another thread is sound.
+unsafe impl Send for IoBuf {}
+// SAFETY: `&IoBuf` gives only reads (`as_slice`) in safe code; writes need
+// `&mut IoBuf` or the `unsafe` contracts of `raw_ptr` and `copy_in` (the
+// range belongs to one operation in flight and nobody else reads it until
+// its completion), and a buffer is shared with another thread only after
+// its last such write completed (see the module doc).
+unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
     /// A zeroed buffer of `len` bytes (rounded up to the alignment for the allocation).
@@ -88,13 +105,13 @@ impl IoBuf {
     /// Mutable bytes, for a buffer no in-flight operation holds.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and `&mut self` means no other Rust reference
-        // exists; an operation would hold an `Rc` clone, which rules out `&mut`.
+        // exists; an operation would hold an `Arc` clone, which rules out `&mut`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
-    /// Mutable access through an `Rc`, only when no operation still holds it.
-    pub fn unique_mut(this: &mut std::rc::Rc<IoBuf>) -> &mut [u8] {
-        std::rc::Rc::get_mut(this)
+    /// Mutable access through an `Arc`, only when no operation still holds it.
+    pub fn unique_mut(this: &mut std::sync::Arc<IoBuf>) -> &mut [u8] {
+        std::sync::Arc::get_mut(this)
             .expect("I/O buffer still held by an in-flight operation")
             .as_mut_slice()
     }
@@ -126,13 +143,13 @@ impl IoBuf {
 
     /// A buffer of `len` bytes of `byte` (for tests).
     #[cfg(test)]
-    pub(crate) fn filled(len: usize, byte: u8) -> std::rc::Rc<IoBuf> {
+    pub(crate) fn filled(len: usize, byte: u8) -> std::sync::Arc<IoBuf> {
         let mut b = IoBuf::zeroed(len);
         b.as_mut_slice().fill(byte);
-        std::rc::Rc::new(b)
+        std::sync::Arc::new(b)
     }
 
-    /// Raw pointer for the kernel. The caller keeps an `Rc` clone alive until
+    /// Raw pointer for the kernel. The caller keeps an `Arc` clone alive until
     /// the operation's completion is reaped.
     pub(crate) fn raw_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()

@@ -15,7 +15,7 @@
 
 use super::{Cqe, Io, IoBuf, Op, OpKind};
 use slab::Slab;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Largest merged operation, in bytes and in pieces (well under IOV_MAX).
 pub const MAX_MERGED: usize = 1 << 20;
@@ -27,7 +27,7 @@ const TAG_MASK: u64 = 0xff << 56;
 /// One original operation inside a merged one.
 struct Member {
     token: u64,
-    buf: Rc<IoBuf>,
+    buf: Arc<IoBuf>,
     len: usize,
 }
 
@@ -241,9 +241,9 @@ mod tests {
         );
         assert_eq!(io.in_flight(), 0);
         // Read back in pieces; the middle one into the second half of a buffer.
-        let a = Rc::new(IoBuf::zeroed(4096));
-        let b = Rc::new(IoBuf::zeroed(8192));
-        let c = Rc::new(IoBuf::zeroed(4096));
+        let a = Arc::new(IoBuf::zeroed(4096));
+        let b = Arc::new(IoBuf::zeroed(8192));
+        let c = Arc::new(IoBuf::zeroed(4096));
         io.push(10, Op::read(FileId(0), 8192, a.clone(), 0, 4096));
         io.push(11, Op::read(FileId(0), 12288, b.clone(), 4096, 4096));
         io.push(12, Op::read(FileId(0), 16384, c.clone(), 0, 4096));
@@ -263,7 +263,7 @@ mod tests {
         for t in 0..3u64 {
             io.push(
                 t,
-                Op::read(FileId(0), t * 4096, Rc::new(IoBuf::zeroed(4096)), 0, 4096),
+                Op::read(FileId(0), t * 4096, Arc::new(IoBuf::zeroed(4096)), 0, 4096),
             );
         }
         let mut done = run(&mut io, 3);

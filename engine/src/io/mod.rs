@@ -13,7 +13,7 @@ pub mod wake;
 
 pub use buf::{IoBuf, Spares, IO_ALIGN};
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Gives the file system back the space of `[offset, offset + len)` of
 /// `file`; the range then reads as zeros and the file keeps its size.
@@ -85,17 +85,17 @@ pub struct Op {
     pub file: FileId,
     pub offset: u64,
     pub len: u32,
-    pub buf: Option<Rc<IoBuf>>,
+    pub buf: Option<Arc<IoBuf>>,
     pub buf_off: usize,
     /// The socket of `Recv` and `Send` (not registered); -1 otherwise.
     pub fd: i32,
     /// A vectored `Read`, `Write` or `Send`: these (buffer, offset, length)
     /// pieces in order, instead of `buf` (which is then `None`).
-    pub iov: Vec<(Rc<IoBuf>, usize, usize)>,
+    pub iov: Vec<(Arc<IoBuf>, usize, usize)>,
 }
 
 impl Op {
-    pub fn read(file: FileId, offset: u64, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+    pub fn read(file: FileId, offset: u64, buf: Arc<IoBuf>, buf_off: usize, len: usize) -> Op {
         assert!(
             buf_off + len <= buf.len(),
             "read past the end of its buffer"
@@ -112,7 +112,7 @@ impl Op {
         }
     }
 
-    pub fn write(file: FileId, offset: u64, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+    pub fn write(file: FileId, offset: u64, buf: Arc<IoBuf>, buf_off: usize, len: usize) -> Op {
         assert!(
             buf_off + len <= buf.len(),
             "write past the end of its buffer"
@@ -148,7 +148,7 @@ impl Op {
         kind: OpKind,
         file: FileId,
         offset: u64,
-        iov: Vec<(Rc<IoBuf>, usize, usize)>,
+        iov: Vec<(Arc<IoBuf>, usize, usize)>,
     ) -> Op {
         assert!(
             matches!(kind, OpKind::Read | OpKind::Write),
@@ -175,7 +175,7 @@ impl Op {
     }
 
     /// Receives into `buf[buf_off..buf_off+len]` from socket `fd`.
-    pub fn recv(fd: i32, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+    pub fn recv(fd: i32, buf: Arc<IoBuf>, buf_off: usize, len: usize) -> Op {
         assert!(
             buf_off + len <= buf.len(),
             "recv past the end of its buffer"
@@ -193,7 +193,7 @@ impl Op {
     }
 
     /// Sends `buf[buf_off..buf_off+len]` on socket `fd`.
-    pub fn send(fd: i32, buf: Rc<IoBuf>, buf_off: usize, len: usize) -> Op {
+    pub fn send(fd: i32, buf: Arc<IoBuf>, buf_off: usize, len: usize) -> Op {
         assert!(
             buf_off + len <= buf.len(),
             "send past the end of its buffer"
@@ -207,7 +207,7 @@ impl Op {
 
     /// Sends the pieces of `iov` (buffer, offset in it, length), one after
     /// another, on socket `fd`: one system call, no copy into one buffer.
-    pub fn send_vectored(fd: i32, iov: Vec<(Rc<IoBuf>, usize, usize)>) -> Op {
+    pub fn send_vectored(fd: i32, iov: Vec<(Arc<IoBuf>, usize, usize)>) -> Op {
         let mut op = Op::vectored(OpKind::Write, FileId(u32::MAX), 0, iov);
         op.kind = OpKind::Send;
         op.fd = fd;
@@ -221,7 +221,7 @@ impl Op {
 pub struct Cqe {
     pub token: u64,
     pub result: i32,
-    pub buf: Option<Rc<IoBuf>>,
+    pub buf: Option<Arc<IoBuf>>,
 }
 
 /// The I/O layer a reactor drives. Single-threaded: one per core.
@@ -244,7 +244,7 @@ pub trait Io {
 /// what the kernel would complete it with: bytes moved, or -errno. The
 /// simulated I/O layer uses this; the real one goes through io_uring.
 pub(crate) fn run_blocking(fd: std::os::fd::RawFd, op: &Op, limit: usize) -> i32 {
-    let pieces: Vec<(&Rc<IoBuf>, usize, usize)> = match &op.buf {
+    let pieces: Vec<(&Arc<IoBuf>, usize, usize)> = match &op.buf {
         Some(b) => vec![(b, op.buf_off, op.len as usize)],
         None => op.iov.iter().map(|(b, o, l)| (b, *o, *l)).collect(),
     };
@@ -255,7 +255,7 @@ pub(crate) fn run_blocking(fd: std::os::fd::RawFd, op: &Op, limit: usize) -> i32
         while at < len {
             let ptr = buf.raw_ptr().wrapping_add(off + at);
             let pos = (op.offset + (done + at) as u64) as libc::off_t;
-            // SAFETY: `op` holds an `Rc` of `buf` for the whole call, and
+            // SAFETY: `op` holds an `Arc` of `buf` for the whole call, and
             // `off + len <= buf.len()` was asserted when the op was built, so
             // the kernel reads or writes memory that stays allocated. As with
             // the ring, nobody reads a buffer before its operation completes.

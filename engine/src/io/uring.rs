@@ -1,7 +1,7 @@
 //! The real I/O layer: one io_uring per reactor thread.
 //!
 //! Every in-flight operation has a slot in a `slab`; the slot holds the
-//! operation's buffer (an `Rc<IoBuf>` clone) until its completion is reaped,
+//! operation's buffer (an `Arc<IoBuf>` clone) until its completion is reaped,
 //! so the memory the kernel reads or writes outlives the operation. Files are
 //! registered once (`IOSQE_FIXED_FILE`), so no per-operation fd lookup.
 //! Dropping a `Uring` with operations in flight waits for them; if waiting
@@ -13,7 +13,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 use std::io;
 use std::os::fd::RawFd;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Submission queue entries per ring. Completions get twice as many.
 pub const RING_ENTRIES: u32 = 1024;
@@ -21,10 +21,10 @@ pub const RING_ENTRIES: u32 = 1024;
 struct Slot {
     token: u64,
     /// Keeps the buffer alive while the kernel uses it.
-    buf: Option<Rc<super::IoBuf>>,
+    buf: Option<Arc<super::IoBuf>>,
     /// A vectored operation's buffers and the iovec array the kernel reads
     /// (a boxed slice: its address does not move while the slot lives).
-    _iov: Vec<Rc<super::IoBuf>>,
+    _iov: Vec<Arc<super::IoBuf>>,
     _iovecs: Box<[libc::iovec]>,
     /// A vectored send's message header, which points at `_iovecs`.
     _msg: Option<Box<libc::msghdr>>,
@@ -265,14 +265,14 @@ mod tests {
         let mut ring = Uring::new(&[f.as_raw_fd()]).unwrap();
         let mut b = IoBuf::zeroed(4096);
         b.as_mut_slice().fill(0x5a);
-        let b = Rc::new(b);
+        let b = Arc::new(b);
         ring.push(1, Op::write(FileId(0), 8192, b.clone(), 0, 4096));
         ring.submit_and_wait(1).unwrap();
         let mut out = Vec::new();
         ring.reap(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].token, out[0].result), (1, 4096));
-        let r = Rc::new(IoBuf::zeroed(4096));
+        let r = Arc::new(IoBuf::zeroed(4096));
         ring.push(2, Op::read(FileId(0), 8192, r.clone(), 0, 4096));
         ring.push(3, Op::fsync(FileId(0)));
         ring.submit_and_wait(2).unwrap();

@@ -10,7 +10,7 @@
 
 use super::handshake::{Export, Negotiated};
 use super::proto::*;
-use crate::disk::{BlockStatus, ExtentKind, SparseRead};
+use crate::disk::{BlockStatus, ExtentKind, Lent, SparseRead};
 use crate::{Disk, Error, ErrorKind};
 use std::sync::Arc;
 
@@ -24,16 +24,29 @@ const CACHE_PIECE: u64 = 4 << 20;
 /// lets a server answer less than asked; the client asks again).
 const STATUS_MAX_CLUSTERS: u64 = 1 << 16;
 
-/// A reply's wire segments: (from the data buffer?, start, end), in order.
-pub type Segments = Vec<(bool, usize, usize)>;
+/// Where a piece of a reply comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    /// The reply's header bytes.
+    Bytes,
+    /// The read's data buffer.
+    Data,
+    /// Lent engine buffer `i` (see [`Lent`]).
+    Lent(usize),
+}
 
-/// One encoded reply: header bytes interleaved with slices of a data buffer.
+/// A reply's wire segments: (source, start, end) in wire order; start and
+/// end are offsets into that source.
+pub type Segments = Vec<(Src, usize, usize)>;
+
+/// One encoded reply: header bytes interleaved with slices of a data buffer
+/// and of buffers the engine lent.
 pub struct Reply {
     /// What its request cost the connection's budget (given back once sent).
     pub cost: u64,
     bytes: Vec<u8>,
     data: Vec<u8>,
-    /// (from `data`?, start, end), in wire order.
+    lent: Vec<Lent>,
     segs: Segments,
     /// `bytes` up to here are in `segs`.
     marked: usize,
@@ -44,6 +57,7 @@ impl Reply {
         Reply {
             bytes: Vec::with_capacity(32),
             data: Vec::new(),
+            lent: Vec::new(),
             segs: Vec::new(),
             marked: 0,
             cost,
@@ -53,24 +67,45 @@ impl Reply {
     /// Marks the header bytes written since the last mark as a segment.
     pub fn mark_bytes(&mut self) {
         if self.bytes.len() > self.marked {
-            self.segs.push((false, self.marked, self.bytes.len()));
+            self.segs.push((Src::Bytes, self.marked, self.bytes.len()));
             self.marked = self.bytes.len();
         }
     }
 
+    /// The read's bytes `[start, end)`: from the lent buffers that hold
+    /// them (`lent` is in order and disjoint), the rest from `data`.
     fn push_data(&mut self, start: usize, end: usize) {
         self.mark_bytes();
-        self.segs.push((true, start, end));
+        let mut pos = start;
+        let first = self
+            .lent
+            .partition_point(|l| (l.off as usize) + l.len <= start);
+        for (i, l) in self.lent.iter().enumerate().skip(first) {
+            let (lo, hi) = (l.off as usize, l.off as usize + l.len);
+            if lo >= end {
+                break;
+            }
+            let (lo, hi) = (lo.max(pos), hi.min(end));
+            if lo > pos {
+                self.segs.push((Src::Data, pos, lo));
+            }
+            let at = l.at + (lo - l.off as usize);
+            self.segs.push((Src::Lent(i), at, at + (hi - lo)));
+            pos = hi;
+        }
+        if pos < end {
+            self.segs.push((Src::Data, pos, end));
+        }
     }
 
-    /// The header bytes, the data buffer, and the segments (from `data`?,
-    /// start, end) that say how they interleave on the wire.
-    pub fn into_parts(self) -> (Vec<u8>, Vec<u8>, Segments) {
-        (self.bytes, self.data, self.segs)
+    /// The header bytes, the data buffer, the lent buffers, and the
+    /// segments that say how they interleave on the wire.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<u8>, Vec<Lent>, Segments) {
+        (self.bytes, self.data, self.lent, self.segs)
     }
 
-    /// The wire segments: (from the data buffer?, start, end), in order.
-    pub fn segments(&self) -> &[(bool, usize, usize)] {
+    /// The wire segments, in order.
+    pub fn segments(&self) -> &[(Src, usize, usize)] {
         &self.segs
     }
 
@@ -81,12 +116,10 @@ impl Reply {
 
     #[cfg(test)]
     pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
-        self.segs.iter().map(|&(d, s, e)| {
-            if d {
-                &self.data[s..e]
-            } else {
-                &self.bytes[s..e]
-            }
+        self.segs.iter().map(|&(src, s, e)| match src {
+            Src::Bytes => &self.bytes[s..e],
+            Src::Data => &self.data[s..e],
+            Src::Lent(i) => &self.lent[i].buf.as_slice()[s..e],
         })
     }
 }
@@ -390,6 +423,7 @@ impl Tail {
         let cookie = self.req.cookie;
         let len = read.data.len();
         reply.data = read.data;
+        reply.lent = read.lent;
         if !self.structured {
             simple_reply(&mut reply.bytes, cookie, 0);
             reply.push_data(0, len);
@@ -505,5 +539,50 @@ mod tests {
         r.mark_bytes();
         let out: Vec<u8> = r.slices().flatten().copied().collect();
         assert_eq!(out, b"head2345tail");
+    }
+
+    #[test]
+    fn reply_data_comes_from_lent_buffers_where_they_cover_it() {
+        use crate::io::IoBuf;
+        let lent = |off: u64, fill: u8, at: usize, len: usize| {
+            let mut b = IoBuf::zeroed(at + len + 3);
+            b.as_mut_slice().fill(fill);
+            Lent {
+                off,
+                buf: Arc::new(b),
+                at,
+                len,
+            }
+        };
+        let mut r = Reply::new(0);
+        r.bytes.extend_from_slice(b"H");
+        // The read's 20 bytes: data buffer "a"s, except lent ranges [4, 8)
+        // of "x"s and [12, 16) of "y"s.
+        r.data = vec![b'a'; 20];
+        r.lent = vec![lent(4, b'x', 5, 4), lent(12, b'y', 0, 4)];
+        r.push_data(0, 20);
+        let out: Vec<u8> = r.slices().flatten().copied().collect();
+        assert_eq!(out, b"Haaaaxxxxaaaayyyyaaaa");
+        let srcs: Vec<Src> = r.segments().iter().map(|s| s.0).collect();
+        assert_eq!(
+            srcs,
+            [
+                Src::Bytes,
+                Src::Data,
+                Src::Lent(0),
+                Src::Data,
+                Src::Lent(1),
+                Src::Data
+            ]
+        );
+        // A data chunk that starts and ends inside lent ranges (the holes
+        // of a structured reply cut the read this way).
+        let mut r = Reply::new(0);
+        r.data = vec![b'a'; 20];
+        r.lent = vec![lent(4, b'x', 5, 4), lent(12, b'y', 0, 4)];
+        r.push_data(6, 14);
+        let out: Vec<u8> = r.slices().flatten().copied().collect();
+        assert_eq!(out, b"xxaaaayy");
+        assert_eq!(r.len(), 8);
     }
 }

@@ -9,21 +9,24 @@
 //! a task on this core's inbox) and queue; one SEND at a time carries as
 //! many queued replies as fit in the send buffer. Their headers and short
 //! data are copied into it; read data of [`ZERO_COPY_MIN`] bytes or more
-//! goes out of the reply's own buffer, as a piece of a vectored send
-//! (SENDMSG), so a large read is never copied in user space on its way out.
+//! goes out of the buffer that holds it, as a piece of a vectored send
+//! (SENDMSG): the engine buffer the core lent the reply (a fill's, the
+//! readahead's, an overlay read's: see `request::Lent`), or the reply's
+//! own data buffer. A large read from the disk is never copied in user
+//! space on its way to the client; one from a remote backing medium is
+//! copied once (the medium's reply into the fill's buffer).
 //!
 //! Bounds: a connection holds at most [`BUDGET_BYTES`] of requests and
 //! replies and [`BUDGET_REQUESTS`] requests; past that it stops receiving
 //! until replies are sent, so a client that does not read its replies
 //! stalls only itself.
 
-use super::conn::{cost, Reply, Session, BASE_COST};
+use super::conn::{cost, Reply, Session, Src, BASE_COST};
 use super::proto::*;
 use super::Registry;
 use crate::io::{IoBuf, Op, Spares};
 use crate::reactor::{FrontCtx, Frontend};
 use std::collections::VecDeque;
-use std::rc::Rc;
 use std::sync::Arc;
 
 /// Bytes of requests and replies one connection may hold in memory.
@@ -60,7 +63,7 @@ struct Conn {
     /// The server's registry entry, removed at close.
     reg: (Arc<Registry>, u64),
     session: Session,
-    rx: Rc<IoBuf>,
+    rx: Arc<IoBuf>,
     rx_lo: usize,
     rx_hi: usize,
     recv_pending: bool,
@@ -71,11 +74,11 @@ struct Conn {
     out: VecDeque<Reply>,
     /// Data buffers of sent read replies, for the next reads.
     spare: Spares,
-    tx: Rc<IoBuf>,
+    tx: Arc<IoBuf>,
     /// What the send in flight still has to send: ranges of `tx` and of
     /// reply buffers, in wire order. A reply buffer goes back to `spare`
     /// once its last range is sent.
-    tx_iov: Vec<(Rc<IoBuf>, usize, usize)>,
+    tx_iov: Vec<(Arc<IoBuf>, usize, usize)>,
     /// Cost of the replies in `tx`, given back when it has been sent.
     tx_cost: u64,
     tx_count: u64,
@@ -144,7 +147,7 @@ pub fn adopt(
                 fd,
                 reg,
                 session: make_session(sink),
-                rx: Rc::new(IoBuf::zeroed(RX_BYTES)),
+                rx: Arc::new(IoBuf::zeroed(RX_BYTES)),
                 rx_lo: 0,
                 rx_hi: 0,
                 recv_pending: false,
@@ -152,7 +155,7 @@ pub fn adopt(
                 skip: 0,
                 out: VecDeque::new(),
                 spare: Spares::new(SPARE_BYTES),
-                tx: Rc::new(IoBuf::zeroed(TX_BYTES)),
+                tx: Arc::new(IoBuf::zeroed(TX_BYTES)),
                 tx_iov: Vec::new(),
                 tx_cost: 0,
                 tx_count: 0,
@@ -252,7 +255,7 @@ impl Connections {
         }
         for (b, _, _) in c.tx_iov.drain(..whole) {
             // The last range of a reply buffer (`tx` itself never unwraps).
-            if let Some(v) = Rc::try_unwrap(b).ok().and_then(IoBuf::into_vec) {
+            if let Some(v) = Arc::try_unwrap(b).ok().and_then(IoBuf::into_vec) {
                 c.spare.give(v);
             }
         }
@@ -283,22 +286,24 @@ impl Connections {
     }
 }
 
-/// How reply `r` goes out: the bytes copied into the send buffer, and how
-/// many of its data segments are sent from its own buffer (none when there
-/// are too many for one vectored send: then everything is copied).
-fn plan(r: &Reply) -> (usize, usize) {
-    let (mut copied, mut big) = (0, 0);
-    for &(from_data, s, e) in r.segments() {
-        if from_data && e - s >= ZERO_COPY_MIN {
-            big += 1;
-        } else {
-            copied += e - s;
+/// How reply `r` goes out: the bytes copied into the send buffer, how many
+/// of its data segments are sent from its own data buffer, and how many
+/// from lent buffers (none of either when there are too many pieces for one
+/// vectored send: then everything is copied).
+fn plan(r: &Reply) -> (usize, usize, usize) {
+    let (mut copied, mut data, mut lent) = (0, 0, 0);
+    for &(src, s, e) in r.segments() {
+        match src {
+            Src::Data if e - s >= ZERO_COPY_MIN => data += 1,
+            Src::Lent(_) if e - s >= ZERO_COPY_MIN => lent += 1,
+            _ => copied += e - s,
         }
     }
+    let big = data + lent;
     if big == 0 || 2 * big + 1 > SEND_PIECES {
-        return (r.len(), 0);
+        return (r.len(), 0, 0);
     }
-    (copied, big)
+    (copied, data, lent)
 }
 
 impl Conn {
@@ -433,44 +438,48 @@ impl Conn {
         }
         let first = self.out.front().map_or(0, |r| plan(r).0);
         if first > self.tx.len() {
-            self.tx = Rc::new(IoBuf::zeroed(first.next_power_of_two()));
+            self.tx = Arc::new(IoBuf::zeroed(first.next_power_of_two()));
         } else if self.tx.len() > TX_BYTES && first <= TX_BYTES {
             // Back to the usual size after a large reply.
-            self.tx = Rc::new(IoBuf::zeroed(TX_BYTES));
+            self.tx = Arc::new(IoBuf::zeroed(TX_BYTES));
         }
         let cap = self.tx.len();
         let buf = IoBuf::unique_mut(&mut self.tx);
-        // Ranges of `tx` (None) and of reply buffers, in wire order.
-        let mut pieces: Vec<(Option<Rc<IoBuf>>, usize, usize)> = Vec::new();
+        // Ranges of `tx` (None) and of reply or lent buffers, in wire order.
+        let mut pieces: Vec<(Option<Arc<IoBuf>>, usize, usize)> = Vec::new();
         let (mut at, mut run) = (0, 0);
         while let Some(r) = self.out.front() {
-            let (copied, big) = plan(r);
+            let (copied, big_data, big_lent) = plan(r);
+            let big = big_data + big_lent;
             if at + copied > cap || pieces.len() + 2 * big + 1 > SEND_PIECES {
                 break;
             }
             let r = self.out.pop_front().expect("front exists");
             self.tx_cost += r.cost;
             self.tx_count += 1;
-            let (bytes, mut data, segs) = r.into_parts();
+            let (bytes, mut data, lent, segs) = r.into_parts();
             // Only a reply with data to send from its buffer shares it.
-            let shared = (big > 0).then(|| Rc::new(IoBuf::from_vec(std::mem::take(&mut data))));
+            let shared =
+                (big_data > 0).then(|| Arc::new(IoBuf::from_vec(std::mem::take(&mut data))));
             let data_bytes = shared.as_deref().map_or(&data[..], IoBuf::as_slice);
-            for (from_data, s, e) in segs {
-                if let Some(b) = shared
-                    .as_ref()
-                    .filter(|_| from_data && e - s >= ZERO_COPY_MIN)
-                {
+            for (src, s, e) in segs {
+                let from = match src {
+                    Src::Data if big > 0 && e - s >= ZERO_COPY_MIN => shared.clone(),
+                    Src::Lent(i) if big > 0 && e - s >= ZERO_COPY_MIN => Some(lent[i].buf.clone()),
+                    _ => None,
+                };
+                if let Some(b) = from {
                     if at > run {
                         pieces.push((None, run, at - run));
                         run = at;
                     }
-                    pieces.push((Some(b.clone()), s, e - s));
+                    pieces.push((Some(b), s, e - s));
                     continue;
                 }
-                let src = if from_data {
-                    &data_bytes[s..e]
-                } else {
-                    &bytes[s..e]
+                let src = match src {
+                    Src::Bytes => &bytes[s..e],
+                    Src::Data => &data_bytes[s..e],
+                    Src::Lent(i) => &lent[i].buf.as_slice()[s..e],
                 };
                 buf[at..at + src.len()].copy_from_slice(src);
                 at += src.len();

@@ -32,7 +32,7 @@
 use super::l2cache::{BlockState, BLOCK_BYTES, BLOCK_ENTRIES};
 
 mod subcluster;
-use super::request::{ReqKind, Request};
+use super::request::{Lent, ReqKind, Request};
 use super::{
     Core, Ev, PartState, FILE_BACKING0, FILE_DATA, TAG_COMMIT, TAG_FILL, TAG_L2, TAG_PIECE,
 };
@@ -45,7 +45,6 @@ use crate::qcow2::{
     compressed_data, compressed_host_clusters, decode_l2, decompress, encode_l2, sub_mask,
     CompressionType, ExtL2, L2Entry, SubState,
 };
-use std::rc::Rc;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +73,7 @@ pub enum Step {
 /// `[in_cluster, in_cluster + len)` of the cluster go to offset `dst` of the
 /// step's buffer.
 pub struct Inflate {
-    buf: Rc<IoBuf>,
+    buf: Arc<IoBuf>,
     /// Bytes of `buf` that hold the compressed data (from offset 0).
     data_len: usize,
     kind: CompressionType,
@@ -108,7 +107,7 @@ pub struct Piece {
     /// Offset of this piece in the request's buffer.
     buf_off: u64,
     step: Step,
-    buf: Option<Rc<IoBuf>>,
+    buf: Option<Arc<IoBuf>>,
     io_pending: u32,
     io_error: Option<Error>,
     /// Start of the aligned span `buf` holds, within the cluster.
@@ -180,7 +179,7 @@ impl Piece {
 pub struct Fill {
     seq: u64,
     cluster: u64,
-    buf: Option<Rc<IoBuf>>,
+    buf: Option<Arc<IoBuf>>,
     pending: u32,
     ready: bool,
     writing: bool,
@@ -359,16 +358,28 @@ impl<I: Io> Core<I> {
         }
     }
 
-    /// Copies `data` into the request buffer of piece `id`.
-    fn deliver(&self, id: usize, data: &[u8]) {
+    /// Gives piece `id` its bytes, `len` of them at `at` in `buf` (whose
+    /// contents are final): lent to a request that takes lent ranges (an
+    /// NBD server sends them from `buf`), copied into its buffer otherwise.
+    fn deliver(&self, id: usize, buf: &Arc<IoBuf>, at: usize, len: usize) {
         let p = &self.pieces[id];
         let req = &self.parts[p.part].req;
         if req.kind == ReqKind::Populate {
             return; // Populate returns no data.
         }
-        let mut buf = req.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let lent = Lent {
+            off: p.buf_off,
+            buf: buf.clone(),
+            at,
+            len,
+        };
+        if req.lend(lent) {
+            return;
+        }
+        let data = &buf.as_slice()[at..at + len];
+        let mut dst = req.buf.lock().unwrap_or_else(|e| e.into_inner());
         let o = p.buf_off as usize;
-        buf[o..o + data.len()].copy_from_slice(data);
+        dst[o..o + len].copy_from_slice(data);
     }
 
     fn deliver_zeros(&self, id: usize) {
@@ -583,7 +594,7 @@ impl<I: Io> Core<I> {
     fn push_backing_reads(
         &mut self,
         token: u64,
-        buf: &mut Rc<IoBuf>,
+        buf: &mut Arc<IoBuf>,
         at: usize,
     ) -> (u32, u64, Vec<Inflate>) {
         // Reads, remote fetches and inflates write every byte of their
@@ -605,7 +616,7 @@ impl<I: Io> Core<I> {
     fn push_segment_reads(
         &mut self,
         token: u64,
-        buf: &Rc<IoBuf>,
+        buf: &Arc<IoBuf>,
         at: usize,
     ) -> (u32, u64, Vec<Inflate>) {
         let mut pos = at;
@@ -687,7 +698,7 @@ impl<I: Io> Core<I> {
     /// Decompresses the compressed backing clusters a step has read and
     /// copies their wanted bytes into `dst`. Runs on the core: the data is
     /// in memory, and one cluster's inflate is short next to its fetch.
-    fn run_inflates(&mut self, jobs: Vec<Inflate>, dst: &mut Rc<IoBuf>) -> Result<()> {
+    fn run_inflates(&mut self, jobs: Vec<Inflate>, dst: &mut Arc<IoBuf>) -> Result<()> {
         let mut r = Ok(());
         for j in jobs {
             if r.is_ok() {
@@ -719,7 +730,7 @@ impl<I: Io> Core<I> {
     /// Decompresses the overlay's own compressed cluster `raw`, whose bytes
     /// piece `id` read into its buffer (from the aligned offset `span_lo`),
     /// into a fresh cluster buffer.
-    fn inflate_overlay(&mut self, id: usize) -> Result<Rc<IoBuf>> {
+    fn inflate_overlay(&mut self, id: usize) -> Result<Arc<IoBuf>> {
         let p = &mut self.pieces[id];
         let packed = p.buf.take().expect("compressed read buffer");
         let raw = p.compressed.expect("compressed piece has a descriptor");
@@ -758,7 +769,7 @@ impl<I: Io> Core<I> {
     pub(super) fn read_into_piece(
         &mut self,
         id: usize,
-        buf: Rc<IoBuf>,
+        buf: Arc<IoBuf>,
         at: u64,
         len: usize,
         step: Step,
@@ -812,7 +823,7 @@ impl<I: Io> Core<I> {
 
     /// Reads the backing segments in `self.segs` into `buf` for piece `id`,
     /// which goes on at `step` when they are in.
-    fn read_backing_into(&mut self, id: usize, mut buf: Rc<IoBuf>, step: Step) {
+    fn read_backing_into(&mut self, id: usize, mut buf: Arc<IoBuf>, step: Step) {
         let (n, bytes, inflates) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
         self.bump(|s| &s.bytes_fetched, bytes);
         let p = &mut self.pieces[id];
@@ -892,7 +903,7 @@ impl<I: Io> Core<I> {
             return false;
         };
         let (s, l) = (start as usize, len as usize);
-        self.deliver(id, &buf.as_slice()[s..s + l]);
+        self.deliver(id, &buf, s, l);
         drop(buf);
         if start + len == self.cs() {
             if let Some(b) = self.kept.forget(cluster) {
@@ -946,7 +957,7 @@ impl<I: Io> Core<I> {
                 if f.ready {
                     let buf = f.buf.clone().expect("ready fill has data");
                     let at = (start - f.lo) as usize;
-                    self.deliver(id, &buf.as_slice()[at..at + len as usize]);
+                    self.deliver(id, &buf, at, len as usize);
                     self.finish_piece(id, Ok(()));
                 } else {
                     f.readers.push(id);
@@ -1169,7 +1180,7 @@ impl<I: Io> Core<I> {
                 (self.pieces[r].start - lo) as usize,
                 self.pieces[r].len as usize,
             );
-            self.deliver(r, &buf.as_slice()[s..s + l]);
+            self.deliver(r, &buf, s, l);
             self.finish_piece(r, Ok(()));
         }
         self.bump(|s| &s.bytes_fetched, self.fills[fid].fetched);
@@ -1542,7 +1553,7 @@ impl<I: Io> Core<I> {
     /// Copies the client's bytes (or zeros) into `buf`, which starts at the
     /// piece's `span_lo` within the cluster. Writes go from this private
     /// copy, never from memory the client may still change.
-    fn merge_client_data(&self, id: usize, buf: &mut Rc<IoBuf>) {
+    fn merge_client_data(&self, id: usize, buf: &mut Arc<IoBuf>) {
         let p = &self.pieces[id];
         let at = (p.start - p.span_lo) as usize;
         let dst = &mut IoBuf::unique_mut(buf)[at..at + p.len as usize];
@@ -1556,7 +1567,7 @@ impl<I: Io> Core<I> {
         }
     }
 
-    fn push_write(&mut self, id: usize, buf: Rc<IoBuf>, host_off: u64, len: usize) {
+    fn push_write(&mut self, id: usize, buf: Arc<IoBuf>, host_off: u64, len: usize) {
         self.io.push(
             TAG_PIECE | id as u64,
             Op::write(FILE_DATA, host_off, buf.clone(), 0, len),
@@ -1681,7 +1692,7 @@ impl<I: Io> Core<I> {
                 let buf = p.buf.clone().expect("read buffer");
                 let at = (p.start - p.span_lo) as usize;
                 let at = if p.step == Step::PassThrough { 0 } else { at };
-                self.deliver(id, &buf.as_slice()[at..at + p.len as usize]);
+                self.deliver(id, &buf, at, p.len as usize);
                 drop(buf);
                 self.finish_piece(id, Ok(()));
                 Ok(())
@@ -1702,7 +1713,7 @@ impl<I: Io> Core<I> {
             Step::SubGather => self.sub_gathered(id),
             Step::CompressedRead => self.inflate_overlay(id).map(|cluster| {
                 let (start, len) = (self.pieces[id].start as usize, self.pieces[id].len as usize);
-                self.deliver(id, &cluster.as_slice()[start..start + len]);
+                self.deliver(id, &cluster, start, len);
                 self.pool.put(cluster);
                 self.finish_piece(id, Ok(()));
             }),

@@ -19,11 +19,11 @@
 
 use crate::io::IoBuf;
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
+use std::sync::Arc;
 
 pub struct Kept {
     /// cluster -> (host cluster, buffer, insertion number)
-    map: HashMap<u64, (u64, Rc<IoBuf>, u64)>,
+    map: HashMap<u64, (u64, Arc<IoBuf>, u64)>,
     /// (cluster, insertion number), oldest first; stale ones are skipped.
     order: VecDeque<(u64, u64)>,
     bytes: usize,
@@ -45,7 +45,7 @@ impl Kept {
 
     /// Keeps `buf`, the content of `cluster` written at `host`. Returns the
     /// buffers that make room for it (or `buf` itself, past the budget).
-    pub fn insert(&mut self, cluster: u64, host: u64, buf: Rc<IoBuf>) -> Vec<Rc<IoBuf>> {
+    pub fn insert(&mut self, cluster: u64, host: u64, buf: Arc<IoBuf>) -> Vec<Arc<IoBuf>> {
         let mut out = Vec::new();
         if buf.len() > self.max_bytes {
             out.push(buf);
@@ -75,12 +75,12 @@ impl Kept {
     }
 
     /// The kept content of `cluster`, if it is still the one at `host`.
-    pub fn get(&self, cluster: u64, host: u64) -> Option<&Rc<IoBuf>> {
+    pub fn get(&self, cluster: u64, host: u64) -> Option<&Arc<IoBuf>> {
         self.map.get(&cluster).filter(|e| e.0 == host).map(|e| &e.1)
     }
 
     /// Drops the entry of `cluster`, returning its buffer.
-    pub fn forget(&mut self, cluster: u64) -> Option<Rc<IoBuf>> {
+    pub fn forget(&mut self, cluster: u64) -> Option<Arc<IoBuf>> {
         let (_, buf, _) = self.map.remove(&cluster)?;
         self.bytes -= buf.len();
         Some(buf)

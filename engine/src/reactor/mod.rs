@@ -32,7 +32,6 @@ use request::Request;
 use slab::Slab;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -51,6 +50,11 @@ pub const POOL_PER_CLASS: usize = 128;
 /// client's burst of large requests (NBD allows 32 MiB each) must not pin
 /// gigabytes after it ends.
 pub const POOL_BYTES: usize = 64 << 20;
+/// Buffers a core waits for at most while they are lent to other threads
+/// (read data an NBD connection sends from, see `request::Lent`), and
+/// their bytes at most.
+pub const POOL_LENT: usize = 256;
+pub const POOL_LENT_BYTES: usize = 64 << 20;
 
 /// Everything the cores share, read-only after open (plus atomics).
 pub struct Shared {
@@ -286,9 +290,13 @@ const TAG_MASK: u64 = 0xff << 56;
 
 /// Free aligned buffers by power-of-two size class (4 KiB and up).
 struct BufPool {
-    classes: Vec<Vec<Rc<IoBuf>>>,
+    classes: Vec<Vec<Arc<IoBuf>>>,
     /// Bytes of the buffers in `classes` (at most [`POOL_BYTES`]).
     bytes: usize,
+    /// Buffers put back while lent (at most [`POOL_LENT`]): they join
+    /// `classes` once the borrower dropped its clone.
+    lent: Vec<Arc<IoBuf>>,
+    lent_bytes: usize,
 }
 
 impl BufPool {
@@ -297,20 +305,29 @@ impl BufPool {
     }
 
     /// A buffer of exactly `len` bytes (contents unspecified).
-    fn get(&mut self, len: usize) -> Rc<IoBuf> {
+    fn get(&mut self, len: usize) -> Arc<IoBuf> {
         let c = Self::class(len);
+        if self.classes.get(c).is_none_or(Vec::is_empty) {
+            self.reclaim();
+        }
         if let Some(v) = self.classes.get_mut(c) {
             if let Some(b) = v.pop() {
                 self.bytes -= b.len();
                 return b;
             }
         }
-        Rc::new(IoBuf::zeroed(4096usize << c))
+        Arc::new(IoBuf::zeroed(4096usize << c))
     }
 
-    fn put(&mut self, b: Rc<IoBuf>) {
-        // Only buffers no operation holds go back to the pool.
-        if Rc::strong_count(&b) != 1 {
+    fn put(&mut self, b: Arc<IoBuf>) {
+        // Only buffers nobody else holds go back to the pool; one still
+        // held (lent to another thread) waits in `lent` until it comes back.
+        let mut b = b;
+        if Arc::get_mut(&mut b).is_none() {
+            if self.lent.len() < POOL_LENT && self.lent_bytes + b.len() <= POOL_LENT_BYTES {
+                self.lent_bytes += b.len();
+                self.lent.push(b);
+            }
             return;
         }
         let c = Self::class(b.len());
@@ -320,6 +337,22 @@ impl BufPool {
         if self.classes[c].len() < POOL_PER_CLASS && self.bytes + b.len() <= POOL_BYTES {
             self.bytes += b.len();
             self.classes[c].push(b);
+        }
+    }
+
+    /// Takes back the lent buffers whose borrowers are done with them.
+    fn reclaim(&mut self) {
+        let mut i = 0;
+        while i < self.lent.len() {
+            // `get_mut` synchronises with the borrower's drop of its clone,
+            // so its reads happen before anything writes the buffer again.
+            if Arc::get_mut(&mut self.lent[i]).is_some() {
+                let b = self.lent.swap_remove(i);
+                self.lent_bytes -= b.len();
+                self.put(b);
+            } else {
+                i += 1;
+            }
         }
     }
 }
@@ -349,7 +382,7 @@ pub(crate) struct Core<I: Io = Uring> {
     inbox: Receiver<Msg>,
     sleeping: Arc<AtomicBool>,
     wake_armed: bool,
-    wake_buf: Rc<IoBuf>,
+    wake_buf: Arc<IoBuf>,
     parts: Slab<PartState>,
     pieces: Slab<cor::Piece>,
     fills: Slab<cor::Fill>,
@@ -381,7 +414,7 @@ pub(crate) struct Core<I: Io = Uring> {
     stopped: bool,
     cqes: Vec<Cqe>,
     /// Snapshots of the dirty L2 blocks of the commit in flight.
-    commit_bufs: Vec<Rc<IoBuf>>,
+    commit_bufs: Vec<Arc<IoBuf>>,
     segs: Vec<crate::backing::Segment>,
     /// Reads of remote backing layers, queued and in flight.
     remote: remote::RemoteOps,
@@ -418,7 +451,7 @@ impl<I: Io> Core<I> {
             inbox,
             sleeping,
             wake_armed: false,
-            wake_buf: Rc::new(IoBuf::zeroed(8)),
+            wake_buf: Arc::new(IoBuf::zeroed(8)),
             parts: Slab::new(),
             pieces: Slab::new(),
             fills: Slab::new(),
@@ -428,6 +461,8 @@ impl<I: Io> Core<I> {
             pool: BufPool {
                 classes: Vec::new(),
                 bytes: 0,
+                lent: Vec::new(),
+                lent_bytes: 0,
             },
             events: VecDeque::new(),
             reserve: (0, 0),
@@ -629,5 +664,61 @@ impl<I: Io> Core<I> {
             r.finish_part(Some(e));
         }
         self.stopped = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> BufPool {
+        BufPool {
+            classes: Vec::new(),
+            bytes: 0,
+            lent: Vec::new(),
+            lent_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_lent_buffer_returns_to_the_pool_once_its_borrower_drops_it() {
+        let mut p = pool();
+        let b = p.get(65536);
+        let ptr = b.raw_ptr();
+        let borrowed = b.clone();
+        // Put back while lent: not handed out again while the borrower
+        // holds it.
+        p.put(b);
+        let other = p.get(65536);
+        assert_ne!(other.raw_ptr(), ptr);
+        p.put(other);
+        // Once the borrower dropped its clone (on another thread), the
+        // pool reuses it.
+        std::thread::spawn(move || drop(borrowed))
+            .join()
+            .expect("borrower thread");
+        let mut got = vec![p.get(65536), p.get(65536)];
+        assert!(got.iter().any(|g| g.raw_ptr() == ptr), "reclaimed");
+        // Unique again: writable.
+        for g in &mut got {
+            IoBuf::unique_mut(g).fill(1);
+        }
+    }
+
+    #[test]
+    fn lent_buffers_are_bounded() {
+        let mut p = pool();
+        let mut held = Vec::new();
+        for _ in 0..POOL_LENT + 10 {
+            let b = p.get(4096);
+            held.push(b.clone());
+            p.put(b);
+        }
+        assert_eq!(p.lent.len(), POOL_LENT);
+        assert_eq!(p.lent_bytes, POOL_LENT * 4096);
+        drop(held);
+        let _ = p.get(4096);
+        assert!(p.lent.is_empty());
+        assert_eq!(p.lent_bytes, 0);
     }
 }

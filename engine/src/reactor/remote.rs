@@ -25,7 +25,6 @@ use crate::backing::Chain;
 use crate::error::{Error, Result};
 use crate::io::{Cqe, Io, IoBuf};
 use slab::Slab;
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,7 +49,7 @@ struct Slot {
     layer: usize,
     offset: u64,
     len: usize,
-    buf: Rc<IoBuf>,
+    buf: Arc<IoBuf>,
     buf_off: usize,
 }
 
@@ -90,7 +89,7 @@ impl RemoteOps {
         chain: &Chain,
         token: u64,
         source: (usize, u64),
-        dst: (&Rc<IoBuf>, usize),
+        dst: (&Arc<IoBuf>, usize),
         len: usize,
     ) -> u32 {
         let ((layer, offset), (buf, buf_off)) = (source, dst);

@@ -7,11 +7,36 @@
 
 use crate::disk::BlockStatus;
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::IoBuf;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
+
+/// Bytes of a read's result that stay in an engine buffer instead of being
+/// copied into the request's buffer: the read's bytes `[off, off + len)`
+/// are `buf[at..at + len]`. The buffer's contents are final; the core that
+/// lent it takes it back into its pool once every clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Lent {
+    pub off: u64,
+    pub buf: Arc<IoBuf>,
+    pub at: usize,
+    pub len: usize,
+}
+
+impl Lent {
+    /// The lent bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[self.at..self.at + self.len]
+    }
+}
+
+/// Reads into a sparse request's buffer of at least this many bytes are
+/// lent rather than copied: below it a copy costs less than a buffer
+/// reference and a piece of a vectored send.
+pub const LEND_MIN: usize = 16 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReqKind {
@@ -60,6 +85,9 @@ pub struct Request {
     /// Ranges of a read (offsets into `buf`) that the engine knew to be
     /// zero without reading anything, when the caller asked for them.
     pub zeros: Option<Mutex<Vec<(u64, u64)>>>,
+    /// Ranges of a read left in engine buffers instead of copied into
+    /// `buf` (whose bytes there are unspecified), when the caller asked.
+    pub lent: Option<Mutex<Vec<Lent>>>,
     remaining: AtomicUsize,
     error: Mutex<Option<Error>>,
     notify: Notify,
@@ -73,13 +101,14 @@ impl Request {
         parts: usize,
         notify: Notify,
         in_flight: Option<Arc<AtomicU64>>,
-        track_zeros: bool,
+        sparse: bool,
     ) -> Arc<Request> {
         Arc::new(Request {
             kind,
             buf: Mutex::new(buf),
             status: Mutex::new(Vec::new()),
-            zeros: track_zeros.then(|| Mutex::new(Vec::new())),
+            zeros: sparse.then(|| Mutex::new(Vec::new())),
+            lent: sparse.then(|| Mutex::new(Vec::new())),
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
             notify,
@@ -100,18 +129,31 @@ impl Request {
     }
 
     /// A request completed by calling `cb` on the reactor thread that
-    /// finishes it. With `track_zeros`, a read also records the ranges it
-    /// knew to be zero (see `zeros`).
+    /// finishes it. A `sparse` read also records the ranges it knew to be
+    /// zero (see `zeros`) and leaves large ranges in the engine's buffers
+    /// (see `lent`) instead of copying them into its buffer.
     pub fn with_callback(
         kind: ReqKind,
         buf: Vec<u8>,
         parts: usize,
         cb: Callback,
         in_flight: Option<Arc<AtomicU64>>,
-        track_zeros: bool,
+        sparse: bool,
     ) -> Arc<Request> {
         let notify = Notify::Callback(Mutex::new(Some(cb)));
-        Request::build(kind, buf, parts, notify, in_flight, track_zeros)
+        Request::build(kind, buf, parts, notify, in_flight, sparse)
+    }
+
+    /// Lends `lent` instead of copying it into the buffer, if the request
+    /// takes lent ranges and `lent` is worth it; returns whether it did.
+    pub fn lend(&self, lent: Lent) -> bool {
+        match &self.lent {
+            Some(l) if lent.len >= LEND_MIN => {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(lent);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Records that `[off, off + len)` of the buffer reads as zeros.

@@ -37,7 +37,7 @@ use crate::qcow2::{decode_l2_ext, encode_l2_ext, sub_mask, ExtL2, L2Entry, SubSt
 use crate::reactor::l2cache::BLOCK_ENTRIES;
 use crate::reactor::request::ReqKind;
 use crate::reactor::FILE_DATA;
-use std::rc::Rc;
+use std::sync::Arc;
 
 impl<I: Io> Core<I> {
     /// Whether the overlay has extended L2 entries.
@@ -250,7 +250,7 @@ impl<I: Io> Core<I> {
     /// A fill of an extended cluster has its data in `buf` (readers were
     /// answered): record zeros, or write the granules into the host
     /// cluster (allocated now if the cluster has none).
-    pub(super) fn fill_write_back_ext(&mut self, fid: usize, buf: Rc<IoBuf>) {
+    pub(super) fn fill_write_back_ext(&mut self, fid: usize, buf: Arc<IoBuf>) {
         let (cluster, lo, hi) = {
             let f = &self.fills[fid];
             (f.cluster, f.lo, f.hi)
