@@ -7,7 +7,9 @@
 //! connections ([`CONNECTIONS`]) to one export. Each connection has a
 //! manager thread (connect, handshake, send requests, reconnect with
 //! exponential backoff) and, while connected, a reader thread that matches
-//! replies to requests by cookie. Requests come from one shared queue, so a
+//! replies to requests by cookie, and reads a reply's data straight into
+//! the core buffers the read names ([`Medium::places`]), so the bytes are
+//! copied once, by the kernel. Requests come from one shared queue, so a
 //! free connection takes the next one; each connection has at most
 //! [`IN_FLIGHT_PER_CONNECTION`] requests on the wire, which bounds the
 //! backing's concurrency.
@@ -703,6 +705,10 @@ impl Medium for NbdClient {
         self.pool.spares.give(buf);
     }
 
+    fn places(&self) -> bool {
+        true
+    }
+
     fn submit(&self, read: RemoteRead) {
         let end = read.offset + read.len as u64;
         let a = self.alignment as u64;
@@ -882,8 +888,13 @@ fn send_requests(
             w.pending.insert(
                 cookie,
                 Pending {
+                    // A read placed into the core's buffers needs none.
+                    data: if j.read.dest.is_empty() {
+                        pool.spares.take(len)
+                    } else {
+                        Vec::new()
+                    },
                     job: j,
-                    data: pool.spares.take(len),
                     covered: 0,
                     error: None,
                     sent: Instant::now(),
@@ -1041,10 +1052,67 @@ fn read_simple_reply(
         ));
         return Ok(Outcome::Done);
     }
-    s.read_exact(&mut p.data)
-        .map_err(|e| format!("reading read data: {e}"))?;
-    p.covered = p.data.len() as u64;
+    let len = p.job.read.len;
+    place(s, p, 0, len).map_err(|e| format!("reading read data: {e}"))?;
+    p.covered = len as u64;
     Ok(Outcome::Done)
+}
+
+/// Reads bytes `[at, at + n)` of `p`'s read from the connection into
+/// place: the read's destinations in the core's buffers where it has them
+/// (bytes outside them, alignment padding, are dropped), else its buffer.
+fn place(s: &mut dyn Read, p: &mut Pending, at: usize, n: usize) -> std::io::Result<()> {
+    let dest = &p.job.read.dest;
+    if dest.is_empty() {
+        return s.read_exact(&mut p.data[at..at + n]);
+    }
+    let end = at + n;
+    let mut pos = at;
+    for d in dest {
+        if d.at + d.len <= pos {
+            continue;
+        }
+        if d.at >= end {
+            break;
+        }
+        let (lo, hi) = (d.at.max(pos), (d.at + d.len).min(end));
+        skip(s, lo - pos)?;
+        // SAFETY: this reader thread is the only one answering the read
+        // `d` belongs to (its chunks all come on this connection), and it
+        // has not completed it: until it does, the range is the read's.
+        unsafe { d.write(lo - d.at, hi - lo, Some(&mut *s)) }?;
+        pos = hi;
+    }
+    skip(s, end - pos)
+}
+
+/// Zeros bytes `[at, at + n)` of `p`'s read (a hole the server reported).
+fn zero(p: &mut Pending, at: usize, n: usize) {
+    let dest = &p.job.read.dest;
+    if dest.is_empty() {
+        p.data[at..at + n].fill(0);
+        return;
+    }
+    let end = at + n;
+    for d in dest {
+        let (lo, hi) = (d.at.max(at), (d.at + d.len).min(end));
+        if lo < hi {
+            // SAFETY: as in `place`.
+            let _ = unsafe { d.write(lo - d.at, hi - lo, None) };
+        }
+    }
+}
+
+/// Reads and drops `n` bytes.
+fn skip(s: &mut dyn Read, n: usize) -> std::io::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let got = std::io::copy(&mut Read::take(s, n as u64), &mut std::io::sink())?;
+    if got < n as u64 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 fn read_chunk(
@@ -1055,7 +1123,7 @@ fn read_chunk(
     len: u32,
 ) -> std::result::Result<Outcome, String> {
     let io = |e: std::io::Error| format!("reading a reply chunk: {e}");
-    let (start, want) = (p.job.read.offset, p.data.len() as u64);
+    let (start, want) = (p.job.read.offset, p.job.read.len as u64);
     // The range [off, off + n) of the request's data, checked.
     let span = |off: u64, n: u64| -> std::result::Result<std::ops::Range<usize>, String> {
         match off.checked_sub(start) {
@@ -1074,14 +1142,14 @@ fn read_chunk(
             let off = read_u64(s).map_err(io)?;
             let r = span(off, u64::from(len) - 8)?;
             p.covered += r.len() as u64;
-            s.read_exact(&mut p.data[r]).map_err(io)?;
+            place(s, p, r.start, r.len()).map_err(io)?;
         }
         REPLY_TYPE_OFFSET_HOLE if len == 12 => {
             let off = read_u64(s).map_err(io)?;
             let n = read_u32(s).map_err(io)?;
             let r = span(off, u64::from(n))?;
             p.covered += r.len() as u64;
-            p.data[r].fill(0);
+            zero(p, r.start, r.len());
         }
         k if k & REPLY_TYPE_ERROR_BIT != 0 && (6..=MAX_SMALL_PAYLOAD).contains(&len) => {
             let mut b = vec![0u8; len as usize];
@@ -1154,7 +1222,7 @@ mod tests {
 
     /// What the hand-written server below does with reads: no real NBD
     /// server sends malformed replies on purpose, so this one does.
-    #[derive(Clone, Copy, PartialEq, Eq)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Mode {
         /// Structured replies: the first half of each read as data, the
         /// second half as a hole.
@@ -1294,6 +1362,7 @@ mod tests {
                 len,
                 tag: i as u64,
                 reply: reply.clone(),
+                dest: Vec::new(),
             });
         }
         let mut out: Vec<Option<Result<Vec<u8>>>> = (0..reads.len()).map(|_| None).collect();
@@ -1328,6 +1397,83 @@ mod tests {
                     })
                     .collect();
                 assert!(got == want, "read of {len} at {off}");
+            }
+        }
+    }
+
+    #[test]
+    fn placed_reads_land_in_their_buffers_and_nowhere_else() {
+        use crate::backing::remote::Placement;
+        use crate::io::IoBuf;
+        for mode in [Mode::Chunks, Mode::Simple, Mode::Partial] {
+            let dir = tempfile::tempdir().unwrap();
+            let c = NbdClient::open(&fake_server(dir.path(), mode)).unwrap();
+            assert!(c.places());
+            let reads: Vec<(u64, usize)> = (0..50u64)
+                .map(|i| (i * 7919 % (SIZE - 70_000), 3 + (i as usize * 1237) % 65_000))
+                .collect();
+            let (tx, rx) = mpsc::channel();
+            let reply: Arc<dyn Reply> = Arc::new(Collect(Mutex::new(tx)));
+            // Each read lands in two pieces of its own buffer, 7 bytes in
+            // and with a 5-byte gap between them; byte `len / 3` of the
+            // read goes nowhere (as alignment padding would).
+            let mut bufs = Vec::new();
+            for (i, &(offset, len)) in reads.iter().enumerate() {
+                let mut b = IoBuf::zeroed(len + 12);
+                b.as_mut_slice().fill(0xee);
+                let b = Arc::new(b);
+                let third = len / 3;
+                let dest = vec![
+                    Placement {
+                        at: 0,
+                        buf: b.clone(),
+                        buf_off: 7,
+                        len: third,
+                    },
+                    Placement {
+                        at: third + 1,
+                        buf: b.clone(),
+                        buf_off: 7 + third + 5,
+                        len: len - third - 1,
+                    },
+                ];
+                bufs.push(b);
+                c.submit(RemoteRead {
+                    offset,
+                    len,
+                    tag: i as u64,
+                    reply: reply.clone(),
+                    dest,
+                });
+            }
+            for _ in &reads {
+                let (tag, r) = rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("every read is answered");
+                let (off, len) = reads[tag as usize];
+                if mode == Mode::Partial {
+                    let e = r.unwrap_err();
+                    assert!(e.message().contains(&format!("of {len} bytes")), "{e}");
+                    continue;
+                }
+                assert!(r.unwrap().is_empty(), "placed bytes are not returned");
+                let want = |i: usize| {
+                    if mode == Mode::Chunks && i >= len / 2 {
+                        0
+                    } else {
+                        pattern(off + i as u64)
+                    }
+                };
+                let third = len / 3;
+                let mut expect = vec![0xee; 7];
+                expect.extend((0..third).map(want));
+                expect.extend([0xee; 5]);
+                expect.extend((third + 1..len).map(want));
+                expect.resize(bufs[tag as usize].len(), 0xee);
+                assert!(
+                    bufs[tag as usize].as_slice() == expect,
+                    "{mode:?}: read of {len} at {off}"
+                );
             }
         }
     }

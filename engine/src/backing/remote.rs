@@ -19,6 +19,7 @@
 //! scheme. Nothing else in the engine changes.
 
 use crate::error::Result;
+use crate::io::IoBuf;
 use std::sync::Arc;
 
 /// A remote, read-only backing image.
@@ -47,6 +48,46 @@ pub trait Medium: Send + Sync {
     /// Takes back the buffer of a completed read once its bytes were
     /// copied out, for a later read; by default it is dropped.
     fn recycle(&self, _buf: Vec<u8>) {}
+    /// Whether this medium writes a read's bytes straight into its
+    /// [`RemoteRead::dest`] (and answers with an empty buffer) instead of
+    /// returning them.
+    fn places(&self) -> bool {
+        false
+    }
+}
+
+/// Bytes `[at, at + len)` of a read, to be written straight into
+/// `buf[buf_off..buf_off + len]`, a core's I/O buffer (see
+/// [`Medium::places`]). The `Arc` keeps the memory alive whatever the core
+/// does meanwhile.
+pub struct Placement {
+    pub at: usize,
+    pub buf: Arc<IoBuf>,
+    pub buf_off: usize,
+    pub len: usize,
+}
+
+impl Placement {
+    /// Writes the destination bytes `[from, from + n)` of this placement
+    /// (`from` relative to its start): read from `src`, or zeros when
+    /// `src` is None.
+    ///
+    /// # Safety
+    ///
+    /// Only the medium answering the read this placement belongs to may
+    /// call it, before it completes the read, from one thread at a time:
+    /// until that completion reaches the core, the range is this read's
+    /// alone (the contract of [`IoBuf::copy_in`]).
+    pub(crate) unsafe fn write(
+        &self,
+        from: usize,
+        n: usize,
+        src: Option<&mut dyn std::io::Read>,
+    ) -> std::io::Result<()> {
+        assert!(from + n <= self.len, "past the end of a placement");
+        // SAFETY: the caller's contract above.
+        unsafe { self.buf.write_range(self.buf_off + from, n, src, 0) }
+    }
 }
 
 /// Bytes of read buffers a medium keeps for reuse at most.
@@ -80,12 +121,19 @@ pub struct RemoteRead {
     pub tag: u64,
     /// Where the result goes.
     pub reply: Arc<dyn Reply>,
+    /// For a medium that [places](Medium::places) its bytes: where they go,
+    /// in order and disjoint. Bytes of the read outside them (alignment
+    /// padding) are dropped.
+    pub dest: Vec<Placement>,
 }
 
 impl RemoteRead {
-    /// Answers the read: exactly `len` bytes, or an error for this read only.
+    /// Answers the read: exactly `len` bytes (none once they were placed
+    /// into `dest`), or an error for this read only.
     pub fn complete(self, result: Result<Vec<u8>>) {
-        debug_assert!(!matches!(&result, Ok(d) if d.len() != self.len));
+        // Placed bytes come back as an empty buffer.
+        debug_assert!(!matches!(&result,
+            Ok(d) if d.len() != self.len && (self.dest.is_empty() || !d.is_empty())));
         self.reply.done(self.tag, result);
     }
 }

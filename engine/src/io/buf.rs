@@ -4,7 +4,7 @@
 //! reads into and writes from it through a raw pointer, so it is shared with
 //! in-flight operations as an `Arc<IoBuf>`: an operation holds a clone until
 //! its completion is reaped, which keeps the memory alive for the kernel.
-//! Mutable access goes through [`Arc::get_mut`] in [`IoBuf::unique_mut`],
+//! Mutable access goes through `Arc::get_mut` in [`IoBuf::unique_mut`],
 //! which succeeds only when no operation holds the buffer any more — the
 //! ownership proof that the kernel is done with it.
 //!
@@ -12,7 +12,7 @@
 //! `Arc` clone in a finished read, which an NBD connection on another core
 //! sends from): nothing writes a buffer that anyone else holds, since every
 //! write goes through `&mut` (which needs the only `Arc`), a fresh buffer's
-//! first operation, or [`IoBuf::copy_in`] into a range in flight.
+//! first operation, or `IoBuf::copy_in` into a range in flight.
 //!
 //! A buffer can also wrap a `Vec<u8>` the caller already has
 //! ([`IoBuf::from_vec`]), so that a socket send goes out of that memory
@@ -138,6 +138,40 @@ impl IoBuf {
         // exclusive use of the range is the caller's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(at), data.len());
+        }
+    }
+
+    /// Reads exactly `len` bytes from `src` into `[at, at + len)`, or
+    /// fills that range with `byte` when `src` is None: a remote medium's
+    /// thread writing a read's bytes in place.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`IoBuf::copy_in`]: the range belongs to one read in
+    /// flight, written by one thread, and nobody reads or writes it until
+    /// that read's completion is handled.
+    pub(crate) unsafe fn write_range(
+        &self,
+        at: usize,
+        len: usize,
+        src: Option<&mut dyn std::io::Read>,
+        byte: u8,
+    ) -> std::io::Result<()> {
+        assert!(
+            at.checked_add(len).is_some_and(|end| end <= self.len),
+            "range past the end of an I/O buffer"
+        );
+        // SAFETY: the range lies inside the allocation (asserted above);
+        // exclusive use of it is the caller's contract, so no other
+        // reference to these bytes exists while this one lives (it does
+        // not outlive this call).
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), len) };
+        match src {
+            Some(r) => r.read_exact(dst),
+            None => {
+                dst.fill(byte);
+                Ok(())
+            }
         }
     }
 

@@ -11,16 +11,19 @@
 //! when the turn submits its I/O: the fills of neighbouring missing
 //! clusters that one client read starts become one remote read. A batch's
 //! result arrives as [`Msg::Remote`] in the core's inbox (with an eventfd
-//! wake-up); its bytes are copied into each slot's buffer and each slot is
-//! dispatched as a completion, exactly as the ring would. The result's
-//! buffer then goes back to the medium for a later read.
+//! wake-up) and each slot is dispatched as a completion, exactly as the
+//! ring would. A medium that places its bytes (NBD: its reader thread
+//! reads them from the socket straight into the slots' buffers, which the
+//! read holds as `Arc` clones, like a ring operation) has nothing to copy;
+//! otherwise (HTTP) the result's bytes are copied into each slot's buffer,
+//! and that buffer goes back to the medium for a later read.
 //!
 //! What it never does: block the core (submitting only queues), or touch a
 //! local backing read: local layers never come here, so their path has no
 //! extra allocation or system call.
 
 use super::{Core, Mailbox, Msg};
-use crate::backing::remote::{RemoteRead, Reply};
+use crate::backing::remote::{Placement, RemoteRead, Reply};
 use crate::backing::Chain;
 use crate::error::{Error, Result};
 use crate::io::{Cqe, Io, IoBuf};
@@ -59,6 +62,8 @@ struct Batch {
     slots: Vec<usize>,
     offset: u64,
     len: usize,
+    /// The medium writes the bytes into the slots' buffers itself.
+    placed: bool,
     started: Instant,
 }
 
@@ -159,11 +164,31 @@ impl<I: Io> Core<I> {
             }
             let (offset, hi) = widen(end);
             let len = (hi - offset) as usize;
+            let placed = medium.places();
+            // A medium that places its bytes writes them into the slots'
+            // buffers itself: no copy here when it answers.
+            let dest = if placed {
+                queued[i..j]
+                    .iter()
+                    .map(|&id| {
+                        let s = &self.remote.slots[id];
+                        Placement {
+                            at: (s.offset - offset) as usize,
+                            buf: s.buf.clone(),
+                            buf_off: s.buf_off,
+                            len: s.len,
+                        }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let tag = self.remote.batches.insert(Batch {
                 layer,
                 slots: queued[i..j].to_vec(),
                 offset,
                 len,
+                placed,
                 started: Instant::now(),
             });
             medium.submit(RemoteRead {
@@ -175,6 +200,7 @@ impl<I: Io> Core<I> {
                     .reply
                     .clone()
                     .expect("the core set its reply sink"),
+                dest,
             });
             i = j;
         }
@@ -203,6 +229,7 @@ impl<I: Io> Core<I> {
         for id in batch.slots {
             let s = self.remote.slots.remove(id);
             let res = match &result {
+                Ok(_) if batch.placed => s.len as i32,
                 Ok(data) => {
                     let at = (s.offset - batch.offset) as usize;
                     // SAFETY: `[buf_off, buf_off + len)` of this buffer is the
