@@ -1344,6 +1344,23 @@ mod tests {
         }
     }
 
+    /// A read's tag, its result, and how many references its buffer had
+    /// when the result came.
+    type Counted = (u64, Result<Vec<u8>>, usize);
+
+    /// Answers, with how many references each read's buffer has then.
+    struct CountAtDone {
+        bufs: Vec<Arc<crate::io::IoBuf>>,
+        tx: Mutex<mpsc::Sender<Counted>>,
+    }
+
+    impl Reply for CountAtDone {
+        fn done(&self, tag: u64, result: Result<Vec<u8>>) {
+            let n = Arc::strong_count(&self.bufs[tag as usize]);
+            let _ = self.tx.lock().unwrap().send((tag, result, n));
+        }
+    }
+
     struct Collect(Mutex<mpsc::Sender<(u64, Result<Vec<u8>>)>>);
 
     impl Reply for Collect {
@@ -1412,16 +1429,24 @@ mod tests {
             let reads: Vec<(u64, usize)> = (0..50u64)
                 .map(|i| (i * 7919 % (SIZE - 70_000), 3 + (i as usize * 1237) % 65_000))
                 .collect();
-            let (tx, rx) = mpsc::channel();
-            let reply: Arc<dyn Reply> = Arc::new(Collect(Mutex::new(tx)));
             // Each read lands in two pieces of its own buffer, 7 bytes in
             // and with a 5-byte gap between them; byte `len / 3` of the
             // read goes nowhere (as alignment padding would).
-            let mut bufs = Vec::new();
+            let bufs: Vec<Arc<IoBuf>> = reads
+                .iter()
+                .map(|&(_, len)| {
+                    let mut b = IoBuf::zeroed(len + 12);
+                    b.as_mut_slice().fill(0xee);
+                    Arc::new(b)
+                })
+                .collect();
+            let (tx, rx) = mpsc::channel();
+            let reply: Arc<dyn Reply> = Arc::new(CountAtDone {
+                bufs: bufs.clone(),
+                tx: Mutex::new(tx),
+            });
             for (i, &(offset, len)) in reads.iter().enumerate() {
-                let mut b = IoBuf::zeroed(len + 12);
-                b.as_mut_slice().fill(0xee);
-                let b = Arc::new(b);
+                let b = &bufs[i];
                 let third = len / 3;
                 let dest = vec![
                     Placement {
@@ -1437,7 +1462,6 @@ mod tests {
                         len: len - third - 1,
                     },
                 ];
-                bufs.push(b);
                 c.submit(RemoteRead {
                     offset,
                     len,
@@ -1447,9 +1471,12 @@ mod tests {
                 });
             }
             for _ in &reads {
-                let (tag, r) = rx
+                let (tag, r, holders) = rx
                     .recv_timeout(Duration::from_secs(60))
                     .expect("every read is answered");
+                // By the time the answer comes, the medium holds none of
+                // the buffer (the test's two clones are all).
+                assert_eq!(holders, 2, "{mode:?}: the medium still holds the buffer");
                 let (off, len) = reads[tag as usize];
                 if mode == Mode::Partial {
                     let e = r.unwrap_err();

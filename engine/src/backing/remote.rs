@@ -130,10 +130,13 @@ pub struct RemoteRead {
 impl RemoteRead {
     /// Answers the read: exactly `len` bytes (none once they were placed
     /// into `dest`), or an error for this read only.
-    pub fn complete(self, result: Result<Vec<u8>>) {
+    pub fn complete(mut self, result: Result<Vec<u8>>) {
         // Placed bytes come back as an empty buffer.
         debug_assert!(!matches!(&result,
             Ok(d) if d.len() != self.len && (self.dest.is_empty() || !d.is_empty())));
+        // The placements' buffer references go first: once the core has the
+        // answer, its buffers are its own again (it may write them).
+        drop(std::mem::take(&mut self.dest));
         self.reply.done(self.tag, result);
     }
 }
