@@ -41,6 +41,8 @@ pub struct Meta {
     l1: Vec<AtomicU64>,
     alloc: Mutex<Alloc>,
     poisoned: AtomicBool,
+    /// Why the image was poisoned, when it was not a failed metadata write.
+    poison_why: std::sync::OnceLock<String>,
     read_only: bool,
     /// End of the clusters in use (the frontier, in bytes): no L2 entry may
     /// point at or past it. Kept beside `Alloc` so reads check it lock-free.
@@ -157,6 +159,7 @@ impl Meta {
             file,
             l1,
             poisoned: AtomicBool::new(false),
+            poison_why: std::sync::OnceLock::new(),
             read_only,
             frontier_bytes: AtomicU64::new(frontier << cluster_bits),
             sim: None,
@@ -208,7 +211,8 @@ impl Meta {
         self.l1.len() as u64
     }
 
-    /// Refuses new writes after a failed metadata write (nothing is guessed).
+    /// Refuses new writes after a failed metadata write or a failed core
+    /// (nothing is guessed).
     pub fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::new(
@@ -220,8 +224,9 @@ impl Meta {
             return Err(Error::new(
                 ErrorKind::Poisoned,
                 format!(
-                    "{}: an earlier metadata write failed; the image accepts no more writes",
-                    self.path
+                    "{}: {}; the image accepts no more writes",
+                    self.path,
+                    self.poison_reason()
                 ),
             ));
         }
@@ -230,6 +235,20 @@ impl Meta {
 
     pub fn poison(&self) {
         self.poisoned.store(true, Ordering::Relaxed);
+    }
+
+    /// Poisons the image for a reason other than a failed metadata write
+    /// (the first reason given is kept).
+    pub fn poison_because(&self, why: String) {
+        let _ = self.poison_why.set(why);
+        self.poison();
+    }
+
+    /// Why the image accepts no more writes, once it is poisoned.
+    pub fn poison_reason(&self) -> &str {
+        self.poison_why
+            .get()
+            .map_or("an earlier metadata write failed", |s| s.as_str())
     }
 
     pub fn is_poisoned(&self) -> bool {

@@ -225,6 +225,7 @@ fn simulated_faults() {
                 backing_eio_ppm: 50_000,
                 backing_short_ppm: 50_000,
                 overlay_enospc_ppm: 10_000,
+                ..Faults::default()
             },
             ..Config::default()
         };
@@ -263,6 +264,7 @@ fn simulation_is_deterministic() {
             backing_eio_ppm: 10_000,
             backing_short_ppm: 10_000,
             overlay_enospc_ppm: 2_000,
+            ..Faults::default()
         },
         ..Config::default()
     };

@@ -1851,8 +1851,9 @@ impl<I: Io> Core<I> {
             let e = Error::new(
                 ErrorKind::Poisoned,
                 format!(
-                    "{}: an earlier metadata write failed; cannot flush",
-                    self.shared.meta.path
+                    "{}: {}; cannot flush",
+                    self.shared.meta.path,
+                    self.shared.meta.poison_reason()
                 ),
             );
             for r in self.flush_waiters.drain(..) {

@@ -28,10 +28,11 @@ use crate::meta::Meta;
 use crate::router::Router;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use l2cache::L2Cache;
-use request::Request;
+use request::{ReqKind, Request};
 use slab::Slab;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -173,8 +174,16 @@ pub(crate) struct Mailbox {
 impl Mailbox {
     /// Sends `msg` to the core and wakes it if it sleeps.
     pub(crate) fn post(&self, msg: Msg) {
-        if self.tx.send(msg).is_err() {
-            return; // The core is gone; the caller's request fails at close.
+        if let Err(crossbeam_channel::SendError(msg)) = self.tx.send(msg) {
+            // The core's thread has ended (the disk closed): answer the
+            // part rather than drop it unanswered.
+            if let Msg::Part { req, .. } = msg {
+                req.finish_part(Some(Error::new(
+                    crate::ErrorKind::ShuttingDown,
+                    "the disk is closed",
+                )));
+            }
+            return;
         }
         // Pairs with the fence in `Core::sleep_prepare`: either the core
         // sees the message before it sleeps, or we see it sleeping and wake
@@ -212,6 +221,70 @@ pub fn on_core_thread() -> bool {
     ON_CORE.with(|c| c.get())
 }
 
+/// Runs a core on its thread until the disk closes. A core that cannot go
+/// on, because its ring failed or a bug panicked it, fails the requests it
+/// holds and every request sent to it after, until the close: its clients
+/// get an error, never silence, and the other cores keep serving theirs.
+/// After a panic the core's metadata may be half-updated: the image is
+/// poisoned (no more writes or flushes; what was flushed before stays, as
+/// after a crash).
+fn run_core<I: Io>(mut core: Core<I>) {
+    let id = core.id;
+    let inbox = core.inbox.clone();
+    let shared = core.shared.clone();
+    let failed = match std::panic::catch_unwind(AssertUnwindSafe(|| core.run())) {
+        Ok(failed) => {
+            core.front = None;
+            drop(core);
+            failed
+        }
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_string());
+            let why = format!("internal error: core {id} stopped ({why})");
+            shared.meta.poison_because(why.clone());
+            let e = Error::new(crate::ErrorKind::Io, why);
+            let later = e.clone();
+            let closing = core.closing.is_some();
+            // The state may be half-updated; whatever this finds wrong in
+            // it must not keep the thread from answering later requests.
+            // Dropping the core drops its connections and waits for the
+            // kernel to finish with its ring's buffers.
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || {
+                core.front = None;
+                core.fatal(e.clone());
+                drop(core);
+            }));
+            (!closing).then_some(later)
+        }
+    };
+    if let Some(e) = failed {
+        // Until the close: fail every part sent here. Frontend tasks
+        // (connections handed to this core) are dropped, which closes them.
+        while let Ok(msg) = inbox.recv() {
+            if let Msg::Part { req, .. } = msg {
+                let close = req.kind == ReqKind::Close;
+                req.finish_part(Some(e.clone()));
+                if close {
+                    break;
+                }
+            }
+        }
+    }
+    // Parts that arrived after the close: fail them rather than hang.
+    while let Ok(msg) = inbox.try_recv() {
+        if let Msg::Part { req, .. } = msg {
+            req.finish_part(Some(Error::new(
+                crate::ErrorKind::ShuttingDown,
+                "the disk is closed",
+            )));
+        }
+    }
+}
+
 /// Starts core `id`: its thread, ring and state. Fails if the ring cannot be made.
 /// With `sim`, the core runs on the simulated I/O layer instead of a ring.
 pub fn spawn(
@@ -247,7 +320,7 @@ pub fn spawn(
                 let _ = ready_tx.send(Ok(()));
                 let mut core = Core::new(id, shared, Merge::new(io), rx, sleeping2);
                 core.remote.reply = Some(reply);
-                core.run();
+                run_core(core);
                 return;
             }
             let ring = match Uring::new(&files) {
@@ -260,7 +333,7 @@ pub fn spawn(
             let _ = ready_tx.send(Ok(()));
             let mut core = Core::new(id, shared, Merge::new(ring), rx, sleeping2);
             core.remote.reply = Some(reply);
-            core.run();
+            run_core(core);
         })
         .map_err(|e| Error::io(e, "spawning a reactor thread"))?;
     match ready_rx.recv() {
@@ -494,7 +567,9 @@ impl<I: Io> Core<I> {
         }
     }
 
-    fn run(&mut self) {
+    /// Runs the core until it stops: closed (`None`), or failed while the
+    /// disk stays open (the error; see [`run_core`]).
+    fn run(&mut self) -> Option<Error> {
         while !self.stopped {
             self.take_messages();
             while let Some(ev) = self.events.pop_front() {
@@ -514,8 +589,10 @@ impl<I: Io> Core<I> {
             if let Err(e) = self.io.submit_and_wait(want) {
                 // The ring itself failed: nothing on this core can make
                 // progress; fail what is queued rather than hang.
-                self.fatal(Error::io(e, "io_uring_enter"));
-                return;
+                let e = Error::io(e, "io_uring_enter");
+                let closing = self.closing.is_some();
+                self.fatal(e.clone());
+                return (!closing).then_some(e);
             }
             self.sleeping.store(false, Ordering::SeqCst);
             let mut cqes = std::mem::take(&mut self.cqes);
@@ -528,16 +605,7 @@ impl<I: Io> Core<I> {
             // sleep, so send them now.
             self.submit_remote();
         }
-        // Parts that arrived after the close: fail them rather than hang.
-        while let Ok(msg) = self.inbox.try_recv() {
-            if let Msg::Part { req, .. } = msg {
-                req.finish_part(Some(Error::new(
-                    crate::ErrorKind::ShuttingDown,
-                    "the disk is closed",
-                )));
-            }
-        }
-        self.front = None;
+        None
     }
 
     /// Before sleeping, submits what this turn queued and polls for a
@@ -648,7 +716,8 @@ impl<I: Io> Core<I> {
         }
     }
 
-    /// The ring failed: fail every waiting request and stop.
+    /// The core cannot go on (its ring failed, or it panicked): fail every
+    /// waiting request and stop.
     fn fatal(&mut self, e: Error) {
         self.shared.meta.poison();
         for p in self.parts.drain() {

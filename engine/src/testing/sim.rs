@@ -38,6 +38,10 @@ pub struct Faults {
     pub backing_short_ppm: u32,
     /// Overlay writes (data and metadata) that fail with ENOSPC.
     pub overlay_enospc_ppm: u32,
+    /// The core that completes this backing-image read (counted from 1,
+    /// over all cores, while faults are on; 0: none) panics, as a bug in
+    /// the engine would, before it sees the completion.
+    pub panic_at_backing_read: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +92,9 @@ pub struct SimStats {
     pub backing_eio: u64,
     pub backing_short: u64,
     pub overlay_enospc: u64,
+    /// Backing-image reads completed while faults were on.
+    pub backing_reads: u64,
+    pub panics: u64,
 }
 
 #[derive(Debug, Default)]
@@ -308,6 +315,8 @@ pub struct SimIo {
     queued: Vec<(u64, Op)>,
     flights: Vec<Flight>,
     done: Vec<Cqe>,
+    /// Set by the injected panic; the core panics once the sim is unlocked.
+    panic_pending: Option<u64>,
 }
 
 impl SimIo {
@@ -321,6 +330,7 @@ impl SimIo {
             queued: Vec::new(),
             flights: Vec::new(),
             done: Vec::new(),
+            panic_pending: None,
         }
     }
 
@@ -337,6 +347,13 @@ impl SimIo {
         let faults = self.sim.cfg.faults;
         let result = match op.kind {
             OpKind::Read if op.file.0 >= FILE_BACKING0 => {
+                if s.faults_on {
+                    s.stats.backing_reads += 1;
+                    if s.stats.backing_reads == faults.panic_at_backing_read {
+                        s.stats.panics += 1;
+                        self.panic_pending = Some(s.stats.backing_reads);
+                    }
+                }
                 if self.sim.roll(s, faults.backing_eio_ppm) {
                     s.stats.backing_eio += 1;
                     -libc::EIO
@@ -498,6 +515,9 @@ impl Io for SimIo {
     }
 
     fn reap(&mut self, out: &mut Vec<Cqe>) {
+        if let Some(n) = self.panic_pending.take() {
+            panic!("simulated bug: core {} panics at backing read {n}", self.id);
+        }
         out.append(&mut self.done);
     }
 
