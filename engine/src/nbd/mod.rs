@@ -197,6 +197,23 @@ impl Registry {
     }
 }
 
+/// A connection's entry in the [`Registry`], removed (and the registry's
+/// clone of its socket closed) when this is dropped, however the
+/// connection ends: closed by its core, dropped with a core that failed, or
+/// never adopted because the core was gone. Without it such a client would
+/// wait forever on a socket the registry kept open, and the server's
+/// shutdown would wait for it.
+pub(crate) struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
 struct Inner {
     disk: Disk,
     export: Arc<Export>,
@@ -299,20 +316,18 @@ impl Server {
                 }
                 conns.insert(id, clone);
             }
+            let registration = Registration {
+                registry: inner.registry.clone(),
+                id,
+            };
             let inner2 = inner.clone();
+            // A failed spawn drops the closure, and the registration in it.
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
-                .spawn(move || {
-                    if !handshake_and_adopt(&inner2, stream, id) {
-                        inner2.registry.remove(id);
-                    }
-                });
-            match spawned {
-                Ok(t) => {
-                    threads.retain(|t| !t.is_finished());
-                    threads.push(t);
-                }
-                Err(_) => inner.registry.remove(id),
+                .spawn(move || handshake_and_adopt(&inner2, stream, registration));
+            if let Ok(t) = spawned {
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
             }
         }
         self.drain();
@@ -352,25 +367,25 @@ impl Server {
     }
 }
 
-/// Runs the handshake of connection `id`, then hands it to a core. False
-/// when the connection ended here (the caller unregisters it).
-fn handshake_and_adopt(inner: &Arc<Inner>, mut stream: Stream, id: u64) -> bool {
+/// Runs the handshake of a connection, then hands it to a core (with its
+/// registration, dropped here when the connection ends here).
+fn handshake_and_adopt(inner: &Arc<Inner>, mut stream: Stream, registration: Registration) {
     if stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).is_err() {
-        return false;
+        return;
     }
     let stopping = || inner.stopping.load(Ordering::SeqCst);
     let neg = match handshake::negotiate(&mut stream, &inner.export, &stopping) {
         Ok(Outcome::Transmission(neg)) => neg,
-        Ok(Outcome::Closed) => return false,
+        Ok(Outcome::Closed) => return,
         Err(e) => {
             if e.kind() != io::ErrorKind::UnexpectedEof {
                 eprintln!("backfill serve: dropped a client during the handshake: {e}");
             }
-            return false;
+            return;
         }
     };
     if stream.set_read_timeout(None).is_err() {
-        return false;
+        return;
     }
     let disk = inner.disk.clone();
     let export = inner.export.clone();
@@ -380,13 +395,46 @@ fn handshake_and_adopt(inner: &Arc<Inner>, mut stream: Stream, id: u64) -> bool 
         neg,
         sink,
     };
-    let core = id as usize % inner.disk.cores();
-    ring::adopt(
-        stream,
-        (inner.registry.clone(), id),
-        make,
-        &inner.disk,
-        core,
-    );
-    true
+    let core = registration.id as usize % inner.disk.cores();
+    ring::adopt(stream, registration, make, &inner.disk, core);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However a connection ends, dropping its registration takes it out of
+    /// the registry and closes the registry's clone of its socket, so the
+    /// client sees the end instead of waiting, and a shutdown's drain does
+    /// not wait for it.
+    #[test]
+    fn a_dropped_registration_leaves_the_registry_and_closes_the_socket() {
+        let (ours, mut client) = UnixStream::pair().expect("socketpair");
+        let registry = Arc::new(Registry {
+            conns: Mutex::new(HashMap::new()),
+            gone: Condvar::new(),
+        });
+        let clone = ours.try_clone().expect("clone");
+        registry
+            .conns
+            .lock()
+            .unwrap()
+            .insert(7, Stream::Unix(clone));
+        let registration = Registration {
+            registry: registry.clone(),
+            id: 7,
+        };
+        // The connection's own socket goes (a dropped task or connection).
+        drop(ours);
+        client.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let open = client
+            .read(&mut byte)
+            .expect_err("the registry keeps it open");
+        assert_eq!(open.kind(), io::ErrorKind::WouldBlock);
+
+        drop(registration);
+        assert!(registry.conns.lock().unwrap().is_empty());
+        assert_eq!(client.read(&mut byte).expect("end of stream"), 0);
+    }
 }

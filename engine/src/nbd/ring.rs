@@ -23,7 +23,7 @@
 
 use super::conn::{cost, Reply, Session, Src, BASE_COST};
 use super::proto::*;
-use super::Registry;
+use super::Registration;
 use crate::io::{IoBuf, Op, Spares};
 use crate::reactor::{FrontCtx, Frontend};
 use std::collections::VecDeque;
@@ -60,8 +60,8 @@ struct Conn {
     /// The socket; closed when the connection is dropped.
     stream: super::Stream,
     fd: i32,
-    /// The server's registry entry, removed at close.
-    reg: (Arc<Registry>, u64),
+    /// The server's registry entry, removed when the connection is dropped.
+    _reg: Registration,
     session: Session,
     rx: Arc<IoBuf>,
     rx_lo: usize,
@@ -121,7 +121,7 @@ fn on_core(slot: &mut Option<Box<dyn Frontend>>) -> &mut Connections {
 /// Hands a connection that finished its handshake to core `core`.
 pub fn adopt(
     stream: super::Stream,
-    reg: (Arc<Registry>, u64),
+    reg: Registration,
     make_session: impl FnOnce(super::conn::Sink) -> Session + Send + 'static,
     disk: &crate::Disk,
     core: usize,
@@ -145,7 +145,7 @@ pub fn adopt(
             entry.insert(Conn {
                 stream,
                 fd,
-                reg,
+                _reg: reg,
                 session: make_session(sink),
                 rx: Arc::new(IoBuf::zeroed(RX_BYTES)),
                 rx_lo: 0,
@@ -280,9 +280,8 @@ impl Connections {
         if c.reading || c.recv_pending || c.send_pending || c.used_reqs > 0 {
             return;
         }
-        let c = self.conns.remove(id);
-        let (reg, key) = &c.reg;
-        reg.remove(*key);
+        // Its registration goes with it.
+        self.conns.remove(id);
     }
 }
 
