@@ -66,6 +66,7 @@ use rand::Rng as _;
 use self::conn::{Conn, ConnectError};
 use self::url::{Scheme, Url};
 use self::wire::ContentRange;
+use crate::backing::remote::{skip_bytes, Placement};
 use crate::error::{Error, ErrorKind};
 
 /// When and how often a failed request is tried again.
@@ -468,10 +469,51 @@ impl HttpBacking {
         }
         let first = offset;
         let last = offset + data.len() as u64 - 1;
-        self.run(first, last, |conn| self.ranged_get(conn, first, last, data))?;
+        self.run(first, last, |conn| {
+            self.ranged_get(conn, first, last, &mut Body::Slice(&mut *data))
+        })?;
         self.counters
             .bytes_fetched
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads the image bytes `offset..offset + len` (inside the image)
+    /// straight into their placements, in order and disjoint; bytes
+    /// outside them are dropped. On error the placements' contents are
+    /// unspecified.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`Placement::write`]: the caller answers the read
+    /// these placements belong to, and has not completed it.
+    pub(crate) unsafe fn read_placed(
+        &self,
+        offset: u64,
+        len: usize,
+        dest: &[Placement],
+    ) -> Result<(), HttpError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset;
+        let last = offset + len as u64 - 1;
+        if last >= self.size {
+            return Err(HttpError::new(
+                HttpErrorKind::Protocol,
+                format!(
+                    "{}: past the end of the {}-byte image",
+                    self.context(first, last),
+                    self.size
+                ),
+            ));
+        }
+        self.run(first, last, |conn| {
+            self.ranged_get(conn, first, last, &mut Body::Placed { len, dest })
+        })?;
+        self.counters
+            .bytes_fetched
+            .fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -708,7 +750,7 @@ impl HttpBacking {
             (head.chunked, head.content_length, head.keep_alive);
         conn.consume(len);
         let mut byte = [0u8; 1];
-        read_body(conn, &mut byte, chunked, content_length)?;
+        read_body(conn, &mut Body::Slice(&mut byte), chunked, content_length)?;
         let probe = Probe {
             size,
             etag,
@@ -723,7 +765,7 @@ impl HttpBacking {
         conn: &mut Conn,
         first: u64,
         last: u64,
-        dst: &mut [u8],
+        dst: &mut Body<'_>,
     ) -> Result<((), bool), Failure> {
         let len = self.send_and_read_head(conn, first, last, true)?;
         let head = wire::parse_head(conn.head(len)).map_err(protocol)?;
@@ -822,27 +864,73 @@ fn backoff(policy: &RetryPolicy, failures: u32) -> Duration {
     half + Duration::from_nanos(rand::rng().random_range(0..=jitter_ns))
 }
 
+/// Where a ranged read's body goes.
+enum Body<'a> {
+    /// A buffer of exactly the body's length.
+    Slice(&'a mut [u8]),
+    /// A remote read's placements: `len` body bytes, those outside the
+    /// placements dropped (see [`HttpBacking::read_placed`]).
+    Placed { len: usize, dest: &'a [Placement] },
+}
+
+impl Body<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Body::Slice(dst) => dst.len(),
+            Body::Placed { len, .. } => *len,
+        }
+    }
+}
+
+/// Reads `len` bytes of `src` into `dest` (in order, disjoint, inside
+/// `len`), dropping the bytes outside them.
+///
+/// # Safety
+///
+/// As [`HttpBacking::read_placed`].
+unsafe fn place(src: &mut dyn io::Read, dest: &[Placement], len: usize) -> io::Result<()> {
+    let mut pos = 0;
+    for d in dest {
+        skip_bytes(src, d.at - pos)?;
+        // SAFETY: the caller's contract: this thread answers the read the
+        // placement belongs to, before completing it.
+        unsafe { d.write(0, d.len, Some(&mut *src)) }?;
+        pos = d.at + d.len;
+    }
+    skip_bytes(src, len - pos)
+}
+
 /// Reads a body of exactly `dst.len()` bytes, however it is framed.
 fn read_body(
     conn: &mut Conn,
-    dst: &mut [u8],
+    dst: &mut Body<'_>,
     chunked: bool,
     content_length: Option<u64>,
 ) -> Result<(), Failure> {
-    let result = if chunked {
-        conn.read_chunked(dst)
-    } else {
-        match content_length {
-            Some(n) if n != dst.len() as u64 => {
-                return Err(protocol(format!(
-                    "Content-Length {n} for a range of {} bytes",
-                    dst.len()
-                )))
-            }
-            // Without a length the body runs to the end of the connection,
-            // which is then not reused (see `wire::parse_head`).
-            _ => conn.read_exact(dst),
+    match content_length {
+        Some(n) if !chunked && n != dst.len() as u64 => {
+            return Err(protocol(format!(
+                "Content-Length {n} for a range of {} bytes",
+                dst.len()
+            )))
         }
+        _ => {}
+    }
+    // Without a length (and not chunked) the body runs to the end of the
+    // connection, which is then not reused (see `wire::parse_head`).
+    let result = match dst {
+        Body::Slice(dst) if chunked => conn.read_chunked(dst),
+        Body::Slice(dst) => conn.read_exact(dst),
+        Body::Placed { len, dest } if chunked => {
+            // Chunked ranges are rare: decode into a buffer, then place it.
+            let mut body = vec![0u8; *len];
+            conn.read_chunked(&mut body).and_then(|()| {
+                // SAFETY: `read_placed`'s contract, which built this body.
+                unsafe { place(&mut &body[..], dest, *len) }
+            })
+        }
+        // SAFETY: as above.
+        Body::Placed { len, dest } => unsafe { place(conn, dest, *len) },
     };
     result.map_err(|e| match e.kind() {
         io::ErrorKind::InvalidData => protocol(e.to_string()),
@@ -953,5 +1041,81 @@ fn describe_io(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out".into(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::IoBuf;
+
+    /// A body read into placements lands in their ranges of the buffer and
+    /// nowhere else (the bytes between and after them are dropped), with a
+    /// Content-Length or chunked, and leaves the connection at the next
+    /// response.
+    #[test]
+    fn placed_bodies_land_in_their_ranges_and_nowhere_else() {
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let next = b"HTTP/1.1 206 Partial Content\r\nContent-Length: 0\r\n\r\n";
+        for chunked in [false, true] {
+            let mut bytes = Vec::new();
+            if chunked {
+                bytes.extend_from_slice(b"HTTP/1.1 206 x\r\nTransfer-Encoding: chunked\r\n\r\n");
+                for piece in body.chunks(7_000) {
+                    bytes.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                    bytes.extend_from_slice(piece);
+                    bytes.extend_from_slice(b"\r\n");
+                }
+                bytes.extend_from_slice(b"0\r\n\r\n");
+            } else {
+                bytes.extend_from_slice(b"HTTP/1.1 206 x\r\nContent-Length: 20000\r\n\r\n");
+                bytes.extend_from_slice(&body);
+            }
+            bytes.extend_from_slice(next);
+            let mut conn = conn::tests::conn_receiving(&bytes);
+            let head = conn.read_head().unwrap();
+            conn.consume(head);
+
+            let buf = IoBuf::filled(30_000, 0xee);
+            let dest = vec![
+                Placement {
+                    at: 100,
+                    buf: buf.clone(),
+                    buf_off: 1_000,
+                    len: 5_000,
+                },
+                Placement {
+                    at: 8_000,
+                    buf: buf.clone(),
+                    buf_off: 10_000,
+                    len: 11_000,
+                },
+            ];
+            let length = (!chunked).then_some(20_000);
+            let mut placed = Body::Placed {
+                len: 20_000,
+                dest: &dest,
+            };
+            assert!(read_body(&mut conn, &mut placed, chunked, length).is_ok());
+            drop(dest);
+            let got = buf.as_slice();
+            assert_eq!(&got[1_000..6_000], &body[100..5_100], "chunked {chunked}");
+            assert_eq!(
+                &got[10_000..21_000],
+                &body[8_000..19_000],
+                "chunked {chunked}"
+            );
+            let untouched = got[..1_000]
+                .iter()
+                .chain(&got[6_000..10_000])
+                .chain(&got[21_000..]);
+            assert!(
+                untouched.into_iter().all(|&b| b == 0xee),
+                "chunked {chunked}"
+            );
+            // The whole body was consumed: the next head follows.
+            let head = conn.read_head().unwrap();
+            assert_eq!(conn.head(head), next);
+        }
     }
 }

@@ -39,7 +39,7 @@
 //! cover (a malformed reply is an error, never zeros passed off as data).
 //! The wire format is `doc/proto.md` in NetworkBlockDevice/nbd.
 
-use super::remote::{Medium, RemoteRead};
+use super::remote::{skip_bytes, Medium, RemoteRead};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::proto::*;
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
@@ -1076,14 +1076,14 @@ fn place(s: &mut dyn Read, p: &mut Pending, at: usize, n: usize) -> std::io::Res
             break;
         }
         let (lo, hi) = (d.at.max(pos), (d.at + d.len).min(end));
-        skip(s, lo - pos)?;
+        skip_bytes(s, lo - pos)?;
         // SAFETY: this reader thread is the only one answering the read
         // `d` belongs to (its chunks all come on this connection), and it
         // has not completed it: until it does, the range is the read's.
         unsafe { d.write(lo - d.at, hi - lo, Some(&mut *s)) }?;
         pos = hi;
     }
-    skip(s, end - pos)
+    skip_bytes(s, end - pos)
 }
 
 /// Zeros bytes `[at, at + n)` of `p`'s read (a hole the server reported).
@@ -1101,18 +1101,6 @@ fn zero(p: &mut Pending, at: usize, n: usize) {
             let _ = unsafe { d.write(lo - d.at, hi - lo, None) };
         }
     }
-}
-
-/// Reads and drops `n` bytes.
-fn skip(s: &mut dyn Read, n: usize) -> std::io::Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    let got = std::io::copy(&mut Read::take(s, n as u64), &mut std::io::sink())?;
-    if got < n as u64 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 fn read_chunk(

@@ -90,6 +90,22 @@ impl Placement {
     }
 }
 
+/// Reads and drops `n` bytes of `src` (a reply's bytes outside a read's
+/// placements).
+pub(crate) fn skip_bytes(src: &mut dyn std::io::Read, n: usize) -> std::io::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let got = std::io::copy(
+        &mut std::io::Read::take(src, n as u64),
+        &mut std::io::sink(),
+    )?;
+    if got < n as u64 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 /// Bytes of read buffers a medium keeps for reuse at most.
 pub const SPARE_BYTES: usize = 32 << 20;
 

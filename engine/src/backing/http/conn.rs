@@ -344,6 +344,23 @@ impl Conn {
     }
 }
 
+/// Body bytes: the buffered ones first, then straight from the socket into
+/// the caller's buffer (a remote read's placement, see
+/// `backing::remote::Placement`).
+impl Read for Conn {
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if self.start < self.end {
+            let n = (self.end - self.start).min(dst.len());
+            dst[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            self.start += n;
+            return Ok(n);
+        }
+        let n = self.stream.read(dst)?;
+        self.received += n as u64;
+        Ok(n)
+    }
+}
+
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
@@ -379,7 +396,7 @@ fn handshake(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The body readers over a real loopback socket, fed bytes that a
     //! well-behaved server would never send (nginx serves our ranges with
     //! Content-Length, so the chunked decoder meets only these peers).
@@ -388,7 +405,7 @@ mod tests {
     use std::net::{Ipv4Addr, TcpListener};
 
     /// A connection whose peer has sent `bytes` and then closed.
-    fn conn_receiving(bytes: &[u8]) -> Conn {
+    pub(crate) fn conn_receiving(bytes: &[u8]) -> Conn {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();

@@ -73,6 +73,13 @@ impl HttpMedium {
 fn fetch_loop(client: &HttpBacking, jobs: &Receiver<RemoteRead>, spares: &SharedSpares) {
     // Ends when the medium is dropped and the queue is empty.
     while let Ok(read) = jobs.recv() {
+        if !read.dest.is_empty() {
+            // SAFETY: this thread answers `read` (taken off the queue, so
+            // no other thread has it) and completes it only below.
+            let result = unsafe { client.read_placed(read.offset, read.len, &read.dest) };
+            read.complete(result.map(|()| Vec::new()).map_err(Error::from));
+            continue;
+        }
         let mut buf = spares.take(read.len);
         let result = client
             .read_at(&mut buf, read.offset)
@@ -105,6 +112,12 @@ impl Medium for HttpMedium {
 
     fn recycle(&self, buf: Vec<u8>) {
         self.spares.give(buf);
+    }
+
+    /// The fetch threads read response bodies straight into the fill
+    /// buffers (see [`HttpBacking::read_placed`]).
+    fn places(&self) -> bool {
+        true
     }
 
     fn submit(&self, read: RemoteRead) {
