@@ -11,6 +11,12 @@
 //!   nginx after part of the disk was read: a cold read fails with an error
 //!   that says the remote image changed, the parts already in the overlay
 //!   still read right, and the overlay checks clean.
+//! * `cut_responses_are_fetched_again_whole`: a hand-written server (no
+//!   real one cuts bodies on purpose) sends every third range response
+//!   as half a body of wrong bytes and then closes: each such fetch is
+//!   retried, the bytes placed straight into the fill buffers by the
+//!   failed attempt are all overwritten, and the disk reads equal to the
+//!   file, cold and after a reopen.
 //! * `https_with_a_private_ca_through_the_cli`: `backfill convert
 //!   --copy-on-read` over an https URL whose CA is given by `SSL_CERT_FILE`;
 //!   without it the certificate is refused with a clear error; everything
@@ -23,7 +29,11 @@ mod nginx_common;
 
 use common::*;
 use nginx_common::{make_test_ca, Nginx, TlsFiles};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 struct Site {
     nginx: Nginx,
@@ -192,4 +202,91 @@ fn https_with_a_private_ca_through_the_cli() {
     qemu_img(["rebase", "-q", "-u", "-b", "", &path_str(&image)]);
     check_clean(&image);
     compare_identical(&image, &s.www.join("base.raw"));
+}
+
+/// Serves `data` over HTTP/1.1 with ranges and an ETag on a thread, one
+/// thread per connection; every third range response after the first
+/// (the probe) carries half its body as 0xAA bytes and then the connection
+/// closes. Returns the URL and the count of responses cut.
+fn cutting_server(data: Vec<u8>) -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/base.raw",
+        listener.local_addr().unwrap().port()
+    );
+    let data = Arc::new(data);
+    let cut = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let cut2 = cut.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let (data, cut, served) = (data.clone(), cut2.clone(), served.clone());
+            std::thread::spawn(move || serve_ranges(conn, &data, &cut, &served));
+        }
+    });
+    (url, cut)
+}
+
+fn serve_ranges(conn: TcpStream, data: &[u8], cut: &AtomicU64, served: &AtomicU64) {
+    let mut rx = BufReader::new(conn.try_clone().unwrap());
+    let mut tx = conn;
+    loop {
+        let mut range = None;
+        loop {
+            let mut line = String::new();
+            if rx.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                let (a, b) = v.split_once('-').unwrap();
+                range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+            }
+        }
+        let (first, last) = range.expect("a range request");
+        let body = &data[first..=last];
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {first}-{last}/{}\r\n\
+             Content-Length: {}\r\nETag: \"v1\"\r\nAccept-Ranges: bytes\r\n\r\n",
+            data.len(),
+            body.len()
+        );
+        let n = served.fetch_add(1, Ordering::SeqCst);
+        if n > 0 && n.is_multiple_of(3) && body.len() > 1 {
+            cut.fetch_add(1, Ordering::SeqCst);
+            let _ = tx.write_all(head.as_bytes());
+            let _ = tx.write_all(&vec![0xAA; body.len() / 2]);
+            return;
+        }
+        if tx.write_all(head.as_bytes()).is_err() || tx.write_all(body).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn cut_responses_are_fetched_again_whole() {
+    let dir = tempdir("http-cut");
+    let size = 3 * MIB + 4096;
+    let base = dir.path().join("base.raw");
+    let bytes = write_random_file(&base, size, 33);
+    let (url, cut) = cutting_server(bytes.clone());
+    let image = dir.path().join("ov.qcow2");
+    backfill_env_ok(&["create", "-b", &url, "-F", "raw", &path_str(&image)], &[]);
+
+    let disk = open(&image, options(2, true, false));
+    let got = read_parallel(&disk, 0, size, 128 * KIB);
+    assert_same_bytes(&got, &bytes, "cold read through cut responses");
+    assert!(cut.load(Ordering::SeqCst) > 0, "no response was cut");
+    disk.close().unwrap();
+
+    // What went into the overlay is right too, and is all of it.
+    let disk = open(&image, options(2, false, true));
+    assert_same_bytes(&read_all(&disk, MIB), &bytes, "after reopen");
+    assert_eq!(disk.stats().remote_bytes, 0, "read from the server again");
+    disk.close().unwrap();
 }
