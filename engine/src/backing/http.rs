@@ -869,7 +869,9 @@ enum Body<'a> {
     /// A buffer of exactly the body's length.
     Slice(&'a mut [u8]),
     /// A remote read's placements: `len` body bytes, those outside the
-    /// placements dropped (see [`HttpBacking::read_placed`]).
+    /// placements dropped. Built only by [`HttpBacking::read_placed`]
+    /// (and a unit test owning its buffer), whose safety contract covers
+    /// the writes [`read_body`] makes through it.
     Placed { len: usize, dest: &'a [Placement] },
 }
 

@@ -255,7 +255,7 @@ fn run_core<I: Io>(mut core: Core<I>) {
             // kernel to finish with its ring's buffers.
             let _ = std::panic::catch_unwind(AssertUnwindSafe(move || {
                 core.front = None;
-                core.fatal(e.clone());
+                core.fatal(e);
                 drop(core);
             }));
             (!closing).then_some(later)

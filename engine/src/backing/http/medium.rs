@@ -115,7 +115,7 @@ impl Medium for HttpMedium {
     }
 
     /// The fetch threads read response bodies straight into the fill
-    /// buffers (see [`HttpBacking::read_placed`]).
+    /// buffers (see `HttpBacking::read_placed`).
     fn places(&self) -> bool {
         true
     }
