@@ -516,7 +516,7 @@ impl Disk {
 
     fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::ShuttingDown, "the disk is closed"));
+            return Err(Error::closed());
         }
         Ok(())
     }
@@ -770,8 +770,7 @@ impl Disk {
         self.submit_populate_with(offset, len, move |r| {
             let _ = tx.send(r);
         });
-        rx.recv()
-            .unwrap_or_else(|_| Err(Error::new(ErrorKind::ShuttingDown, "the disk is closed")))
+        rx.recv().unwrap_or_else(|_| Err(Error::closed()))
     }
 
     /// Client requests in flight (`Stats::in_flight`, without the cost of

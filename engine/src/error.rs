@@ -70,6 +70,11 @@ impl Error {
         }
     }
 
+    /// A request on a disk that is closed (or closing).
+    pub(crate) fn closed() -> Error {
+        Error::new(ErrorKind::ShuttingDown, "the disk is closed")
+    }
+
     pub fn corrupt(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Corrupt, message)
     }

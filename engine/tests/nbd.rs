@@ -93,6 +93,16 @@ fn compare_uri(uri: &str, raw: &Path) {
     );
 }
 
+/// `nbdcopy [OPTIONS] URI OUT` into a fresh file `out`; the bytes it
+/// wrote.
+fn nbdcopy_out(out: &Path, uri: &str, options: &[&str]) -> Vec<u8> {
+    write_file(out, &[]);
+    let mut args = strings(options);
+    args.extend([uri.to_string(), path_str(out)]);
+    tool("nbdcopy", &args);
+    read_file(out)
+}
+
 /// Converts a map to (start, length, value) extents, merged.
 fn extents(v: impl IntoIterator<Item = (u64, u64, u32)>) -> Vec<(u64, u64, u32)> {
     merge_extents(&v.into_iter().collect::<Vec<_>>())
@@ -455,24 +465,16 @@ fn nbdcopy_both_ways() {
     let server = f.serve(&[]);
 
     let out = f.path("out.raw");
-    write_file(&out, &[]);
-    tool("nbdcopy", &[server.uri.clone(), path_str(&out)]);
-    assert_same_bytes(&read_file(&out), &f.data, "nbdcopy out of the disk");
+    assert_same_bytes(
+        &nbdcopy_out(&out, &server.uri, &[]),
+        &f.data,
+        "nbdcopy out of the disk",
+    );
     // 32 MiB reads, four in flight: each reply goes out of its own buffer
     // in many short sends (a Unix socket holds far less).
-    let big = f.path("big.raw");
-    write_file(&big, &[]);
-    tool(
-        "nbdcopy",
-        &strings(&[
-            "--request-size=33554432",
-            "--requests=4",
-            &server.uri,
-            &path_str(&big),
-        ]),
-    );
+    let options = ["--request-size=33554432", "--requests=4"];
     assert_same_bytes(
-        &read_file(&big),
+        &nbdcopy_out(&out, &server.uri, &options),
         &f.data,
         "nbdcopy out of the disk, 32 MiB reads",
     );
@@ -505,19 +507,12 @@ fn reads_sent_from_engine_buffers() {
         reference[o as usize..(o + l) as usize].fill(0);
     }
 
+    let out = f.path("out.raw");
     let copy = |request: &str, requests: &str, what: &str| {
-        let out = f.path("out.raw");
-        write_file(&out, &[]);
-        tool(
-            "nbdcopy",
-            &strings(&[
-                &format!("--request-size={request}"),
-                &format!("--requests={requests}"),
-                &server.uri,
-                &path_str(&out),
-            ]),
-        );
-        assert_same_bytes(&read_file(&out), &reference, what);
+        let size = format!("--request-size={request}");
+        let count = format!("--requests={requests}");
+        let got = nbdcopy_out(&out, &server.uri, &[&size, &count]);
+        assert_same_bytes(&got, &reference, what);
     };
     // Cold: every read is a copy-on-read fill, sent from the fill's buffer.
     copy("65536", "64", "cold 64 KiB reads");

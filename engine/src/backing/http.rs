@@ -55,7 +55,7 @@ pub mod url;
 mod wire;
 
 use std::fmt;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -66,7 +66,7 @@ use rand::Rng as _;
 use self::conn::{Conn, ConnectError};
 use self::url::{Scheme, Url};
 use self::wire::ContentRange;
-use crate::backing::remote::{skip_bytes, Placement};
+use crate::backing::remote::{place_range, Placement};
 use crate::error::{Error, ErrorKind};
 
 /// When and how often a failed request is tried again.
@@ -496,18 +496,10 @@ impl HttpBacking {
         if len == 0 {
             return Ok(());
         }
+        // Inside the image (the medium's contract): the server's
+        // Content-Range is checked against exactly this range.
         let first = offset;
         let last = offset + len as u64 - 1;
-        if last >= self.size {
-            return Err(HttpError::new(
-                HttpErrorKind::Protocol,
-                format!(
-                    "{}: past the end of the {}-byte image",
-                    self.context(first, last),
-                    self.size
-                ),
-            ));
-        }
         self.run(first, last, |conn| {
             self.ranged_get(conn, first, last, &mut Body::Placed { len, dest })
         })?;
@@ -884,24 +876,6 @@ impl Body<'_> {
     }
 }
 
-/// Reads `len` bytes of `src` into `dest` (in order, disjoint, inside
-/// `len`), dropping the bytes outside them.
-///
-/// # Safety
-///
-/// As [`HttpBacking::read_placed`].
-unsafe fn place(src: &mut dyn io::Read, dest: &[Placement], len: usize) -> io::Result<()> {
-    let mut pos = 0;
-    for d in dest {
-        skip_bytes(src, d.at - pos)?;
-        // SAFETY: the caller's contract: this thread answers the read the
-        // placement belongs to, before completing it.
-        unsafe { d.write(0, d.len, Some(&mut *src)) }?;
-        pos = d.at + d.len;
-    }
-    skip_bytes(src, len - pos)
-}
-
 /// Reads a body of exactly `dst.len()` bytes, however it is framed.
 fn read_body(
     conn: &mut Conn,
@@ -928,11 +902,11 @@ fn read_body(
             let mut body = vec![0u8; *len];
             conn.read_chunked(&mut body).and_then(|()| {
                 // SAFETY: `read_placed`'s contract, which built this body.
-                unsafe { place(&mut &body[..], dest, *len) }
+                unsafe { place_range(&mut &body[..], dest, 0, *len) }
             })
         }
         // SAFETY: as above.
-        Body::Placed { len, dest } => unsafe { place(conn, dest, *len) },
+        Body::Placed { len, dest } => unsafe { place_range(conn, dest, 0, *len) },
     };
     result.map_err(|e| match e.kind() {
         io::ErrorKind::InvalidData => protocol(e.to_string()),

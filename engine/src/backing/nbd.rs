@@ -39,7 +39,7 @@
 //! cover (a malformed reply is an error, never zeros passed off as data).
 //! The wire format is `doc/proto.md` in NetworkBlockDevice/nbd.
 
-use super::remote::{skip_bytes, Medium, RemoteRead};
+use super::remote::{place_range, Medium, RemoteRead};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::proto::*;
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
@@ -1066,24 +1066,10 @@ fn place(s: &mut dyn Read, p: &mut Pending, at: usize, n: usize) -> std::io::Res
     if dest.is_empty() {
         return s.read_exact(&mut p.data[at..at + n]);
     }
-    let end = at + n;
-    let mut pos = at;
-    for d in dest {
-        if d.at + d.len <= pos {
-            continue;
-        }
-        if d.at >= end {
-            break;
-        }
-        let (lo, hi) = (d.at.max(pos), (d.at + d.len).min(end));
-        skip_bytes(s, lo - pos)?;
-        // SAFETY: this reader thread is the only one answering the read
-        // `d` belongs to (its chunks all come on this connection), and it
-        // has not completed it: until it does, the range is the read's.
-        unsafe { d.write(lo - d.at, hi - lo, Some(&mut *s)) }?;
-        pos = hi;
-    }
-    skip_bytes(s, end - pos)
+    // SAFETY: this reader thread is the only one answering the read `dest`
+    // belongs to (its chunks all come on this connection), and it has not
+    // completed it: until it does, the ranges are the read's.
+    unsafe { place_range(s, dest, at, n) }
 }
 
 /// Zeros bytes `[at, at + n)` of `p`'s read (a hole the server reported).

@@ -90,9 +90,40 @@ impl Placement {
     }
 }
 
-/// Reads and drops `n` bytes of `src` (a reply's bytes outside a read's
-/// placements).
-pub(crate) fn skip_bytes(src: &mut dyn std::io::Read, n: usize) -> std::io::Result<()> {
+/// Reads bytes `[at, at + n)` of a read from `src` into the parts of
+/// `dest` (in order, disjoint) they fall in; bytes outside the placements
+/// (alignment padding) are read and dropped. A medium calls it for a whole
+/// reply body, or for each data chunk of one.
+///
+/// # Safety
+///
+/// As [`Placement::write`], for every placement of `dest`.
+pub(crate) unsafe fn place_range(
+    src: &mut dyn std::io::Read,
+    dest: &[Placement],
+    at: usize,
+    n: usize,
+) -> std::io::Result<()> {
+    let end = at + n;
+    let mut pos = at;
+    for d in dest {
+        if d.at + d.len <= pos {
+            continue;
+        }
+        if d.at >= end {
+            break;
+        }
+        let (lo, hi) = (d.at.max(pos), (d.at + d.len).min(end));
+        skip_bytes(src, lo - pos)?;
+        // SAFETY: the caller's contract.
+        unsafe { d.write(lo - d.at, hi - lo, Some(&mut *src)) }?;
+        pos = hi;
+    }
+    skip_bytes(src, end - pos)
+}
+
+/// Reads and drops `n` bytes of `src`.
+fn skip_bytes(src: &mut dyn std::io::Read, n: usize) -> std::io::Result<()> {
     if n == 0 {
         return Ok(());
     }

@@ -12,9 +12,9 @@
 //! goes out of the buffer that holds it, as a piece of a vectored send
 //! (SENDMSG): the engine buffer the core lent the reply (a fill's, the
 //! readahead's, an overlay read's: see `request::Lent`), or the reply's
-//! own data buffer. A large read from the disk is never copied in user
-//! space on its way to the client; one from a remote backing medium is
-//! copied once (the medium's reply into the fill's buffer).
+//! own data buffer. A large read is never copied in user space on its way
+//! to the client, from the disk or from a remote backing medium (which
+//! reads its reply straight into the fill's buffer).
 //!
 //! Bounds: a connection holds at most [`BUDGET_BYTES`] of requests and
 //! replies and [`BUDGET_REQUESTS`] requests; past that it stops receiving

@@ -32,7 +32,7 @@
 use super::l2cache::{BlockState, BLOCK_BYTES, BLOCK_ENTRIES};
 
 mod subcluster;
-use super::request::{Lent, ReqKind, Request};
+use super::request::{ReqKind, Request};
 use super::{
     Core, Ev, PartState, FILE_BACKING0, FILE_DATA, TAG_COMMIT, TAG_FILL, TAG_L2, TAG_PIECE,
 };
@@ -367,13 +367,7 @@ impl<I: Io> Core<I> {
         if req.kind == ReqKind::Populate {
             return; // Populate returns no data.
         }
-        let lent = Lent {
-            off: p.buf_off,
-            buf: buf.clone(),
-            at,
-            len,
-        };
-        if req.lend(lent) {
+        if req.lend(p.buf_off, buf, at, len) {
             return;
         }
         let data = &buf.as_slice()[at..at + len];

@@ -178,10 +178,7 @@ impl Mailbox {
             // The core's thread has ended (the disk closed): answer the
             // part rather than drop it unanswered.
             if let Msg::Part { req, .. } = msg {
-                req.finish_part(Some(Error::new(
-                    crate::ErrorKind::ShuttingDown,
-                    "the disk is closed",
-                )));
+                req.finish_part(Some(Error::closed()));
             }
             return;
         }
@@ -277,10 +274,7 @@ fn run_core<I: Io>(mut core: Core<I>) {
     // Parts that arrived after the close: fail them rather than hang.
     while let Ok(msg) = inbox.try_recv() {
         if let Msg::Part { req, .. } = msg {
-            req.finish_part(Some(Error::new(
-                crate::ErrorKind::ShuttingDown,
-                "the disk is closed",
-            )));
+            req.finish_part(Some(Error::closed()));
         }
     }
 }

@@ -144,12 +144,19 @@ impl Request {
         Request::build(kind, buf, parts, notify, in_flight, sparse)
     }
 
-    /// Lends `lent` instead of copying it into the buffer, if the request
-    /// takes lent ranges and `lent` is worth it; returns whether it did.
-    pub fn lend(&self, lent: Lent) -> bool {
+    /// Lends `buf[at..at + len]` as the read's bytes at `off` instead of
+    /// copying them into the buffer, if the request takes lent ranges and
+    /// the range is worth it; returns whether it did (only then is `buf`
+    /// shared).
+    pub fn lend(&self, off: u64, buf: &Arc<IoBuf>, at: usize, len: usize) -> bool {
         match &self.lent {
-            Some(l) if lent.len >= LEND_MIN => {
-                l.lock().unwrap_or_else(|p| p.into_inner()).push(lent);
+            Some(l) if len >= LEND_MIN => {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(Lent {
+                    off,
+                    buf: buf.clone(),
+                    at,
+                    len,
+                });
                 true
             }
             _ => false,

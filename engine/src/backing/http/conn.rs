@@ -264,18 +264,6 @@ impl Conn {
         Ok(())
     }
 
-    /// Fills `dst` with the next `dst.len()` body bytes: the buffered ones
-    /// first, the rest straight from the socket into `dst` (no extra copy).
-    pub fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
-        let buffered = (self.end - self.start).min(dst.len());
-        dst[..buffered].copy_from_slice(&self.buf[self.start..self.start + buffered]);
-        self.start += buffered;
-        let rest = &mut dst[buffered..];
-        self.stream.read_exact(rest)?;
-        self.received += rest.len() as u64;
-        Ok(())
-    }
-
     /// Decodes a chunked body that must hold exactly `dst.len()` bytes into
     /// `dst`, through its last chunk and trailers. A body of another length
     /// is an `InvalidData` error.
@@ -345,8 +333,8 @@ impl Conn {
 }
 
 /// Body bytes: the buffered ones first, then straight from the socket into
-/// the caller's buffer (a remote read's placement, see
-/// `backing::remote::Placement`).
+/// the caller's buffer (no extra copy: a read's buffer, or a remote read's
+/// placement, see `backing::remote::Placement`).
 impl Read for Conn {
     fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         if self.start < self.end {
