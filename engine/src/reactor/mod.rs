@@ -45,8 +45,12 @@ pub const FILE_BACKING0: u32 = 2;
 
 /// Dirty L2 blocks that trigger a commit while the core is busy.
 pub const COMMIT_DIRTY_BLOCKS: usize = 64;
-/// Cached free buffers per size class.
-pub const POOL_PER_CLASS: usize = 128;
+/// Cached free buffers per size class. Enough for the fill buffers a core
+/// has in flight while it reads ahead of a sequential reader over a remote
+/// medium (tens of MiB of 64 KiB clusters), so that they are reused
+/// instead of freed and allocated (and zeroed, and faulted in) again;
+/// [`POOL_BYTES`] bounds them all.
+pub const POOL_PER_CLASS: usize = 1024;
 /// Bytes of free buffers a core keeps at most, whatever their sizes: a
 /// client's burst of large requests (NBD allows 32 MiB each) must not pin
 /// gigabytes after it ends.
@@ -766,6 +770,27 @@ mod tests {
         for g in &mut got {
             IoBuf::unique_mut(g).fill(1);
         }
+    }
+
+    /// A burst of fills (readahead's) puts back many buffers of one size
+    /// at once: the pool keeps them, up to its byte bound, and hands the
+    /// same memory out again.
+    #[test]
+    fn a_burst_of_buffers_is_kept_up_to_the_byte_bound() {
+        let mut p = pool();
+        let cluster = 64 << 10;
+        let burst = POOL_BYTES / cluster + 64;
+        let bufs: Vec<_> = (0..burst).map(|_| p.get(cluster)).collect();
+        let kept: std::collections::HashSet<usize> =
+            bufs.iter().map(|b| b.raw_ptr() as usize).collect();
+        for b in bufs {
+            p.put(b);
+        }
+        assert_eq!(p.bytes, POOL_BYTES, "kept up to the bound");
+        // The next burst gets that memory back.
+        let again: Vec<_> = (0..POOL_BYTES / cluster).map(|_| p.get(cluster)).collect();
+        assert!(again.iter().all(|b| kept.contains(&(b.raw_ptr() as usize))));
+        assert_eq!(p.bytes, 0);
     }
 
     #[test]
