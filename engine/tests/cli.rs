@@ -345,6 +345,27 @@ fn info_reports_where_bytes_live() {
     ] {
         assert!(human.contains(line), "no '{line}' in:\n{human}");
     }
+
+    // With its backing file gone, the overlay is still described (exit 0,
+    // as qemu-img info): what it holds, the backing file its header names,
+    // and why the chain is unavailable.
+    fs::rename(images.file("base.raw"), images.file("moved.raw")).unwrap();
+    let human = images.ok(&mut bf(&["info", "disk.qcow2"]));
+    for line in [
+        "backing file: base.raw\n",
+        "backing file format: raw\n",
+        "    overlay data: 64 KiB (65536 bytes, 1.6%)\n",
+        "Backing chain: unavailable: ",
+    ] {
+        assert!(human.contains(line), "no {line:?} in:\n{human}");
+    }
+    assert!(human.contains("No such file"), "{human}");
+    let info = json(&images.ok(&mut bf(&["info", "--json", "disk.qcow2"])));
+    assert_eq!(info["overlay_data_bytes"], 65536, "{info}");
+    assert_eq!(info["overlay_zero_bytes"], 65536, "{info}");
+    assert_eq!(info["backing_bytes"], 4 * MIB - 2 * 65536, "{info}");
+    assert_eq!(info["unallocated_bytes"], 0, "{info}");
+    assert!(info["backing_error"].is_string(), "{info}");
 }
 
 // -------------------------------------------------------------------- check

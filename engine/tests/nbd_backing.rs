@@ -542,6 +542,82 @@ fn qemu_img_overlay_over_nbd_through_the_cli() {
     server.stop();
 }
 
+/// With its server down, `backfill info` still describes the overlay (as
+/// `qemu-img info` does): it exits 0, names the backing URI and format the
+/// header records, says why the chain is unavailable, and counts what the
+/// overlay holds as `qemu-img map` counted it while the server was up; the
+/// rest is "elsewhere", and the stream progress a lower bound.
+#[test]
+fn info_describes_the_overlay_while_its_server_is_down() {
+    let size = 3 * MIB + 4 * KIB;
+    let s = Setup::new("nbdb-info", size, 9);
+    let sock = s.sock("i.sock");
+    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
+    let uri = unix_uri(&sock);
+    s.make_overlay(&uri);
+    // Copy-on-read of the first 1.5 MiB: data, and the base's zero
+    // stretch at 1 MiB as zero clusters.
+    let disk = s.open(true);
+    let got = read_all_at_once(&disk, &[(0, 3 * MIB / 2)]);
+    assert_same_bytes(&got[0], &s.data[..(3 * MIB / 2) as usize], "read");
+    disk.close().unwrap();
+
+    // The oracle, while the server is up.
+    let (mut data, mut zero) = (0, 0);
+    for e in qemu_map(&s.overlay) {
+        if e.depth == 0 && e.data {
+            data += e.length;
+        } else if e.depth == 0 && e.zero {
+            zero += e.length;
+        }
+    }
+    assert!(data > 0 && zero > 0, "data {data}, zero {zero}");
+    let backfill = env!("CARGO_BIN_EXE_backfill");
+    let up = run_ok(backfill, ["info", "--json", &path_str(&s.overlay)]);
+    let up: serde_json::Value = serde_json::from_str(&up).unwrap();
+    assert!(up.get("backing_error").is_none(), "{up}");
+    assert_eq!(up["overlay_data_bytes"], data, "{up}");
+    server.stop();
+
+    let out = run_status(backfill, ["info", &path_str(&s.overlay)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        format!("backing file: {uri}\n"),
+        "backing file format: raw\n".to_string(),
+        format!(" ({size} bytes)\ndisk size: "),
+        "Backing chain: unavailable: ".to_string(),
+        "elsewhere:".to_string(),
+        "Streaming: at least ".to_string(),
+    ] {
+        assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains(&path_str(&sock)),
+        "the error names the socket:\n{text}"
+    );
+
+    let down = run_ok(backfill, ["info", "--json", &path_str(&s.overlay)]);
+    let down: serde_json::Value = serde_json::from_str(&down).unwrap();
+    assert_eq!(down["backing_file"], uri.as_str(), "{down}");
+    assert_eq!(down["backing_format"], "raw", "{down}");
+    assert_eq!(
+        down["backing_chain"].as_array().map(Vec::len),
+        Some(0),
+        "{down}"
+    );
+    let why = down["backing_error"].as_str().expect("backing_error");
+    assert!(why.contains(&uri), "{why}");
+    assert_eq!(down["overlay_data_bytes"], data, "{down}");
+    assert_eq!(down["overlay_zero_bytes"], zero, "{down}");
+    assert_eq!(down["backing_bytes"], size - data - zero, "{down}");
+    assert_eq!(down["unallocated_bytes"], 0, "{down}");
+}
+
 /// Sequential reads over a slow server read ahead: the engine populates
 /// the clusters ahead of the reader (across both cores' stripes, 2 MiB with
 /// 4 KiB clusters), the reader finds most of them filled or in flight

@@ -65,8 +65,21 @@ pub struct ImageInfo {
     pub corrupt: bool,
     /// L2 entries with subcluster bitmaps (`extended_l2=on`).
     pub extended_l2: bool,
-    /// The backing chain, nearest first.
+    /// The backing file and its format as the header names them (like
+    /// `qemu-img info`'s), whether or not the chain could be opened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_format: Option<String>,
+    /// The backing chain, nearest first (empty when it could not be
+    /// opened, see `backing_error`).
     pub backing_chain: Vec<BackingInfo>,
+    /// Why the backing chain could not be opened (a server that is down, a
+    /// file that is gone): the overlay is described all the same, as
+    /// `qemu-img info` does, and where its bytes live is known only as far
+    /// as the overlay holds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_error: Option<String>,
     /// The remote image version the overlay is pinned to, if any.
     pub remote_pin: Option<RemotePinInfo>,
     /// Why the pin could not be read (a malformed or doubled extension:
@@ -77,10 +90,12 @@ pub struct ImageInfo {
     pub overlay_data_bytes: u64,
     /// Virtual bytes the overlay records as zeros.
     pub overlay_zero_bytes: u64,
-    /// Virtual bytes not in the overlay but held as data by a backing layer.
+    /// Virtual bytes not in the overlay but held as data by a backing layer
+    /// (with `backing_error`: every byte not in the overlay, as the chain
+    /// could not say which of them it holds).
     pub backing_bytes: u64,
     /// Virtual bytes held nowhere (or as zero clusters in a backing layer):
-    /// they read as zeros.
+    /// they read as zeros. 0 with `backing_error`.
     pub unallocated_bytes: u64,
 }
 
@@ -106,9 +121,14 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         ),
         Err(e) => (None, Some(e.message().to_string())),
     };
-    let chain = match &h.backing_file {
-        Some(b) => Some(Chain::open(path, b, h.backing_format.as_deref())?),
-        None => None,
+    // An unreachable or missing backing image is reported, not fatal: the
+    // user may be here to find out which one the header names.
+    let (chain, backing_error) = match &h.backing_file {
+        Some(b) => match Chain::open(path, b, h.backing_format.as_deref()) {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        None => (None, None),
     };
     let mut info = ImageInfo {
         filename: path_s.clone(),
@@ -122,7 +142,10 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         dirty: h.is_dirty(),
         corrupt: h.is_corrupt(),
         extended_l2: h.extended_l2(),
+        backing_file: h.backing_file.clone(),
+        backing_format: h.backing_format.clone(),
         backing_chain: Vec::new(),
+        backing_error,
         remote_pin,
         remote_pin_error,
         overlay_data_bytes: 0,
@@ -152,7 +175,11 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             return Ok(());
         };
         let Some(c) = &chain else {
-            info.unallocated_bytes += end - start;
+            if info.backing_error.is_some() {
+                info.backing_bytes += end - start;
+            } else {
+                info.unallocated_bytes += end - start;
+            }
             return Ok(());
         };
         let mut pos = start;

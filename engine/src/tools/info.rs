@@ -36,9 +36,14 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     writeln!(out, "virtual size: {}", size_line(info.virtual_size))?;
     writeln!(out, "disk size: {}", format_size(info.disk_size))?;
     writeln!(out, "cluster_size: {}", info.cluster_size)?;
-    if let Some(backing) = info.backing_chain.first() {
-        writeln!(out, "backing file: {}", backing.filename)?;
-        writeln!(out, "backing file format: {}", backing.format)?;
+    if let Some(backing) = &info.backing_file {
+        writeln!(out, "backing file: {backing}")?;
+        match (&info.backing_format, info.backing_chain.first()) {
+            (Some(format), _) => writeln!(out, "backing file format: {format}")?,
+            // Probed: what the chain found.
+            (None, Some(layer)) => writeln!(out, "backing file format: {}", layer.format)?,
+            (None, None) => {}
+        }
     }
     writeln!(out, "Format specific information:")?;
     writeln!(out, "    compat: {}", info.compat)?;
@@ -71,12 +76,18 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
     }
     let whole = info.virtual_size;
     writeln!(out, "Allocation:")?;
-    for (label, bytes) in [
+    let mut parts = vec![
         ("overlay data", info.overlay_data_bytes),
         ("overlay zero", info.overlay_zero_bytes),
-        ("backing", info.backing_bytes),
-        ("unallocated", info.unallocated_bytes),
-    ] {
+    ];
+    if info.backing_error.is_some() {
+        // Backing data or nowhere: the chain could not be asked.
+        parts.push(("elsewhere", info.backing_bytes));
+    } else {
+        parts.push(("backing", info.backing_bytes));
+        parts.push(("unallocated", info.unallocated_bytes));
+    }
+    for (label, bytes) in parts {
         writeln!(
             out,
             "    {:<13} {} ({bytes} bytes, {:.1}%)",
@@ -84,6 +95,18 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             format_size(bytes),
             percent(bytes, whole)
         )?;
+    }
+    if let Some(e) = &info.backing_error {
+        // Some of what the overlay lacks may be holes, which need no
+        // fetching: bounds only.
+        let left = info.backing_bytes;
+        writeln!(
+            out,
+            "Streaming: at least {:.1}% populated (at most {} still read from the backing chain)",
+            percent(whole - left.min(whole), whole),
+            format_size(left)
+        )?;
+        writeln!(out, "Backing chain: unavailable: {e}")?;
     }
     if !info.backing_chain.is_empty() {
         // What `backfill stream` still has to fetch.
