@@ -190,12 +190,20 @@ fn bad_arguments_exit_1_with_a_message() {
         &["create", "-f", "vmdk", "x.qcow2", "1M"][..],
         &["create", "-o", "lazy_refcounts=on", "x.qcow2", "1M"][..],
         &["create", "x.qcow2"][..],
+        &["create", "-b", "gone.raw", "-F", "raw", "x.qcow2"][..],
+        &["create", "-b", "gone.raw", "x.qcow2"][..],
         &["demo", "--size", "1000"][..],
     ] {
         let out = images.run(&mut bf(args));
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.starts_with("backfill: "), "{args:?}: {stderr}");
+        // Each context once: "creating x.qcow2: creating x.qcow2: ..." was
+        // a bug.
+        assert!(
+            stderr.matches("creating").count() <= 1,
+            "{args:?}: {stderr}"
+        );
         assert!(
             !images.file("x.qcow2").exists(),
             "{args:?} created an image"

@@ -177,7 +177,9 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
             })?;
             let fmt = match &backing_format {
                 Some(f) => f.clone(),
-                None => probe_format(&bfile, &bname)?.to_string(),
+                None => probe_format(&bfile, &bname)
+                    .map_err(|e| e.context(format!("creating {path_s}")))?
+                    .to_string(),
             };
             if size.is_none() {
                 size = Some(if fmt == "qcow2" {
@@ -187,7 +189,7 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
                 } else {
                     bfile
                         .metadata()
-                        .map_err(|e| Error::io(e, format!("stat {bname}")))?
+                        .map_err(|e| Error::io(e, format!("creating {path_s}: stat {bname}")))?
                         .len()
                 });
             }

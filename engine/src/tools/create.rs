@@ -155,8 +155,8 @@ pub fn formatting_line(path: &Path, opts: &CreateOptions, size: Option<u64>) -> 
 /// Creates the image and returns the line to print.
 pub fn create_image(path: &Path, args: &CreateArgs) -> Result<String> {
     let opts = build_options(args)?;
-    crate::create(path, &opts)
-        .map_err(|e| e.context(format_args!("creating {}", path.display())))?;
+    // The library's errors name the image already.
+    crate::create(path, &opts)?;
     // Without a size argument the size came from the backing file: ask the
     // image, so the line says what was made.
     let size = match opts.size {
