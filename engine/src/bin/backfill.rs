@@ -141,7 +141,8 @@ enum Command {
         #[arg(long, requires = "stream")]
         keep_backing: bool,
         /// Print the engine's counters on stderr every SECS seconds (bytes
-        /// read, written and fetched, amplification, remote fetch latency).
+        /// read, written and fetched, amplification, remote fetch latency;
+        /// with --stream, its progress and rate).
         #[arg(long, value_name = "SECS")]
         stats: Option<u64>,
         /// Largest readahead window for sequential reads over a remote

@@ -79,15 +79,24 @@ pub fn stats_line(s: &crate::Stats) -> String {
     line
 }
 
-/// Prints [`stats_line`] on stderr every `every` until `stop` is dropped.
+/// Prints [`stats_line`] on stderr every `every` until `stop` is dropped;
+/// while `stream` runs, with its progress and rate (`; stream: ...`).
 fn report_stats(
     disk: Disk,
+    stream: Option<Arc<Stream>>,
     every: std::time::Duration,
     stop: crossbeam_channel::Receiver<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
-            eprintln!("{}", stats_line(&disk.stats()));
+            let mut line = stats_line(&disk.stats());
+            if let Some(p) = stream.as_ref().map(|s| s.progress()) {
+                if !p.state.is_stopped() {
+                    line.push_str("; stream: ");
+                    line.push_str(&crate::tools::stream::progress_text(&p));
+                }
+            }
+            eprintln!("{line}");
         }
     })
 }
@@ -103,13 +112,14 @@ pub struct StreamWhileServing {
 pub const STREAM_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs a stream beside the server: a progress line on stderr now and
-/// then, and at the end the summary on stdout (scripts wait for the line
-/// starting with `streamed `), or the error on stderr; serving goes on
-/// either way.
+/// then (unless `--stats` lines carry its progress), and at the end the
+/// summary on stdout (scripts wait for the line starting with `streamed `),
+/// or the error on stderr; serving goes on either way.
 fn watch_stream(
     path: PathBuf,
     stream: Arc<Stream>,
     has_backing: bool,
+    progress_lines: bool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let last = loop {
@@ -117,7 +127,9 @@ fn watch_stream(
             if p.state.is_stopped() {
                 break p;
             }
-            eprintln!("stream: {}", crate::tools::stream::progress_text(&p));
+            if progress_lines {
+                eprintln!("stream: {}", crate::tools::stream::progress_text(&p));
+            }
         };
         match (&last.state, &last.error) {
             (StreamState::Failed, Some(e)) => eprintln!("backfill: stream failed: {e}"),
@@ -212,14 +224,20 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
                 keep_backing: s.keep_backing,
                 ..StreamOptions::default()
             })?);
-            let watcher = watch_stream(path.to_path_buf(), stream.clone(), disk.has_backing());
+            let watcher = watch_stream(
+                path.to_path_buf(),
+                stream.clone(),
+                disk.has_backing(),
+                opts.stats_interval.is_none(),
+            );
             Some((stream, watcher))
         }
         _ => None,
     };
     let stats = opts.stats_interval.map(|every| {
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
-        (tx, report_stats(disk.clone(), every, rx))
+        let streaming = stream.as_ref().map(|(s, _)| s.clone());
+        (tx, report_stats(disk.clone(), streaming, every, rx))
     });
     let result = server.run();
     if let Some((tx, reporter)) = stats {
