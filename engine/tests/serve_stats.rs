@@ -2,13 +2,15 @@
 //! seconds. A client (`qemu-img convert` over NBD) reads the whole disk
 //! once; the lines must then show every byte read, every byte fetched once
 //! from the backing file (amplification 1.00 with cluster-aligned reads),
-//! and the client's copy must equal the backing file.
+//! and the client's copy must equal the backing file. With `--stream`, the
+//! lines carry the stream's progress while it runs.
 
 mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 
 /// The number in `(N bytes)` after `label` in a stats line.
 fn bytes_after(line: &str, label: &str) -> u64 {
@@ -20,40 +22,88 @@ fn bytes_after(line: &str, label: &str) -> u64 {
     rest[open..close].parse().expect("a number")
 }
 
+/// `backfill serve --stats 1 [EXTRA...]` of a qemu-img overlay on `size`
+/// bytes of seeded random data, once it printed its ready line.
+struct Served {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    bytes: Vec<u8>,
+    image: PathBuf,
+    uri: String,
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    stderr: BufReader<ChildStderr>,
+}
+
+impl Served {
+    fn start(prefix: &str, size: u64, seed: u64, extra: &[&str]) -> Served {
+        require_tool("qemu-img");
+        let dir = tempdir(prefix);
+        let base = join(dir.path(), "base.raw");
+        let bytes = write_random_file(&base, size, seed);
+        let image = join(dir.path(), "ov.qcow2");
+        qemu_create_qcow2(&image, "", Some(("base.raw", "raw")), None);
+        let sock = join(dir.path(), "s.sock");
+        let mut child = Command::new(backfill_bin())
+            .args(["serve", "--socket", &path_str(&sock), "--stats", "1"])
+            .args(extra)
+            .arg(&image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting backfill serve");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).unwrap();
+        assert!(ready.starts_with("serving "), "{ready:?}");
+        Served {
+            uri: format!("nbd+unix:///?socket={}", sock.display()),
+            dir,
+            base,
+            bytes,
+            image,
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The next line on stderr (serve must not have ended).
+    fn stderr_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.stderr.read_line(&mut line).unwrap();
+        assert!(n > 0, "serve ended");
+        line
+    }
+
+    /// SIGTERM: the server finishes what is in flight and closes clean.
+    /// Returns the directory, to look at the image after.
+    fn stop(mut self) -> tempfile::TempDir {
+        let out = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        check_clean(&self.image);
+        self.dir
+    }
+}
+
 #[test]
 fn serve_prints_counters_periodically() {
-    require_tool("qemu-img");
-    let dir = tempdir("serve-stats");
     let size = 4 * MIB;
-    let base = join(dir.path(), "base.raw");
-    let bytes = write_random_file(&base, size, 31);
-    let image = join(dir.path(), "ov.qcow2");
-    qemu_create_qcow2(&image, "", Some(("base.raw", "raw")), None);
-    let sock = join(dir.path(), "s.sock");
-    let mut child = Command::new(backfill_bin())
-        .args(["serve", "--socket", &path_str(&sock), "--stats", "1"])
-        .arg(&image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting backfill serve");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
-    assert!(ready.starts_with("serving "), "{ready:?}");
-
-    let out = join(dir.path(), "out.raw");
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
-    qemu_img(["convert", "-f", "raw", "-O", "raw", &uri, &path_str(&out)]);
-    assert_same_bytes(&read_file(&out), &bytes, "the client's copy");
+    let mut s = Served::start("serve-stats", size, 31, &[]);
+    let out = join(s.dir.path(), "out.raw");
+    qemu_img(["convert", "-f", "raw", "-O", "raw", &s.uri, &path_str(&out)]);
+    assert_same_bytes(&read_file(&out), &s.bytes, "the client's copy");
 
     // Lines come every second; the first one after the copy has it all.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let line = loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).unwrap();
-        assert!(n > 0, "serve ended without a stats line showing the copy");
+        let line = s.stderr_line();
         if line.starts_with("stats: ") && bytes_after(&line, "read ") >= size {
             break line;
         }
@@ -61,49 +111,20 @@ fn serve_prints_counters_periodically() {
     assert_eq!(bytes_after(&line, "read "), size, "{line}");
     assert_eq!(bytes_after(&line, "fetched "), size, "{line}");
     assert!(line.contains("amplification 1.00"), "{line}");
-
-    send_sigterm(child.id());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    check_clean(&image);
+    s.stop();
 }
 
 /// With `--stream`, the stats lines carry the stream's progress and rate
-/// while it runs (`; stream: P% (DONE of TOTAL), RATE/s, limit L/s`), with
-/// the share it reports growing, and no more once it has finished; the
-/// finished stream leaves the overlay standalone and equal to its base.
+/// while it runs (`; stream: P% (DONE of TOTAL), RATE/s, limit L/s`), the
+/// share never going back, and no more once it has finished; the finished
+/// stream leaves the overlay standalone and equal to its base.
 #[test]
 fn stats_lines_carry_the_stream_while_it_runs() {
-    require_tool("qemu-img");
-    let dir = tempdir("serve-stats-stream");
-    let size = 8 * MIB;
-    let base = join(dir.path(), "base.raw");
-    write_random_file(&base, size, 37);
-    let image = join(dir.path(), "ov.qcow2");
-    qemu_create_qcow2(&image, "", Some(("base.raw", "raw")), None);
-    let sock = join(dir.path(), "s.sock");
-    // 2 MiB/s: the stream runs for about 4 s, over several stats lines.
-    let mut child = Command::new(backfill_bin())
-        .args(["serve", "--socket", &path_str(&sock), "--stats", "1"])
-        .arg("--stream=2M")
-        .arg(&image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting backfill serve");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert!(line.starts_with("serving "), "{line:?}");
-
-    // Stats lines while the stream runs carry its progress; once it has
-    // finished, they do not.
+    // 8 MiB at 2 MiB/s: the stream runs for about 4 s, over several lines.
+    let mut s = Served::start("serve-stats-stream", 8 * MIB, 37, &["--stream=2M"]);
     let mut shares = Vec::new();
     loop {
-        let mut l = String::new();
-        assert!(stderr.read_line(&mut l).unwrap() > 0, "serve ended early");
+        let l = s.stderr_line();
         assert!(!l.starts_with("stream: "), "a separate progress line: {l}");
         if !l.starts_with("stats: ") {
             continue;
@@ -125,22 +146,11 @@ fn stats_lines_carry_the_stream_while_it_runs() {
         shares.windows(2).all(|w| w[0] <= w[1]),
         "the share went back: {shares:?}"
     );
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
+    let mut line = String::new();
+    s.stdout.read_line(&mut line).unwrap();
     assert!(line.starts_with("streamed "), "{line:?}");
-    send_sigterm(child.id());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    check_clean(&image);
+    let (image, base) = (s.image.clone(), s.base.clone());
+    let _dir = s.stop();
     assert_standalone(&image);
     compare_identical(&image, &base);
-}
-
-fn send_sigterm(pid: u32) {
-    // SIGTERM: the server finishes what is in flight and closes clean.
-    let out = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
 }

@@ -96,27 +96,26 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             percent(bytes, whole)
         )?;
     }
-    if let Some(e) = &info.backing_error {
-        // Some of what the overlay lacks may be holes, which need no
-        // fetching: bounds only.
+    if info.backing_error.is_some() || !info.backing_chain.is_empty() {
+        // What `backfill stream` still has to fetch. Without the chain,
+        // some of what the overlay lacks may be holes (nothing to fetch):
+        // bounds only.
         let left = info.backing_bytes;
+        let (least, most) = match info.backing_error {
+            Some(_) => ("at least ", "at most "),
+            None => ("", ""),
+        };
         writeln!(
             out,
-            "Streaming: at least {:.1}% populated (at most {} still read from the backing chain)",
+            "Streaming: {least}{:.1}% populated ({most}{} still read from the backing chain)",
             percent(whole - left.min(whole), whole),
             format_size(left)
         )?;
+    }
+    if let Some(e) = &info.backing_error {
         writeln!(out, "Backing chain: unavailable: {e}")?;
     }
     if !info.backing_chain.is_empty() {
-        // What `backfill stream` still has to fetch.
-        let left = info.backing_bytes;
-        writeln!(
-            out,
-            "Streaming: {:.1}% populated ({} still read from the backing chain)",
-            percent(whole - left.min(whole), whole),
-            format_size(left)
-        )?;
         writeln!(out, "Backing chain:")?;
         for (depth, backing) in info.backing_chain.iter().enumerate() {
             writeln!(
