@@ -90,9 +90,9 @@ fn slice(data: &[u8], off: u64, len: u64) -> &[u8] {
 ///
 /// A copy-on-read fill answers its readers before its write-back lands
 /// (DESIGN.md, "The I/O path"), so `cor_fills` and `bytes_fetched` may still
-/// move after the read returns; `flush()` need not wait for fills either.
-/// `close()` does wait for them, so the counters are read through a second
-/// handle after it: counting stays exact with no sleeps or polling.
+/// move after the read returns. `close()` waits for every fill, so the
+/// counters are read through a second handle after it: counting stays exact
+/// with no sleeps or polling.
 fn close_and_stats(disk: Disk) -> Stats {
     let observer = disk.clone();
     disk.close().expect("close");
