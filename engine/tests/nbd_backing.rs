@@ -93,6 +93,16 @@ impl Setup {
         nbd_peer::qemu_nbd(self.dir.path(), &self.base, listen)
     }
 
+    /// qemu-nbd on Unix socket `name` and the overlay over it: the server,
+    /// its socket and its URI.
+    fn qemu_nbd_overlay(&self, name: &str) -> (Peer, PathBuf, String) {
+        let sock = self.sock(name);
+        let server = self.qemu_nbd(&["-k".into(), path_str(&sock)]);
+        let uri = unix_uri(&sock);
+        self.make_overlay(&uri);
+        (server, sock, uri)
+    }
+
     /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2` (the size
     /// comes from the server).
     fn make_overlay(&self, uri: &str) {
@@ -178,9 +188,7 @@ fn populate_and_check(s: &Setup) {
 #[test]
 fn copy_on_read_over_qemu_nbd_unix_socket() {
     let s = Setup::new("nbdb-unix", 6 * MIB + 12 * KIB, 1);
-    let sock = s.sock("q.sock");
-    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
-    s.make_overlay(&unix_uri(&sock));
+    let (server, _, _) = s.qemu_nbd_overlay("q.sock");
     populate_and_check(&s);
     server.stop();
 }
@@ -454,10 +462,7 @@ fn reads_continue_after_the_server_restarts() {
 fn qemu_img_overlay_over_nbd_through_the_cli() {
     let size = 3 * MIB + 4 * KIB;
     let s = Setup::new("nbdb-cli", size, 5);
-    let sock = s.sock("c.sock");
-    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
-    let uri = unix_uri(&sock);
-    s.make_overlay(&uri);
+    let (server, _, uri) = s.qemu_nbd_overlay("c.sock");
     let backfill = env!("CARGO_BIN_EXE_backfill");
 
     let info = run_ok(backfill, ["info".as_ref(), s.overlay.as_os_str()]);
@@ -551,10 +556,7 @@ fn qemu_img_overlay_over_nbd_through_the_cli() {
 fn info_describes_the_overlay_while_its_server_is_down() {
     let size = 3 * MIB + 4 * KIB;
     let s = Setup::new("nbdb-info", size, 9);
-    let sock = s.sock("i.sock");
-    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
-    let uri = unix_uri(&sock);
-    s.make_overlay(&uri);
+    let (server, sock, uri) = s.qemu_nbd_overlay("i.sock");
     // Copy-on-read of the first 1.5 MiB: data, and the base's zero
     // stretch at 1 MiB as zero clusters.
     let disk = s.open(true);

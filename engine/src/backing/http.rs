@@ -464,18 +464,7 @@ impl HttpBacking {
         let in_image = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (data, past_end) = buf.split_at_mut(in_image);
         past_end.fill(0);
-        if data.is_empty() {
-            return Ok(());
-        }
-        let first = offset;
-        let last = offset + data.len() as u64 - 1;
-        self.run(first, last, |conn| {
-            self.ranged_get(conn, first, last, &mut Body::Slice(&mut *data))
-        })?;
-        self.counters
-            .bytes_fetched
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(())
+        self.get_body(offset, &mut Body::Slice(data))
     }
 
     /// Reads the image bytes `offset..offset + len` (inside the image)
@@ -493,19 +482,23 @@ impl HttpBacking {
         len: usize,
         dest: &[Placement],
     ) -> Result<(), HttpError> {
+        // Inside the image (the medium's contract).
+        self.get_body(offset, &mut Body::Placed { len, dest })
+    }
+
+    /// Fetches the image bytes from `offset` (inside the image) into
+    /// `body`, retrying as the policy says; the server's Content-Range is
+    /// checked against exactly this range.
+    fn get_body(&self, offset: u64, body: &mut Body<'_>) -> Result<(), HttpError> {
+        let len = body.len() as u64;
         if len == 0 {
             return Ok(());
         }
-        // Inside the image (the medium's contract): the server's
-        // Content-Range is checked against exactly this range.
-        let first = offset;
-        let last = offset + len as u64 - 1;
-        self.run(first, last, |conn| {
-            self.ranged_get(conn, first, last, &mut Body::Placed { len, dest })
-        })?;
+        let (first, last) = (offset, offset + len - 1);
+        self.run(first, last, |conn| self.ranged_get(conn, first, last, body))?;
         self.counters
             .bytes_fetched
-            .fetch_add(len as u64, Ordering::Relaxed);
+            .fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
