@@ -9,8 +9,12 @@
 //! exponential backoff) and, while connected, a reader thread that matches
 //! replies to requests by cookie, and reads a reply's data straight into
 //! the core buffers the read names ([`Medium::places`]), so the bytes are
-//! copied once, by the kernel. Requests come from one shared queue, so a
-//! free connection takes the next one; each connection has at most
+//! copied once, by the kernel. A read submitted while no read is queued
+//! goes out at once from the submitting thread, on a connection with room
+//! whose socket takes the request without waiting; this saves a thread
+//! wake-up per read (a third of the context switches of cold random
+//! reads). Other reads wait in one shared queue, so a free connection's
+//! thread takes the next one. Each connection has at most
 //! [`IN_FLIGHT_PER_CONNECTION`] requests on the wire, which bounds the
 //! backing's concurrency.
 //!
@@ -46,6 +50,7 @@ use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -259,6 +264,37 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
+    }
+
+    /// Sends what the socket takes of `buf` without waiting for room: how
+    /// many bytes, 0 when it has none.
+    fn send_now(&self, buf: &[u8]) -> std::io::Result<usize> {
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        loop {
+            // SAFETY: `buf` is borrowed for the whole call, and the kernel
+            // copies what it takes before `send` returns: it keeps no
+            // pointer into it.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        }
     }
 
     fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
@@ -485,6 +521,23 @@ struct Pending {
     sent: Instant,
 }
 
+impl Pending {
+    fn new(pool: &Pool, job: Job) -> Pending {
+        Pending {
+            // A read placed into the core's buffers needs none.
+            data: if job.read.dest.is_empty() {
+                pool.spares.take(job.read.len)
+            } else {
+                Vec::new()
+            },
+            job,
+            covered: 0,
+            error: None,
+            sent: Instant::now(),
+        }
+    }
+}
+
 /// What the connections share.
 struct Pool {
     name: String,
@@ -506,6 +559,13 @@ struct Pool {
     /// A handle on each live session's socket, for the drop to shut down.
     sockets: Mutex<HashMap<u64, Stream>>,
     next_socket: AtomicU64,
+    /// The live connections, for [`Pool::send_now`].
+    lanes: Mutex<Vec<Arc<Lane>>>,
+    /// Where `send_now` starts looking, so that reads spread out.
+    next_lane: AtomicUsize,
+    /// Requests written by submitters, and by the sending threads.
+    sent_now: AtomicU64,
+    sent_queued: AtomicU64,
 }
 
 impl Pool {
@@ -549,6 +609,30 @@ impl Pool {
         {
             s.shutdown();
         }
+    }
+
+    /// Writes the request for `read` on a live connection with room, from
+    /// the submitting thread, which saves the connection's sending thread a
+    /// wake-up per read. Gives the read back for the queue when reads are
+    /// queued already (they go first), no connection is up or has room, or
+    /// the socket would not take the request at once: this never waits.
+    fn send_now(&self, read: RemoteRead) -> Option<RemoteRead> {
+        if !self.jobs_rx.is_empty() {
+            return Some(read);
+        }
+        let first = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        let mut read = Some(read);
+        for k in 0..CONNECTIONS {
+            let lane = {
+                let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                if k >= lanes.len() {
+                    break;
+                }
+                lanes[(first + k) % lanes.len()].clone()
+            };
+            read = lane.send_now(self, read?);
+        }
+        read
     }
 
     fn fail(&self, job: Job, why: &str) {
@@ -624,6 +708,10 @@ impl NbdClient {
             spares: Default::default(),
             sockets: Mutex::new(HashMap::new()),
             next_socket: AtomicU64::new(0),
+            lanes: Mutex::new(Vec::new()),
+            next_lane: AtomicUsize::new(0),
+            sent_now: AtomicU64::new(0),
+            sent_queued: AtomicU64::new(0),
         });
         let mut client = NbdClient {
             pool,
@@ -716,6 +804,9 @@ impl Medium for NbdClient {
         debug_assert!(
             read.offset.is_multiple_of(a) && (end.is_multiple_of(a) || end == self.size())
         );
+        let Some(read) = self.pool.send_now(read) else {
+            return;
+        };
         // Unbounded: the submitters' own in-flight limits bound the queue.
         if let Err(e) = self.pool.jobs_tx.send(Job { read, attempts: 0 }) {
             self.pool.fail(e.into_inner(), "the client is shut down");
@@ -788,15 +879,73 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
 struct Wire {
     pending: HashMap<u64, Pending>,
     dead: bool,
+    cookie: u64,
+}
+
+/// A live connection: its requests on the wire and its sending side, which
+/// its sending thread and submitters (see [`Pool::send_now`]) share. Lock
+/// order: `wire`, then `out`.
+struct Lane {
+    wire: Mutex<Wire>,
+    out: Mutex<Stream>,
+}
+
+impl Lane {
+    /// Sends `read` on this connection if it has room and its socket takes
+    /// the request at once; else gives it back.
+    fn send_now(&self, pool: &Pool, read: RemoteRead) -> Option<RemoteRead> {
+        let mut w = self.wire.lock().unwrap_or_else(|e| e.into_inner());
+        if w.dead || w.pending.len() >= IN_FLIGHT_PER_CONNECTION {
+            return Some(read);
+        }
+        // The sending thread holds it while it writes a batch.
+        let Ok(out) = self.out.try_lock() else {
+            return Some(read);
+        };
+        w.cookie += 1;
+        let cookie = w.cookie;
+        let header = request(CMD_READ, cookie, read.offset, read.len as u32);
+        // In the table before the request is on the wire: the reply may
+        // come before this thread runs again.
+        w.pending
+            .insert(cookie, Pending::new(pool, Job { read, attempts: 0 }));
+        match out.send_now(&header) {
+            Ok(n) if n == header.len() => {
+                pool.sent_now.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(0) => w.pending.remove(&cookie).map(|p| p.job.read),
+            // Part of a request on the wire, or a broken socket: the
+            // connection is of no more use. Shutting it down ends its
+            // session, which sends its reads, this one too, elsewhere.
+            Ok(_) | Err(_) => {
+                out.shutdown();
+                None
+            }
+        }
+    }
 }
 
 /// Runs one connection until it drops (or the client stops). Returns the
 /// reads left unanswered on it, and why it ended.
 fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) {
-    let wire = Mutex::new(Wire {
-        pending: HashMap::new(),
-        dead: false,
+    let out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => return (Vec::new(), format!("setting up the socket: {e}")),
+    };
+    let lane = Arc::new(Lane {
+        wire: Mutex::new(Wire {
+            pending: HashMap::new(),
+            dead: false,
+            cookie: 0,
+        }),
+        out: Mutex::new(out),
     });
+    pool.lanes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(lane.clone());
+    let wire = &lane.wire;
     let room = Condvar::new();
     let reason = Mutex::new(String::new());
     let end = |why: String, wire: &Mutex<Wire>| {
@@ -822,18 +971,18 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
             .spawn_scoped(sc, || {
                 let _dead = dead_tx;
                 let rx = BufReader::with_capacity(256 << 10, rx);
-                let why = read_replies(pool, rx, &wire, &room, &info);
-                end(why, &wire);
+                let why = read_replies(pool, rx, wire, &room, &info);
+                end(why, wire);
             });
         let reader = match reader {
             Ok(r) => r,
             Err(e) => {
-                end(format!("spawning the reader thread: {e}"), &wire);
+                end(format!("spawning the reader thread: {e}"), wire);
                 return;
             }
         };
-        let why = send_requests(pool, &stream, &wire, &room, &dead_rx);
-        end(why, &wire);
+        let why = send_requests(pool, &lane, &room, &dead_rx);
+        end(why, wire);
         // Wakes the reader, which then ends too. Joined here, not by the
         // scope: the scope only waits for its closure, and the client's drop
         // promises that the thread itself is gone.
@@ -841,32 +990,31 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         let _ = reader.join();
     });
     pool.unregister(registered);
-    let wire = wire.into_inner().unwrap_or_else(|e| e.into_inner());
-    let left = wire.pending.into_values().map(|p| p.job).collect();
+    pool.lanes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|l| !Arc::ptr_eq(l, &lane));
+    let pending = std::mem::take(&mut wire.lock().unwrap_or_else(|e| e.into_inner()).pending);
+    let left = pending.into_values().map(|p| p.job).collect();
     (left, reason.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// The sending half: takes reads from the shared queue while the
 /// connection has room, and writes their requests in batches.
-fn send_requests(
-    pool: &Pool,
-    stream: &Stream,
-    wire: &Mutex<Wire>,
-    room: &Condvar,
-    dead_rx: &Receiver<()>,
-) -> String {
-    let mut out: &Stream = stream;
+fn send_requests(pool: &Pool, lane: &Lane, room: &Condvar, dead_rx: &Receiver<()>) -> String {
+    let wire = &lane.wire;
+    // The wire once it has room, or `None` once the connection is dead.
+    let with_room = || {
+        let mut w = wire.lock().unwrap_or_else(|e| e.into_inner());
+        while !w.dead && w.pending.len() >= IN_FLIGHT_PER_CONNECTION {
+            w = room.wait(w).unwrap_or_else(|e| e.into_inner());
+        }
+        (!w.dead).then_some(w)
+    };
     let mut batch = Vec::with_capacity(REQUEST_HEADER_LEN * IN_FLIGHT_PER_CONNECTION);
-    let mut cookie = 0u64;
     loop {
-        {
-            let mut w = wire.lock().unwrap_or_else(|e| e.into_inner());
-            while !w.dead && w.pending.len() >= IN_FLIGHT_PER_CONNECTION {
-                w = room.wait(w).unwrap_or_else(|e| e.into_inner());
-            }
-            if w.dead {
-                return String::new();
-            }
+        if with_room().is_none() {
+            return String::new();
         }
         let first = select! {
             recv(pool.jobs_rx) -> j => j.ok(),
@@ -875,37 +1023,34 @@ fn send_requests(
         };
         let Some(first) = first else {
             // The client is gone: say goodbye.
-            let _ = out.write_all(&request(CMD_DISC, 0, 0, 0));
+            let out = lane.out.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = (&*out).write_all(&request(CMD_DISC, 0, 0, 0));
             return "the backing image is closed".into();
         };
+        // Submitters may have taken the room while this thread waited for
+        // a read.
+        let Some(mut w) = with_room() else {
+            if let Err(e) = pool.jobs_tx.send(first) {
+                pool.fail(e.into_inner(), "the client is shut down");
+            }
+            return String::new();
+        };
         batch.clear();
-        let mut w = wire.lock().unwrap_or_else(|e| e.into_inner());
         let mut job = Some(first);
         while let Some(j) = job.take() {
-            cookie += 1;
+            w.cookie += 1;
+            let cookie = w.cookie;
             let (offset, len) = (j.read.offset, j.read.len);
             batch.extend_from_slice(&request(CMD_READ, cookie, offset, len as u32));
-            w.pending.insert(
-                cookie,
-                Pending {
-                    // A read placed into the core's buffers needs none.
-                    data: if j.read.dest.is_empty() {
-                        pool.spares.take(len)
-                    } else {
-                        Vec::new()
-                    },
-                    job: j,
-                    covered: 0,
-                    error: None,
-                    sent: Instant::now(),
-                },
-            );
+            w.pending.insert(cookie, Pending::new(pool, j));
+            pool.sent_queued.fetch_add(1, Ordering::Relaxed);
             if w.pending.len() < IN_FLIGHT_PER_CONNECTION {
                 job = pool.jobs_rx.try_recv().ok();
             }
         }
+        let out = lane.out.lock().unwrap_or_else(|e| e.into_inner());
         drop(w);
-        if let Err(e) = out.write_all(&batch) {
+        if let Err(e) = (&*out).write_all(&batch) {
             return format!("sending requests: {e}");
         }
     }
@@ -1390,6 +1535,29 @@ mod tests {
                 assert!(got == want, "read of {len} at {off}");
             }
         }
+    }
+
+    #[test]
+    fn reads_go_out_from_the_submitter_or_through_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::Simple)).unwrap();
+        // Answered, so a connection is up, with room.
+        read_many(&c, &[(0, 512)]).remove(0).unwrap();
+        let before = c.pool.sent_now.load(Ordering::Relaxed);
+        // More at once than the connections have room for: the first goes
+        // out from this thread, and the reads that find no room (how many
+        // depends on how fast the server answers) wait in the queue.
+        let reads: Vec<(u64, usize)> = (0..300u64)
+            .map(|i| (i * 3001 % (SIZE - 4096), 4096))
+            .collect();
+        for (r, &(off, len)) in read_many(&c, &reads).into_iter().zip(&reads) {
+            let want: Vec<u8> = (off..off + len as u64).map(pattern).collect();
+            assert!(r.unwrap() == want, "read of {len} at {off}");
+        }
+        let now = c.pool.sent_now.load(Ordering::Relaxed) - before;
+        let queued = c.pool.sent_queued.load(Ordering::Relaxed);
+        assert!(now >= 1, "no read went out from the submitter");
+        assert_eq!(before + now + queued, 301, "each read sent once");
     }
 
     #[test]
