@@ -1561,6 +1561,53 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_without_room_gives_the_read_back_for_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::Simple)).unwrap();
+        // A connection whose peer reads nothing, its socket filled up.
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut filled = 0;
+        loop {
+            match (&ours).write(&[0u8; 4096]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the socket: {e}"),
+            }
+        }
+        assert!(filled > 0);
+        let lane = Lane {
+            wire: Mutex::new(Wire {
+                pending: HashMap::new(),
+                dead: false,
+                cookie: 0,
+            }),
+            out: Mutex::new(Stream::Unix(ours)),
+        };
+        let (tx, _rx) = mpsc::channel();
+        let read = RemoteRead {
+            offset: 4096,
+            len: 512,
+            tag: 7,
+            reply: Arc::new(Collect(Mutex::new(tx))),
+            dest: Vec::new(),
+        };
+        let back = lane.send_now(&c.pool, read).expect("the read comes back");
+        assert_eq!((back.offset, back.len, back.tag), (4096, 512, 7));
+        let w = lane.wire.lock().unwrap();
+        assert!(
+            w.pending.is_empty(),
+            "a read that never went out is not waiting for a reply"
+        );
+        assert!(!w.dead);
+        assert_eq!(c.pool.sent_now.load(Ordering::Relaxed), 0);
+        drop(w);
+        // The client goes on through its own connections.
+        let got = read_many(&c, &[(back.offset, back.len)]).remove(0).unwrap();
+        assert!(got == (4096..4096 + 512).map(pattern).collect::<Vec<u8>>());
+    }
+
+    #[test]
     fn placed_reads_land_in_their_buffers_and_nowhere_else() {
         use crate::backing::remote::Placement;
         use crate::io::IoBuf;
