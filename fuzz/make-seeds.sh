@@ -19,6 +19,11 @@
 #   nbd_handshake     the handshake part of the same client bytes, and
 #                     hand-built option sequences.
 #   lock_table_ops    a few hand-built operation sequences.
+#   nbd_backing_replies  what real servers (nbdkit, qemu-nbd) send the
+#                     engine's NBD backing client, recorded on the way:
+#                     each connection's handshake, and its replies to the
+#                     reads on it; plus hand-built replies (errors, holes,
+#                     simple replies, ESHUTDOWN).
 #
 # Needs qemu-img and qemu-io (qemu-utils), nbdinfo and nbdcopy (libnbd-bin),
 # python3, and builds `backfill` (release) for the recorded NBD sessions.
@@ -38,7 +43,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops; do
+for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops nbd_backing_replies; do
     mkdir -p "$out/$t"
 done
 
@@ -227,9 +232,10 @@ def lock_seeds(outdir):
 
 # --- A recording proxy ------------------------------------------------------
 
-def proxy(listen, upstream, prefix):
+def proxy(listen, upstream, prefix, both=""):
     """Relays connections on `listen` to `upstream`, saving what each
-    client sent to prefix-N."""
+    client sent to prefix-N (and, with `both`, what the server sent to
+    prefix-N.s)."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(listen)
     srv.listen(16)
@@ -264,7 +270,8 @@ def proxy(listen, upstream, prefix):
                         pass
 
         threading.Thread(target=pump, args=(c, u, path), daemon=True).start()
-        threading.Thread(target=pump, args=(u, c, None), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c, path + ".s" if both else None),
+                         daemon=True).start()
 
 
 def captured(capdir, outdir, hsdir, name):
@@ -276,6 +283,78 @@ def captured(capdir, outdir, hsdir, name):
         open(os.path.join(outdir, f"captured-{name}-{i}"), "wb").write(b"\x00" + data)
         open(os.path.join(hsdir, f"captured-{name}-{i}"), "wb").write(b"\x00" + data[:4096])
         os.remove(os.path.join(capdir, f))
+
+
+def backing_seeds(capdir, outdir, name):
+    """Turns recorded backing connections (client bytes in prefix-N, server
+    bytes in prefix-N.s) into nbd_backing_replies seeds: the server's
+    handshake (mode 0), and its replies to the reads the client sent, in
+    cookie order (mode 1 | structured 2 | placed 4)."""
+    for f in sorted(os.listdir(capdir)):
+        if f.endswith(".s"):
+            continue
+        cli = open(os.path.join(capdir, f), "rb").read()
+        srv = open(os.path.join(capdir, f + ".s"), "rb").read()
+        os.remove(os.path.join(capdir, f))
+        os.remove(os.path.join(capdir, f + ".s"))
+        # The client: flags, options up to GO, then 28-byte requests.
+        i, reads = 4, []
+        while i + 16 <= len(cli):
+            opt, n = struct.unpack(">II", cli[i + 8:i + 16])
+            i += 16 + n
+            if opt == OPT["GO"]:
+                break
+        while i + 28 <= len(cli):
+            _, _, kind, cookie, off, length = struct.unpack(">IHHQQI", cli[i:i + 28])
+            i += 28
+            if kind == 0:
+                reads.append((cookie, off, length))
+        # The server: greeting, then option replies up to GO's ACK.
+        j, structured = 18, False
+        while j + 20 <= len(srv):
+            _, opt, kind, n = struct.unpack(">QIII", srv[j:j + 20])
+            j += 20 + n
+            if opt == OPT["STRUCTURED_REPLY"] and kind == 1:
+                structured = True
+            if opt == OPT["GO"] and kind == 1:
+                break
+        tag = f"{name}-{f.rsplit('-', 1)[1]}"
+        open(os.path.join(outdir, f"handshake-{tag}"), "wb").write(b"\x00" + srv[:j])
+        reads.sort()
+        ok = (0 < len(reads) <= 8 and [r[0] for r in reads] == list(range(1, len(reads) + 1))
+              and all(o % 512 == 0 and o // 512 < 65536 and 0 < n <= 65536 for _, o, n in reads))
+        if not ok:
+            continue
+        spec = b"".join(struct.pack(">HH", o // 512, n - 1) for _, o, n in reads)
+        for placed in (0, 4):
+            mode = 1 | (2 if structured else 0) | placed
+            head = bytes([mode, len(reads) - 1]) + spec
+            open(os.path.join(outdir, f"replies-{tag}-{mode}"), "wb").write(head + srv[j:])
+
+
+def backing_hand_seeds(outdir):
+    """Hand-built replies: two reads (cookies 1 and 2, 4 KiB at 0 and at
+    64 KiB)."""
+    def put(name, mode, body):
+        spec = struct.pack(">HHHH", 0, 4095, 128, 4095)
+        open(os.path.join(outdir, name), "wb").write(bytes([mode, 1]) + spec + body)
+
+    def simple(cookie, err=0, data=b""):
+        return struct.pack(">IIQ", 0x67446698, err, cookie) + data
+
+    def chunk(cookie, kind, payload, done=True):
+        return struct.pack(">IHHQI", 0x668E33EF, 1 if done else 0, kind, cookie,
+                           len(payload)) + payload
+
+    data = bytes(range(256)) * 16
+    put("hand-simple", 1, simple(2, data=data) + simple(1, data=data))
+    put("hand-simple-error", 1, simple(1, err=5) + simple(2, err=108))
+    put("hand-data-hole", 3, chunk(1, 1, struct.pack(">Q", 0) + data[:2048], False)
+        + chunk(1, 2, struct.pack(">QI", 2048, 2048))
+        + chunk(2, 1, struct.pack(">Q", 65536) + data))
+    put("hand-error-chunk", 7, chunk(1, 32769, struct.pack(">IH", 5, 4) + b"nope")
+        + chunk(2, 32770, struct.pack(">IHQ", 28, 0, 65536)))
+    put("hand-none", 3, chunk(1, 0, b"") + chunk(2, 0, b""))
 
 
 if __name__ == "__main__":
@@ -292,6 +371,10 @@ if __name__ == "__main__":
         proxy(*args)
     elif cmd == "captured":
         captured(*args)
+    elif cmd == "backing-seeds":
+        backing_seeds(*args)
+    elif cmd == "backing-hand-seeds":
+        backing_hand_seeds(*args)
     else:
         sys.exit(f"unknown command {cmd}")
 PY
@@ -475,7 +558,42 @@ capture qemu-io qemu-io -f raw -c "read 0 64k" -c "write -P 0x5a 4k 4k" -c "writ
     -c "read 3145000 2000" "$uri"
 capture qemu-io-fua qemu-io -f raw -c "write -f -P 0x44 8k 512" -c "write -z -u 16k 8k" \
     -c "write -z -f 32k 4k" -c "aio_write -P 1 0 4k" -c "aio_read 0 4k" -c "aio_flush" "$uri"
+
+# Real servers, recorded on their way to the engine's NBD backing client:
+# a copy-on-read bench of 24 random 4 KiB reads (4 KiB clusters, so a few
+# small reads on each of its connections) over nbdkit and over qemu-nbd,
+# serving a partly sparse 8 MiB raw image.
+truncate -s 8M bbase.raw
+for at in 0 3 5; do
+    dd if=/dev/urandom of=bbase.raw bs=512k seek=$at count=2 conv=notrunc status=none
+done
+mkdir bcap
+backing_capture() { # NAME SERVER-COMMAND...: serve bbase.raw on bup.sock, record a bench
+    local name=$1 spid ppid
+    shift
+    rm -f bup.sock bproxy.sock
+    "$@" &
+    spid=$!
+    for _ in $(seq 100); do [ -S bup.sock ] && break; sleep 0.1; done
+    python3 "$work/tool.py" proxy "$work/bproxy.sock" "$work/bup.sock" "$work/bcap/c" both &
+    ppid=$!
+    for _ in $(seq 100); do [ -S bproxy.sock ] && break; sleep 0.1; done
+    rm -f bov.qcow2
+    "$here/../target/release/backfill" create -o cluster_size=4096 \
+        -b "nbd+unix:///?socket=$work/bproxy.sock" -F raw bov.qcow2 >/dev/null
+    "$here/../target/release/backfill" bench --copy-on-read --pattern rand -c 24 -d 8 -s 4k \
+        --seed 7 bov.qcow2 >/dev/null || echo "warning: $name: bench failed" >&2
+    sleep 0.3 # let the proxy finish writing
+    kill "$ppid" "$spid" 2>/dev/null || true
+    wait "$ppid" "$spid" 2>/dev/null || true
+    tool backing-seeds bcap "$out/nbd_backing_replies" "$name"
+}
+backing_capture nbdkit nbdkit -f -U "$work/bup.sock" file bbase.raw
+backing_capture qemu-nbd qemu-nbd -f raw -r -t -e 8 -k "$work/bup.sock" bbase.raw
+tool backing-hand-seeds "$out/nbd_backing_replies"
+
 echo "nbd_client_bytes: $(ls "$out/nbd_client_bytes" | wc -l) files," \
     "nbd_handshake: $(ls "$out/nbd_handshake" | wc -l)," \
-    "lock_table_ops: $(ls "$out/lock_table_ops" | wc -l)"
+    "lock_table_ops: $(ls "$out/lock_table_ops" | wc -l)," \
+    "nbd_backing_replies: $(ls "$out/nbd_backing_replies" | wc -l)"
 du -sh --apparent-size "$out"/*

@@ -70,6 +70,11 @@ fn replay(target: &str, f: fn(&[u8])) {
 }
 
 #[test]
+fn nbd_backing_replies() {
+    replay("nbd_backing_replies", fuzz::nbd_backing_replies);
+}
+
+#[test]
 fn open_and_read() {
     replay("open_and_read", fuzz::open_and_read);
 }

@@ -355,7 +355,7 @@ fn read_u64(s: &mut impl Read) -> std::io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
-fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> std::io::Result<()> {
+fn send_option(s: &mut impl Write, option: u32, data: &[u8]) -> std::io::Result<()> {
     let mut m = Vec::with_capacity(16 + data.len());
     m.extend_from_slice(&IHAVEOPT.to_be_bytes());
     m.extend_from_slice(&option.to_be_bytes());
@@ -365,7 +365,10 @@ fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> std::io::Result<()> 
 }
 
 /// Reads one option reply: (reply type, data).
-fn read_option_reply(s: &mut Stream, option: u32) -> std::result::Result<(u32, Vec<u8>), String> {
+fn read_option_reply(
+    s: &mut impl Read,
+    option: u32,
+) -> std::result::Result<(u32, Vec<u8>), String> {
     let io = |e: std::io::Error| format!("reading an option reply: {e}");
     let magic = read_u64(s).map_err(io)?;
     let opt = read_u32(s).map_err(io)?;
@@ -398,7 +401,7 @@ fn rep_error_name(kind: u32) -> String {
 }
 
 /// The fixed-newstyle handshake up to the transmission phase.
-fn handshake(s: &mut Stream, export: &str) -> std::result::Result<ExportInfo, String> {
+fn handshake(s: &mut (impl Read + Write), export: &str) -> std::result::Result<ExportInfo, String> {
     let io = |e: std::io::Error| format!("handshake: {e}");
     if read_u64(s).map_err(io)? != NBDMAGIC {
         return Err("not an NBD server (bad greeting)".into());
@@ -569,6 +572,34 @@ struct Pool {
 }
 
 impl Pool {
+    /// A pool for the export `uri` (parsed as `parsed`) of `size` bytes,
+    /// with no connection yet. Dropping `stop`, the returned sender,
+    /// stops it.
+    fn new(uri: &str, parsed: NbdUri, size: u64) -> (Pool, Sender<()>) {
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(CONNECTIONS);
+        let pool = Pool {
+            name: uri.to_string(),
+            uri: parsed,
+            size,
+            jobs_tx,
+            jobs_rx,
+            stop_rx,
+            wake_tx,
+            wake_rx,
+            live: AtomicUsize::new(0),
+            spares: Default::default(),
+            sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(0),
+            lanes: Mutex::new(Vec::new()),
+            next_lane: AtomicUsize::new(0),
+            sent_now: AtomicU64::new(0),
+            sent_queued: AtomicU64::new(0),
+        };
+        (pool, stop_tx)
+    }
+
     fn stopped(&self) -> bool {
         matches!(self.stop_rx.try_recv(), Err(TryRecvError::Disconnected))
     }
@@ -691,30 +722,10 @@ impl NbdClient {
                 format!("backing image {uri}: {e}"),
             )
         })?;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
-        let (wake_tx, wake_rx) = crossbeam_channel::bounded(CONNECTIONS);
         let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
-        let pool = Arc::new(Pool {
-            name: uri.to_string(),
-            uri: parsed,
-            size: info.size,
-            jobs_tx,
-            jobs_rx,
-            stop_rx,
-            wake_tx,
-            wake_rx,
-            live: AtomicUsize::new(0),
-            spares: Default::default(),
-            sockets: Mutex::new(HashMap::new()),
-            next_socket: AtomicU64::new(0),
-            lanes: Mutex::new(Vec::new()),
-            next_lane: AtomicUsize::new(0),
-            sent_now: AtomicU64::new(0),
-            sent_queued: AtomicU64::new(0),
-        });
+        let (pool, stop_tx) = Pool::new(uri, parsed, info.size);
         let mut client = NbdClient {
-            pool,
+            pool: Arc::new(pool),
             max_read: info.max_block as usize,
             alignment: info.min_block as usize,
             stop: Some(stop_tx),
@@ -1091,7 +1102,7 @@ enum Outcome {
 /// fails. Returns why it stopped.
 fn read_replies(
     pool: &Pool,
-    mut s: BufReader<Stream>,
+    mut s: BufReader<impl Read>,
     wire: &Mutex<Wire>,
     room: &Condvar,
     info: &ExportInfo,
@@ -1330,6 +1341,179 @@ fn finish(pool: &Pool, p: Pending) {
         None => Ok(data),
     };
     job.read.complete(result);
+}
+
+/// The fuzz target `nbd_backing_replies` (see [`crate::testing::fuzz`]):
+/// what a broken or hostile NBD server may send our client, from memory.
+///
+/// The first byte: bit 0 clear, the rest is the server's side of a
+/// handshake; set, it is the replies to 1 to 8 reads the client has on the
+/// wire (cookies 1 to n; the next byte is n - 1 in its low 3 bits, then 4
+/// bytes a read: offset in 512-byte units and length - 1, both u16 BE),
+/// bit 1 saying whether structured replies were negotiated and bit 2
+/// whether the reads are placed in core buffers (two pieces with a gap,
+/// each buffer with 7 guard bytes in front and 5 behind).
+///
+/// Must hold: no panic, and no allocation sized by the server beyond the
+/// small option payloads; a handshake that succeeds describes a usable
+/// export; each read is answered at most once, and when the replies stop,
+/// every read is answered, still on the wire (to be retried), or back in
+/// the queue (ESHUTDOWN), exactly one of those; a read answered with data
+/// has all its bytes, and a placed read wrote inside its placements only.
+#[doc(hidden)]
+pub fn fuzz_server_bytes(data: &[u8]) {
+    use crate::backing::remote::{Placement, Reply};
+    use crate::io::IoBuf;
+
+    /// The client's side: what the server sends, then end of stream; what
+    /// the client writes goes nowhere.
+    struct Duplex<'a>(&'a [u8]);
+    impl Read for Duplex<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Duplex<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    struct Answers(Mutex<Vec<(u64, Result<Vec<u8>>)>>);
+    impl Reply for Answers {
+        fn done(&self, tag: u64, result: Result<Vec<u8>>) {
+            self.0.lock().unwrap().push((tag, result));
+        }
+    }
+    const GUARD: u8 = 0xee;
+
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        if let Ok(info) = handshake(&mut Duplex(rest), "") {
+            assert!(info.size <= i64::MAX as u64);
+            assert!(info.min_block.is_power_of_two() && info.min_block <= 64 << 10);
+            assert!(info.max_block >= info.min_block.max(4096));
+            assert!(info.max_block <= DEFAULT_MAX_READ.max(info.min_block));
+            assert_eq!(info.max_block % info.min_block, 0);
+        }
+        return;
+    }
+    let (structured, placed) = (mode & 2 != 0, mode & 4 != 0);
+    let Some((&count, rest)) = rest.split_first() else {
+        return;
+    };
+    let n = usize::from(count & 7) + 1;
+    if rest.len() < n * 4 {
+        return;
+    }
+    let (spec, stream) = rest.split_at(n * 4);
+    let uri = "nbd+unix:///?socket=/fuzz";
+    let (pool, _stop) = Pool::new(uri, NbdUri::parse(uri).expect("a valid URI"), 1 << 40);
+    let answers = Arc::new(Answers(Mutex::new(Vec::new())));
+    let reply: Arc<dyn Reply> = answers.clone();
+    let mut reads = Vec::with_capacity(n);
+    let mut wire = Wire {
+        pending: HashMap::new(),
+        dead: false,
+        cookie: 0,
+    };
+    for (i, r) in spec.chunks_exact(4).enumerate() {
+        let offset = u64::from(u16::from_be_bytes([r[0], r[1]])) * 512;
+        let len = usize::from(u16::from_be_bytes([r[2], r[3]])) + 1;
+        let (buf, dest) = if placed {
+            let mut b = IoBuf::zeroed(len + 12);
+            b.as_mut_slice().fill(GUARD);
+            let b = Arc::new(b);
+            let third = len / 3;
+            let dest = vec![
+                Placement {
+                    at: 0,
+                    buf: b.clone(),
+                    buf_off: 7,
+                    len: third,
+                },
+                // Byte `third` of the read goes nowhere (padding).
+                Placement {
+                    at: third + 1,
+                    buf: b.clone(),
+                    buf_off: 7 + third + 5,
+                    len: len.saturating_sub(third + 1),
+                },
+            ];
+            (Some(b), dest)
+        } else {
+            (None, Vec::new())
+        };
+        reads.push((offset, len, buf));
+        let read = RemoteRead {
+            offset,
+            len,
+            tag: i as u64,
+            reply: reply.clone(),
+            dest,
+        };
+        wire.cookie += 1;
+        wire.pending
+            .insert(wire.cookie, Pending::new(&pool, Job { read, attempts: 0 }));
+    }
+    let info = ExportInfo {
+        size: 1 << 40,
+        structured,
+        min_block: 1,
+        max_block: DEFAULT_MAX_READ,
+    };
+    let wire = Mutex::new(wire);
+    let why = read_replies(
+        &pool,
+        BufReader::new(Duplex(stream)),
+        &wire,
+        &Condvar::new(),
+        &info,
+    );
+    assert!(!why.is_empty(), "the replies stopped without a reason");
+
+    let mut seen = vec![0u8; n];
+    let answered = std::mem::take(&mut *answers.0.lock().unwrap());
+    for (tag, result) in &answered {
+        let t = *tag as usize;
+        seen[t] += 1;
+        let (_, len, buf) = &reads[t];
+        if let Ok(data) = result {
+            match buf {
+                None => assert_eq!(data.len(), *len, "read {t} answered short"),
+                Some(b) => {
+                    assert!(data.is_empty(), "placed read {t} returned bytes");
+                    let (third, b) = (len / 3, b.as_slice());
+                    assert!(
+                        b[..7].iter().all(|&x| x == GUARD),
+                        "read {t} wrote before its buffer"
+                    );
+                    assert!(
+                        b[7 + third..7 + third + 5].iter().all(|&x| x == GUARD),
+                        "read {t} wrote into the gap between its placements"
+                    );
+                    let end = 7 + third + 5 + len.saturating_sub(third + 1);
+                    assert!(
+                        b[end..].iter().all(|&x| x == GUARD),
+                        "read {t} wrote past its placements"
+                    );
+                }
+            }
+        }
+    }
+    for p in wire.into_inner().unwrap().pending.into_values() {
+        seen[p.job.read.tag as usize] += 1;
+    }
+    while let Ok(job) = pool.jobs_rx.try_recv() {
+        seen[job.read.tag as usize] += 1;
+    }
+    for (t, &k) in seen.iter().enumerate() {
+        assert_eq!(k, 1, "read {t} answered, left or queued {k} times ({why})");
+    }
 }
 
 #[cfg(test)]

@@ -665,6 +665,14 @@ fn is_final_reply(kind: u32) -> bool {
     kind == REP_ACK || kind & (1 << 31) != 0
 }
 
+/// Fuzz target: what a broken or hostile NBD server sends the NBD backing
+/// client (its handshake, or its replies to reads on the wire); the input's
+/// layout and the properties checked are those of
+/// [`crate::backing::nbd::fuzz_server_bytes`].
+pub fn nbd_backing_replies(data: &[u8]) {
+    crate::backing::nbd::fuzz_server_bytes(data);
+}
+
 /// Fuzz target: the first byte chooses whether the export is read-only and
 /// whether the server is shutting down; the rest is the client's side of
 /// the handshake. Every reply must be well formed and belong to the option
