@@ -19,6 +19,10 @@
 #   nbd_handshake     the handshake part of the same client bytes, and
 #                     hand-built option sequences.
 #   lock_table_ops    a few hand-built operation sequences.
+#   http_wire         response heads as nginx sends them for range reads
+#                     (206, 200, 416, errors with Retry-After, redirects),
+#                     chunked and HTTP/1.0 heads, and bare Content-Range,
+#                     Retry-After and chunk-size values.
 #   nbd_backing_replies  what real servers (nbdkit, qemu-nbd) send the
 #                     engine's NBD backing client, recorded on the way:
 #                     each connection's handshake, and its replies to the
@@ -43,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops nbd_backing_replies; do
+for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops nbd_backing_replies http_wire; do
     mkdir -p "$out/$t"
 done
 
@@ -357,6 +361,47 @@ def backing_hand_seeds(outdir):
     put("hand-none", 3, chunk(1, 0, b"") + chunk(2, 0, b""))
 
 
+def http_seeds(outdir):
+    """Response heads and header values for http_wire."""
+    def put(name, data):
+        open(os.path.join(outdir, name), "wb").write(data)
+
+    def head(status, *headers):
+        return ("\r\n".join((status,) + headers) + "\r\n\r\n").encode()
+
+    nginx = ("Server: nginx/1.22.1", "Date: Fri, 27 Nov 2026 08:00:00 GMT",
+             "Content-Type: application/octet-stream",
+             "Last-Modified: Thu, 26 Nov 2026 08:00:00 GMT", "Connection: keep-alive",
+             'ETag: "6566-40000000"')
+    put("nginx-206", head("HTTP/1.1 206 Partial Content", *nginx, "Content-Length: 65536",
+                          "Content-Range: bytes 65536-131071/1073741824"))
+    put("nginx-200", head("HTTP/1.1 200 OK", *nginx, "Content-Length: 1073741824",
+                          "Accept-Ranges: bytes"))
+    put("nginx-416", head("HTTP/1.1 416 Requested Range Not Satisfiable", *nginx[:3],
+                          "Content-Length: 197", "Content-Range: bytes */1073741824"))
+    put("nginx-412", head("HTTP/1.1 412 Precondition Failed", *nginx[:3],
+                          "Content-Length: 173", "Connection: close"))
+    put("503-retry-after", head("HTTP/1.1 503 Service Unavailable", "Content-Length: 0",
+                                "Retry-After: 120"))
+    put("429-retry-date", head("HTTP/1.1 429 Too Many Requests", "Content-Length: 0",
+                               "Retry-After: Fri, 27 Nov 2026 09:00:00 GMT"))
+    put("301", head("HTTP/1.1 301 Moved Permanently", "Location: https://example.com/disk.raw",
+                    "Content-Length: 0"))
+    put("chunked", head("HTTP/1.1 206 Partial Content", "Transfer-Encoding: chunked",
+                        "Content-Range: bytes 0-4095/*") + b"1000;ext=1\r\n")
+    put("http10", head("HTTP/1.0 206 Partial Content", "Connection: keep-alive",
+                       "Content-Length: 4096", "Content-Range: bytes 0-4095/8192",
+                       "Content-Encoding: identity"))
+    put("both-framings", head("HTTP/1.1 200 OK", "Content-Length: 10",
+                              "Transfer-Encoding: chunked"))
+    put("value-range", b"bytes 4096-8191/1048576")
+    put("value-range-star", b"bytes 0-511/*")
+    put("value-unsatisfied", b"bytes */4096")
+    put("value-retry-date", b"Sun, 06 Nov 1994 08:49:37 GMT")
+    put("value-retry-secs", b"3600")
+    put("value-chunk", b"7fffffffffffffff;name=value\r\n")
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "seed":
@@ -373,6 +418,8 @@ if __name__ == "__main__":
         captured(*args)
     elif cmd == "backing-seeds":
         backing_seeds(*args)
+    elif cmd == "http-seeds":
+        http_seeds(*args)
     elif cmd == "backing-hand-seeds":
         backing_hand_seeds(*args)
     else:
@@ -591,9 +638,11 @@ backing_capture() { # NAME SERVER-COMMAND...: serve bbase.raw on bup.sock, recor
 backing_capture nbdkit nbdkit -f -U "$work/bup.sock" file bbase.raw
 backing_capture qemu-nbd qemu-nbd -f raw -r -t -e 8 -k "$work/bup.sock" bbase.raw
 tool backing-hand-seeds "$out/nbd_backing_replies"
+tool http-seeds "$out/http_wire"
 
 echo "nbd_client_bytes: $(ls "$out/nbd_client_bytes" | wc -l) files," \
     "nbd_handshake: $(ls "$out/nbd_handshake" | wc -l)," \
     "lock_table_ops: $(ls "$out/lock_table_ops" | wc -l)," \
-    "nbd_backing_replies: $(ls "$out/nbd_backing_replies" | wc -l)"
+    "nbd_backing_replies: $(ls "$out/nbd_backing_replies" | wc -l)," \
+    "http_wire: $(ls "$out/http_wire" | wc -l)"
 du -sh --apparent-size "$out"/*

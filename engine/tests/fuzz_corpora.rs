@@ -70,6 +70,11 @@ fn replay(target: &str, f: fn(&[u8])) {
 }
 
 #[test]
+fn http_wire() {
+    replay("http_wire", fuzz::http_wire);
+}
+
+#[test]
 fn nbd_backing_replies() {
     replay("nbd_backing_replies", fuzz::nbd_backing_replies);
 }

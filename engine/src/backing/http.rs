@@ -54,6 +54,12 @@ pub mod medium;
 pub mod url;
 mod wire;
 
+/// The fuzz target `http_wire`; see `wire::fuzz`.
+#[doc(hidden)]
+pub fn fuzz_wire(data: &[u8]) {
+    wire::fuzz(data);
+}
+
 use std::fmt;
 use std::io::{self, Read as _, Write as _};
 use std::path::PathBuf;

@@ -673,6 +673,13 @@ pub fn nbd_backing_replies(data: &[u8]) {
     crate::backing::nbd::fuzz_server_bytes(data);
 }
 
+/// Fuzz target: what an HTTP server sends, through the HTTP backing's wire
+/// parsers (response heads, `Content-Range`, chunk sizes, `Retry-After`);
+/// the properties are those of `backing::http`'s `fuzz_wire`.
+pub fn http_wire(data: &[u8]) {
+    crate::backing::http::fuzz_wire(data);
+}
+
 /// Fuzz target: the first byte chooses whether the export is read-only and
 /// whether the server is shutting down; the rest is the client's side of
 /// the handshake. Every reply must be well formed and belong to the option

@@ -271,6 +271,70 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The fuzz target `http_wire` (see [`crate::testing::fuzz`]): whatever a
+/// server sends, through every parser here. Must hold: no panic; a head's
+/// length ends at its first blank line; a parsed head has a valid status,
+/// keeps the connection only when the body has exactly one framing, has a
+/// consistent `Content-Range`, and header values without surrounding
+/// blanks; values that parse print back to what parses the same (chunk
+/// sizes, `Content-Range`, delta-seconds `Retry-After`).
+pub(super) fn fuzz(data: &[u8]) {
+    // A fixed "now", so that the same input always does the same.
+    let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let check_range = |cr: ContentRange| match cr {
+        ContentRange::Bytes { first, last, total } => {
+            assert!(first <= last && total.is_none_or(|t| last < t), "{cr:?}");
+            let text = match total {
+                Some(t) => format!("bytes {first}-{last}/{t}"),
+                None => format!("bytes {first}-{last}/*"),
+            };
+            assert_eq!(parse_content_range(&text), Some(cr));
+        }
+        ContentRange::Unsatisfied { total } => {
+            assert_eq!(parse_content_range(&format!("bytes */{total}")), Some(cr));
+        }
+    };
+    if let Some(n) = head_len(data) {
+        assert!(data[..n].ends_with(b"\r\n\r\n"));
+        assert!(data[..n].windows(4).filter(|w| *w == b"\r\n\r\n").count() == 1);
+        if let Ok(h) = parse_head(&data[..n]) {
+            assert!((100..=599).contains(&h.status));
+            if h.keep_alive {
+                assert!(h.chunked != h.content_length.is_some(), "{h:?}");
+            }
+            if let Some(cr) = h.content_range {
+                check_range(cr);
+            }
+            let values = [
+                h.etag,
+                h.last_modified,
+                h.retry_after,
+                h.content_encoding,
+                h.location,
+            ];
+            for v in values.into_iter().flatten() {
+                assert_eq!(v, v.trim_matches([' ', '\t']), "{h:?}");
+            }
+            if let Some(v) = h.retry_after {
+                let _ = parse_retry_after(v, now);
+            }
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Some(cr) = parse_content_range(text) {
+            check_range(cr);
+        }
+        if let (Some(d), Some(secs)) = (parse_retry_after(text, now), parse_decimal(text)) {
+            assert_eq!(d, Duration::from_secs(secs));
+        }
+    }
+    let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if let Ok(size) = parse_chunk_size(line) {
+        assert_eq!(parse_chunk_size(format!("{size:x}").as_bytes()), Ok(size));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
