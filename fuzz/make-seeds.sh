@@ -403,30 +403,18 @@ def http_seeds(outdir):
 
 
 if __name__ == "__main__":
+    # Each command is the function of that name, with - for _.
+    commands = {f.__name__.replace("_", "-"): f for f in (
+        seed, unformat, nbd_seeds, lock_seeds, proxy, captured, backing_seeds,
+        backing_hand_seeds, http_seeds)}
     cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "seed":
-        seed(*args)
-    elif cmd == "unformat":
-        unformat(*args)
-    elif cmd == "nbd-seeds":
-        nbd_seeds(*args)
-    elif cmd == "lock-seeds":
-        lock_seeds(*args)
-    elif cmd == "proxy":
-        proxy(*args)
-    elif cmd == "captured":
-        captured(*args)
-    elif cmd == "backing-seeds":
-        backing_seeds(*args)
-    elif cmd == "http-seeds":
-        http_seeds(*args)
-    elif cmd == "backing-hand-seeds":
-        backing_hand_seeds(*args)
-    else:
+    if cmd not in commands:
         sys.exit(f"unknown command {cmd}")
+    commands[cmd](*args)
 PY
 
 tool() { python3 "$work/tool.py" "$@"; }
+wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && break; sleep 0.1; done; }
 img() { qemu-img create -q -f qcow2 "$@"; }
 io() { local f=$1; shift; qemu-io -f qcow2 "$@" "$f" >/dev/null; }
 
@@ -575,16 +563,17 @@ tool lock-seeds "$out/lock_table_ops"
 # file). Not qemu-nbd: clients would negotiate extended headers with it,
 # which backfill does not offer, and the recorded requests would not fit.
 (cd "$here/.." && cargo build -q --release -p backfill --bin backfill)
+bf=$here/../target/release/backfill
 qemu-img create -q -f raw nbdbase.raw 3M
 img -o cluster_size=4k -b nbdbase.raw -F raw nbd.qcow2 $(((4 << 20) + 1536))
-"$here/../target/release/backfill" serve --socket "$work/up.sock" --export fuzz --cores 1 \
+"$bf" serve --socket "$work/up.sock" --export fuzz --cores 1 \
     nbd.qcow2 >/dev/null &
 pids+=($!)
 mkdir cap
-for _ in $(seq 100); do [ -S up.sock ] && break; sleep 0.1; done
+wait_socket up.sock
 python3 "$work/tool.py" proxy "$work/proxy.sock" "$work/up.sock" "$work/cap/c" &
 pids+=($!)
-for _ in $(seq 100); do [ -S proxy.sock ] && break; sleep 0.1; done
+wait_socket proxy.sock
 uri="nbd+unix:///fuzz?socket=$work/proxy.sock"
 capture() { # capture NAME COMMAND...: run a client, keep what it sent
     local name=$1
@@ -621,14 +610,14 @@ backing_capture() { # NAME SERVER-COMMAND...: serve bbase.raw on bup.sock, recor
     rm -f bup.sock bproxy.sock
     "$@" &
     spid=$!
-    for _ in $(seq 100); do [ -S bup.sock ] && break; sleep 0.1; done
+    wait_socket bup.sock
     python3 "$work/tool.py" proxy "$work/bproxy.sock" "$work/bup.sock" "$work/bcap/c" both &
     ppid=$!
-    for _ in $(seq 100); do [ -S bproxy.sock ] && break; sleep 0.1; done
+    wait_socket bproxy.sock
     rm -f bov.qcow2
-    "$here/../target/release/backfill" create -o cluster_size=4096 \
+    "$bf" create -o cluster_size=4096 \
         -b "nbd+unix:///?socket=$work/bproxy.sock" -F raw bov.qcow2 >/dev/null
-    "$here/../target/release/backfill" bench --copy-on-read --pattern rand -c 24 -d 8 -s 4k \
+    "$bf" bench --copy-on-read --pattern rand -c 24 -d 8 -s 4k \
         --seed 7 bov.qcow2 >/dev/null || echo "warning: $name: bench failed" >&2
     sleep 0.3 # let the proxy finish writing
     kill "$ppid" "$spid" 2>/dev/null || true

@@ -43,7 +43,7 @@
 //! cover (a malformed reply is an error, never zeros passed off as data).
 //! The wire format is `doc/proto.md` in NetworkBlockDevice/nbd.
 
-use super::remote::{place_range, Medium, RemoteRead};
+use super::remote::{place_range, Medium, Placement, RemoteRead};
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::proto::*;
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
@@ -887,10 +887,24 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
 }
 
 /// The requests on one connection, by cookie, and whether it is dead.
+#[derive(Default)]
 struct Wire {
     pending: HashMap<u64, Pending>,
     dead: bool,
+    /// The last cookie given out.
     cookie: u64,
+}
+
+impl Wire {
+    /// Puts `job` in the table under the next cookie; returns the request
+    /// to send for it.
+    fn add(&mut self, pool: &Pool, job: Job) -> [u8; REQUEST_HEADER_LEN] {
+        self.cookie += 1;
+        let r = &job.read;
+        let header = request(CMD_READ, self.cookie, r.offset, r.len as u32);
+        self.pending.insert(self.cookie, Pending::new(pool, job));
+        header
+    }
 }
 
 /// A live connection: its requests on the wire and its sending side, which
@@ -913,19 +927,18 @@ impl Lane {
         let Ok(out) = self.out.try_lock() else {
             return Some(read);
         };
-        w.cookie += 1;
-        let cookie = w.cookie;
-        let header = request(CMD_READ, cookie, read.offset, read.len as u32);
         // In the table before the request is on the wire: the reply may
         // come before this thread runs again.
-        w.pending
-            .insert(cookie, Pending::new(pool, Job { read, attempts: 0 }));
+        let header = w.add(pool, Job { read, attempts: 0 });
         match out.send_now(&header) {
             Ok(n) if n == header.len() => {
                 pool.sent_now.fetch_add(1, Ordering::Relaxed);
                 None
             }
-            Ok(0) => w.pending.remove(&cookie).map(|p| p.job.read),
+            Ok(0) => {
+                let cookie = w.cookie;
+                w.pending.remove(&cookie).map(|p| p.job.read)
+            }
             // Part of a request on the wire, or a broken socket: the
             // connection is of no more use. Shutting it down ends its
             // session, which sends its reads, this one too, elsewhere.
@@ -940,17 +953,17 @@ impl Lane {
 /// Runs one connection until it drops (or the client stops). Returns the
 /// reads left unanswered on it, and why it ended.
 fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) {
-    let out = match stream.try_clone() {
+    let rx = match stream
+        .try_clone()
+        .and_then(|rx| rx.set_timeouts(Some(STALL_TIMEOUT)).map(|()| rx))
+    {
         Ok(s) => s,
         Err(e) => return (Vec::new(), format!("setting up the socket: {e}")),
     };
+    let registered = pool.register(&stream);
     let lane = Arc::new(Lane {
-        wire: Mutex::new(Wire {
-            pending: HashMap::new(),
-            dead: false,
-            cookie: 0,
-        }),
-        out: Mutex::new(out),
+        wire: Mutex::new(Wire::default()),
+        out: Mutex::new(stream),
     });
     pool.lanes
         .lock()
@@ -967,14 +980,6 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         wire.lock().unwrap_or_else(|e| e.into_inner()).dead = true;
         room.notify_all();
     };
-    let rx = match stream
-        .try_clone()
-        .and_then(|rx| rx.set_timeouts(Some(STALL_TIMEOUT)).map(|()| rx))
-    {
-        Ok(s) => s,
-        Err(e) => return (Vec::new(), format!("setting up the socket: {e}")),
-    };
-    let registered = pool.register(&stream);
     let (dead_tx, dead_rx) = crossbeam_channel::bounded::<()>(0);
     std::thread::scope(|sc| {
         let reader = std::thread::Builder::new()
@@ -997,7 +1002,10 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         // Wakes the reader, which then ends too. Joined here, not by the
         // scope: the scope only waits for its closure, and the client's drop
         // promises that the thread itself is gone.
-        stream.shutdown();
+        lane.out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown();
         let _ = reader.join();
     });
     pool.unregister(registered);
@@ -1049,11 +1057,7 @@ fn send_requests(pool: &Pool, lane: &Lane, room: &Condvar, dead_rx: &Receiver<()
         batch.clear();
         let mut job = Some(first);
         while let Some(j) = job.take() {
-            w.cookie += 1;
-            let cookie = w.cookie;
-            let (offset, len) = (j.read.offset, j.read.len);
-            batch.extend_from_slice(&request(CMD_READ, cookie, offset, len as u32));
-            w.pending.insert(cookie, Pending::new(pool, j));
+            batch.extend_from_slice(&w.add(pool, j));
             pool.sent_queued.fetch_add(1, Ordering::Relaxed);
             if w.pending.len() < IN_FLIGHT_PER_CONNECTION {
                 job = pool.jobs_rx.try_recv().ok();
@@ -1343,6 +1347,32 @@ fn finish(pool: &Pool, p: Pending) {
     job.read.complete(result);
 }
 
+/// A buffer of `len + 12` bytes of `guard`, and where a `len`-byte read
+/// lands in it: its first third 7 bytes in, the rest 5 bytes after that
+/// (byte `len / 3` goes nowhere, as alignment padding would), 1 byte of
+/// guard behind. For checking that a medium writes its placements only.
+fn guarded_placements(len: usize, guard: u8) -> (Arc<crate::io::IoBuf>, Vec<Placement>) {
+    let mut b = crate::io::IoBuf::zeroed(len + 12);
+    b.as_mut_slice().fill(guard);
+    let b = Arc::new(b);
+    let third = len / 3;
+    let dest = vec![
+        Placement {
+            at: 0,
+            buf: b.clone(),
+            buf_off: 7,
+            len: third,
+        },
+        Placement {
+            at: third + 1,
+            buf: b.clone(),
+            buf_off: 7 + third + 5,
+            len: len.saturating_sub(third + 1),
+        },
+    ];
+    (b, dest)
+}
+
 /// The fuzz target `nbd_backing_replies` (see [`crate::testing::fuzz`]):
 /// what a broken or hostile NBD server may send our client, from memory.
 ///
@@ -1362,25 +1392,10 @@ fn finish(pool: &Pool, p: Pending) {
 /// has all its bytes, and a placed read wrote inside its placements only.
 #[doc(hidden)]
 pub fn fuzz_server_bytes(data: &[u8]) {
-    use crate::backing::remote::{Placement, Reply};
-    use crate::io::IoBuf;
+    use crate::backing::remote::Reply;
 
-    /// The client's side: what the server sends, then end of stream; what
-    /// the client writes goes nowhere.
-    struct Duplex<'a>(&'a [u8]);
-    impl Read for Duplex<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-    impl Write for Duplex<'_> {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::fuzz::Duplex;
+
     struct Answers(Mutex<Vec<(u64, Result<Vec<u8>>)>>);
     impl Reply for Answers {
         fn done(&self, tag: u64, result: Result<Vec<u8>>) {
@@ -1393,7 +1408,7 @@ pub fn fuzz_server_bytes(data: &[u8]) {
         return;
     };
     if mode & 1 == 0 {
-        if let Ok(info) = handshake(&mut Duplex(rest), "") {
+        if let Ok(info) = handshake(&mut Duplex::new(rest), "") {
             assert!(info.size <= i64::MAX as u64);
             assert!(info.min_block.is_power_of_two() && info.min_block <= 64 << 10);
             assert!(info.max_block >= info.min_block.max(4096));
@@ -1416,34 +1431,12 @@ pub fn fuzz_server_bytes(data: &[u8]) {
     let answers = Arc::new(Answers(Mutex::new(Vec::new())));
     let reply: Arc<dyn Reply> = answers.clone();
     let mut reads = Vec::with_capacity(n);
-    let mut wire = Wire {
-        pending: HashMap::new(),
-        dead: false,
-        cookie: 0,
-    };
+    let mut wire = Wire::default();
     for (i, r) in spec.chunks_exact(4).enumerate() {
         let offset = u64::from(u16::from_be_bytes([r[0], r[1]])) * 512;
         let len = usize::from(u16::from_be_bytes([r[2], r[3]])) + 1;
         let (buf, dest) = if placed {
-            let mut b = IoBuf::zeroed(len + 12);
-            b.as_mut_slice().fill(GUARD);
-            let b = Arc::new(b);
-            let third = len / 3;
-            let dest = vec![
-                Placement {
-                    at: 0,
-                    buf: b.clone(),
-                    buf_off: 7,
-                    len: third,
-                },
-                // Byte `third` of the read goes nowhere (padding).
-                Placement {
-                    at: third + 1,
-                    buf: b.clone(),
-                    buf_off: 7 + third + 5,
-                    len: len.saturating_sub(third + 1),
-                },
-            ];
+            let (b, dest) = guarded_placements(len, GUARD);
             (Some(b), dest)
         } else {
             (None, Vec::new())
@@ -1456,9 +1449,7 @@ pub fn fuzz_server_bytes(data: &[u8]) {
             reply: reply.clone(),
             dest,
         };
-        wire.cookie += 1;
-        wire.pending
-            .insert(wire.cookie, Pending::new(&pool, Job { read, attempts: 0 }));
+        wire.add(&pool, Job { read, attempts: 0 });
     }
     let info = ExportInfo {
         size: 1 << 40,
@@ -1469,7 +1460,7 @@ pub fn fuzz_server_bytes(data: &[u8]) {
     let wire = Mutex::new(wire);
     let why = read_replies(
         &pool,
-        BufReader::new(Duplex(stream)),
+        BufReader::new(Duplex::new(stream)),
         &wire,
         &Condvar::new(),
         &info,
@@ -1761,11 +1752,7 @@ mod tests {
         }
         assert!(filled > 0);
         let lane = Lane {
-            wire: Mutex::new(Wire {
-                pending: HashMap::new(),
-                dead: false,
-                cookie: 0,
-            }),
+            wire: Mutex::new(Wire::default()),
             out: Mutex::new(Stream::Unix(ours)),
         };
         let (tx, _rx) = mpsc::channel();
@@ -1793,7 +1780,6 @@ mod tests {
 
     #[test]
     fn placed_reads_land_in_their_buffers_and_nowhere_else() {
-        use crate::backing::remote::Placement;
         use crate::io::IoBuf;
         for mode in [Mode::Chunks, Mode::Simple, Mode::Partial] {
             let dir = tempfile::tempdir().unwrap();
@@ -1805,36 +1791,16 @@ mod tests {
             // Each read lands in two pieces of its own buffer, 7 bytes in
             // and with a 5-byte gap between them; byte `len / 3` of the
             // read goes nowhere (as alignment padding would).
-            let bufs: Vec<Arc<IoBuf>> = reads
+            let (bufs, dests): (Vec<Arc<IoBuf>>, Vec<_>) = reads
                 .iter()
-                .map(|&(_, len)| {
-                    let mut b = IoBuf::zeroed(len + 12);
-                    b.as_mut_slice().fill(0xee);
-                    Arc::new(b)
-                })
-                .collect();
+                .map(|&(_, len)| guarded_placements(len, 0xee))
+                .unzip();
             let (tx, rx) = mpsc::channel();
             let reply: Arc<dyn Reply> = Arc::new(CountAtDone {
                 bufs: bufs.clone(),
                 tx: Mutex::new(tx),
             });
-            for (i, &(offset, len)) in reads.iter().enumerate() {
-                let b = &bufs[i];
-                let third = len / 3;
-                let dest = vec![
-                    Placement {
-                        at: 0,
-                        buf: b.clone(),
-                        buf_off: 7,
-                        len: third,
-                    },
-                    Placement {
-                        at: third + 1,
-                        buf: b.clone(),
-                        buf_off: 7 + third + 5,
-                        len: len - third - 1,
-                    },
-                ];
+            for (i, (&(offset, len), dest)) in reads.iter().zip(dests).enumerate() {
                 c.submit(RemoteRead {
                     offset,
                     len,

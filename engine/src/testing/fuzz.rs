@@ -623,10 +623,20 @@ pub fn open_and_read(data: &[u8]) {
 /// The export the in-memory handshake offers.
 const HANDSHAKE_EXPORT_SIZE: u64 = (1 << 20) + 512;
 
-/// The client's bytes in, the server's bytes out.
-struct Duplex<'a> {
+/// One side of a connection, in memory: reads what the peer sent
+/// (`input`, then end of stream) and keeps what it writes (`out`).
+pub(crate) struct Duplex<'a> {
     input: &'a [u8],
-    out: Vec<u8>,
+    pub(crate) out: Vec<u8>,
+}
+
+impl<'a> Duplex<'a> {
+    pub(crate) fn new(input: &'a [u8]) -> Duplex<'a> {
+        Duplex {
+            input,
+            out: Vec::new(),
+        }
+    }
 }
 
 impl Read for Duplex<'_> {
@@ -697,10 +707,7 @@ pub fn nbd_handshake(data: &[u8]) {
         read_only: cfg & 1 != 0,
     };
     let stopping = cfg & 2 != 0;
-    let mut s = Duplex {
-        input: rest,
-        out: Vec::new(),
-    };
+    let mut s = Duplex::new(rest);
     let outcome = handshake::negotiate(&mut s, &export, &|| stopping);
     let sent = client_options(Input(rest));
     let out = s.out;
