@@ -59,6 +59,19 @@ pub struct Options {
     /// overlap. Only with copy-on-read on a writable disk whose chain has a
     /// remote layer; 0 turns it off. Default 16 MiB.
     pub readahead_max_bytes: u64,
+    /// Memory, all cores together, for write-backs of data fetched from a
+    /// remote backing medium (NBD, HTTP) that wait while more remote reads
+    /// are in flight. The reader has its data already; the write-back
+    /// only keeps the data from being fetched again, so it can wait: a
+    /// burst of cold reads then leaves the overlay's disk to the reads
+    /// (overlay hits, and a backing server on the same disk), and its
+    /// write-backs go out in large merged writes once the burst is over,
+    /// or the oldest of them, 1 MiB at a time, when the budget is full. A
+    /// flush, a close, or a request for one of the held clusters writes
+    /// them at once. Held data is only ever a copy of the backing's: a
+    /// crash loses fetch work, never data. The minimum, 1 MiB per core,
+    /// writes each 1 MiB as soon as it is ready. Default 256 MiB.
+    pub writeback_hold_bytes: usize,
     /// Run the cores on this simulated I/O layer instead of io_uring
     /// (deterministic tests and crash replay; see `testing::sim`). Polling
     /// is off under simulation.
@@ -67,6 +80,9 @@ pub struct Options {
 
 /// Default [`Options::readahead_max_bytes`].
 pub const DEFAULT_READAHEAD_MAX: u64 = 16 << 20;
+
+/// Default [`Options::writeback_hold_bytes`].
+pub const DEFAULT_WRITEBACK_HOLD: usize = 256 << 20;
 
 impl Default for Options {
     fn default() -> Options {
@@ -85,6 +101,7 @@ impl Default for Options {
                 .unwrap_or(1000),
             backing_dir: None,
             readahead_max_bytes: DEFAULT_READAHEAD_MAX,
+            writeback_hold_bytes: DEFAULT_WRITEBACK_HOLD,
             sim: None,
         }
     }
@@ -158,6 +175,11 @@ pub struct Stats {
     pub readahead_hits: u64,
     /// Requests accepted and not yet completed.
     pub in_flight: u64,
+    /// Bytes (in clusters) of copy-on-read write-backs held in memory now
+    /// while remote reads continue (`Options::writeback_hold_bytes`), and
+    /// the most held since open (each core's largest, summed).
+    pub writebacks_held_bytes: u64,
+    pub writebacks_held_peak_bytes: u64,
 }
 
 /// A handle on an open disk. Cheap to clone; usable from any thread.
@@ -443,6 +465,8 @@ impl Disk {
             } else {
                 0
             },
+            hold_bytes: (opts.writeback_hold_bytes / opts.cores.max(1))
+                .max(crate::io::merge::MAX_MERGED),
             stats: (0..opts.cores).map(|_| CoreStats::default()).collect(),
             peers: std::sync::OnceLock::new(),
         });
@@ -904,6 +928,8 @@ impl Disk {
             s.remote_errors += g(&c.remote_errors);
             s.readahead_bytes += g(&c.readahead_bytes);
             s.readahead_hits += g(&c.readahead_hits);
+            s.writebacks_held_bytes += g(&c.held_bytes);
+            s.writebacks_held_peak_bytes += g(&c.held_peak_bytes);
             s.remote_latency_us += g(&c.remote_latency_us);
             s.remote_latency_max_us = s.remote_latency_max_us.max(g(&c.remote_latency_max_us));
         }

@@ -18,7 +18,7 @@ mod nbd_common;
 #[path = "common/nbd_peer.rs"]
 mod nbd_peer;
 
-use backfill::{Disk, ErrorKind, Stats};
+use backfill::{Disk, ErrorKind, Options, Stats};
 use common::*;
 use nbd_peer::{socket_path, unix_uri, Peer};
 use std::path::{Path, PathBuf};
@@ -766,6 +766,123 @@ fn held_write_backs_give_way_to_writes_and_flushes() {
     }
     disk.close().unwrap();
     s.check_reads_as(&image, &want);
+    server.stop();
+}
+
+/// A burst of cold random reads over a slow server holds its write-backs in
+/// memory while more remote reads are in flight: never more than the budget
+/// (`Options::writeback_hold_bytes`, one core here), and more than one
+/// merged write's worth when the budget allows. Once the burst is over they
+/// are all written: every read returned the base's bytes, the overlay holds
+/// every cluster read (`qemu-img map`) and reads as the base (`qemu-img
+/// check` and `compare`). Budgets of 0 (the minimum: 1 MiB per core, sent
+/// as soon as it is ready), 4 MiB, and the default.
+#[test]
+fn write_backs_held_during_a_burst_stay_within_the_budget() {
+    let size = 32 * MIB;
+    let s = Setup::new("nbdb-budget", size, 29);
+    let (server, uri) = s.delayed_server("2ms");
+    let mut rng = Rng::new(29);
+    // 200 distinct clusters outside the base's zero stretch, 4 KiB of each.
+    let mut clusters: Vec<u64> = (0..size / CLUSTER)
+        .filter(|c| !(MIB / CLUSTER..MIB / CLUSTER + 4).contains(c))
+        .collect();
+    for i in (1..clusters.len()).rev() {
+        clusters.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    clusters.truncate(200);
+    let reads: Vec<(u64, u64)> = clusters
+        .iter()
+        .map(|&c| (c * CLUSTER + rng.below(16) * 4 * KIB, 4 * KIB))
+        .collect();
+    let default = Options::default().writeback_hold_bytes as u64;
+    for (name, budget, most) in [
+        ("min", Some(0), MIB),
+        ("4m", Some(4 * MIB), 4 * MIB),
+        ("default", None, default),
+    ] {
+        let image = s.overlay_over(&format!("{name}.qcow2"), &uri, CLUSTER);
+        let mut opts = options(1, true, false);
+        if let Some(b) = budget {
+            opts.writeback_hold_bytes = b as usize;
+        }
+        let disk = open(&image, opts);
+        for (got, &(off, len)) in read_all_at_once(&disk, &reads).iter().zip(&reads) {
+            let want = &s.data[off as usize..(off + len) as usize];
+            assert_same_bytes(got, want, &format!("{name}: read at {off}"));
+        }
+        disk.flush().unwrap();
+        let st = disk.stats();
+        let peak = st.writebacks_held_peak_bytes;
+        assert!(
+            peak <= most,
+            "{name}: held {peak} bytes, budget {most}: {st:?}"
+        );
+        if most > MIB {
+            assert!(peak > MIB, "{name}: held no more than a batch: {st:?}");
+        }
+        assert_eq!(
+            st.writebacks_held_bytes, 0,
+            "{name}: held after a flush: {st:?}"
+        );
+        assert_eq!(st.cor_fills, 200, "{name}: {st:?}");
+        disk.close().unwrap();
+        let map = qemu_map(&image);
+        for &c in &clusters {
+            let e = map_at(&map, c * CLUSTER);
+            assert!(
+                e.depth == 0 && e.data,
+                "{name}: cluster {c} not in the overlay: {e:?}"
+            );
+        }
+        s.check_reads_as(&image, &s.data);
+    }
+
+    // The same through `backfill bench --writeback-hold`, which reports the
+    // most it held; a size it cannot parse is refused.
+    let image = s.overlay_over("cli.qcow2", &uri, CLUSTER);
+    let backfill = env!("CARGO_BIN_EXE_backfill");
+    let bench = |hold: &str| {
+        run_status(
+            backfill,
+            [
+                "bench",
+                "--copy-on-read",
+                "--pattern",
+                "rand",
+                "-c",
+                "200",
+                "-d",
+                "32",
+                "-s",
+                "4k",
+                "--cores",
+                "1",
+                "--writeback-hold",
+                hold,
+                &path_str(&image),
+            ],
+        )
+    };
+    let out = bench("2M");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peak: u64 = text
+        .split("write-backs held while remote reads continued: at most ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no held write-backs reported:\n{text}"));
+    assert!(peak > MIB && peak <= 2 * MIB, "{peak}:\n{text}");
+    check_clean(&image);
+    let out = bench("lots");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lots"), "{err}");
     server.stop();
 }
 

@@ -101,6 +101,12 @@ enum Command {
         /// backing (NBD, HTTP), e.g. 16M (the default); 0 turns it off.
         #[arg(long, value_name = "SIZE")]
         readahead: Option<String>,
+        /// Memory for write-backs of data fetched from a remote backing
+        /// (NBD, HTTP) that wait while more remote reads are in flight,
+        /// all cores together, e.g. 256M (the default); 0 writes each 1 MiB
+        /// per core as soon as it is ready.
+        #[arg(long, value_name = "SIZE")]
+        writeback_hold: Option<String>,
         filename: PathBuf,
     },
     /// Serve the disk over NBD (until SIGINT or SIGTERM).
@@ -149,6 +155,12 @@ enum Command {
         /// backing (NBD, HTTP), e.g. 16M (the default); 0 turns it off.
         #[arg(long, value_name = "SIZE")]
         readahead: Option<String>,
+        /// Memory for write-backs of data fetched from a remote backing
+        /// (NBD, HTTP) that wait while more remote reads are in flight,
+        /// all cores together, e.g. 256M (the default); 0 writes each 1 MiB
+        /// per core as soon as it is ready.
+        #[arg(long, value_name = "SIZE")]
+        writeback_hold: Option<String>,
         filename: PathBuf,
     },
     /// Populate the whole overlay from its backing chain, then drop the
@@ -311,6 +323,7 @@ fn run(command: Command) -> Outcome {
             cache,
             offset,
             readahead,
+            writeback_hold,
             filename,
         } => {
             let request_bytes = usize::try_from(units::parse_size(&size)?).map_err(|_| {
@@ -335,6 +348,10 @@ fn run(command: Command) -> Outcome {
                 offset: units::parse_size(&offset)?,
                 seed,
                 readahead: readahead.as_deref().map(units::parse_size).transpose()?,
+                writeback_hold: writeback_hold
+                    .as_deref()
+                    .map(units::parse_size)
+                    .transpose()?,
             };
             println!("{}", bench::run(&filename, &opts)?);
             Ok(0)
@@ -351,6 +368,7 @@ fn run(command: Command) -> Outcome {
             keep_backing,
             stats,
             readahead,
+            writeback_hold,
             filename,
         } => {
             let stats_interval = match stats {
@@ -389,6 +407,10 @@ fn run(command: Command) -> Outcome {
                 stream,
                 stats_interval,
                 readahead: readahead.as_deref().map(units::parse_size).transpose()?,
+                writeback_hold: writeback_hold
+                    .as_deref()
+                    .map(units::parse_size)
+                    .transpose()?,
             };
             serve::serve(&filename, &opts)?;
             Ok(0)

@@ -183,6 +183,8 @@ pub struct Fill {
     pending: u32,
     ready: bool,
     writing: bool,
+    /// Its write-back waits in `held` (see `release_held`).
+    held: bool,
     readers: Vec<usize>,
     error: Option<Error>,
     host: u64,
@@ -216,8 +218,8 @@ pub struct Commit {
     l1: Vec<u64>,
 }
 
-/// Bytes of held write-backs that go out together at most (one merged
-/// write, see `release_held`).
+/// Bytes of held write-backs that go out together (one merged write, see
+/// `release_held`).
 const HOLD_BYTES: usize = crate::io::merge::MAX_MERGED;
 
 const PHASE_SYNC1: usize = 0;
@@ -959,7 +961,7 @@ impl<I: Io> Core<I> {
                 Ok(())
             }
             Some(_) => {
-                self.locks.wait(cluster, id);
+                self.wait_lock(cluster, id);
                 Ok(())
             }
             None => self.start_fill(id),
@@ -999,16 +1001,20 @@ impl<I: Io> Core<I> {
         match self.locks.holder(cluster) {
             Some(Holder::Fill(fid)) if !self.fill_covers(fid, id) => {
                 // A fill of other subclusters: run again when it is done.
-                self.locks.wait(cluster, id);
+                self.wait_lock(cluster, id);
                 Ok(())
             }
             Some(Holder::Fill(fid)) => {
-                self.fills[fid].populators.push(id);
+                let f = &mut self.fills[fid];
+                if f.held && f.populators.is_empty() {
+                    self.held_populating += 1;
+                }
+                f.populators.push(id);
                 Ok(())
             }
             Some(Holder::Write) => {
                 // Run again when the write is done: it allocates the cluster.
-                self.locks.wait(cluster, id);
+                self.wait_lock(cluster, id);
                 Ok(())
             }
             None => {
@@ -1055,6 +1061,7 @@ impl<I: Io> Core<I> {
             pending: 0,
             ready: false,
             writing: false,
+            held: false,
             readers: vec![id],
             error: None,
             host: 0,
@@ -1216,7 +1223,14 @@ impl<I: Io> Core<I> {
         if self.remote.in_flight() {
             // More fills are on their way from a remote medium: their
             // write-backs go out together (see `release_held`).
+            f.held = true;
+            self.held_populating += usize::from(!f.populators.is_empty());
             self.held.push(fid);
+            if self.held.len() << self.cluster_bits() >= self.shared.hold_bytes {
+                self.release_held();
+            } else {
+                self.count_held();
+            }
         } else {
             self.push_fill_write(fid);
         }
@@ -1229,36 +1243,79 @@ impl<I: Io> Core<I> {
         self.io.push(TAG_FILL | fid as u64, op);
     }
 
-    /// Sends the held write-backs of remote fills once there is a batch of
-    /// them ([`HOLD_BYTES`]), or nothing more is coming (no remote read in
-    /// flight), or someone waits: a flush, a close, a request for one of
-    /// their clusters. Fills of random reads complete one by one, each
-    /// with a cluster allocated after the previous one; written back in
-    /// host order in one turn they merge into one large write (`io::merge`)
-    /// instead of a small random write each, which leaves the disk's
-    /// operations to the backing medium's reads. The readers were answered
-    /// already: holding delays only the write-back.
+    /// Sends held write-backs of remote fills. Fills of random reads
+    /// complete one by one, each with a cluster allocated after the
+    /// previous one; written back in host order in one turn they merge into
+    /// large writes (`io::merge`) instead of a small random write each. The
+    /// readers were answered already: holding delays only the write-back,
+    /// and while remote reads keep coming it leaves the disk to the reads
+    /// (`Options::writeback_hold_bytes`). What goes out:
+    ///
+    /// - everything, once nothing more is coming (no remote read in
+    ///   flight), or a flush or a close waits;
+    /// - the fills a request waits for (one for their cluster);
+    /// - fills that populate (readahead, streaming), every [`HOLD_BYTES`]:
+    ///   their pieces wait for the write-back, so they are not held for
+    ///   long;
+    /// - the oldest, [`HOLD_BYTES`] at a time, while the core holds more
+    ///   than its share of the budget.
     pub(super) fn release_held(&mut self) {
         if self.held.is_empty() {
             return;
         }
-        let waited = self.held.len() * self.cs() as usize >= HOLD_BYTES
-            || !self.remote.in_flight()
-            || !self.fill_barriers.is_empty()
-            || self.closing.is_some()
-            || self
-                .held
-                .iter()
-                .any(|&f| self.locks.has_waiters(self.fills[f].cluster));
-        if !waited {
-            return;
+        let cs = self.cs() as usize;
+        let mut out = Vec::new();
+        if !self.remote.in_flight() || !self.fill_barriers.is_empty() || self.closing.is_some() {
+            out = std::mem::take(&mut self.held);
+        } else {
+            let n = self.held.len();
+            if n * cs >= self.shared.hold_bytes {
+                // Keep what the budget holds after one batch; the oldest go.
+                let keep = self.shared.hold_bytes.saturating_sub(HOLD_BYTES) / cs;
+                out.extend(self.held.drain(..n - keep.min(n)));
+            }
+            let populating = self.held_populating * cs >= HOLD_BYTES;
+            if self.held_wanted || populating {
+                let (fills, locks) = (&self.fills, &self.locks);
+                self.held.retain(|&f| {
+                    let fill = &fills[f];
+                    let go = (populating && !fill.populators.is_empty())
+                        || locks.has_waiters(fill.cluster);
+                    if go {
+                        out.push(f);
+                    }
+                    !go
+                });
+            }
         }
-        let mut held = std::mem::take(&mut self.held);
-        held.sort_unstable_by_key(|&f| self.fills[f].host);
-        for fid in held.drain(..) {
+        self.held_wanted = false;
+        for &f in &out {
+            let fill = &mut self.fills[f];
+            fill.held = false;
+            self.held_populating -= usize::from(!fill.populators.is_empty());
+        }
+        self.count_held();
+        out.sort_unstable_by_key(|&f| self.fills[f].host);
+        for fid in out {
             self.push_fill_write(fid);
         }
-        self.held = held;
+    }
+
+    fn count_held(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = (self.held.len() as u64) << self.cluster_bits();
+        let stats = &self.shared.stats[self.id];
+        stats.held_bytes.store(bytes, Relaxed);
+        stats.held_peak_bytes.fetch_max(bytes, Relaxed);
+    }
+
+    /// Runs piece `id` again once the holder of `cluster`'s lock lets go;
+    /// a held write-back is then sent at once (see `release_held`).
+    fn wait_lock(&mut self, cluster: u64, id: usize) {
+        if let Some(Holder::Fill(f)) = self.locks.holder(cluster) {
+            self.held_wanted |= self.fills[f].held;
+        }
+        self.locks.wait(cluster, id);
     }
 
     fn fill_written(&mut self, fid: usize) {
@@ -1367,7 +1424,7 @@ impl<I: Io> Core<I> {
         };
         if !self.pieces[id].locked {
             if !self.locks.try_lock(cluster, Holder::Write) {
-                self.locks.wait(cluster, id);
+                self.wait_lock(cluster, id);
                 return Ok(());
             }
             self.pieces[id].locked = true;

@@ -74,6 +74,9 @@ pub struct Shared {
     pub poll_us: u64,
     /// Readahead window limit in bytes (0: no readahead; see `readahead`).
     pub readahead_max: u64,
+    /// Bytes of remote fills' write-backs one core holds at most while
+    /// more remote reads are in flight (see `release_held`).
+    pub hold_bytes: usize,
     pub stats: Vec<CoreStats>,
     /// Every core's mailbox, set once all cores started: readahead sends
     /// populate parts to the cores that own their stripes.
@@ -123,6 +126,9 @@ pub struct CoreStats {
     pub readahead_bytes: AtomicU64,
     /// Read pieces answered from a kept readahead buffer (see `kept`).
     pub readahead_hits: AtomicU64,
+    /// Bytes of write-backs this core holds now, and the most it held.
+    pub held_bytes: AtomicU64,
+    pub held_peak_bytes: AtomicU64,
 }
 
 /// Something that lives on a core besides the engine (the NBD server's
@@ -498,6 +504,10 @@ pub(crate) struct Core<I: Io = Uring> {
     kept: kept::Kept,
     /// Fills whose write-back waits for more (see `release_held`).
     held: Vec<usize>,
+    /// Held fills that populate (their pieces wait for the write-back).
+    held_populating: usize,
+    /// A request waits for a held fill's cluster.
+    held_wanted: bool,
     front: Option<Box<dyn Frontend>>,
     front_ctx: FrontCtx,
 }
@@ -556,6 +566,8 @@ impl<I: Io> Core<I> {
             // Readahead keeps at most twice its limit in flight per core.
             kept: kept::Kept::new(2 * shared.readahead_max as usize),
             held: Vec::new(),
+            held_populating: 0,
+            held_wanted: false,
             front: None,
             front_ctx: FrontCtx {
                 core: id,

@@ -55,6 +55,9 @@ pub struct BenchOptions {
     pub seed: Option<u64>,
     /// Readahead window limit; `None` for the engine's default.
     pub readahead: Option<u64>,
+    /// Write-back hold budget (`--writeback-hold SIZE`); `None` for the
+    /// engine's default.
+    pub writeback_hold: Option<u64>,
 }
 
 impl Default for BenchOptions {
@@ -72,6 +75,7 @@ impl Default for BenchOptions {
             offset: 0,
             seed: None,
             readahead: None,
+            writeback_hold: None,
         }
     }
 }
@@ -92,6 +96,11 @@ pub struct BenchReport {
     pub disk_size: u64,
     /// Time from the first submission to the last completion.
     pub elapsed: Duration,
+    /// Time the flush after the run took (untimed in `elapsed`, as
+    /// `qemu-img bench` does not flush): write-backs still held or in
+    /// flight when the last read returned. Zero without writes or
+    /// copy-on-read.
+    pub flushed: Duration,
     /// Engine counters over the run.
     pub stats: Stats,
 }
@@ -153,6 +162,14 @@ impl fmt::Display for BenchReport {
             "fills: {} data + {} zero, bytes fetched: {}, overlay hits: {}, dedup hits: {}, misses: {}, write-back errors: {}",
             s.cor_fills, s.cor_zero_fills, s.bytes_fetched, s.overlay_hits, s.dedup_hits, s.misses, s.writeback_errors
         )?;
+        if s.writebacks_held_peak_bytes > 0 {
+            write!(
+                f,
+                "\nwrite-backs held while remote reads continued: at most {} bytes; flushed {:.3} seconds after the run",
+                s.writebacks_held_peak_bytes,
+                self.flushed.as_secs_f64()
+            )?;
+        }
         if s.remote_reads > 0 {
             write!(
                 f,
@@ -262,6 +279,9 @@ pub fn run(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     if let Some(bytes) = opts.readahead {
         disk_opts.readahead_max_bytes = bytes;
     }
+    if let Some(bytes) = opts.writeback_hold {
+        disk_opts.writeback_hold_bytes = bytes as usize;
+    }
     let disk = Disk::open(path, disk_opts)
         .map_err(|e| e.context(format_args!("opening {}", path.display())))?;
     let result = run_on(&disk, opts);
@@ -327,6 +347,7 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
         // finish behind the reads, and the counters should include them.
         disk.flush().map_err(|e| e.context("flushing"))?;
     }
+    let flushed = start.elapsed() - elapsed;
     Ok(BenchReport {
         count: opts.count,
         depth: opts.depth,
@@ -339,6 +360,7 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
         copy_on_read: opts.copy_on_read,
         disk_size,
         elapsed,
+        flushed,
         stats: stats_delta(&before, &disk.stats()),
     })
 }
@@ -464,6 +486,7 @@ mod tests {
             copy_on_read: false,
             disk_size: 1 << 30,
             elapsed: Duration::from_millis(1500),
+            flushed: Duration::ZERO,
             stats: Stats::default(),
         };
         let text = report.to_string();

@@ -26,9 +26,10 @@ use crate::Stats;
 /// The change of the engine's counters between two [`Stats`] snapshots.
 ///
 /// Counters are monotonic, so the delta of each is `after - before`
-/// (saturating, in case a counter was reset by a reopen). `in_flight` is a
-/// gauge, not a counter: the delta keeps its `after` value, and so does the
-/// largest remote latency (a maximum since open).
+/// (saturating, in case a counter was reset by a reopen). `in_flight` and
+/// `writebacks_held_bytes` are gauges, not counters: the delta keeps their
+/// `after` values, and so do the largest remote latency and the most
+/// write-backs held (maxima since open).
 pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
     Stats {
         cor_fills: after.cor_fills.saturating_sub(before.cor_fills),
@@ -53,6 +54,8 @@ pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
         readahead_bytes: after.readahead_bytes.saturating_sub(before.readahead_bytes),
         readahead_hits: after.readahead_hits.saturating_sub(before.readahead_hits),
         in_flight: after.in_flight,
+        writebacks_held_bytes: after.writebacks_held_bytes,
+        writebacks_held_peak_bytes: after.writebacks_held_peak_bytes,
     }
 }
 

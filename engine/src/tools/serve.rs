@@ -36,6 +36,9 @@ pub struct ServeOptions {
     pub stats_interval: Option<std::time::Duration>,
     /// Readahead window limit (`--readahead SIZE`); `None` for the default.
     pub readahead: Option<u64>,
+    /// Write-back hold budget (`--writeback-hold SIZE`); `None` for the
+    /// engine's default.
+    pub writeback_hold: Option<u64>,
 }
 
 /// One line of the engine's counters, as `serve --stats` prints it:
@@ -73,6 +76,12 @@ pub fn stats_line(s: &crate::Stats) -> String {
                 ", readahead {} ({} reads from its buffers)",
                 format_size(s.readahead_bytes),
                 s.readahead_hits
+            ));
+        }
+        if s.writebacks_held_bytes > 0 {
+            line.push_str(&format!(
+                ", write-backs held {}",
+                format_size(s.writebacks_held_bytes)
             ));
         }
     }
@@ -167,6 +176,9 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     }
     if let Some(bytes) = opts.readahead {
         o.readahead_max_bytes = bytes;
+    }
+    if let Some(bytes) = opts.writeback_hold {
+        o.writeback_hold_bytes = bytes as usize;
     }
     if opts.stream.is_some() && (opts.read_only || !opts.copy_on_read) {
         return Err(Error::new(
