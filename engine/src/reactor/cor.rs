@@ -1253,7 +1253,7 @@ impl<I: Io> Core<I> {
     ///
     /// - everything, once nothing more is coming (no remote read in
     ///   flight), or a flush or a close waits;
-    /// - the fills a request waits for (one for their cluster);
+    /// - the fills whose clusters a request waits for (a write, say);
     /// - fills that populate (readahead, streaming), every [`HOLD_BYTES`]:
     ///   their pieces wait for the write-back, so they are not held for
     ///   long;
