@@ -70,7 +70,9 @@ pub struct Options {
     /// flush, a close, or a request for one of the held clusters writes
     /// them at once. Held data is only ever a copy of the backing's: a
     /// crash loses fetch work, never data. The minimum, 1 MiB per core,
-    /// writes each 1 MiB as soon as it is ready. Default 256 MiB.
+    /// writes each 1 MiB as soon as it is ready. Default
+    /// [`default_writeback_hold`]: 256 MiB, or a sixteenth of the machine's
+    /// memory when that is less.
     pub writeback_hold_bytes: usize,
     /// Run the cores on this simulated I/O layer instead of io_uring
     /// (deterministic tests and crash replay; see `testing::sim`). Polling
@@ -81,8 +83,31 @@ pub struct Options {
 /// Default [`Options::readahead_max_bytes`].
 pub const DEFAULT_READAHEAD_MAX: u64 = 16 << 20;
 
-/// Default [`Options::writeback_hold_bytes`].
+/// The most [`default_writeback_hold`] gives.
 pub const DEFAULT_WRITEBACK_HOLD: usize = 256 << 20;
+
+/// Default [`Options::writeback_hold_bytes`]: [`DEFAULT_WRITEBACK_HOLD`],
+/// or a sixteenth of the machine's memory when that is less (a small VM
+/// must not give a quarter of its memory to a burst of reads).
+pub fn default_writeback_hold() -> usize {
+    DEFAULT_WRITEBACK_HOLD.min(memory_bytes().map_or(usize::MAX, |m| m / 16))
+}
+
+/// The machine's memory (`MemTotal` in /proc/meminfo), if it says.
+fn memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total(&info)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let n: usize = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        _ => None,
+    }
+}
 
 impl Default for Options {
     fn default() -> Options {
@@ -101,7 +126,7 @@ impl Default for Options {
                 .unwrap_or(1000),
             backing_dir: None,
             readahead_max_bytes: DEFAULT_READAHEAD_MAX,
-            writeback_hold_bytes: DEFAULT_WRITEBACK_HOLD,
+            writeback_hold_bytes: default_writeback_hold(),
             sim: None,
         }
     }
@@ -955,5 +980,34 @@ impl Disk {
                 inner.shared.release()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_write_back_budget_is_a_sixteenth_of_memory_at_most() {
+        let info = "MemTotal:        1010304 kB\nMemFree:          512000 kB\n";
+        assert_eq!(parse_mem_total(info), Some(1010304 * 1024));
+        for bad in [
+            "",
+            "MemFree: 5 kB\n",
+            "MemTotal: lots kB\n",
+            "MemTotal: 5\n",
+        ] {
+            assert_eq!(parse_mem_total(bad), None, "{bad:?}");
+        }
+        // This machine: 256 MiB, or less when its memory is small.
+        let memory = memory_bytes().expect("/proc/meminfo has MemTotal");
+        assert_eq!(
+            default_writeback_hold(),
+            DEFAULT_WRITEBACK_HOLD.min(memory / 16)
+        );
+        assert_eq!(
+            Options::default().writeback_hold_bytes,
+            default_writeback_hold()
+        );
     }
 }

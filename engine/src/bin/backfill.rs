@@ -103,7 +103,8 @@ enum Command {
         readahead: Option<String>,
         /// Memory for write-backs of data fetched from a remote backing
         /// (NBD, HTTP) that wait while more remote reads are in flight,
-        /// all cores together, e.g. 256M (the default); 0 writes each 1 MiB
+        /// all cores together, e.g. 64M (default 256M, or a sixteenth of
+        /// the machine's memory when that is less); 0 writes each 1 MiB
         /// per core as soon as it is ready.
         #[arg(long, value_name = "SIZE")]
         writeback_hold: Option<String>,
@@ -157,7 +158,8 @@ enum Command {
         readahead: Option<String>,
         /// Memory for write-backs of data fetched from a remote backing
         /// (NBD, HTTP) that wait while more remote reads are in flight,
-        /// all cores together, e.g. 256M (the default); 0 writes each 1 MiB
+        /// all cores together, e.g. 64M (default 256M, or a sixteenth of
+        /// the machine's memory when that is less); 0 writes each 1 MiB
         /// per core as soon as it is ready.
         #[arg(long, value_name = "SIZE")]
         writeback_hold: Option<String>,
