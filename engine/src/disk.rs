@@ -71,8 +71,8 @@ pub struct Options {
     /// them at once. Held data is only ever a copy of the backing's: a
     /// crash loses fetch work, never data. The minimum, 1 MiB per core,
     /// writes each 1 MiB as soon as it is ready. Default
-    /// [`default_writeback_hold`]: 256 MiB, or a sixteenth of the machine's
-    /// memory when that is less.
+    /// [`default_writeback_hold`]: 256 MiB, or a sixteenth of the memory
+    /// the process may use when that is less.
     pub writeback_hold_bytes: usize,
     /// Run the cores on this simulated I/O layer instead of io_uring
     /// (deterministic tests and crash replay; see `testing::sim`). Polling
@@ -87,16 +87,44 @@ pub const DEFAULT_READAHEAD_MAX: u64 = 16 << 20;
 pub const DEFAULT_WRITEBACK_HOLD: usize = 256 << 20;
 
 /// Default [`Options::writeback_hold_bytes`]: [`DEFAULT_WRITEBACK_HOLD`],
-/// or a sixteenth of the machine's memory when that is less (a small VM
-/// must not give a quarter of its memory to a burst of reads).
+/// or a sixteenth of the memory the process may use (the machine's, or its
+/// control group's limit) when that is less: a small VM or container must
+/// not give a quarter of its memory to a burst of reads.
 pub fn default_writeback_hold() -> usize {
     DEFAULT_WRITEBACK_HOLD.min(memory_bytes().map_or(usize::MAX, |m| m / 16))
 }
 
-/// The machine's memory (`MemTotal` in /proc/meminfo), if it says.
+/// The memory this process may use: the machine's (`MemTotal` in
+/// /proc/meminfo), or its control group's limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`) when that is less, as in a container.
 fn memory_bytes() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total(&info)
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let limits = cgroup_memory_files(&cgroup).into_iter().filter_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.trim().parse::<usize>().ok()
+    });
+    parse_mem_total(&info).into_iter().chain(limits).min()
+}
+
+/// The files that may hold the memory limit of the control groups listed
+/// in `/proc/self/cgroup` text.
+fn cgroup_memory_files(cgroup: &str) -> Vec<String> {
+    let mut files = Vec::new();
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_end_matches('/');
+        if controllers.is_empty() {
+            files.push(format!("/sys/fs/cgroup{path}/memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            files.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+        }
+    }
+    files
 }
 
 fn parse_mem_total(meminfo: &str) -> Option<usize> {
@@ -999,6 +1027,19 @@ mod tests {
         ] {
             assert_eq!(parse_mem_total(bad), None, "{bad:?}");
         }
+        let v2 = "0::/user.slice/app.scope\n";
+        assert_eq!(
+            cgroup_memory_files(v2),
+            ["/sys/fs/cgroup/user.slice/app.scope/memory.max"]
+        );
+        let v1 = "9:name=systemd:/\n4:memory:/box/1\n3:cpu,cpuacct:/\n0::/\n";
+        assert_eq!(
+            cgroup_memory_files(v1),
+            [
+                "/sys/fs/cgroup/memory/box/1/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory.max"
+            ]
+        );
         // This machine: 256 MiB, or less when its memory is small.
         let memory = memory_bytes().expect("/proc/meminfo has MemTotal");
         assert_eq!(

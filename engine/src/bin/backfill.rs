@@ -104,7 +104,7 @@ enum Command {
         /// Memory for write-backs of data fetched from a remote backing
         /// (NBD, HTTP) that wait while more remote reads are in flight,
         /// all cores together, e.g. 64M (default 256M, or a sixteenth of
-        /// the machine's memory when that is less); 0 writes each 1 MiB
+        /// the memory the process may use when that is less); 0 writes each 1 MiB
         /// per core as soon as it is ready.
         #[arg(long, value_name = "SIZE")]
         writeback_hold: Option<String>,
@@ -159,7 +159,7 @@ enum Command {
         /// Memory for write-backs of data fetched from a remote backing
         /// (NBD, HTTP) that wait while more remote reads are in flight,
         /// all cores together, e.g. 64M (default 256M, or a sixteenth of
-        /// the machine's memory when that is less); 0 writes each 1 MiB
+        /// the memory the process may use when that is less); 0 writes each 1 MiB
         /// per core as soon as it is ready.
         #[arg(long, value_name = "SIZE")]
         writeback_hold: Option<String>,
