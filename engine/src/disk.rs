@@ -68,8 +68,9 @@ pub struct Options {
     /// write-backs go out in large merged writes once the burst is over,
     /// or the oldest of them, 1 MiB at a time, when the budget is full. A
     /// flush, a close, or a request for one of the held clusters writes
-    /// them at once. Held data is only ever a copy of the backing's: a
-    /// crash loses fetch work, never data. The minimum, 1 MiB per core,
+    /// them at once. Held data is only ever a copy of the backing's, and
+    /// its clusters are allocated when it is written: a crash loses fetch
+    /// work, never data, and leaks no space. The minimum, 1 MiB per core,
     /// writes each 1 MiB as soon as it is ready. Default
     /// [`default_writeback_hold`]: 256 MiB, or a sixteenth of the memory
     /// the process may use when that is less.

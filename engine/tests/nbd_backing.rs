@@ -886,6 +886,103 @@ fn write_backs_held_during_a_burst_stay_within_the_budget() {
     server.stop();
 }
 
+/// Held write-backs take their clusters only when they go out, so a crash
+/// while they are held leaks none of them. nbdkit's eval plugin serves the
+/// base and holds its reply to one read (a gate: a FIFO the test writes to);
+/// with that read in flight, 100 cold reads of other clusters complete and
+/// their write-backs wait. A copy of the overlay file then (what a crash
+/// would leave) has no leaked cluster (`qemu-img check`); once the gate
+/// opens everything is written, and the overlay reads as the base.
+#[test]
+fn held_write_backs_leave_no_cluster_to_leak_in_a_crash() {
+    let size = 16 * MIB;
+    let s = Setup::new("nbdb-crash", size, 37);
+    let gate = s.path("gate");
+    run_ok("mkfifo", [path_str(&gate)]);
+    let gated = 3 * MIB;
+    let pread = format!(
+        "if [ \"$4\" = {gated} ]; then read line < '{}'; fi; \
+         exec dd if='{}' iflag=skip_bytes,count_bytes skip=\"$4\" count=\"$3\" status=none",
+        path_str(&gate),
+        path_str(&s.base)
+    );
+    let sock = s.sock("eval.sock");
+    let pid = s.path("eval.pid");
+    let args: Vec<String> = vec![
+        "-f".into(),
+        "--exit-with-parent".into(),
+        "-U".into(),
+        path_str(&sock),
+        "-P".into(),
+        path_str(&pid),
+        "eval".into(),
+        "thread_model=echo parallel".into(),
+        format!("get_size=echo {size}"),
+        format!("pread={pread}"),
+    ];
+    let server = Peer::start(s.dir.path(), "nbdkit", &args, &pid);
+    let image = s.overlay_over("crash.qcow2", &unix_uri(&sock), CLUSTER);
+    let disk = open(&image, options(1, true, false));
+    // Dropped before the disk, whose close would wait for the gated read.
+    let _unstick = OpenGateOnPanic(gate.clone());
+
+    let stuck = disk.submit_read(gated, vec![0u8; 4096]);
+    // Every other cluster of the first 13 MiB but the gated one's neighbours.
+    let reads: Vec<(u64, u64)> = (0..size / CLUSTER)
+        .map(|c| c * CLUSTER)
+        .filter(|&o| o < 13 * MIB && o.abs_diff(gated) > CLUSTER && (o / CLUSTER).is_multiple_of(2))
+        .filter(|o| !(MIB..MIB + 4 * CLUSTER).contains(o))
+        .take(100)
+        .map(|o| (o, 4 * KIB))
+        .collect();
+    assert_eq!(reads.len(), 100);
+    for (got, &(off, len)) in read_all_at_once(&disk, &reads).iter().zip(&reads) {
+        let want = &s.data[off as usize..(off + len) as usize];
+        assert_same_bytes(got, want, &format!("read at {off}"));
+    }
+    // The core handles this after the turn that answered the last read.
+    disk.block_status(15 * MIB, CLUSTER).unwrap();
+    let st = disk.stats();
+    assert_eq!(st.writebacks_held_bytes, 100 * CLUSTER, "{st:?}");
+
+    let crashed = s.path("crashed.qcow2");
+    std::fs::copy(&image, &crashed).unwrap();
+    let leaks = check_no_corruption(&crashed);
+    std::fs::write(&gate, "go\n").unwrap();
+    assert_eq!(leaks, 0, "clusters leaked by held write-backs");
+    let got = stuck.wait().unwrap();
+    assert_same_bytes(&got, &s.data[gated as usize..][..4096], "the gated read");
+    disk.flush().unwrap();
+    let st = disk.stats();
+    assert_eq!(st.writebacks_held_bytes, 0, "{st:?}");
+    assert_eq!(st.cor_fills, 101, "{st:?}");
+    disk.close().unwrap();
+    s.check_reads_as(&image, &s.data);
+    server.stop();
+}
+
+/// On a failed assertion, lets the gated read of
+/// `held_write_backs_leave_no_cluster_to_leak_in_a_crash` through (if its
+/// server waits at the gate), so that closing the disk does not wait for it.
+struct OpenGateOnPanic(PathBuf);
+
+impl Drop for OpenGateOnPanic {
+    fn drop(&mut self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if !std::thread::panicking() {
+            return;
+        }
+        let gate = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0);
+        if let Ok(mut f) = gate {
+            let _ = f.write_all(b"go\n");
+        }
+    }
+}
+
 /// Readahead keeps its fills' buffers to answer the sequential reader from
 /// memory; nothing may make such a buffer outlive a change of its cluster.
 /// A reader goes through the disk in order (two reads in flight) while

@@ -1205,24 +1205,14 @@ impl<I: Io> Core<I> {
             self.release_fill(fid);
             return;
         }
-        let host = match self.alloc_cluster() {
-            Ok(h) => h,
-            Err(e) => {
-                self.fills[fid].error = Some(e);
-                self.bump(|s| &s.writeback_errors, 1);
-                drop(buf);
-                self.release_fill(fid);
-                return;
-            }
-        };
         drop(buf);
         let f = &mut self.fills[fid];
-        f.host = host;
         f.writing = true;
         f.pending = 1;
         if self.remote.in_flight() {
             // More fills are on their way from a remote medium: their
-            // write-backs go out together (see `release_held`).
+            // write-backs go out together (see `release_held`). Their
+            // clusters are allocated then, so a crash in between leaks none.
             f.held = true;
             self.held_populating += usize::from(!f.populators.is_empty());
             self.held.push(fid);
@@ -1231,8 +1221,25 @@ impl<I: Io> Core<I> {
             } else {
                 self.count_held();
             }
-        } else {
+        } else if self.allocate_fill(fid) {
             self.push_fill_write(fid);
+        }
+    }
+
+    /// Allocates the host cluster fill `fid` is written to; on failure
+    /// the fill ends with the error (its readers were answered already).
+    fn allocate_fill(&mut self, fid: usize) -> bool {
+        match self.alloc_cluster() {
+            Ok(host) => {
+                self.fills[fid].host = host;
+                true
+            }
+            Err(e) => {
+                self.fills[fid].error = Some(e);
+                self.bump(|s| &s.writeback_errors, 1);
+                self.release_fill(fid);
+                false
+            }
         }
     }
 
@@ -1244,11 +1251,12 @@ impl<I: Io> Core<I> {
     }
 
     /// Sends held write-backs of remote fills. Fills of random reads
-    /// complete one by one, each with a cluster allocated after the
-    /// previous one; written back in host order in one turn they merge into
-    /// large writes (`io::merge`) instead of a small random write each. The
-    /// readers were answered already: holding delays only the write-back,
-    /// and while remote reads keep coming it leaves the disk to the reads
+    /// complete one by one; their clusters are allocated here, one after
+    /// another, so that written back in host order in one turn they merge
+    /// into large writes (`io::merge`) instead of a small random write
+    /// each, and a crash while they are held leaks no cluster. The readers
+    /// were answered already: holding delays only the write-back, and while
+    /// remote reads keep coming it leaves the disk to the reads
     /// (`Options::writeback_hold_bytes`). What goes out:
     ///
     /// - everything, once nothing more is coming (no remote read in
@@ -1295,6 +1303,8 @@ impl<I: Io> Core<I> {
             self.held_populating -= usize::from(!fill.populators.is_empty());
         }
         self.count_held();
+        // Clusters allocated one after another merge into large writes.
+        out.retain(|&f| self.allocate_fill(f));
         out.sort_unstable_by_key(|&f| self.fills[f].host);
         for fid in out {
             self.push_fill_write(fid);
