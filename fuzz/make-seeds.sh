@@ -23,6 +23,12 @@
 #                     (206, 200, 416, errors with Retry-After, redirects),
 #                     chunked and HTTP/1.0 heads, and bare Content-Range,
 #                     Retry-After and chunk-size values.
+#   http_responses    hand-built exchanges in nginx's words: the open
+#                     probe and range reads answered (keep-alive, chunked,
+#                     Connection: close and a new connection), the image
+#                     changed (412, 200, 416, another ETag or size), 503
+#                     with Retry-After then success, interim 100 responses,
+#                     short bodies, weak ETags and no validator.
 #   nbd_backing_replies  what real servers (nbdkit, qemu-nbd) send the
 #                     engine's NBD backing client, recorded on the way:
 #                     each connection's handshake, and its replies to the
@@ -47,7 +53,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops nbd_backing_replies http_wire; do
+for t in open_and_read nbd_client_bytes nbd_handshake lock_table_ops nbd_backing_replies http_wire \
+    http_responses; do
     mkdir -p "$out/$t"
 done
 
@@ -402,11 +409,80 @@ def http_seeds(outdir):
     put("value-chunk", b"7fffffffffffffff;name=value\r\n")
 
 
+def http_resp_seeds(outdir):
+    """Whole exchanges for http_responses: flags, reads, then the servers."""
+    size = 1 << 20
+    etag = '"6566-100000"'
+    date = "Thu, 26 Nov 2026 08:00:00 GMT"
+
+    def head(status, *headers):
+        return ("\r\n".join((status,) + headers) + "\r\n\r\n").encode()
+
+    def part(first, last, total=size, tag=etag, extra=(), body=None):
+        n = last - first + 1
+        body = bytes((first + i) % 251 for i in range(n)) if body is None else body
+        validators = (f"ETag: {tag}",) if tag else ()
+        return head("HTTP/1.1 206 Partial Content", "Server: nginx/1.22.1",
+                    "Content-Type: application/octet-stream", f"Last-Modified: {date}",
+                    *validators, f"Content-Length: {n}",
+                    f"Content-Range: bytes {first}-{last}/{total}", *extra) + body
+
+    def chunked(first, last):
+        n = last - first + 1
+        body = bytes((first + i) % 251 for i in range(n))
+        return head("HTTP/1.1 206 Partial Content", f"ETag: {etag}",
+                    "Transfer-Encoding: chunked",
+                    f"Content-Range: bytes {first}-{last}/{size}") + \
+            b"%x\r\n" % n + body + b"\r\n0\r\n\r\n"
+
+    def ranges(reads):
+        return [(o * 4096, o * 4096 + (c % 16 + 1) * 512 - 1) for o, c in reads]
+
+    def put(name, reads, servers, require=True):
+        data = bytes([(1 if require else 0) | (len(reads) - 1) << 1])
+        data += b"".join(bytes([o, c]) for o, c in reads)
+        for s in servers:
+            data += struct.pack("<H", len(s)) + s
+        open(os.path.join(outdir, name), "wb").write(data)
+
+    probe = part(0, 0)
+    reads = [(1, 7), (2, 15), (40, 3)]
+    ok = probe + b"".join(part(f, l) for f, l in ranges(reads))
+    put("nginx-keepalive", reads, [ok])
+    put("nginx-chunked", reads, [probe + b"".join(chunked(f, l) for f, l in ranges(reads))])
+    put("nginx-close-each", reads,
+        [probe[:-1].replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + probe[-1:]]
+        + [part(f, l, extra=("Connection: close",)) for f, l in ranges(reads)])
+    f, l = ranges(reads)[0]
+    put("changed-412", reads[:2], [probe + head("HTTP/1.1 412 Precondition Failed",
+                                                "Content-Length: 0")])
+    put("changed-200", reads[:2], [probe + head("HTTP/1.1 200 OK", f"ETag: {etag}",
+                                                f"Content-Length: {size}")])
+    put("changed-416", reads[:2], [probe + head("HTTP/1.1 416 Range Not Satisfiable",
+                                                f"Content-Range: bytes */{size // 2}",
+                                                "Content-Length: 0")])
+    put("changed-etag", reads[:2], [probe + part(f, l, tag='"other"')])
+    put("changed-size", reads[:2], [probe + part(f, l, total=2 * size)])
+    put("retry-after-503", reads[:1],
+        [probe + head("HTTP/1.1 503 Service Unavailable", "Retry-After: 1",
+                      "Content-Length: 0"), part(f, l)])
+    put("interim-100", reads[:1], [head("HTTP/1.1 100 Continue") + probe
+                                   + head("HTTP/1.1 103 Early Hints") + part(f, l)])
+    put("short-body", reads[:1], [probe + part(f, l)[:-100]])
+    put("wrong-range", reads[:1], [probe + part(f + 512, l + 512)])
+    put("weak-etag", reads[:1], [part(0, 0, tag='W/"6566"') + part(f, l, tag='W/"6566"')])
+    put("no-validator", reads[:1],
+        [part(0, 0, tag=None).replace(f"Last-Modified: {date}\r\n".encode(), b"")
+         + part(f, l, tag=None)], require=False)
+    put("past-the-end", [(255, 15)], [part(0, 0, total=8192)])
+    put("refused", reads[:1], [])
+
+
 if __name__ == "__main__":
     # Each command is the function of that name, with - for _.
     commands = {f.__name__.replace("_", "-"): f for f in (
         seed, unformat, nbd_seeds, lock_seeds, proxy, captured, backing_seeds,
-        backing_hand_seeds, http_seeds)}
+        backing_hand_seeds, http_seeds, http_resp_seeds)}
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd not in commands:
         sys.exit(f"unknown command {cmd}")
@@ -628,10 +704,12 @@ backing_capture nbdkit nbdkit -f -U "$work/bup.sock" file bbase.raw
 backing_capture qemu-nbd qemu-nbd -f raw -r -t -e 8 -k "$work/bup.sock" bbase.raw
 tool backing-hand-seeds "$out/nbd_backing_replies"
 tool http-seeds "$out/http_wire"
+tool http-resp-seeds "$out/http_responses"
 
 echo "nbd_client_bytes: $(ls "$out/nbd_client_bytes" | wc -l) files," \
     "nbd_handshake: $(ls "$out/nbd_handshake" | wc -l)," \
     "lock_table_ops: $(ls "$out/lock_table_ops" | wc -l)," \
     "nbd_backing_replies: $(ls "$out/nbd_backing_replies" | wc -l)," \
-    "http_wire: $(ls "$out/http_wire" | wc -l)"
+    "http_wire: $(ls "$out/http_wire" | wc -l)," \
+    "http_responses: $(ls "$out/http_responses" | wc -l)"
 du -sh --apparent-size "$out"/*

@@ -75,6 +75,11 @@ fn http_wire() {
 }
 
 #[test]
+fn http_responses() {
+    replay("http_responses", fuzz::http_responses);
+}
+
+#[test]
 fn nbd_backing_replies() {
     replay("nbd_backing_replies", fuzz::nbd_backing_replies);
 }

@@ -60,6 +60,83 @@ pub fn fuzz_wire(data: &[u8]) {
     wire::fuzz(data);
 }
 
+/// The fuzz target `http_responses`: what a broken or hostile HTTP server
+/// sends an [`HttpBacking`], through its whole response handling: the open
+/// probe, ranged reads, statuses, validators, framing, retries.
+///
+/// The input: a flags byte (bit 0: require a validator; bits 1 and 2: 1 to
+/// 4 reads), two bytes per read (its offset in 4 KiB units, its length in
+/// 512-byte units, 1 to 16), then the servers, each a 16-bit little-endian
+/// length and that many bytes: one per connection the backing opens (none
+/// left: the connection is refused). One connection at a time, 3 attempts
+/// per request, no waits between them.
+///
+/// What must hold: no panic, and every call returns (a server's bytes end);
+/// an open that succeeds has a validator when one is required, and a pinned
+/// ETag is a strong one; a read's bytes past the image's end are zeros;
+/// every error names the URL; once a read finds the image changed, every
+/// later read that needs the server says so.
+#[doc(hidden)]
+pub fn fuzz_responses(data: &[u8]) {
+    const URL: &str = "http://backing.test/base.raw";
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let reads = 1 + usize::from((flags >> 1) & 3);
+    let Some((spec, mut servers)) = rest.split_at_checked(2 * reads) else {
+        return;
+    };
+    let mut scripts = Vec::new();
+    while let Some((len, rest)) = servers.split_first_chunk::<2>() {
+        let n = usize::from(u16::from_le_bytes(*len)).min(rest.len());
+        let (script, rest) = rest.split_at(n);
+        scripts.push(script.to_vec());
+        servers = rest;
+    }
+    let opts = HttpOptions {
+        max_connections: 1,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+            max_retry_after: Duration::ZERO,
+        },
+        require_validator: flags & 1 != 0,
+        ..HttpOptions::default()
+    };
+    let names_url = |e: &HttpError| assert!(e.message().contains("backing.test"), "{e}");
+    let backing = match HttpBacking::open_with(URL, opts.clone(), Some(scripts)) {
+        Ok(b) => b,
+        Err(e) => return names_url(&e),
+    };
+    match &backing.validator {
+        Some(Validator::ETag(tag)) => assert!(tag.starts_with('"'), "{tag}"),
+        Some(Validator::LastModified(_)) => {}
+        None => assert!(!opts.require_validator),
+    }
+    let mut changed = false;
+    for r in spec.chunks_exact(2) {
+        let offset = u64::from(r[0]) * 4096;
+        let len = (usize::from(r[1] % 16) + 1) * 512;
+        let inside = backing.size.saturating_sub(offset).min(len as u64) as usize;
+        let mut buf = vec![0xa5u8; len];
+        match backing.read_at(&mut buf, offset) {
+            Ok(()) => {
+                assert!(
+                    !changed || inside == 0,
+                    "a read went through after a change"
+                );
+                assert!(buf[inside..].iter().all(|&b| b == 0), "past the end");
+            }
+            Err(e) => {
+                names_url(&e);
+                assert!(!changed || e.kind() == HttpErrorKind::Changed, "{e}");
+                changed |= e.kind() == HttpErrorKind::Changed;
+            }
+        }
+    }
+}
+
 use std::fmt;
 use std::io::{self, Read as _, Write as _};
 use std::path::PathBuf;
@@ -346,6 +423,9 @@ pub struct HttpBacking {
     counters: Counters,
     /// Set once the image is found changed; every later read fails with it.
     changed: OnceLock<HttpError>,
+    /// For the fuzz target `http_responses`: the servers' bytes, one string
+    /// per connection opened, instead of connecting (none left: refused).
+    scripts: Option<Mutex<std::collections::VecDeque<Vec<u8>>>>,
 }
 
 impl fmt::Debug for HttpBacking {
@@ -375,6 +455,14 @@ impl HttpBacking {
     /// Opens `url`: checks that the server serves byte ranges, learns the
     /// size and pins the validator. Retries transient failures as reads do.
     pub fn open(url: &str, opts: HttpOptions) -> Result<HttpBacking, HttpError> {
+        HttpBacking::open_with(url, opts, None)
+    }
+
+    fn open_with(
+        url: &str,
+        opts: HttpOptions,
+        scripts: Option<Vec<Vec<u8>>>,
+    ) -> Result<HttpBacking, HttpError> {
         let parsed = Url::parse(url)
             .map_err(|e| HttpError::new(HttpErrorKind::InvalidUrl, format!("{url}: {e}")))?;
         if opts.max_connections == 0 || opts.retry.max_attempts == 0 {
@@ -405,6 +493,7 @@ impl HttpBacking {
             validator: None,
             counters: Counters::default(),
             changed: OnceLock::new(),
+            scripts: scripts.map(|s| Mutex::new(s.into())),
         };
         let probe = backing.run(0, 0, |conn| backing.probe(conn))?;
         let context = || format!("GET {} bytes=0-0", backing.url);
@@ -598,12 +687,22 @@ impl HttpBacking {
         exchange: &mut impl FnMut(&mut Conn) -> Result<(T, bool), Failure>,
     ) -> Result<T, Failure> {
         if lease.conn.is_none() {
-            let conn = Conn::connect(
-                &self.url,
-                self.tls.as_ref(),
-                self.opts.connect_timeout,
-                self.opts.io_timeout,
-            )
+            let conn = match &self.scripts {
+                None => Conn::connect(
+                    &self.url,
+                    self.tls.as_ref(),
+                    self.opts.connect_timeout,
+                    self.opts.io_timeout,
+                ),
+                Some(scripts) => {
+                    let next = scripts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop_front();
+                    next.map(Conn::scripted)
+                        .ok_or_else(|| ConnectError::Io(io::ErrorKind::ConnectionRefused.into()))
+                }
+            }
             .map_err(|e| match e {
                 ConnectError::Io(e) => Failure::Transient {
                     what: format!("connecting to {}:{}: {}", self.url.host, self.url.port, e),

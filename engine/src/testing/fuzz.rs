@@ -683,6 +683,14 @@ pub fn nbd_backing_replies(data: &[u8]) {
     crate::backing::nbd::fuzz_server_bytes(data);
 }
 
+/// Fuzz target: what a broken or hostile HTTP server sends an HTTP backing,
+/// through its whole response handling (open probe, ranged reads,
+/// statuses, validators, retries); the input's layout and the properties
+/// are those of [`crate::backing::http::fuzz_responses`].
+pub fn http_responses(data: &[u8]) {
+    crate::backing::http::fuzz_responses(data);
+}
+
 /// Fuzz target: what an HTTP server sends, through the HTTP backing's wire
 /// parsers (response heads, `Content-Range`, chunk sizes, `Retry-After`);
 /// the properties are those of `backing::http`'s `fuzz_wire`.

@@ -79,6 +79,9 @@ pub enum ConnectError {
 enum Stream {
     Plain(TcpStream),
     Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    /// A server that is a byte string (the fuzz target `http_responses`):
+    /// reads give its bytes, then the end of the stream; writes go nowhere.
+    Script(io::Cursor<Vec<u8>>),
 }
 
 impl Read for Stream {
@@ -86,6 +89,7 @@ impl Read for Stream {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
+            Stream::Script(s) => s.read(buf),
         }
     }
 }
@@ -95,12 +99,14 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write(buf),
             Stream::Tls(s) => s.write(buf),
+            Stream::Script(_) => Ok(buf.len()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
             Stream::Tls(s) => s.flush(),
+            Stream::Script(_) => Ok(()),
         }
     }
 }
@@ -183,6 +189,12 @@ impl Conn {
             (Scheme::Https, Some(config)) => Stream::Tls(Box::new(handshake(url, config, socket)?)),
         };
         Ok(Conn::new(stream))
+    }
+
+    /// A connection to a server whose every byte is `server` (the fuzz
+    /// target `http_responses`).
+    pub fn scripted(server: Vec<u8>) -> Conn {
+        Conn::new(Stream::Script(io::Cursor::new(server)))
     }
 
     fn new(stream: Stream) -> Conn {
