@@ -907,20 +907,13 @@ fn held_write_backs_leave_no_cluster_to_leak_in_a_crash() {
         path_str(&s.base)
     );
     let sock = s.sock("eval.sock");
-    let pid = s.path("eval.pid");
-    let args: Vec<String> = vec![
-        "-f".into(),
-        "--exit-with-parent".into(),
-        "-U".into(),
-        path_str(&sock),
-        "-P".into(),
-        path_str(&pid),
-        "eval".into(),
+    let eval = [
+        "eval".to_string(),
         "thread_model=echo parallel".into(),
         format!("get_size=echo {size}"),
         format!("pread={pread}"),
     ];
-    let server = Peer::start(s.dir.path(), "nbdkit", &args, &pid);
+    let server = nbd_peer::nbdkit_plugin(s.dir.path(), &sock, &[], &eval);
     let image = s.overlay_over("crash.qcow2", &unix_uri(&sock), CLUSTER);
     let disk = open(&image, options(1, true, false));
     // Dropped before the disk, whose close would wait for the gated read.

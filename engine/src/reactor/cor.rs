@@ -1216,7 +1216,7 @@ impl<I: Io> Core<I> {
             f.held = true;
             self.held_populating += usize::from(!f.populators.is_empty());
             self.held.push(fid);
-            if self.held.len() << self.cluster_bits() >= self.shared.hold_bytes {
+            if self.held_over_budget() {
                 self.release_held();
             } else {
                 self.count_held();
@@ -1277,7 +1277,7 @@ impl<I: Io> Core<I> {
             out = std::mem::take(&mut self.held);
         } else {
             let n = self.held.len();
-            if n * cs >= self.shared.hold_bytes {
+            if self.held_over_budget() {
                 // Keep what the budget holds after one batch; the oldest go.
                 let keep = self.shared.hold_bytes.saturating_sub(HOLD_BYTES) / cs;
                 out.extend(self.held.drain(..n - keep.min(n)));
@@ -1297,6 +1297,9 @@ impl<I: Io> Core<I> {
             }
         }
         self.held_wanted = false;
+        if out.is_empty() {
+            return;
+        }
         for &f in &out {
             let fill = &mut self.fills[f];
             fill.held = false;
@@ -1306,9 +1309,18 @@ impl<I: Io> Core<I> {
         // Clusters allocated one after another merge into large writes.
         out.retain(|&f| self.allocate_fill(f));
         out.sort_unstable_by_key(|&f| self.fills[f].host);
-        for fid in out {
+        for &fid in &out {
             self.push_fill_write(fid);
         }
+        if self.held.capacity() == 0 {
+            // All went out: keep the list's memory for the next burst.
+            out.clear();
+            self.held = out;
+        }
+    }
+
+    fn held_over_budget(&self) -> bool {
+        self.held.len() << self.cluster_bits() >= self.shared.hold_bytes
     }
 
     fn count_held(&self) {

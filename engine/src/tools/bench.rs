@@ -342,12 +342,14 @@ fn run_on(disk: &Disk, opts: &BenchOptions) -> Result<BenchReport> {
         return Err(e.context(format_args!("{what} at offset {offset}")));
     }
     let elapsed = start.elapsed();
-    if opts.write || opts.copy_on_read {
+    let flushed = if opts.write || opts.copy_on_read {
         // Untimed, as qemu-img bench does not flush either; but write-backs
         // finish behind the reads, and the counters should include them.
         disk.flush().map_err(|e| e.context("flushing"))?;
-    }
-    let flushed = start.elapsed() - elapsed;
+        start.elapsed() - elapsed
+    } else {
+        Duration::ZERO
+    };
     Ok(BenchReport {
         count: opts.count,
         depth: opts.depth,

@@ -109,6 +109,14 @@ impl Drop for Peer {
 /// `nbdkit [--filter=F]... file IMAGE [PARAMS]` on Unix socket `sock`, its
 /// pid file and log in `dir`. It exits with the test process.
 pub fn nbdkit(dir: &Path, sock: &Path, image: &Path, filters: &[&str], params: &[&str]) -> Peer {
+    let mut plugin = vec!["file".to_string(), path_str(image)];
+    plugin.extend(params.iter().map(|p| p.to_string()));
+    nbdkit_plugin(dir, sock, filters, &plugin)
+}
+
+/// `nbdkit [--filter=F]... PLUGIN [PARAMS]` (`plugin` is the plugin's name
+/// and its parameters) on Unix socket `sock`, as [`nbdkit`].
+pub fn nbdkit_plugin(dir: &Path, sock: &Path, filters: &[&str], plugin: &[String]) -> Peer {
     let pid = dir.join("nbdkit.pid");
     let _ = std::fs::remove_file(sock);
     let mut args: Vec<String> = vec![
@@ -120,9 +128,7 @@ pub fn nbdkit(dir: &Path, sock: &Path, image: &Path, filters: &[&str], params: &
         path_str(&pid),
     ];
     args.extend(filters.iter().map(|f| format!("--filter={f}")));
-    args.push("file".into());
-    args.push(path_str(image));
-    args.extend(params.iter().map(|p| p.to_string()));
+    args.extend_from_slice(plugin);
     Peer::start(dir, "nbdkit", &args, &pid)
 }
 
