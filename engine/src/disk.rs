@@ -206,7 +206,8 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Bytes written by clients.
     pub bytes_written: u64,
-    /// Copy-on-read write-backs that failed (the data was still returned).
+    /// Copy-on-read write-backs that failed (the data was still returned);
+    /// [`Disk::last_writeback_error`] says why the latest did.
     pub writeback_errors: u64,
     /// Metadata commits (fdatasync + L2 writes) completed.
     pub commits: u64,
@@ -988,6 +989,25 @@ impl Disk {
             s.remote_latency_max_us = s.remote_latency_max_us.max(g(&c.remote_latency_max_us));
         }
         s
+    }
+
+    /// Why the latest copy-on-read write-back failed, if one has since
+    /// open (`Stats::writeback_errors` counts them): an overlay without
+    /// room, say. The readers had their data; the overlay just did not
+    /// keep it, so that data is still read from the backing image.
+    pub fn last_writeback_error(&self) -> Option<Error> {
+        self.inner
+            .shared
+            .stats
+            .iter()
+            .filter_map(|c| {
+                c.last_writeback_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            })
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, e)| e)
     }
 
     /// Flushes, writes the metadata, frees unused reserved clusters, stops

@@ -43,7 +43,14 @@
 //!   on device" while a second connection keeps writing, reading (copy-on-
 //!   read without room included) and flushing; the server stays up, reads
 //!   through `nbdcopy` match, and after SIGTERM (exit 0) the image checks
-//!   without corruption and equals the reference.
+//!   without corruption and equals the reference; the server's stderr says
+//!   why copy-on-read write-backs failed, and how many.
+//! * `held_write_backs_without_room`: over an NBD backing (nbdkit's eval
+//!   plugin, one read held at a gate), write-backs of remote fills wait in
+//!   memory and take their clusters only when they go out; 100 of them go
+//!   out into an overlay with room for a few clusters. Every read is right
+//!   before and after, FLUSH succeeds, the server reports the failures, and
+//!   the image has no corruption and reads as the base.
 //! * `file_size_limit_does_not_kill_the_server`: `backfill serve` started
 //!   under `ulimit -f` as a user would, SIGXFSZ not ignored for it: a write
 //!   past the limit fails with ENOSPC and the server keeps serving.
@@ -70,6 +77,8 @@
 mod common;
 #[path = "common/nbd.rs"]
 mod nbd_common;
+#[path = "common/nbd_peer.rs"]
+mod nbd_peer;
 
 use backfill::{Disk, ErrorKind};
 use common::*;
@@ -478,6 +487,10 @@ fn full_overlay_child(dir: &Path) {
         after.writeback_errors > 0,
         "write-backs failed for lack of room, and were counted: {after:?}"
     );
+    let why = disk
+        .last_writeback_error()
+        .expect("the latest failed write-back's error");
+    assert_no_room(Err(why), &image, "the latest failed write-back");
 
     // Failures do not poison the image: a write without room still gets the
     // same clear error, one with room still works.
@@ -724,10 +737,150 @@ fn full_overlay_over_nbd() {
     assert_alive(&mut server, "after nbdcopy");
 
     good.disconnect();
-    server.stop();
+    let log = server.stop();
+    // Nobody's read failed, so the server says why the overlay stopped filling.
+    assert!(
+        log.lines().any(|l| l
+            .starts_with("backfill serve: copy-on-read could not write into the overlay")
+            && l.contains("write-backs failed")),
+        "no report of the failed write-backs:\n{log}"
+    );
     let leaks = check_no_corruption(&f.image);
     eprintln!("full_overlay_over_nbd: no corruption, {leaks} leaked clusters");
     compare_with_bytes(&f.image, &model, f.dir.path());
+}
+
+/// Write-backs of remote fills wait in memory while remote reads continue,
+/// and take their clusters only when they go out: on an overlay without
+/// room, that is where they fail. The backing is nbdkit's eval plugin,
+/// which holds one read at a gate (a FIFO the test writes to, once); with
+/// it in flight, 100 cold reads through `backfill serve` (one core, room
+/// for a few clusters) complete and their write-backs are held. When the
+/// gate opens, they go out and most fail for lack of room. Every read,
+/// before and after, returns the base's bytes; a FLUSH succeeds (the
+/// failed write-backs lost only copy-on-read work); the server says on
+/// stderr why write-backs failed and how many; the image has no corruption
+/// (`qemu-img check`), holds some of the clusters read and not others
+/// (`qemu-img map`), and reads as the base (`qemu-img compare`).
+#[test]
+fn held_write_backs_without_room() {
+    let size = 16 * MIB;
+    let dir = tempdir("faults-held");
+    let base = dir.path().join("base.raw");
+    let data = random_bytes(size as usize, 41);
+    write_file(&base, &data);
+    let gate = dir.path().join("gate");
+    let opened = dir.path().join("opened");
+    run_ok("mkfifo", [path_str(&gate)]);
+    let gated = 3 * MIB;
+    // Only the first read of `gated` waits (until the test has created
+    // `opened` and writes to the FIFO); later reads of it go straight on.
+    let pread = format!(
+        "if [ \"$4\" = {gated} ] && [ ! -e '{}' ]; then read line < '{}'; fi; \
+         exec dd if='{}' iflag=skip_bytes,count_bytes skip=\"$4\" count=\"$3\" status=none",
+        path_str(&opened),
+        path_str(&gate),
+        path_str(&base)
+    );
+    let sock = nbd_peer::socket_path(dir.path(), "eval.sock");
+    let eval = [
+        "eval".to_string(),
+        "thread_model=echo parallel".into(),
+        format!("get_size=echo {size}"),
+        format!("pread={pread}"),
+    ];
+    let backing = nbd_peer::nbdkit_plugin(dir.path(), &sock, &[], &eval);
+    let image = dir.path().join("overlay.qcow2");
+    qemu_create_qcow2(&image, "", Some((&nbd_peer::unix_uri(&sock), "raw")), None);
+    let limit = limit_after(&image);
+    let mut server = Server::start_with(dir.path(), &image, &["--cores", "1"], |cmd| {
+        limit_file_size_on_exec(cmd, limit, true)
+    });
+    let open_gate = || {
+        std::fs::write(&opened, b"").unwrap();
+        std::fs::write(&gate, "go\n").unwrap();
+    };
+    let _unstick = OpenGateOnPanic(gate.clone(), opened.clone());
+
+    let mut client = server.client();
+    let stuck = client.send(0, CMD_READ, gated, 4096, &[]);
+    // Every other cluster of the first 13 MiB but the gated one's neighbours.
+    let reads: Vec<u64> = (0..size / CLUSTER)
+        .map(|c| c * CLUSTER)
+        .filter(|&o| o < 13 * MIB && o.abs_diff(gated) > CLUSTER && (o / CLUSTER).is_multiple_of(2))
+        .take(100)
+        .collect();
+    assert_eq!(reads.len(), 100);
+    let read_all = |client: &mut nbd_common::Client, what: &str| {
+        let cookies: Vec<u64> = reads
+            .iter()
+            .map(|&o| client.send(0, CMD_READ, o, 4096, &[]))
+            .collect();
+        for (&o, c) in reads.iter().zip(cookies) {
+            let got = client.recv(c).assemble(o, 4096);
+            assert_same_bytes(
+                &got,
+                &data[o as usize..][..4096],
+                &format!("{what}: read at {o}"),
+            );
+        }
+    };
+    read_all(&mut client, "held");
+    // All answered while the gated read is in flight: their write-backs
+    // wait. Now they go out, into an overlay without room for most.
+    open_gate();
+    let got = client.recv(stuck).assemble(gated, 4096);
+    assert_same_bytes(&got, &data[gated as usize..][..4096], "the gated read");
+    client.flush_ok();
+    read_all(&mut client, "after the write-backs");
+    assert_alive(&mut server, "after the write-backs");
+    client.disconnect();
+    let log = server.stop();
+    let report = log
+        .lines()
+        .find(|l| l.contains("copy-on-read could not write into the overlay"))
+        .unwrap_or_else(|| panic!("no report of the failed write-backs:\n{log}"));
+    assert!(
+        report.contains("overlay.qcow2") && report.contains("write-backs failed"),
+        "{report}"
+    );
+
+    let leaks = check_no_corruption(&image);
+    let map = qemu_map(&image);
+    let held = reads
+        .iter()
+        .filter(|&&o| map_at(&map, o).depth == 0)
+        .count();
+    eprintln!(
+        "held_write_backs_without_room: {held} of 100 clusters written, {leaks} leaked clusters; {report}"
+    );
+    assert!(
+        held < 100,
+        "every write-back found room under a limit of {limit} bytes"
+    );
+    compare_with_bytes(&image, &data, dir.path());
+    backing.stop();
+}
+
+/// On a failed assertion, opens the gate of `held_write_backs_without_room`
+/// (if its server waits there), so that the server's close does not wait.
+struct OpenGateOnPanic(std::path::PathBuf, std::path::PathBuf);
+
+impl Drop for OpenGateOnPanic {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = std::fs::write(&self.1, b"");
+        let gate = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0);
+        if let Ok(mut f) = gate {
+            let _ = f.write_all(b"go\n");
+        }
+    }
 }
 
 #[test]

@@ -257,6 +257,17 @@ impl<I: Io> Core<I> {
         counter(&self.shared.stats[self.id]).fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A copy-on-read write-back failed (no room, say): counted, and its
+    /// error kept for the operator. Only copy-on-read work is lost: the
+    /// readers had their data, and the cluster still reads from the backing.
+    fn writeback_failed(&self, e: &Error) {
+        self.bump(|s| &s.writeback_errors, 1);
+        *self.shared.stats[self.id]
+            .last_writeback_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), e.clone()));
+    }
+
     fn writable(&self) -> bool {
         !self.shared.read_only && !self.shared.meta.is_poisoned()
     }
@@ -1235,8 +1246,8 @@ impl<I: Io> Core<I> {
                 true
             }
             Err(e) => {
+                self.writeback_failed(&e);
                 self.fills[fid].error = Some(e);
-                self.bump(|s| &s.writeback_errors, 1);
                 self.release_fill(fid);
                 false
             }
@@ -1358,7 +1369,9 @@ impl<I: Io> Core<I> {
             self.bump(|s| &s.cor_fills, 1);
             self.keep_fill(fid);
         } else {
-            self.bump(|s| &s.writeback_errors, 1);
+            let e = published.as_ref().err().or(self.fills[fid].error.as_ref());
+            let e = e.cloned().expect("a failed write-back has its error");
+            self.writeback_failed(&e);
         }
         if let Err(e) = published {
             self.fills[fid].error = Some(e);

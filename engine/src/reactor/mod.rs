@@ -129,6 +129,9 @@ pub struct CoreStats {
     /// Bytes of write-backs this core holds now, and the most it held.
     pub held_bytes: AtomicU64,
     pub held_peak_bytes: AtomicU64,
+    /// This core's latest failed copy-on-read write-back: when, and why
+    /// (see `Disk::last_writeback_error`). Taken only when one fails.
+    pub last_writeback_error: std::sync::Mutex<Option<(std::time::Instant, Error)>>,
 }
 
 /// Something that lives on a core besides the engine (the NBD server's

@@ -62,6 +62,12 @@ pub fn stats_line(s: &crate::Stats) -> String {
         s.bytes_fetched,
         s.in_flight
     );
+    if s.writeback_errors > 0 {
+        line.push_str(&format!(
+            ", {} copy-on-read write-backs failed",
+            s.writeback_errors
+        ));
+    }
     if s.remote_reads > 0 {
         let mean_ms = s.remote_latency_us as f64 / s.remote_reads as f64 / 1000.0;
         line.push_str(&format!(
@@ -106,6 +112,60 @@ fn report_stats(
                 }
             }
             eprintln!("{line}");
+        }
+    })
+}
+
+/// How often `serve` looks for failed copy-on-read write-backs.
+const WRITEBACK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// The least time between two reports of failed write-backs on stderr.
+pub const WRITEBACK_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The line that reports copy-on-read write-backs that failed since the
+/// last report (`reported` of them were), if any did.
+fn writeback_report(disk: &Disk, reported: &mut u64) -> Option<String> {
+    let total = disk.stats().writeback_errors;
+    if total <= *reported {
+        return None;
+    }
+    let new = total - std::mem::replace(reported, total);
+    let why = disk
+        .last_writeback_error()
+        .map_or_else(|| "no reason recorded".to_string(), |e| e.to_string());
+    Some(format!(
+        "backfill serve: copy-on-read could not write into the overlay: {why} ({new} \
+         write-backs failed, {total} since start); the reads were answered, and that data is \
+         still read from the backing image"
+    ))
+}
+
+/// Reports failed copy-on-read write-backs (an overlay without room, say)
+/// on stderr: no client sees them, since their reads succeed, and the
+/// overlay silently stops filling. The first within [`WRITEBACK_CHECK`],
+/// then at most one line every [`WRITEBACK_REPORT_INTERVAL`] while more
+/// fail; when `stop` is dropped, any not reported yet.
+fn watch_writebacks(
+    disk: Disk,
+    stop: crossbeam_channel::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reported = 0;
+        let mut last: Option<std::time::Instant> = None;
+        loop {
+            let stopping = !matches!(
+                stop.recv_timeout(WRITEBACK_CHECK),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout)
+            );
+            let due = last.is_none_or(|t| t.elapsed() >= WRITEBACK_REPORT_INTERVAL);
+            if stopping || due {
+                if let Some(line) = writeback_report(&disk, &mut reported) {
+                    eprintln!("{line}");
+                    last = Some(std::time::Instant::now());
+                }
+            }
+            if stopping {
+                return;
+            }
         }
     })
 }
@@ -251,6 +311,8 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
         let streaming = stream.as_ref().map(|(s, _)| s.clone());
         (tx, report_stats(disk.clone(), streaming, every, rx))
     });
+    let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(0);
+    let watch = watch_writebacks(disk.clone(), watch_rx);
     let result = server.run();
     if let Some((tx, reporter)) = stats {
         drop(tx);
@@ -266,6 +328,11 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
         drop(stream);
     }
     drop(server);
+    // Held write-backs go out now, so that the last report counts them
+    // (any error is the close's to report).
+    let _ = disk.flush();
+    drop(watch_stop);
+    let _ = watch.join();
     let closed = disk.close();
     result.and(closed).map_err(|e| match e.kind() {
         ErrorKind::ShuttingDown => e,

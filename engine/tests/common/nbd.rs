@@ -360,16 +360,17 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Stops the server with SIGTERM and asserts a clean exit.
-    pub fn stop(self) {
+    /// Stops the server with SIGTERM and asserts a clean exit; returns
+    /// what it printed on stderr.
+    pub fn stop(self) -> String {
         self.stop_with(libc::SIGTERM)
     }
 
     /// Sends `signal`, waits for the exit, and asserts exit status 0 and that
-    /// nothing but the ready line was printed on stdout.
-    pub fn stop_with(self, signal: libc::c_int) {
+    /// nothing but the ready line was printed on stdout; returns stderr.
+    pub fn stop_with(self, signal: libc::c_int) -> String {
         self.signal(signal);
-        self.wait_stopped();
+        self.wait_stopped()
     }
 
     /// Sends `signal` and returns at once.
@@ -383,8 +384,9 @@ impl Server {
     }
 
     /// After [`Server::signal`]: waits for the exit (with a hang guard) and
-    /// asserts exit status 0 and nothing but the ready line on stdout.
-    pub fn wait_stopped(mut self) {
+    /// asserts exit status 0 and nothing but the ready line on stdout;
+    /// returns what it printed on stderr.
+    pub fn wait_stopped(mut self) -> String {
         let signal = self.signalled.load(Ordering::SeqCst);
         assert_ne!(signal, 0, "no signal sent");
         let status = self.wait();
@@ -401,6 +403,7 @@ impl Server {
             rest.is_empty(),
             "backfill serve printed more than its ready line on stdout: {rest:?}"
         );
+        log
     }
 
     /// Reaps the process, with a hang guard.

@@ -257,8 +257,8 @@ impl<I: Io> Core<I> {
         };
         let e = match self.ext_entry(cluster) {
             Ok(e) => e,
-            Err(_) => {
-                self.bump(|s| &s.writeback_errors, 1);
+            Err(e) => {
+                self.writeback_failed(&e);
                 drop(buf);
                 self.release_fill(fid);
                 return;
@@ -290,8 +290,8 @@ impl<I: Io> Core<I> {
             Some(h) => h,
             None => match self.alloc_cluster() {
                 Ok(h) => h,
-                Err(_) => {
-                    self.bump(|s| &s.writeback_errors, 1);
+                Err(e) => {
+                    self.writeback_failed(&e);
                     drop(buf);
                     self.release_fill(fid);
                     return;
