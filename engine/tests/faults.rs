@@ -54,6 +54,12 @@
 //! * `file_size_limit_does_not_kill_the_server`: `backfill serve` started
 //!   under `ulimit -f` as a user would, SIGXFSZ not ignored for it: a write
 //!   past the limit fails with ENOSPC and the server keeps serving.
+//! * `file_size_limit_fails_stream_and_convert_with_their_errors`: the
+//!   same limit, SIGXFSZ not ignored, on `backfill stream` and `backfill
+//!   convert`: each exits 1 with its error (the file and "File too large"),
+//!   not killed by the signal; the image has no corruption, and a second
+//!   `stream` without the limit finishes it (standalone, identical to the
+//!   base).
 //! * `vanished_clients_lose_nothing`: while a well-behaved client writes,
 //!   reads and flushes on its own thread, other clients vanish: one after
 //!   acknowledged (flushed and unflushed) writes and a copy-on-read, in the
@@ -914,6 +920,53 @@ fn file_size_limit_does_not_kill_the_server() {
     server.stop();
     check_no_corruption(&f.image);
     compare_with_bytes(&f.image, &model, f.dir.path());
+}
+
+/// The other commands that write, under `ulimit -f` as a user's shell sets
+/// it (SIGXFSZ with its default action, which kills): `backfill stream`
+/// stops with its error (exit 1, the image and the OS error named), not a
+/// signal, and leaves an image without corruption that a second `stream`,
+/// without the limit, finishes: standalone, identical to the base.
+/// `backfill convert` into a file past the limit says so too.
+#[test]
+fn file_size_limit_fails_stream_and_convert_with_their_errors() {
+    let f = Fixture::with_backing("faults-stream", 16 * MIB, 43);
+    let limit = limit_after(&f.image);
+    let limited = |args: &[&str]| {
+        let mut cmd = Command::new(backfill_bin());
+        cmd.args(args);
+        limit_file_size_on_exec(&mut cmd, limit, false);
+        let out = cmd.output().expect("running backfill");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "backfill {args:?} under a file size limit: {} ({stderr})",
+            out.status
+        );
+        let efbig = std::io::Error::from_raw_os_error(libc::EFBIG).to_string();
+        assert!(
+            stderr.starts_with("backfill: ") && stderr.contains(&efbig),
+            "backfill {args:?}: {stderr}"
+        );
+        stderr
+    };
+    let image = path_str(&f.image);
+    let err = limited(&["stream", &image]);
+    assert!(err.contains("disk.qcow2"), "{err}");
+    let leaks = check_no_corruption(&f.image);
+    eprintln!("stream without room: {leaks} leaked clusters; {err}");
+
+    let out = run_ok(backfill_bin(), ["stream", image.as_str()]);
+    assert!(out.contains("backing file dropped"), "{out}");
+    check_clean(&f.image);
+    compare_identical(&f.image, f.base());
+    let info = qemu_img(["info", image.as_str()]);
+    assert!(!info.contains("backing file"), "{info}");
+
+    let copy = f.path("copy.raw");
+    let err = limited(&["convert", &image, &path_str(&copy)]);
+    assert!(err.contains("copy.raw"), "{err}");
 }
 
 // ---------------------------------------------------------- vanishing clients

@@ -246,7 +246,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match run(cli.command) {
+    match backfill::tools::ignore_sigxfsz().and_then(|()| run(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("backfill: {e}");

@@ -23,6 +23,24 @@ pub mod units;
 
 use crate::Stats;
 
+/// Makes a write past `RLIMIT_FSIZE` (`ulimit -f`, systemd's `LimitFSIZE=`)
+/// fail with EFBIG, as a write to a full disk fails with ENOSPC, instead of
+/// raising SIGXFSZ, whose default action kills the process: a server would
+/// drop every client, and a stream or convert would die without its error
+/// or its clean close. PostgreSQL does the same. For the whole process; the
+/// `backfill` command calls it first thing.
+pub fn ignore_sigxfsz() -> crate::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code; nothing here relies on the
+    // previous disposition.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(crate::Error::io(
+            std::io::Error::last_os_error(),
+            "ignoring SIGXFSZ",
+        ));
+    }
+    Ok(())
+}
+
 /// The change of the engine's counters between two [`Stats`] snapshots.
 ///
 /// Counters are monotonic, so the delta of each is `after - before`

@@ -246,19 +246,10 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
             "--stream needs a writable disk with copy-on-read (not --read-only or --no-copy-on-read)",
         ));
     }
-    // A write past RLIMIT_FSIZE (`ulimit -f`, systemd's LimitFSIZE=) raises
-    // SIGXFSZ, whose default action kills the process: every client would
-    // lose its connection over one write without room. Ignored, such a
-    // write fails with EFBIG, which its client gets as ENOSPC, as on a full
-    // disk, and everyone else is still served (PostgreSQL does the same).
-    // SAFETY: SIG_IGN installs no handler code; nothing here relies on the
-    // previous disposition.
-    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
-        return Err(Error::io(
-            std::io::Error::last_os_error(),
-            "ignoring SIGXFSZ",
-        ));
-    }
+    // Every client would lose its connection over one write without room:
+    // such a write fails with EFBIG instead, which its client gets as
+    // ENOSPC, as on a full disk, and everyone else is still served.
+    crate::tools::ignore_sigxfsz()?;
     // Signals are taken before any thread starts, so every thread has them
     // routed to the handler thread rather than killing the process.
     let mut signals =
