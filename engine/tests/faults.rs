@@ -59,7 +59,9 @@
 //!   convert`: each exits 1 with its error (the file and "File too large"),
 //!   not killed by the signal; the image has no corruption, and a second
 //!   `stream` without the limit finishes it (standalone, identical to the
-//!   base).
+//!   base). `convert --copy-on-read` with room for its output but not for
+//!   the overlay's write-backs: the output is whole, and the report names
+//!   the image and the OS error.
 //! * `vanished_clients_lose_nothing`: while a well-behaved client writes,
 //!   reads and flushes on its own thread, other clients vanish: one after
 //!   acknowledged (flushed and unflushed) writes and a copy-on-read, in the
@@ -927,7 +929,9 @@ fn file_size_limit_does_not_kill_the_server() {
 /// stops with its error (exit 1, the image and the OS error named), not a
 /// signal, and leaves an image without corruption that a second `stream`,
 /// without the limit, finishes: standalone, identical to the base.
-/// `backfill convert` into a file past the limit says so too.
+/// `backfill convert` into a file past the limit says so too; `convert
+/// --copy-on-read` whose output fits but whose overlay does not writes the
+/// whole output and says why the overlay did not keep the data.
 #[test]
 fn file_size_limit_fails_stream_and_convert_with_their_errors() {
     let f = Fixture::with_backing("faults-stream", 16 * MIB, 43);
@@ -967,6 +971,37 @@ fn file_size_limit_fails_stream_and_convert_with_their_errors() {
     let copy = f.path("copy.raw");
     let err = limited(&["convert", &image, &path_str(&copy)]);
     assert!(err.contains("copy.raw"), "{err}");
+
+    // `convert --copy-on-read` whose output fits under the limit but whose
+    // overlay does not: the output is whole, and the report says why the
+    // overlay did not keep the data (the OS error, retried out of a short
+    // write-back).
+    let g = Fixture::with_backing("faults-convert", MIB, 44);
+    let image = path_str(&g.image);
+    let copy = g.path("copy.raw");
+    let mut cmd = Command::new(backfill_bin());
+    cmd.args(["convert", "--copy-on-read", &image, &path_str(&copy)]);
+    limit_file_size_on_exec(&mut cmd, MIB, false);
+    let out = cmd.output().expect("running backfill convert");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{} {text} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_bytes(&read_file(&copy), &g.data, "convert's output");
+    let efbig = std::io::Error::from_raw_os_error(libc::EFBIG).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Copy-on-read could not write "))
+        .unwrap_or_else(|| panic!("no report of the failed write-backs: {text}"));
+    assert!(
+        line.contains("disk.qcow2") && line.contains(&efbig),
+        "{line}"
+    );
+    check_no_corruption(&g.image);
+    compare_identical(&g.image, g.base());
 }
 
 // ---------------------------------------------------------- vanishing clients

@@ -200,6 +200,10 @@ pub struct Fill {
     /// subclusters its first reader needs; `buf` holds exactly it.
     lo: u64,
     hi: u64,
+    /// Bytes of the write-back done by earlier, short writes, and whether
+    /// the last one wrote nothing (see `fill_io_done`).
+    written: usize,
+    stalled: bool,
 }
 
 #[derive(Default)]
@@ -1082,6 +1086,8 @@ impl<I: Io> Core<I> {
             populators: Vec::new(),
             lo,
             hi,
+            written: 0,
+            stalled: false,
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
@@ -1118,7 +1124,7 @@ impl<I: Io> Core<I> {
                 format!("{path}: reading backing data for cluster {}", f.cluster)
             }
         });
-        drop(cqe.buf);
+        let buf = cqe.buf;
         match res {
             Err(e) if !f.writing => {
                 f.error
@@ -1127,13 +1133,40 @@ impl<I: Io> Core<I> {
             Err(e) => {
                 f.error.get_or_insert(e);
             }
-            Ok(n) if f.writing && n as u64 != f.hi - f.lo => {
-                f.error
-                    .get_or_insert(Error::new(ErrorKind::Io, "short copy-on-read write-back"));
+            // A short write-back is retried for the rest, as a client's
+            // write is (`Step::WriteData`): the overlay ran out of room part
+            // way, and only the retry gets the reason (ENOSPC, EFBIG) for the
+            // operator's report. Two in a row that write nothing are an error.
+            Ok(n) if f.writing && f.written + n < (f.hi - f.lo) as usize => {
+                let len = (f.hi - f.lo) as usize;
+                if n == 0 && f.stalled {
+                    f.error.get_or_insert(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "{path}: copy-on-read write-back of cluster {}: short write ({} of \
+                             {len} bytes)",
+                            f.cluster, f.written
+                        ),
+                    ));
+                } else if f.error.is_none() {
+                    f.stalled = n == 0;
+                    f.written += n;
+                    let at = f.host + f.lo + f.written as u64;
+                    let (off, rest) = (f.written, len - f.written);
+                    let buf = buf.expect("a write has its buffer");
+                    self.io.push(
+                        TAG_FILL | fid as u64,
+                        Op::write(FILE_DATA, at, buf, off, rest),
+                    );
+                    return;
+                }
             }
             Ok(n) if !f.writing => f.got += n as u64,
             Ok(_) => {}
         }
+        // The operation's clone of the buffer: the fill's own is what
+        // goes on (to the pool, or kept).
+        drop(buf);
         f.pending -= 1;
         if f.pending > 0 {
             return;

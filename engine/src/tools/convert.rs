@@ -63,6 +63,10 @@ pub struct ConvertReport {
     pub elapsed: Duration,
     /// Engine counters over the run.
     pub stats: Stats,
+    /// Why the latest copy-on-read write-back failed, when some did (an
+    /// overlay without room, say): the output is whole, but the overlay
+    /// did not keep that data.
+    pub writeback_error: Option<Error>,
 }
 
 impl std::fmt::Display for ConvertReport {
@@ -83,7 +87,20 @@ impl std::fmt::Display for ConvertReport {
             self.stats.cor_fills,
             self.stats.cor_zero_fills,
             format_size(self.stats.bytes_fetched),
-        )
+        )?;
+        if self.stats.writeback_errors > 0 {
+            let why = self
+                .writeback_error
+                .as_ref()
+                .map_or_else(|| "no reason recorded".to_string(), |e| e.to_string());
+            write!(
+                f,
+                "\nCopy-on-read could not write {} fills into the overlay ({why}): that data is \
+                 still read from the backing image.",
+                self.stats.writeback_errors
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -171,11 +188,21 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
         // counters (and the time) include the whole copy-on-read.
         disk.flush().map_err(|e| e.context("flushing"))?;
     }
+    let elapsed = start.elapsed();
+    // Copy-on-read's write-backs land before the counters are read, so
+    // that the report counts every fill, and every one that failed.
+    if opts.copy_on_read {
+        disk.flush()?;
+    }
+    let stats = stats_delta(&before, &disk.stats());
     Ok(ConvertReport {
         size_bytes: size,
         written_bytes: written,
-        elapsed: start.elapsed(),
-        stats: stats_delta(&before, &disk.stats()),
+        elapsed,
+        stats,
+        writeback_error: (stats.writeback_errors > 0)
+            .then(|| disk.last_writeback_error())
+            .flatten(),
     })
 }
 
