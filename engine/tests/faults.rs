@@ -777,38 +777,17 @@ fn held_write_backs_without_room() {
     let base = dir.path().join("base.raw");
     let data = random_bytes(size as usize, 41);
     write_file(&base, &data);
-    let gate = dir.path().join("gate");
-    let opened = dir.path().join("opened");
-    run_ok("mkfifo", [path_str(&gate)]);
     let gated = 3 * MIB;
-    // Only the first read of `gated` waits (until the test has created
-    // `opened` and writes to the FIFO); later reads of it go straight on.
-    let pread = format!(
-        "if [ \"$4\" = {gated} ] && [ ! -e '{}' ]; then read line < '{}'; fi; \
-         exec dd if='{}' iflag=skip_bytes,count_bytes skip=\"$4\" count=\"$3\" status=none",
-        path_str(&opened),
-        path_str(&gate),
-        path_str(&base)
-    );
     let sock = nbd_peer::socket_path(dir.path(), "eval.sock");
-    let eval = [
-        "eval".to_string(),
-        "thread_model=echo parallel".into(),
-        format!("get_size=echo {size}"),
-        format!("pread={pread}"),
-    ];
-    let backing = nbd_peer::nbdkit_plugin(dir.path(), &sock, &[], &eval);
+    let (backing, gate) = nbd_peer::gated_nbdkit(dir.path(), &sock, &base, size, gated);
     let image = dir.path().join("overlay.qcow2");
     qemu_create_qcow2(&image, "", Some((&nbd_peer::unix_uri(&sock), "raw")), None);
     let limit = limit_after(&image);
     let mut server = Server::start_with(dir.path(), &image, &["--cores", "1"], |cmd| {
         limit_file_size_on_exec(cmd, limit, true)
     });
-    let open_gate = || {
-        std::fs::write(&opened, b"").unwrap();
-        std::fs::write(&gate, "go\n").unwrap();
-    };
-    let _unstick = OpenGateOnPanic(gate.clone(), opened.clone());
+    // Dropped before the server, whose stop would wait for the gated read.
+    let gate = gate;
 
     let mut client = server.client();
     let stuck = client.send(0, CMD_READ, gated, 4096, &[]);
@@ -836,7 +815,7 @@ fn held_write_backs_without_room() {
     read_all(&mut client, "held");
     // All answered while the gated read is in flight: their write-backs
     // wait. Now they go out, into an overlay without room for most.
-    open_gate();
+    gate.open();
     let got = client.recv(stuck).assemble(gated, 4096);
     assert_same_bytes(&got, &data[gated as usize..][..4096], "the gated read");
     client.flush_ok();
@@ -868,27 +847,6 @@ fn held_write_backs_without_room() {
     );
     compare_with_bytes(&image, &data, dir.path());
     backing.stop();
-}
-
-/// On a failed assertion, opens the gate of `held_write_backs_without_room`
-/// (if its server waits there), so that the server's close does not wait.
-struct OpenGateOnPanic(std::path::PathBuf, std::path::PathBuf);
-
-impl Drop for OpenGateOnPanic {
-    fn drop(&mut self) {
-        use std::os::unix::fs::OpenOptionsExt;
-        if !std::thread::panicking() {
-            return;
-        }
-        let _ = std::fs::write(&self.1, b"");
-        let gate = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&self.0);
-        if let Ok(mut f) = gate {
-            let _ = f.write_all(b"go\n");
-        }
-    }
 }
 
 #[test]

@@ -897,27 +897,13 @@ fn write_backs_held_during_a_burst_stay_within_the_budget() {
 fn held_write_backs_leave_no_cluster_to_leak_in_a_crash() {
     let size = 16 * MIB;
     let s = Setup::new("nbdb-crash", size, 37);
-    let gate = s.path("gate");
-    run_ok("mkfifo", [path_str(&gate)]);
     let gated = 3 * MIB;
-    let pread = format!(
-        "if [ \"$4\" = {gated} ]; then read line < '{}'; fi; \
-         exec dd if='{}' iflag=skip_bytes,count_bytes skip=\"$4\" count=\"$3\" status=none",
-        path_str(&gate),
-        path_str(&s.base)
-    );
     let sock = s.sock("eval.sock");
-    let eval = [
-        "eval".to_string(),
-        "thread_model=echo parallel".into(),
-        format!("get_size=echo {size}"),
-        format!("pread={pread}"),
-    ];
-    let server = nbd_peer::nbdkit_plugin(s.dir.path(), &sock, &[], &eval);
+    let (server, gate) = nbd_peer::gated_nbdkit(s.dir.path(), &sock, &s.base, size, gated);
     let image = s.overlay_over("crash.qcow2", &unix_uri(&sock), CLUSTER);
     let disk = open(&image, options(1, true, false));
     // Dropped before the disk, whose close would wait for the gated read.
-    let _unstick = OpenGateOnPanic(gate.clone());
+    let gate = gate;
 
     let stuck = disk.submit_read(gated, vec![0u8; 4096]);
     // Every other cluster of the first 13 MiB but the gated one's neighbours.
@@ -941,7 +927,7 @@ fn held_write_backs_leave_no_cluster_to_leak_in_a_crash() {
     let crashed = s.path("crashed.qcow2");
     std::fs::copy(&image, &crashed).unwrap();
     let leaks = check_no_corruption(&crashed);
-    std::fs::write(&gate, "go\n").unwrap();
+    gate.open();
     assert_eq!(leaks, 0, "clusters leaked by held write-backs");
     let got = stuck.wait().unwrap();
     assert_same_bytes(&got, &s.data[gated as usize..][..4096], "the gated read");
@@ -952,28 +938,6 @@ fn held_write_backs_leave_no_cluster_to_leak_in_a_crash() {
     disk.close().unwrap();
     s.check_reads_as(&image, &s.data);
     server.stop();
-}
-
-/// On a failed assertion, lets the gated read of
-/// `held_write_backs_leave_no_cluster_to_leak_in_a_crash` through (if its
-/// server waits at the gate), so that closing the disk does not wait for it.
-struct OpenGateOnPanic(PathBuf);
-
-impl Drop for OpenGateOnPanic {
-    fn drop(&mut self) {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        if !std::thread::panicking() {
-            return;
-        }
-        let gate = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&self.0);
-        if let Ok(mut f) = gate {
-            let _ = f.write_all(b"go\n");
-        }
-    }
 }
 
 /// Readahead keeps its fills' buffers to answer the sequential reader from

@@ -159,3 +159,66 @@ pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
     assert!(p.as_os_str().len() < 100, "socket path too long: {p:?}");
     p
 }
+
+/// A gate in front of one read of a [`gated_nbdkit`] server: its first
+/// read at the gated offset waits until [`Gate::open`]. A test that fails
+/// while the read waits opens it when the gate is dropped, so that a disk
+/// or server closing after it does not wait for that read: bind the gate
+/// after them, so that it drops first.
+pub struct Gate {
+    fifo: PathBuf,
+    opened: PathBuf,
+}
+
+impl Gate {
+    /// Lets the waiting read (and every later one) through.
+    pub fn open(&self) {
+        std::fs::write(&self.opened, b"").expect("marking the gate open");
+        std::fs::write(&self.fifo, "go\n").expect("opening the gate");
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = std::fs::write(&self.opened, b"");
+        // Non-blocking: nobody may be reading the FIFO any more.
+        let fifo = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.fifo);
+        if let Ok(mut f) = fifo {
+            let _ = f.write_all(b"go\n");
+        }
+    }
+}
+
+/// nbdkit's eval plugin serving `image` (`size` bytes) on Unix socket
+/// `sock`, reads in parallel, the first read at offset `gated` held until
+/// the returned [`Gate`] opens (a FIFO its shell reads; a marker file lets
+/// later reads of that offset through).
+pub fn gated_nbdkit(dir: &Path, sock: &Path, image: &Path, size: u64, gated: u64) -> (Peer, Gate) {
+    let gate = Gate {
+        fifo: dir.join("gate"),
+        opened: dir.join("gate-opened"),
+    };
+    crate::common::run_ok("mkfifo", [path_str(&gate.fifo)]);
+    let pread = format!(
+        "if [ \"$4\" = {gated} ] && [ ! -e '{}' ]; then read line < '{}'; fi; \
+         exec dd if='{}' iflag=skip_bytes,count_bytes skip=\"$4\" count=\"$3\" status=none",
+        path_str(&gate.opened),
+        path_str(&gate.fifo),
+        path_str(image)
+    );
+    let eval = [
+        "eval".to_string(),
+        "thread_model=echo parallel".into(),
+        format!("get_size=echo {size}"),
+        format!("pread={pread}"),
+    ];
+    (nbdkit_plugin(dir, sock, &[], &eval), gate)
+}
