@@ -996,16 +996,23 @@ impl Disk {
     /// room, say. The readers had their data; the overlay just did not
     /// keep it, so that data is still read from the backing image.
     pub fn last_writeback_error(&self) -> Option<Error> {
+        self.latest(|c| &c.last_writeback_error)
+    }
+
+    /// Why the latest read of a remote backing medium (NBD, HTTP) failed,
+    /// after its retries, if one has since open (`Stats::remote_errors`
+    /// counts them). The requests that needed it got the error.
+    pub fn last_remote_error(&self) -> Option<Error> {
+        self.latest(|c| &c.last_remote_error)
+    }
+
+    /// The latest of the errors each core keeps in `slot`.
+    fn latest(&self, slot: fn(&CoreStats) -> &reactor::LastError) -> Option<Error> {
         self.inner
             .shared
             .stats
             .iter()
-            .filter_map(|c| {
-                c.last_writeback_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            })
+            .filter_map(|c| slot(c).lock().unwrap_or_else(|p| p.into_inner()).clone())
             .max_by_key(|(at, _)| *at)
             .map(|(_, e)| e)
     }

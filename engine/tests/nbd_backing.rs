@@ -387,6 +387,13 @@ fn backing_errors_fail_only_the_reads_that_need_the_backing() {
     }
     let during: Stats = disk.stats();
     assert!(during.remote_errors >= probes.len() as u64, "{during:?}");
+    let why = disk
+        .last_remote_error()
+        .expect("the latest failed remote read");
+    assert!(
+        why.to_string().contains(&unix_uri(&sock)),
+        "the latest remote error names the backing: {why}"
+    );
     assert_eq!(during.cor_fills, before.cor_fills, "{during:?}");
 
     std::fs::remove_file(&trigger).unwrap();

@@ -685,7 +685,16 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     std::fs::remove_file(&trigger).unwrap();
     let copy = read_through_nbd(&served.uri, &b.path("read.raw"));
     assert_same_bytes(&copy, &expected, "read through NBD");
-    served.stop();
+    let log = served.stop();
+    // The operator is told why the backing's reads failed.
+    let report = log
+        .lines()
+        .find(|l| l.starts_with("backfill serve: reads of the backing image failed: "))
+        .unwrap_or_else(|| panic!("no report of the failed backing reads:\n{log}"));
+    assert!(
+        report.contains(&uri) && report.contains("since start"),
+        "{report}"
+    );
     check_no_corruption(&b.overlay);
     b.stream_to_the_end(&["--cores", "2"]);
     server.stop();

@@ -101,6 +101,9 @@ impl Shared {
     }
 }
 
+/// A core's latest error of some kind, and when it happened.
+pub type LastError = std::sync::Mutex<Option<(std::time::Instant, Error)>>;
+
 /// Counters of one core; only that core writes them.
 #[derive(Default)]
 pub struct CoreStats {
@@ -131,7 +134,10 @@ pub struct CoreStats {
     pub held_peak_bytes: AtomicU64,
     /// This core's latest failed copy-on-read write-back: when, and why
     /// (see `Disk::last_writeback_error`). Taken only when one fails.
-    pub last_writeback_error: std::sync::Mutex<Option<(std::time::Instant, Error)>>,
+    pub last_writeback_error: LastError,
+    /// This core's latest failed remote backing read (see
+    /// `Disk::last_remote_error`). Taken only when one fails.
+    pub last_remote_error: LastError,
 }
 
 /// Something that lives on a core besides the engine (the NBD server's

@@ -224,7 +224,13 @@ impl<I: Io> Core<I> {
             Ok(_) => stats
                 .remote_bytes
                 .fetch_add(batch.len as u64, Ordering::Relaxed),
-            Err(_) => stats.remote_errors.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                *stats
+                    .last_remote_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), e.clone()));
+                stats.remote_errors.fetch_add(1, Ordering::Relaxed)
+            }
         };
         for id in batch.slots {
             let s = self.remote.slots.remove(id);

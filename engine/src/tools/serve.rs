@@ -116,52 +116,82 @@ fn report_stats(
     })
 }
 
-/// How often `serve` looks for failed copy-on-read write-backs.
-const WRITEBACK_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-/// The least time between two reports of failed write-backs on stderr.
-pub const WRITEBACK_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often `serve` looks for new failures to report.
+const FAILURE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// The least time between two reports of one kind of failure on stderr.
+pub const FAILURE_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The line that reports copy-on-read write-backs that failed since the
-/// last report (`reported` of them were), if any did.
-fn writeback_report(disk: &Disk, reported: &mut u64) -> Option<String> {
-    let total = disk.stats().writeback_errors;
-    if total <= *reported {
-        return None;
-    }
-    let new = total - std::mem::replace(reported, total);
-    let why = disk
-        .last_writeback_error()
-        .map_or_else(|| "no reason recorded".to_string(), |e| e.to_string());
-    Some(format!(
-        "backfill serve: copy-on-read could not write into the overlay: {why} ({new} \
-         write-backs failed, {total} since start); the reads were answered, and that data is \
-         still read from the backing image"
-    ))
+/// One kind of failure `serve` reports on stderr, and how much of it it
+/// has reported.
+#[derive(Default)]
+struct Failures {
+    reported: u64,
+    last: Option<std::time::Instant>,
 }
 
-/// Reports failed copy-on-read write-backs (an overlay without room, say)
-/// on stderr: no client sees them, since their reads succeed, and the
-/// overlay silently stops filling. The first within [`WRITEBACK_CHECK`],
-/// then at most one line every [`WRITEBACK_REPORT_INTERVAL`] while more
-/// fail; when `stop` is dropped, any not reported yet.
-fn watch_writebacks(
+impl Failures {
+    /// The reason and the count of the failures since the last report, if
+    /// there are any and a report is due (always when `stopping`).
+    fn due(
+        &mut self,
+        total: u64,
+        stopping: bool,
+        why: impl FnOnce() -> Option<Error>,
+    ) -> Option<(String, u64)> {
+        let due = stopping
+            || self
+                .last
+                .is_none_or(|t| t.elapsed() >= FAILURE_REPORT_INTERVAL);
+        if !due || total <= self.reported {
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        let new = total - std::mem::replace(&mut self.reported, total);
+        let why = why().map_or_else(|| "no reason recorded".to_string(), |e| e.to_string());
+        Some((why, new))
+    }
+}
+
+/// Reports on stderr what goes wrong out of a client's sight, or that a
+/// client sees only as its own I/O error:
+/// - copy-on-read write-backs that failed (an overlay without room, say):
+///   the reads succeed, and the overlay silently stops filling;
+/// - reads of a remote backing medium that failed after their retries:
+///   the clients that needed them got an I/O error, the operator nothing.
+///
+/// The first of each within [`FAILURE_CHECK`], then at most one line of
+/// each every [`FAILURE_REPORT_INTERVAL`] while more fail; when `stop` is
+/// dropped, any not reported yet.
+fn watch_failures(
     disk: Disk,
     stop: crossbeam_channel::Receiver<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut reported = 0;
-        let mut last: Option<std::time::Instant> = None;
+        let (mut writebacks, mut remote) = (Failures::default(), Failures::default());
         loop {
             let stopping = !matches!(
-                stop.recv_timeout(WRITEBACK_CHECK),
+                stop.recv_timeout(FAILURE_CHECK),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout)
             );
-            let due = last.is_none_or(|t| t.elapsed() >= WRITEBACK_REPORT_INTERVAL);
-            if stopping || due {
-                if let Some(line) = writeback_report(&disk, &mut reported) {
-                    eprintln!("{line}");
-                    last = Some(std::time::Instant::now());
-                }
+            let s = disk.stats();
+            if let Some((why, new)) =
+                writebacks.due(s.writeback_errors, stopping, || disk.last_writeback_error())
+            {
+                eprintln!(
+                    "backfill serve: copy-on-read could not write into the overlay: {why} ({new} \
+                     write-backs failed, {} since start); the reads were answered, and that data \
+                     is still read from the backing image",
+                    s.writeback_errors
+                );
+            }
+            if let Some((why, new)) =
+                remote.due(s.remote_errors, stopping, || disk.last_remote_error())
+            {
+                eprintln!(
+                    "backfill serve: reads of the backing image failed: {why} ({new} failed, {} \
+                     since start); the requests that needed them got an I/O error",
+                    s.remote_errors
+                );
             }
             if stopping {
                 return;
@@ -303,7 +333,7 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
         (tx, report_stats(disk.clone(), streaming, every, rx))
     });
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(0);
-    let watch = watch_writebacks(disk.clone(), watch_rx);
+    let watch = watch_failures(disk.clone(), watch_rx);
     let result = server.run();
     if let Some((tx, reporter)) = stats {
         drop(tx);
