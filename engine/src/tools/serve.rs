@@ -360,3 +360,42 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
         _ => e.context("backfill serve"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_lines_count_failed_write_backs_only_when_there_are_some() {
+        let mut s = crate::Stats {
+            bytes_read: 4096,
+            bytes_fetched: 65536,
+            ..crate::Stats::default()
+        };
+        assert!(!stats_line(&s).contains("write-backs failed"));
+        s.writeback_errors = 12;
+        assert!(stats_line(&s).contains(", 12 copy-on-read write-backs failed"));
+    }
+
+    #[test]
+    fn failures_are_reported_once_then_at_most_once_an_interval() {
+        let why = || Some(Error::new(ErrorKind::Io, "no room"));
+        let mut f = Failures::default();
+        assert_eq!(f.due(0, false, why), None, "nothing failed");
+        assert_eq!(f.due(3, false, why), Some(("no room".into(), 3)));
+        // More fail within the interval: held back until it passes, or
+        // until the server stops.
+        assert_eq!(f.due(5, false, why), None);
+        assert_eq!(f.due(5, true, why), Some(("no room".into(), 2)));
+        assert_eq!(f.due(5, true, why), None, "nothing new");
+        // An interval later (the monotonic clock counts from boot, so it
+        // is that far along on any machine up for a minute).
+        if let Some(then) = std::time::Instant::now().checked_sub(FAILURE_REPORT_INTERVAL) {
+            f.last = Some(then);
+            assert_eq!(
+                f.due(6, false, || None),
+                Some(("no reason recorded".into(), 1))
+            );
+        }
+    }
+}
