@@ -84,6 +84,62 @@ fn read_parallel(disk: &backfill::Disk, off: u64, len: u64, chunk: u64) -> Vec<u
     out
 }
 
+/// nginx stops while a disk reads over it, and starts again on the same
+/// port: a read while it is down fails (after its retries) with an error
+/// that names the URL, which `Disk::last_remote_error` keeps; what the
+/// overlay holds reads on; once the server is back, the same read and the
+/// rest of the disk come right, and the overlay ends holding all of it.
+#[test]
+fn reads_continue_after_the_http_server_restarts() {
+    let mut s = site("http-restart", None);
+    let size = 4 * MIB;
+    let bytes = write_random_file(&s.www.join("base.raw"), size, 23);
+    let image = s.dir.path().join("ov.qcow2");
+    let url = s.nginx.url("base.raw");
+    backfill_env_ok(&["create", "-b", &url, "-F", "raw", &path_str(&image)], &[]);
+    // No readahead: the first half is read in order, and must not bring in
+    // the second.
+    let mut opts = options(2, true, false);
+    opts.readahead_max_bytes = 0;
+    let disk = open(&image, opts);
+    let half = (size / 2) as usize;
+    assert_same_bytes(
+        &read_parallel(&disk, 0, half as u64, 256 * KIB),
+        &bytes[..half],
+        "the first half",
+    );
+    disk.flush().unwrap();
+
+    s.nginx.stop_for_now();
+    let e = match disk.submit_read(half as u64, vec![0u8; 4096]).wait() {
+        Ok(_) => panic!("a read of the backing succeeded while its server is down"),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind(), backfill::ErrorKind::BackingUnavailable, "{e}");
+    assert!(e.to_string().contains(&url), "the error names the URL: {e}");
+    let why = disk.last_remote_error().expect("the failed remote read");
+    assert!(why.to_string().contains(&url), "{why}");
+    assert_same_bytes(
+        &read_parallel(&disk, 0, MIB, 256 * KIB),
+        &bytes[..MIB as usize],
+        "the overlay's data while the server is down",
+    );
+
+    s.nginx.restart();
+    assert_same_bytes(
+        &read_parallel(&disk, 0, size, 256 * KIB),
+        &bytes,
+        "the whole disk once the server is back",
+    );
+    disk.close().unwrap();
+    check_clean(&image);
+    let map = qemu_map(&image);
+    assert!(
+        map.iter().all(|e| e.depth == 0),
+        "not all in the overlay: {map:?}"
+    );
+}
+
 #[test]
 fn copy_on_read_over_http() {
     require_tool("qemu-img");

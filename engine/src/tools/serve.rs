@@ -178,8 +178,8 @@ fn watch_failures(
                 writebacks.due(s.writeback_errors, stopping, || disk.last_writeback_error())
             {
                 eprintln!(
-                    "backfill serve: copy-on-read could not write into the overlay: {why} ({new} \
-                     write-backs failed, {} since start); the reads were answered, and that data \
+                    "backfill serve: copy-on-read could not write into the overlay: {why}; {new} \
+                     write-backs failed, {} since start; the reads were answered, and that data \
                      is still read from the backing image",
                     s.writeback_errors
                 );
@@ -188,8 +188,8 @@ fn watch_failures(
                 remote.due(s.remote_errors, stopping, || disk.last_remote_error())
             {
                 eprintln!(
-                    "backfill serve: reads of the backing image failed: {why} ({new} failed, {} \
-                     since start); the requests that needed them got an I/O error",
+                    "backfill serve: reads of the backing image failed: {why}; {new} failed, {} \
+                     since start; the requests that needed them got an I/O error",
                     s.remote_errors
                 );
             }

@@ -82,7 +82,6 @@ impl Nginx {
     /// `listen [::1]:{PORT};`) and TLS when `tls` is given. `dir` holds its
     /// configuration, logs and temporary files.
     pub fn start(dir: &Path, root: &Path, server_extra: &str, tls: Option<&TlsFiles>) -> Nginx {
-        let nginx = nginx_binary();
         std::fs::create_dir_all(dir.join("logs")).unwrap();
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let mut last_log = String::new();
@@ -92,22 +91,8 @@ impl Nginx {
             std::fs::write(&conf, config(dir, root, port, server_extra, tls)).unwrap();
             let pid_file = dir.join("nginx.pid");
             let error_log = dir.join("logs/error.log");
-            let _ = std::fs::remove_file(&pid_file);
             let _ = std::fs::remove_file(&error_log);
-            let child = Command::new(&nginx)
-                .arg("-p")
-                .arg(dir)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(&error_log)
-                .arg("-g")
-                .arg(format!("daemon off; pid {};", pid_file.display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", nginx.display()));
+            let child = spawn(dir);
             let mut server = Nginx {
                 child,
                 port,
@@ -128,6 +113,41 @@ impl Nginx {
             }
         }
         panic!("nginx found no free port in {PORT_ATTEMPTS} attempts; last error log:\n{last_log}");
+    }
+
+    /// Stops nginx, as on drop, until [`Nginx::restart`].
+    pub fn stop_for_now(&mut self) {
+        self.stop();
+    }
+
+    /// Starts nginx again (stopping it first if it runs) with the same
+    /// configuration, on the same port; returns once it serves again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(&self.dir);
+        if let Err(exited) = self.wait_ready(&self.dir.join("nginx.pid")) {
+            panic!(
+                "nginx did not start again on port {} (exited: {exited}); error log:\n{}",
+                self.port,
+                self.error_log()
+            );
+        }
+    }
+
+    /// `nginx -s stop` (SIGTERM to the master), which stops its workers
+    /// and waits for them before it exits; killing the master outright
+    /// would leave the workers running, orphaned. Returns once it exited.
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() && self.signal("stop").is_ok() {
+            for _ in 0..READY_ATTEMPTS {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(READY_POLL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Ok once nginx has bound its port; Err(true) if it exited first,
@@ -211,20 +231,30 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // `nginx -s stop` (SIGTERM to the master), which stops its workers
-        // and waits for them before it exits. Killing the master outright
-        // would leave the workers running, orphaned.
-        if self.child.try_wait().ok().flatten().is_none() && self.signal("stop").is_ok() {
-            for _ in 0..READY_ATTEMPTS {
-                if self.child.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(READY_POLL);
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// Starts nginx in the foreground with the configuration in `dir`
+/// (`nginx.conf`), its pid file there and its error log in `dir/logs`.
+fn spawn(dir: &Path) -> Child {
+    let nginx = nginx_binary();
+    let pid_file = dir.join("nginx.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    Command::new(&nginx)
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("logs/error.log"))
+        .arg("-g")
+        .arg(format!("daemon off; pid {};", pid_file.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", nginx.display()))
 }
 
 /// The processes whose parent is `pid` (from /proc/*/stat).
