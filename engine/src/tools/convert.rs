@@ -188,17 +188,11 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
         // counters (and the time) include the whole copy-on-read.
         disk.flush().map_err(|e| e.context("flushing"))?;
     }
-    let elapsed = start.elapsed();
-    // Copy-on-read's write-backs land before the counters are read, so
-    // that the report counts every fill, and every one that failed.
-    if opts.copy_on_read {
-        disk.flush()?;
-    }
     let stats = stats_delta(&before, &disk.stats());
     Ok(ConvertReport {
         size_bytes: size,
         written_bytes: written,
-        elapsed,
+        elapsed: start.elapsed(),
         stats,
         writeback_error: (stats.writeback_errors > 0)
             .then(|| disk.last_writeback_error())
