@@ -98,14 +98,14 @@ pub fn stats_line(s: &crate::Stats) -> String {
 /// while `stream` runs, with its progress and rate (`; stream: ...`).
 fn report_stats(
     disk: Disk,
-    stream: Option<Arc<Stream>>,
+    stream: Option<CurrentStream>,
     every: std::time::Duration,
     stop: crossbeam_channel::Receiver<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
             let mut line = stats_line(&disk.stats());
-            if let Some(p) = stream.as_ref().map(|s| s.progress()) {
+            if let Some(p) = stream.as_ref().map(|s| current(s).progress()) {
                 if !p.state.is_stopped() {
                     line.push_str("; stream: ");
                     line.push_str(&crate::tools::stream::progress_text(&p));
@@ -209,44 +209,97 @@ pub struct StreamWhileServing {
 
 /// How often `serve --stream` prints a progress line on stderr.
 pub const STREAM_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `serve --stream` waits before it starts a failed stream again;
+/// the wait doubles after each failure, up to [`STREAM_RETRY_MAX`].
+pub const STREAM_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+pub const STREAM_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The stream `serve --stream` runs now: a failed one is replaced by a new
+/// one when it starts again.
+type CurrentStream = Arc<std::sync::Mutex<Arc<Stream>>>;
+
+fn current(s: &CurrentStream) -> Arc<Stream> {
+    s.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// Runs a stream beside the server: a progress line on stderr now and
 /// then (unless `--stats` lines carry its progress), and at the end the
-/// summary on stdout (scripts wait for the line starting with `streamed `),
-/// or the error on stderr; serving goes on either way.
+/// summary on stdout (scripts wait for the line starting with `streamed `).
+/// Serving goes on whatever the stream does. A stream that fails (its
+/// backing unreachable for longer than the medium retries, say) is reported
+/// on stderr and started again after [`STREAM_RETRY_FIRST`], then after
+/// twice as long each time, up to [`STREAM_RETRY_MAX`]: a long stream
+/// over a remote backing survives an outage, fetching only what is still
+/// missing, as `backfill stream` run again would. Ends when the stream
+/// finishes, is cancelled, or `stop` is dropped.
 fn watch_stream(
     path: PathBuf,
-    stream: Arc<Stream>,
-    has_backing: bool,
+    disk: Disk,
+    options: StreamOptions,
+    stream: CurrentStream,
     progress_lines: bool,
+    stop: crossbeam_channel::Receiver<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let last = loop {
-            let p = stream.wait_until_timeout(STREAM_LINE_INTERVAL, |p| p.state.is_stopped());
-            if p.state.is_stopped() {
-                break p;
+        let mut wait = STREAM_RETRY_FIRST;
+        loop {
+            let now = current(&stream);
+            let last = loop {
+                let p = now.wait_until_timeout(STREAM_LINE_INTERVAL, |p| p.state.is_stopped());
+                if p.state.is_stopped() {
+                    break p;
+                }
+                if progress_lines {
+                    eprintln!("stream: {}", crate::tools::stream::progress_text(&p));
+                }
+            };
+            match (&last.state, &last.error) {
+                (StreamState::Failed, e) => {
+                    let why = e
+                        .as_ref()
+                        .map_or_else(|| "no reason".into(), |e| e.to_string());
+                    eprintln!(
+                        "backfill: stream failed: {why}; starting it again in {} s (serving goes on)",
+                        wait.as_secs()
+                    );
+                }
+                (StreamState::Cancelled, _) => return,
+                _ => {
+                    let end = StreamEnd::Finished {
+                        backing_dropped: last.backing_dropped,
+                    };
+                    let text = if disk.has_backing() || last.backing_dropped {
+                        crate::tools::stream::summary(&path, &last, end)
+                    } else {
+                        format!(
+                            "streamed {}: no backing file, nothing to stream",
+                            path.display()
+                        )
+                    };
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{text}").and_then(|_| out.flush());
+                    return;
+                }
             }
-            if progress_lines {
-                eprintln!("stream: {}", crate::tools::stream::progress_text(&p));
+            if !matches!(
+                stop.recv_timeout(wait),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout)
+            ) {
+                return;
             }
-        };
-        match (&last.state, &last.error) {
-            (StreamState::Failed, Some(e)) => eprintln!("backfill: stream failed: {e}"),
-            (StreamState::Cancelled, _) => {}
-            _ => {
-                let end = StreamEnd::Finished {
-                    backing_dropped: last.backing_dropped,
-                };
-                let text = if has_backing {
-                    crate::tools::stream::summary(&path, &last, end)
-                } else {
-                    format!(
-                        "streamed {}: no backing file, nothing to stream",
-                        path.display()
-                    )
-                };
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{text}").and_then(|_| out.flush());
+            wait = (wait * 2).min(STREAM_RETRY_MAX);
+            // Under the lock, so that a server stopping now either sees the
+            // new stream (and cancels it) or keeps it from starting.
+            let mut slot = stream.lock().unwrap_or_else(|p| p.into_inner());
+            if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
+                return;
+            }
+            match disk.stream(options.clone()) {
+                Ok(s) => *slot = Arc::new(s),
+                Err(e) => {
+                    eprintln!("backfill: stream could not start again: {e}");
+                    return;
+                }
             }
         }
     })
@@ -312,24 +365,30 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     // After the ready line, so that it is the first line on stdout.
     let stream = match &opts.stream {
         Some(s) => {
-            let stream = Arc::new(disk.stream(StreamOptions {
+            let options = StreamOptions {
                 rate_bytes_per_sec: s.rate_bytes_per_sec,
                 keep_backing: s.keep_backing,
                 ..StreamOptions::default()
-            })?);
+            };
+            let stream: CurrentStream = Arc::new(std::sync::Mutex::new(Arc::new(
+                disk.stream(options.clone())?,
+            )));
+            let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
             let watcher = watch_stream(
                 path.to_path_buf(),
+                disk.clone(),
+                options,
                 stream.clone(),
-                disk.has_backing(),
                 opts.stats_interval.is_none(),
+                stop_rx,
             );
-            Some((stream, watcher))
+            Some((stream, stop, watcher))
         }
         _ => None,
     };
     let stats = opts.stats_interval.map(|every| {
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
-        let streaming = stream.as_ref().map(|(s, _)| s.clone());
+        let streaming = stream.as_ref().map(|(s, _, _)| s.clone());
         (tx, report_stats(disk.clone(), streaming, every, rx))
     });
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(0);
@@ -341,10 +400,11 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     }
     handle.close();
     let _ = waiter.join();
-    if let Some((stream, watcher)) = stream {
+    if let Some((stream, stop, watcher)) = stream {
         // A stream still running is cancelled (its work so far is flushed);
-        // it ends before the disk closes.
-        stream.cancel();
+        // it ends before the disk closes. First no new one may start.
+        drop(stop);
+        current(&stream).cancel();
         let _ = watcher.join();
         drop(stream);
     }
