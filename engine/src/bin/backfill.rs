@@ -135,7 +135,9 @@ enum Command {
         backing_dir: Option<PathBuf>,
         /// Stream the backing data into the overlay while serving (client
         /// I/O first), at most RATE bytes/s (e.g. 50M) if given; the backing
-        /// file is dropped from the header at the end.
+        /// file is dropped from the header at the end. A stream that fails
+        /// starts again after 1 s, then twice as long each time, up to a
+        /// minute.
         #[arg(
             long,
             value_name = "RATE",
@@ -148,8 +150,10 @@ enum Command {
         #[arg(long, requires = "stream")]
         keep_backing: bool,
         /// Print the engine's counters on stderr every SECS seconds (bytes
-        /// read, written and fetched, amplification, remote fetch latency;
-        /// with --stream, its progress and rate).
+        /// read, written and fetched, amplification, failed write-backs,
+        /// remote fetch latency; with --stream, its progress and rate).
+        /// Failed write-backs and remote reads are reported on stderr with
+        /// their reason either way.
         #[arg(long, value_name = "SECS")]
         stats: Option<u64>,
         /// Largest readahead window for sequential reads over a remote
