@@ -1012,7 +1012,7 @@ impl Disk {
             .shared
             .stats
             .iter()
-            .filter_map(|c| slot(c).lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .filter_map(|c| slot(c).get())
             .max_by_key(|(at, _)| *at)
             .map(|(_, e)| e)
     }

@@ -120,11 +120,8 @@ pub struct Piece {
     io_len: usize,
     /// A short overlay read: bytes actually read (the rest is past EOF).
     short: Option<usize>,
-    /// Bytes of the current overlay write already done by earlier, short
-    /// attempts (see `piece_io_done`).
-    written: usize,
-    /// The last attempt of the current write transferred nothing.
-    stalled: bool,
+    /// How far the current overlay write got in earlier, short attempts.
+    partial: PartialWrite,
     /// Bytes the backing reads of the current step asked for, and got.
     backing_want: u64,
     backing_got: u64,
@@ -162,8 +159,7 @@ impl Piece {
             publish: false,
             io_len: 0,
             short: None,
-            written: 0,
-            stalled: false,
+            partial: PartialWrite::default(),
             backing_want: 0,
             backing_got: 0,
             inflates: Vec::new(),
@@ -200,10 +196,36 @@ pub struct Fill {
     /// subclusters its first reader needs; `buf` holds exactly it.
     lo: u64,
     hi: u64,
-    /// Bytes of the write-back done by earlier, short writes, and whether
-    /// the last one wrote nothing (see `fill_io_done`).
+    /// How far its write-back got in earlier, short attempts.
+    partial: PartialWrite,
+}
+
+/// How far a write that came back short has got. write(2) may write less
+/// than asked (the file system ran out of room part way, or the write
+/// reached RLIMIT_FSIZE), and only a retry of the rest gets the reason
+/// (ENOSPC, EFBIG, EDQUOT); a merged write that stopped short completes
+/// the operations after the stop with 0 bytes, untried, so they are retried
+/// too. Two attempts in a row that write nothing are an error.
+#[derive(Default, Clone, Copy)]
+struct PartialWrite {
+    /// Bytes done by earlier attempts.
     written: usize,
+    /// The last attempt wrote nothing.
     stalled: bool,
+}
+
+impl PartialWrite {
+    /// Counts an attempt that wrote `n` bytes, short of the whole write:
+    /// where the rest starts, or `Err(written)` when this attempt and the
+    /// one before wrote nothing.
+    fn advance(&mut self, n: usize) -> std::result::Result<usize, usize> {
+        if n == 0 && self.stalled {
+            return Err(self.written);
+        }
+        self.stalled = n == 0;
+        self.written += n;
+        Ok(self.written)
+    }
 }
 
 #[derive(Default)]
@@ -266,10 +288,7 @@ impl<I: Io> Core<I> {
     /// readers had their data, and the cluster still reads from the backing.
     fn writeback_failed(&self, e: &Error) {
         self.bump(|s| &s.writeback_errors, 1);
-        *self.shared.stats[self.id]
-            .last_writeback_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), e.clone()));
+        self.shared.stats[self.id].last_writeback_error.record(e);
     }
 
     fn writable(&self) -> bool {
@@ -1086,8 +1105,7 @@ impl<I: Io> Core<I> {
             populators: Vec::new(),
             lo,
             hi,
-            written: 0,
-            stalled: false,
+            partial: PartialWrite::default(),
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
@@ -1134,31 +1152,31 @@ impl<I: Io> Core<I> {
                 f.error.get_or_insert(e);
             }
             // A short write-back is retried for the rest, as a client's
-            // write is (`Step::WriteData`): the overlay ran out of room part
-            // way, and only the retry gets the reason (ENOSPC, EFBIG) for the
-            // operator's report. Two in a row that write nothing are an error.
-            Ok(n) if f.writing && f.written + n < (f.hi - f.lo) as usize => {
+            // write is (see `PartialWrite`), so that the operator's report
+            // has the reason.
+            Ok(n) if f.writing && f.partial.written + n < (f.hi - f.lo) as usize => {
                 let len = (f.hi - f.lo) as usize;
-                if n == 0 && f.stalled {
-                    f.error.get_or_insert(Error::new(
-                        ErrorKind::Io,
-                        format!(
-                            "{path}: copy-on-read write-back of cluster {}: short write ({} of \
-                             {len} bytes)",
-                            f.cluster, f.written
-                        ),
-                    ));
-                } else if f.error.is_none() {
-                    f.stalled = n == 0;
-                    f.written += n;
-                    let at = f.host + f.lo + f.written as u64;
-                    let (off, rest) = (f.written, len - f.written);
-                    let buf = buf.expect("a write has its buffer");
-                    self.io.push(
-                        TAG_FILL | fid as u64,
-                        Op::write(FILE_DATA, at, buf, off, rest),
-                    );
-                    return;
+                match f.partial.advance(n) {
+                    Err(done) => {
+                        f.error.get_or_insert(Error::new(
+                            ErrorKind::Io,
+                            format!(
+                                "{path}: copy-on-read write-back of cluster {}: short write \
+                                 ({done} of {len} bytes)",
+                                f.cluster
+                            ),
+                        ));
+                    }
+                    Ok(done) if f.error.is_none() => {
+                        let at = f.host + f.lo + done as u64;
+                        let buf = buf.expect("a write has its buffer");
+                        self.io.push(
+                            TAG_FILL | fid as u64,
+                            Op::write(FILE_DATA, at, buf, done, len - done),
+                        );
+                        return;
+                    }
+                    Ok(_) => {}
                 }
             }
             Ok(n) if !f.writing => f.got += n as u64,
@@ -1696,8 +1714,7 @@ impl<I: Io> Core<I> {
         p.step = Step::WriteData;
         p.io_pending = 1;
         p.io_len = len;
-        p.written = 0;
-        p.stalled = false;
+        p.partial = PartialWrite::default();
     }
 
     pub(super) fn piece_io_done(&mut self, id: usize, cqe: Cqe) {
@@ -1719,36 +1736,32 @@ impl<I: Io> Core<I> {
                 };
                 p.io_error.get_or_insert(e);
             }
-            // A short write is retried for the rest, as write(2) asks: the
-            // file system ran out of room part way (or the write reached
-            // RLIMIT_FSIZE), and only the retry gets the reason (ENOSPC,
-            // EFBIG, EDQUOT), which the client needs; a "short write" would
-            // reach an NBD client as EIO. A merged write that stopped short
-            // completes the operations after the stop with 0 bytes: they
-            // were not tried, so they are retried too. Two attempts in a row
-            // that transfer nothing are an error. Short reads stop at the
-            // end of a file: backing buffers were zeroed before the read,
-            // and a short overlay read is zero-filled when its step completes.
-            Ok(n) if p.step == Step::WriteData && p.written + n < p.io_len => {
-                if n == 0 && p.stalled {
-                    p.io_error.get_or_insert(Error::new(
-                        ErrorKind::Io,
-                        format!(
-                            "{path}: short write ({} of {} bytes) to cluster {}",
-                            p.written, p.io_len, p.cluster
-                        ),
-                    ));
-                } else if p.io_error.is_none() {
-                    p.stalled = n == 0;
-                    p.written += n;
-                    let at = p.host + p.span_lo + p.written as u64;
-                    let buf = p.buf.clone().expect("write buffer");
-                    let (off, rest) = (p.written, p.io_len - p.written);
-                    self.io.push(
-                        TAG_PIECE | id as u64,
-                        Op::write(FILE_DATA, at, buf, off, rest),
-                    );
-                    return;
+            // A short write is retried for the rest (see `PartialWrite`):
+            // the client needs the reason, since a "short write" would reach
+            // an NBD client as EIO. Short reads stop at the end of a file:
+            // backing buffers were zeroed before the read, and a short
+            // overlay read is zero-filled when its step completes.
+            Ok(n) if p.step == Step::WriteData && p.partial.written + n < p.io_len => {
+                match p.partial.advance(n) {
+                    Err(done) => {
+                        p.io_error.get_or_insert(Error::new(
+                            ErrorKind::Io,
+                            format!(
+                                "{path}: short write ({done} of {} bytes) to cluster {}",
+                                p.io_len, p.cluster
+                            ),
+                        ));
+                    }
+                    Ok(done) if p.io_error.is_none() => {
+                        let at = p.host + p.span_lo + done as u64;
+                        let buf = p.buf.clone().expect("write buffer");
+                        self.io.push(
+                            TAG_PIECE | id as u64,
+                            Op::write(FILE_DATA, at, buf, done, p.io_len - done),
+                        );
+                        return;
+                    }
+                    Ok(_) => {}
                 }
             }
             Ok(n)

@@ -101,8 +101,21 @@ impl Shared {
     }
 }
 
-/// A core's latest error of some kind, and when it happened.
-pub type LastError = std::sync::Mutex<Option<(std::time::Instant, Error)>>;
+/// A core's latest error of some kind, and when it happened. Taken only
+/// when one happens, so the lock costs nothing on the way of a request.
+#[derive(Default)]
+pub struct LastError(std::sync::Mutex<Option<(std::time::Instant, Error)>>);
+
+impl LastError {
+    pub fn record(&self, e: &Error) {
+        let now = std::time::Instant::now();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, e.clone()));
+    }
+
+    pub fn get(&self) -> Option<(std::time::Instant, Error)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 /// Counters of one core; only that core writes them.
 #[derive(Default)]

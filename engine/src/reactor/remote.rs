@@ -225,10 +225,7 @@ impl<I: Io> Core<I> {
                 .remote_bytes
                 .fetch_add(batch.len as u64, Ordering::Relaxed),
             Err(e) => {
-                *stats
-                    .last_remote_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), e.clone()));
+                stats.last_remote_error.record(e);
                 stats.remote_errors.fetch_add(1, Ordering::Relaxed)
             }
         };
