@@ -747,12 +747,11 @@ fn full_overlay_over_nbd() {
     good.disconnect();
     let log = server.stop();
     // Nobody's read failed, so the server says why the overlay stopped filling.
-    assert!(
-        log.lines().any(|l| l
-            .starts_with("backfill serve: copy-on-read could not write into the overlay")
-            && l.contains("write-backs failed")),
-        "no report of the failed write-backs:\n{log}"
+    let report = line_starting(
+        &log,
+        "backfill serve: copy-on-read could not write into the overlay",
     );
+    assert!(report.contains("write-backs failed"), "{report}");
     let leaks = check_no_corruption(&f.image);
     eprintln!("full_overlay_over_nbd: no corruption, {leaks} leaked clusters");
     compare_with_bytes(&f.image, &model, f.dir.path());
@@ -823,10 +822,10 @@ fn held_write_backs_without_room() {
     assert_alive(&mut server, "after the write-backs");
     client.disconnect();
     let log = server.stop();
-    let report = log
-        .lines()
-        .find(|l| l.contains("copy-on-read could not write into the overlay"))
-        .unwrap_or_else(|| panic!("no report of the failed write-backs:\n{log}"));
+    let report = line_starting(
+        &log,
+        "backfill serve: copy-on-read could not write into the overlay",
+    );
     assert!(
         report.contains("overlay.qcow2") && report.contains("write-backs failed"),
         "{report}"
@@ -950,10 +949,7 @@ fn file_size_limit_fails_stream_and_convert_with_their_errors() {
     );
     assert_same_bytes(&read_file(&copy), &g.data, "convert's output");
     let efbig = std::io::Error::from_raw_os_error(libc::EFBIG).to_string();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("Copy-on-read could not write "))
-        .unwrap_or_else(|| panic!("no report of the failed write-backs: {text}"));
+    let line = line_starting(&text, "Copy-on-read could not write ");
     assert!(
         line.contains("disk.qcow2") && line.contains(&efbig),
         "{line}"

@@ -694,10 +694,7 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     assert_same_bytes(&copy, &expected, "read through NBD");
     let log = served.stop();
     // The operator is told why the backing's reads failed.
-    let report = log
-        .lines()
-        .find(|l| l.starts_with("backfill serve: reads of the backing image failed: "))
-        .unwrap_or_else(|| panic!("no report of the failed backing reads:\n{log}"));
+    let report = line_starting(&log, "backfill serve: reads of the backing image failed: ");
     assert!(
         report.contains(&uri) && report.contains("since start"),
         "{report}"

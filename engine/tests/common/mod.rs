@@ -362,6 +362,15 @@ impl MapEntry {
     }
 }
 
+/// The first line of `text` (a tool's output, a server's log) that starts
+/// with `prefix`; fails, showing the text, when there is none.
+#[track_caller]
+pub fn line_starting<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{text}"))
+}
+
 pub fn qemu_map(image: &Path) -> Vec<MapEntry> {
     let json = qemu_img(["map".as_ref(), "--output=json".as_ref(), image.as_os_str()]);
     let map: Vec<MapEntry> =
