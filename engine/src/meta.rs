@@ -395,7 +395,9 @@ impl Meta {
         Ok(())
     }
 
-    /// Hands back unused reserved clusters; they are freed at `close`.
+    /// Hands back reserved clusters nothing points to: unused, or taken by
+    /// a write that failed (which may have written part of one). They are
+    /// not handed out again, and `close` frees them.
     pub fn give_back(&self, first: u64, n: u64) {
         if n > 0 {
             self.lock().returned.push((first, n));
@@ -647,6 +649,15 @@ impl Meta {
         let mut a = self.lock();
         let mut returned = std::mem::take(&mut a.returned);
         returned.sort();
+        // Clusters handed back one by one (after failed writes) often
+        // follow each other: one refcount write per run.
+        returned.dedup_by(|next, run| {
+            let joins = run.0 + run.1 == next.0;
+            if joins {
+                run.1 += next.1;
+            }
+            joins
+        });
         for &(first, n) in &returned {
             self.set_refcounts(&a, first, n, 0)?;
         }

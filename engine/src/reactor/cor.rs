@@ -116,6 +116,8 @@ pub struct Piece {
     host: u64,
     /// The write makes the cluster allocated: publish `Data { host }` after it.
     publish: bool,
+    /// `host` was reserved for this write: handed back if the write fails.
+    new_host: bool,
     /// Bytes the current overlay read or write transfers.
     io_len: usize,
     /// A short overlay read: bytes actually read (the rest is past EOF).
@@ -157,6 +159,7 @@ impl Piece {
             span_lo: 0,
             host: 0,
             publish: false,
+            new_host: false,
             io_len: 0,
             short: None,
             partial: PartialWrite::default(),
@@ -184,6 +187,9 @@ pub struct Fill {
     readers: Vec<usize>,
     error: Option<Error>,
     host: u64,
+    /// `host` was reserved for this fill (not a cluster the overlay had):
+    /// handed back if the write-back fails.
+    new_host: bool,
     /// Bytes the backing reads asked for, and got.
     fetched: u64,
     got: u64,
@@ -551,11 +557,15 @@ impl<I: Io> Core<I> {
             // The table comes from this core's reserve, so it sits next to
             // the data and the file stays dense.
             let off = self.alloc_cluster()?;
-            if self.shared.meta.install_l2_table(l1, off)? {
+            match self.shared.meta.install_l2_table(l1, off) {
                 // Written to disk by this core's next commit.
-                self.l1_dirty.push(l1);
-            } else {
-                self.spare.push(off);
+                Ok(true) => self.l1_dirty.push(l1),
+                // Still never written: another use may take it.
+                Ok(false) => self.spare.push(off),
+                Err(e) => {
+                    self.spare.push(off);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -592,6 +602,21 @@ impl<I: Io> Core<I> {
     }
 
     /// A free host cluster from this core's reserve (refilled in batches).
+    /// A new host cluster for piece `id`'s write (see `Piece::new_host`).
+    pub(super) fn alloc_piece_cluster(&mut self, id: usize) -> Result<u64> {
+        let host = self.alloc_cluster()?;
+        self.pieces[id].new_host = true;
+        Ok(host)
+    }
+
+    /// Hands back host cluster `host`, reserved for a write that failed:
+    /// nothing points to it, and it may hold part of the write, so it is
+    /// not used again but freed when the image closes (as QEMU frees the
+    /// clusters of a failed allocating write), never left as a leak.
+    fn hand_back(&self, host: u64) {
+        self.shared.meta.give_back(host >> self.cluster_bits(), 1);
+    }
+
     fn alloc_cluster(&mut self) -> Result<u64> {
         if let Some(off) = self.spare.pop() {
             return Ok(off);
@@ -1099,6 +1124,7 @@ impl<I: Io> Core<I> {
             readers: vec![id],
             error: None,
             host: 0,
+            new_host: false,
             fetched: 0,
             got: 0,
             inflates: Vec::new(),
@@ -1293,7 +1319,9 @@ impl<I: Io> Core<I> {
     fn allocate_fill(&mut self, fid: usize) -> bool {
         match self.alloc_cluster() {
             Ok(host) => {
-                self.fills[fid].host = host;
+                let f = &mut self.fills[fid];
+                f.host = host;
+                f.new_host = true;
                 true
             }
             Err(e) => {
@@ -1405,9 +1433,9 @@ impl<I: Io> Core<I> {
     fn fill_written(&mut self, fid: usize) {
         let f = &mut self.fills[fid];
         let (cluster, host, err) = (f.cluster, f.host, f.error.is_some());
-        // A failed write-back loses only copy-on-read work (the reserved
-        // cluster leaks); the readers were answered already. Its error
-        // stays in the fill for the populate pieces that wait for it.
+        // A failed write-back loses only copy-on-read work; the readers
+        // were answered already. Its error stays in the fill for the
+        // populate pieces that wait for it.
         let (lo, hi) = (f.lo, f.hi);
         let published = if err {
             Ok(())
@@ -1420,6 +1448,10 @@ impl<I: Io> Core<I> {
             self.bump(|s| &s.cor_fills, 1);
             self.keep_fill(fid);
         } else {
+            if self.fills[fid].new_host {
+                // Nothing points to it: published entries are set last.
+                self.hand_back(host);
+            }
             let e = published.as_ref().err().or(self.fills[fid].error.as_ref());
             let e = e.cloned().expect("a failed write-back has its error");
             self.writeback_failed(&e);
@@ -1593,7 +1625,7 @@ impl<I: Io> Core<I> {
                 IoBuf::unique_mut(&mut buf).fill(0);
                 let target = match host {
                     Some(h) => h,
-                    None => self.alloc_cluster()?,
+                    None => self.alloc_piece_cluster(id)?,
                 };
                 let p = &mut self.pieces[id];
                 p.host = target;
@@ -1679,7 +1711,7 @@ impl<I: Io> Core<I> {
     /// buffer: merge the client's bytes and write the whole cluster.
     fn gathered(&mut self, id: usize) -> Result<()> {
         let mut buf = self.pieces[id].buf.take().expect("gathered buffer");
-        let target = self.alloc_cluster()?;
+        let target = self.alloc_piece_cluster(id)?;
         self.pieces[id].host = target;
         self.merge_client_data(id, &mut buf);
         let cs = self.cs() as usize;
@@ -1795,6 +1827,10 @@ impl<I: Io> Core<I> {
 
     fn piece_step_done(&mut self, id: usize) {
         if let Some(e) = self.pieces[id].io_error.take() {
+            let p = &self.pieces[id];
+            if p.step == Step::WriteData && p.new_host {
+                self.hand_back(p.host);
+            }
             self.finish_piece(id, Err(e));
             return;
         }
@@ -1870,6 +1906,11 @@ impl<I: Io> Core<I> {
                 } else {
                     Ok(())
                 };
+                let p = &self.pieces[id];
+                if r.is_err() && p.new_host {
+                    // The entry was not set (publishing fails before it).
+                    self.hand_back(p.host);
+                }
                 self.finish_piece(id, r);
                 Ok(())
             }

@@ -286,10 +286,10 @@ impl<I: Io> Core<I> {
             self.release_fill(fid);
             return;
         }
-        let host = match e.host() {
-            Some(h) => h,
+        let (host, new_host) = match e.host() {
+            Some(h) => (h, false),
             None => match self.alloc_cluster() {
-                Ok(h) => h,
+                Ok(h) => (h, true),
                 Err(e) => {
                     self.writeback_failed(&e);
                     drop(buf);
@@ -304,6 +304,7 @@ impl<I: Io> Core<I> {
         );
         let f = &mut self.fills[fid];
         f.host = host;
+        f.new_host = new_host;
         f.writing = true;
         f.pending = 1;
     }
@@ -459,7 +460,7 @@ impl<I: Io> Core<I> {
         let e = self.ext_entry(cluster)?;
         let host = match e.host() {
             Some(h) => h,
-            None => self.alloc_cluster()?,
+            None => self.alloc_piece_cluster(id)?,
         };
         let mut buf = self.pieces[id].buf.take().expect("sub-write buffer");
         self.pieces[id].host = host;
