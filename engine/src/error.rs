@@ -22,6 +22,12 @@ pub enum ErrorKind {
     InvalidInput,
     /// The backing image could not be opened or read.
     BackingUnavailable,
+    /// The remote backing image changed since the overlay first used it
+    /// (another ETag, Last-Modified or size): what it serves now cannot be
+    /// mixed with what the overlay holds. Unlike an outage it does not
+    /// pass: reads that need the backing keep failing until the original
+    /// is back, or the overlay is rebased onto the new image.
+    BackingChanged,
     /// The disk is read-only.
     ReadOnly,
     /// Another process (QEMU or backfill) holds a conflicting image lock.
@@ -106,7 +112,7 @@ impl Error {
     pub fn to_errno(&self) -> i32 {
         match self.kind {
             ErrorKind::Io | ErrorKind::BackingUnavailable => self.errno.unwrap_or(libc::EIO),
-            ErrorKind::Corrupt | ErrorKind::Poisoned => libc::EIO,
+            ErrorKind::Corrupt | ErrorKind::Poisoned | ErrorKind::BackingChanged => libc::EIO,
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::OutOfBounds | ErrorKind::InvalidInput => libc::EINVAL,
             ErrorKind::ReadOnly => libc::EPERM,

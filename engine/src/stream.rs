@@ -148,6 +148,10 @@ pub struct StreamProgress {
     pub backing_dropped: bool,
     /// The error that stopped the stream, for people.
     pub error: Option<String>,
+    /// Its kind, to match on (`BackingUnavailable` may pass; a changed
+    /// remote image, `BackingChanged`, does not).
+    #[serde(skip)]
+    pub error_kind: Option<ErrorKind>,
 }
 
 /// How a stream ended without an error.
@@ -212,6 +216,7 @@ impl Stream {
                 elapsed_secs: 0.0,
                 backing_dropped: false,
                 error: None,
+                error_kind: None,
             }),
             changed: Condvar::new(),
         });
@@ -408,6 +413,7 @@ impl Driver {
         self.show(state, |p| {
             if let Err(e) = &r {
                 p.error = Some(e.to_string());
+                p.error_kind = Some(e.kind());
             }
             if let Ok(StreamEnd::Finished { backing_dropped }) = r {
                 p.backing_dropped = backing_dropped;

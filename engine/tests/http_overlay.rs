@@ -200,6 +200,7 @@ fn changed_remote_image_is_a_clear_error() {
     let err = disk.read_at(&mut buf, 3 * MIB).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("changed"), "{msg}");
+    assert_eq!(err.kind(), backfill::ErrorKind::BackingChanged, "{msg}");
     let mut first = vec![0u8; MIB as usize];
     disk.read_at(&mut first, 0).unwrap();
     assert_same_bytes(

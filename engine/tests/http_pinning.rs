@@ -137,7 +137,7 @@ fn assert_every_open_refused(s: &Setup) {
         let e = Disk::open(&s.overlay, options(1, cor, ro))
             .err()
             .unwrap_or_else(|| panic!("open (cor {cor}, read-only {ro}) of a changed image"));
-        assert_eq!(e.kind(), ErrorKind::BackingUnavailable, "{e}");
+        assert_eq!(e.kind(), ErrorKind::BackingChanged, "{e}");
         let m = e.to_string();
         assert!(
             m.contains("changed") && m.contains(&s.url) && m.contains("pinned "),

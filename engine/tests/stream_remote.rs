@@ -42,7 +42,12 @@
 //!   delayed nbdkit while a client writes and reads through NBD.
 //! * `serve_stream_with_a_failing_backing_keeps_serving`: the stream of
 //!   `backfill serve --stream` fails (error on stderr, naming the backing);
-//!   the server goes on serving, and a later `backfill stream` finishes.
+//!   the server goes on serving, starts the stream again, and once the
+//!   backing heals the stream finishes.
+//! * `serve_stream_stops_for_good_when_the_http_image_changes`: the file
+//!   under nginx is replaced mid-stream: the stream fails saying so and is
+//!   not started again; the server goes on serving, and nothing of the new
+//!   image gets in.
 //!
 //! Synchronisation is by observation only: servers are ready once they
 //! wrote their pid file (nbdkit) or accept connections (nginx), a stream is
@@ -431,12 +436,13 @@ fn cli_stream_killed_over_nbd_then_resumed() {
 
 /// The failure of a stream over `uri`: it names the stream and the backing.
 #[track_caller]
-fn assert_backing_failure(last: &StreamProgress, e: &backfill::Error, uri: &str) {
+fn assert_backing_failure(last: &StreamProgress, e: &backfill::Error, uri: &str, kind: ErrorKind) {
     assert_eq!(last.state, StreamState::Failed, "{last:?}");
     let msg = e.to_string();
     eprintln!("the stream failed: {msg}");
     assert_eq!(last.error.as_deref(), Some(msg.as_str()));
-    assert_eq!(e.kind(), ErrorKind::BackingUnavailable, "{msg}");
+    assert_eq!(e.kind(), kind, "{msg}");
+    assert_eq!(last.error_kind, Some(kind), "{msg}");
     assert!(
         msg.starts_with("streaming: ") && msg.contains(uri),
         "the error names the stream and the backing: {msg}"
@@ -473,7 +479,7 @@ fn failing_backing_stops_the_stream_clearly() {
     write_file(&trigger, b"");
     let last = s.wait_until(|p| p.state.is_stopped());
     let e = s.wait().expect_err("a stream whose backing fails");
-    assert_backing_failure(&last, &e, &uri);
+    assert_backing_failure(&last, &e, &uri, ErrorKind::BackingUnavailable);
     check_held_reads(&disk, &read_file(&b.base));
     disk.close().unwrap();
 
@@ -515,7 +521,7 @@ fn backing_server_killed_midway() {
     server.stop_with(libc::SIGKILL);
     let last = s.wait_until(|p| p.state.is_stopped());
     let e = s.wait().expect_err("a stream whose backing is gone");
-    assert_backing_failure(&last, &e, &uri);
+    assert_backing_failure(&last, &e, &uri, ErrorKind::BackingUnavailable);
     check_held_reads(&disk, &read_file(&b.base));
 
     // Back again: a new stream on the same open disk finishes.
@@ -558,12 +564,13 @@ fn http_image_replaced_mid_stream_fails_clearly() {
 
     let last = s.wait_until(|p| p.state.is_stopped());
     let e = s.wait().expect_err("a stream whose remote image changed");
-    assert_backing_failure(&last, &e, &url);
+    assert_backing_failure(&last, &e, &url, ErrorKind::BackingChanged);
     assert!(e.to_string().contains("changed"), "{e}");
     check_held_reads(&disk, &original);
     let again = disk.stream(StreamOptions::default()).unwrap().wait();
     let e = again.expect_err("a new stream over the changed image");
     assert!(e.to_string().contains("changed"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::BackingChanged, "{e}");
     disk.close().unwrap();
     check_no_corruption(&b.overlay);
     assert_eq!(info_json(&b.overlay)["backing-filename"], url.as_str());
@@ -703,4 +710,71 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     assert_standalone(&b.overlay);
     check_clean(&b.overlay);
     compare_with_bytes(&b.overlay, &expected, b.dir.path());
+}
+
+/// `backfill serve --stream` over nginx whose file is replaced by another
+/// image mid-stream: the stream fails saying the remote image changed and
+/// is not started again (a new one would fail the same way, once a minute,
+/// for as long as the server runs); the server goes on serving. Once the
+/// original file is back (same bytes, same modification time, so the same
+/// ETag), the overlay reads as the original with the client's write: no
+/// byte of the other image got in.
+#[test]
+fn serve_stream_stops_for_good_when_the_http_image_changes() {
+    let mut b = Base::new("sr-serve-changed", 12 * MIB);
+    let nginx = b.nginx();
+    let url = nginx.url("base.raw");
+    b.create_overlay(&url);
+    let mut expected = read_file(&b.base);
+    let served = nbd_common::Server::start(b.dir.path(), &b.overlay, &["--stream=1M"]);
+    let saved = b.path("original.raw");
+    std::fs::rename(&b.base, &saved).unwrap();
+    std::fs::copy(&saved, &b.base).unwrap();
+    replace_with_newer(
+        &b.base,
+        b.size,
+        0x5eed,
+        std::time::Duration::from_secs(3600),
+    );
+    // Polled with a hang guard; the pause only keeps the poll from spinning.
+    let guard = std::time::Instant::now() + nbd_common::HANG_GUARD;
+    let failure = loop {
+        let log = served.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("stream failed")) {
+            break line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < guard,
+            "no stream failure on stderr:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(
+        failure.starts_with("backfill: stream failed: streaming: ")
+            && failure.contains(&url)
+            && failure.contains("the remote image changed")
+            && failure.ends_with("; not starting it again (serving goes on)"),
+        "{failure}"
+    );
+    // Whole clusters need nothing from the backing.
+    qemu_io(
+        Path::new(&served.uri),
+        "raw",
+        &[
+            "write -P 0xab 2M 128K".into(),
+            "read -P 0xab 2M 128K".into(),
+        ],
+    );
+    expected[2 * MIB as usize..(2 * MIB + 2 * CLUSTER) as usize].fill(0xab);
+    let log = served.stop();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("stream failed")).count(),
+        1,
+        "{log}"
+    );
+    std::fs::rename(&saved, &b.base).unwrap();
+    check_clean(&b.overlay);
+    assert_eq!(info_json(&b.overlay)["backing-filename"], url.as_str());
+    compare_with_bytes(&b.overlay, &expected, b.dir.path());
+    drop(nginx);
 }

@@ -41,7 +41,8 @@
 //!   at once. Every error names the URL and the byte range.
 //! * Errors are [`HttpError`]s with a matchable [`HttpErrorKind`]; they
 //!   convert into the engine's [`crate::Error`] (kind `BackingUnavailable`,
-//!   or `InvalidInput` / `Unsupported` for a bad URL or server).
+//!   `BackingChanged` for a changed image, or `InvalidInput` /
+//!   `Unsupported` for a bad URL or server).
 //! * Counters ([`HttpBacking::stats`]): requests sent, body bytes fetched,
 //!   retries, connections opened, total and maximum request latency.
 //!
@@ -304,10 +305,10 @@ impl From<HttpError> for Error {
         let kind = match e.kind {
             HttpErrorKind::InvalidUrl | HttpErrorKind::InvalidOptions => ErrorKind::InvalidInput,
             HttpErrorKind::RangesUnsupported | HttpErrorKind::NoValidator => ErrorKind::Unsupported,
-            HttpErrorKind::Changed
-            | HttpErrorKind::Status
-            | HttpErrorKind::Protocol
-            | HttpErrorKind::Unavailable => ErrorKind::BackingUnavailable,
+            HttpErrorKind::Changed => ErrorKind::BackingChanged,
+            HttpErrorKind::Status | HttpErrorKind::Protocol | HttpErrorKind::Unavailable => {
+                ErrorKind::BackingUnavailable
+            }
         };
         Error::new(kind, e.message)
     }

@@ -137,7 +137,8 @@ enum Command {
         /// I/O first), at most RATE bytes/s (e.g. 50M) if given; the backing
         /// file is dropped from the header at the end. A stream that fails
         /// starts again after 1 s, then twice as long each time, up to a
-        /// minute.
+        /// minute; not when trying again cannot help (the remote image
+        /// changed, the overlay is corrupt).
         #[arg(
             long,
             value_name = "RATE",

@@ -1247,9 +1247,10 @@ impl<I: Io> Core<I> {
     pub(super) fn fill_data_ready(&mut self, fid: usize) {
         let readers = std::mem::take(&mut self.fills[fid].readers);
         if let Some(e) = self.fills[fid].error.take() {
-            // Malformed backing data stays `Corrupt`; anything else is the
-            // backing medium failing.
-            let e = if e.kind() == ErrorKind::Corrupt {
+            // Malformed backing data stays `Corrupt`, and a changed remote
+            // image `BackingChanged`; anything else is the backing medium
+            // failing.
+            let e = if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::BackingChanged) {
                 e
             } else {
                 Error::new(ErrorKind::BackingUnavailable, e.to_string())

@@ -214,6 +214,19 @@ pub const STREAM_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_
 pub const STREAM_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 pub const STREAM_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Whether a stream that failed with an error of `kind` may succeed when
+/// started again: a backing medium that was unreachable may come back, and
+/// an overlay without room may get some. A changed remote image, a corrupt
+/// or poisoned overlay, or an unsupported feature stay as they are: a new
+/// stream would fail the same way, once a minute, for as long as the
+/// server runs.
+fn passes(kind: crate::ErrorKind) -> bool {
+    matches!(
+        kind,
+        crate::ErrorKind::BackingUnavailable | crate::ErrorKind::Io
+    )
+}
+
 /// The stream `serve --stream` runs now: a failed one is replaced by a new
 /// one when it starts again.
 type CurrentStream = Arc<std::sync::Mutex<Arc<Stream>>>;
@@ -230,8 +243,10 @@ fn current(s: &CurrentStream) -> Arc<Stream> {
 /// on stderr and started again after [`STREAM_RETRY_FIRST`], then after
 /// twice as long each time, up to [`STREAM_RETRY_MAX`]: a long stream
 /// over a remote backing survives an outage, fetching only what is still
-/// missing, as `backfill stream` run again would. Ends when the stream
-/// finishes, is cancelled, or `stop` is dropped.
+/// missing, as `backfill stream` run again would; one whose failure will
+/// not pass (see [`passes`]) is reported and not started again. Ends when
+/// the stream finishes, is cancelled, fails for good, or `stop` is
+/// dropped.
 fn watch_stream(
     path: PathBuf,
     disk: Disk,
@@ -258,6 +273,12 @@ fn watch_stream(
                     let why = e
                         .as_ref()
                         .map_or_else(|| "no reason".into(), |e| e.to_string());
+                    if !last.error_kind.is_some_and(passes) {
+                        eprintln!(
+                            "backfill: stream failed: {why}; not starting it again (serving goes on)"
+                        );
+                        return;
+                    }
                     eprintln!(
                         "backfill: stream failed: {why}; starting it again in {} s (serving goes on)",
                         wait.as_secs()
@@ -424,6 +445,17 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failures_that_may_pass_start_the_stream_again() {
+        use crate::ErrorKind::*;
+        for kind in [BackingUnavailable, Io] {
+            assert!(passes(kind), "{kind:?}");
+        }
+        for kind in [BackingChanged, Corrupt, Poisoned, Unsupported, ReadOnly] {
+            assert!(!passes(kind), "{kind:?}");
+        }
+    }
 
     #[test]
     fn stats_lines_count_failed_write_backs_only_when_there_are_some() {

@@ -200,6 +200,7 @@ mod tests {
             elapsed_secs: 1.0,
             backing_dropped: false,
             error: None,
+            error_kind: None,
         }
     }
 
