@@ -283,7 +283,7 @@ fn assert_changed(backing: &HttpBacking, url: &str, offset: u64, len: usize) {
     );
     assert_eq!(
         backfill::Error::from(err).kind(),
-        backfill::ErrorKind::BackingUnavailable
+        backfill::ErrorKind::BackingChanged
     );
 }
 
