@@ -27,6 +27,14 @@
 //! * `server_closing_idle_connections`: an nginx reload closes the pooled
 //!   idle connection silently; the next read notices before any response
 //!   byte and goes again at once on a new connection, as no retry.
+//! * `redirects_are_followed_and_remembered`: 301, 302 and 307 (relative
+//!   and absolute `Location`, a chain of two) are followed at open, then
+//!   every read goes straight to the end of the chain; a redirect loop and a
+//!   redirect to ftp fail the open, saying so.
+//! * `a_redirect_target_that_goes_away_is_resolved_again`: the place a
+//!   redirect led to answers 404 (the file moved, the redirect with it,
+//!   through an nginx reload): the read follows the redirect again from the
+//!   URL the overlay names, and succeeds.
 //! * `connection_refused_at_open`, `not_found_is_not_retried`,
 //!   `server_without_ranges_is_refused`, `retry_after_is_capped`,
 //!   `silent_server_times_out`, `empty_file`: the error policy.
@@ -454,6 +462,108 @@ fn connection_refused_at_open() {
     assert!(m.contains(&url) && m.contains("bytes=0-0"), "{err}");
     assert!(
         m.contains("refused") && m.contains("after 3 attempts"),
+        "{err}"
+    );
+}
+
+/// Redirects are followed as QEMU's curl driver follows them: a 301 to an
+/// absolute path (nginx with `absolute_redirect off` sends it relative), a
+/// chain of a 302 and a 307 to an absolute URL. The open follows them;
+/// every read after goes straight to where they led (one redirect per hop
+/// in all, one connection). A loop, and a redirect to a scheme we cannot
+/// read, fail the open with a message that says so.
+#[test]
+fn redirects_are_followed_and_remembered() {
+    let mut rng = Rng::new(seed_from_env("redirects_are_followed_and_remembered"));
+    let site = Site::start(
+        "http-redirects",
+        "location = /moved.raw { absolute_redirect off; return 301 /images/disk.raw; }\n\
+         location = /hop1.raw { return 302 /hop2.raw; }\n\
+         location = /hop2.raw { return 307 http://127.0.0.1:{PORT}/images/disk.raw; }\n\
+         location = /loop.raw { return 302 /loop.raw; }\n\
+         location = /away.raw { return 302 ftp://127.0.0.1/disk.raw; }",
+        None,
+    );
+    let len = 3 * MIB + 1234;
+    let data = site.put_random("images/disk.raw", len, rng.next_u64());
+    for (name, hops) in [("moved.raw", 1), ("hop1.raw", 2)] {
+        let backing = open(&site.url(name), quick_options());
+        assert_eq!(backing.size(), len, "{name}");
+        let mut reads = 0;
+        for _ in 0..40 {
+            let n = rng.range(1, 256 * KIB) as usize;
+            check_read(&backing, &data, rng.below(len), n);
+            reads += 1;
+        }
+        let stats = backing.stats();
+        assert_eq!(stats.redirects, hops, "{name}: {stats:?}");
+        assert_eq!(
+            stats.requests,
+            hops + 1 + reads,
+            "{name}: the redirects, the probe, one request per read: {stats:?}"
+        );
+        assert_eq!(stats.retries, 0, "{name}");
+        assert_eq!(backing.url(), site.url(name), "the URL the overlay names");
+    }
+
+    let url = site.url("loop.raw");
+    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
+    eprintln!("expected error: {err}");
+    assert_eq!(err.kind(), HttpErrorKind::Status, "{err}");
+    assert!(
+        err.message().contains("more than 10 redirects") && err.message().contains(&url),
+        "{err}"
+    );
+    let err = HttpBacking::open(&site.url("away.raw"), quick_options()).unwrap_err();
+    eprintln!("expected error: {err}");
+    assert!(
+        err.message().contains("ftp://127.0.0.1/disk.raw")
+            && err.message().contains("unsupported scheme"),
+        "{err}"
+    );
+}
+
+/// Where a redirect led stops serving the image (a signed URL expired, a
+/// mirror dropped the file: 404 there): the read goes back to the URL the
+/// overlay names, follows its redirect again, now elsewhere, and succeeds.
+/// The image moved with its modification time, so its ETag is the one
+/// pinned at open.
+#[test]
+fn a_redirect_target_that_goes_away_is_resolved_again() {
+    let mut rng = Rng::new(seed_from_env("a_redirect_target_that_goes_away"));
+    let conf_dir = tempdir("http-redirect-conf");
+    let conf = conf_dir.path().join("latest.conf");
+    std::fs::write(&conf, "return 302 /v1/disk.raw;\n").unwrap();
+    let mut site = Site::start(
+        "http-redirect-again",
+        &format!("location = /latest.raw {{ include {}; }}", conf.display()),
+        None,
+    );
+    let len = 2 * MIB;
+    let data = site.put_random("v1/disk.raw", len, rng.next_u64());
+    let backing = open(&site.url("latest.raw"), quick_options());
+    check_read(&backing, &data, 0, 64 * 1024);
+
+    std::fs::rename(site.www.join("v1"), site.www.join("v2")).unwrap();
+    std::fs::write(&conf, "return 302 /v2/disk.raw;\n").unwrap();
+    site.nginx.reload_and_wait_for_old_workers();
+    check_read(&backing, &data, MIB, 64 * 1024);
+    check_read(&backing, &data, 5000, 300_000);
+    let stats = backing.stats();
+    assert_eq!(stats.redirects, 2, "{stats:?}");
+    assert_eq!(stats.retries, 0, "{stats:?}");
+
+    // Gone everywhere: the 404 of the place the redirect now leads, named.
+    std::fs::remove_dir_all(site.www.join("v2")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = backing.read_at(&mut buf, 0).unwrap_err();
+    eprintln!("expected error: {err}");
+    assert_eq!(err.status(), Some(404), "{err}");
+    assert!(
+        err.message().contains("/v2/disk.raw")
+            && err
+                .message()
+                .contains(&format!("redirected from {}", site.url("latest.raw"))),
         "{err}"
     );
 }

@@ -7,6 +7,9 @@
 //!   is clean and `qemu-img map` shows everything in the overlay; with the
 //!   backing reference dropped (`qemu-img rebase -u -b ''`), `qemu-img
 //!   compare` finds it equal to the file.
+//! * `an_overlay_on_a_redirecting_url`: the URL in the overlay redirects
+//!   (301) to the file: QEMU and backfill both follow it; a cold read and
+//!   `backfill stream` end with a standalone overlay equal to the file.
 //! * `changed_remote_image_is_a_clear_error`: the file is replaced under
 //!   nginx after part of the disk was read: a cold read fails with an error
 //!   that says the remote image changed, the parts already in the overlay
@@ -42,10 +45,15 @@ struct Site {
 }
 
 fn site(name: &str, tls: Option<&TlsFiles>) -> Site {
+    site_with(name, "", tls)
+}
+
+/// [`site`] with `server_extra` in nginx's server block.
+fn site_with(name: &str, server_extra: &str, tls: Option<&TlsFiles>) -> Site {
     let dir = tempdir(name);
     let www = dir.path().join("www");
     std::fs::create_dir_all(&www).unwrap();
-    let nginx = Nginx::start(&dir.path().join("nginx"), &www, "", tls);
+    let nginx = Nginx::start(&dir.path().join("nginx"), &www, server_extra, tls);
     Site { nginx, www, dir }
 }
 
@@ -168,6 +176,45 @@ fn copy_on_read_over_http() {
     std::fs::copy(&image, &standalone).unwrap();
     qemu_img(["rebase", "-q", "-u", "-b", "", &path_str(&standalone)]);
     compare_identical(&standalone, &s.www.join("base.raw"));
+}
+
+/// An overlay whose backing URL redirects (nginx's 301 to another path),
+/// made by `qemu-img create -b URL`: QEMU's curl driver follows the
+/// redirect, and so does backfill. Before anything is copied, `qemu-img
+/// compare` (reading through the redirect itself) finds the overlay equal
+/// to the file; backfill reads half of it cold, then `backfill stream`
+/// finishes it: standalone, clean, and still equal to the file.
+#[test]
+fn an_overlay_on_a_redirecting_url() {
+    let s = site_with(
+        "http-redirect",
+        "location = /disk.raw { return 301 /store/base.raw; }",
+        None,
+    );
+    let size = 3 * MIB;
+    std::fs::create_dir_all(s.www.join("store")).unwrap();
+    let base = s.www.join("store/base.raw");
+    let bytes = write_random_file(&base, size, 29);
+    let image = s.dir.path().join("ov.qcow2");
+    qemu_create_qcow2(&image, "", Some((&s.nginx.url("disk.raw"), "raw")), None);
+    compare_identical(&image, &base);
+
+    let disk = open(&image, options(2, true, false));
+    let half = size / 2;
+    let got = read_parallel(&disk, 0, half, 192 * KIB);
+    assert_same_bytes(
+        &got,
+        &bytes[..half as usize],
+        "cold read through the redirect",
+    );
+    disk.close().unwrap();
+    check_clean(&image);
+
+    let out = backfill_env_ok(&["stream", &path_str(&image)], &[]);
+    assert!(out.contains("backing file dropped"), "{out}");
+    assert_standalone(&image);
+    check_clean(&image);
+    compare_identical(&image, &base);
 }
 
 #[test]

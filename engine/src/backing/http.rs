@@ -37,8 +37,14 @@
 //!   capped at `max_backoff`); a `Retry-After` on 429 or 503 replaces the
 //!   backoff, capped at `max_retry_after`. A reused keep-alive connection
 //!   that the server closed while idle is replaced at once and not counted
-//!   as a retry. Other 4xx, 3xx, TLS refusals and malformed responses fail
-//!   at once. Every error names the URL and the byte range.
+//!   as a retry. Other 4xx, TLS refusals and malformed responses fail at
+//!   once. Every error names the URL and the byte range.
+//! * Redirects (301, 302, 303, 307, 308) are followed as QEMU's curl
+//!   driver follows them, up to ten per request, relative or absolute, to
+//!   http or https; later requests go straight to where the last one led,
+//!   and go back to the URL the overlay names if that place answers 401,
+//!   403, 404 or 410 (a signed URL that expired). The validator pinned is
+//!   the one of the image at the end of the chain.
 //! * Errors are [`HttpError`]s with a matchable [`HttpErrorKind`]; they
 //!   convert into the engine's [`crate::Error`] (kind `BackingUnavailable`,
 //!   `BackingChanged` for a changed image, or `InvalidInput` /
@@ -251,7 +257,8 @@ pub enum HttpErrorKind {
     /// The remote image is no longer the one that was opened.
     Changed,
     /// The server answered with a status that retrying cannot fix (404,
-    /// 403, a redirect, ...); [`HttpError::status`] has it.
+    /// 403, ...; [`HttpError::status`] has it), or redirected too often or
+    /// to a place we cannot go.
     Status,
     /// The response broke the protocol, or TLS refused the server.
     Protocol,
@@ -325,6 +332,9 @@ pub struct HttpStats {
     pub retries: u64,
     /// TCP (and TLS) connections established.
     pub connections_opened: u64,
+    /// Redirects followed (each costs a request; later requests go where
+    /// the last one led).
+    pub redirects: u64,
     /// Sum over requests of the time from sending the request to having
     /// the whole response (or its failure).
     pub total_latency: Duration,
@@ -338,6 +348,7 @@ struct Counters {
     bytes_fetched: AtomicU64,
     retries: AtomicU64,
     connections_opened: AtomicU64,
+    redirects: AtomicU64,
     total_latency_ns: AtomicU64,
     max_latency_ns: AtomicU64,
 }
@@ -411,13 +422,23 @@ enum Failure {
         retry_after: Option<Duration>,
     },
     Fatal(HttpError),
+    /// A redirect (301, 302, 303, 307, 308) to this `Location`.
+    Redirect(String),
 }
+
+/// Redirects one request follows at most before it fails.
+const MAX_REDIRECTS: u32 = 10;
 
 /// A backing image served over HTTP(S). See the module documentation.
 pub struct HttpBacking {
+    /// The URL as the overlay names it: messages, the pin.
     url: Url,
+    /// Where requests go: `url`, or where it last redirected to (see
+    /// [`HttpBacking::run`]).
+    target: Mutex<Arc<Url>>,
     opts: HttpOptions,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Made at open for an https URL, or when a redirect first leads to one.
+    tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
     size: u64,
     validator: Option<Validator>,
     pool: Pool,
@@ -487,17 +508,18 @@ impl HttpBacking {
                 freed: Condvar::new(),
                 max: opts.max_connections,
             },
+            target: Mutex::new(Arc::new(parsed.clone())),
             url: parsed,
             opts,
-            tls,
+            tls: Mutex::new(tls),
             size: 0,
             validator: None,
             counters: Counters::default(),
             changed: OnceLock::new(),
             scripts: scripts.map(|s| Mutex::new(s.into())),
         };
-        let probe = backing.run(0, 0, |conn| backing.probe(conn))?;
-        let context = || format!("GET {} bytes=0-0", backing.url);
+        let probe = backing.run(0, 0, |conn, url| backing.probe(conn, url))?;
+        let context = || backing.context(0, 0, &backing.target());
         // A weak ETag cannot be used with If-Match (it needs the strong
         // comparison), so Last-Modified is the fallback for it too.
         backing.validator = match (probe.etag, probe.last_modified) {
@@ -591,7 +613,9 @@ impl HttpBacking {
             return Ok(());
         }
         let (first, last) = (offset, offset + len - 1);
-        self.run(first, last, |conn| self.ranged_get(conn, first, last, body))?;
+        self.run(first, last, |conn, url| {
+            self.ranged_get(conn, url, first, last, body)
+        })?;
         self.counters
             .bytes_fetched
             .fetch_add(len, Ordering::Relaxed);
@@ -606,47 +630,119 @@ impl HttpBacking {
             bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             connections_opened: c.connections_opened.load(Ordering::Relaxed),
+            redirects: c.redirects.load(Ordering::Relaxed),
             total_latency: Duration::from_nanos(c.total_latency_ns.load(Ordering::Relaxed)),
             max_latency: Duration::from_nanos(c.max_latency_ns.load(Ordering::Relaxed)),
         }
     }
 
-    fn context(&self, first: u64, last: u64) -> String {
-        format!("GET {} bytes={first}-{last}", self.url)
+    /// What messages call a request: its method, URL and range, and the
+    /// URL the overlay names when a redirect led elsewhere.
+    fn context(&self, first: u64, last: u64, target: &Url) -> String {
+        if target.to_string() == self.url.to_string() {
+            format!("GET {target} bytes={first}-{last}")
+        } else {
+            format!(
+                "GET {target} bytes={first}-{last} (redirected from {})",
+                self.url
+            )
+        }
+    }
+
+    /// Where requests go now.
+    fn target(&self) -> Arc<Url> {
+        self.target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_target(&self, url: Arc<Url>) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = url;
     }
 
     /// Runs `exchange` on a pooled connection until it succeeds, fails for
     /// good, or the retries run out. `exchange` returns its result and
     /// whether the connection may be reused.
+    ///
+    /// Redirects are followed, as QEMU's curl driver follows them: up to
+    /// [`MAX_REDIRECTS`] per request, to http or https, relative or not.
+    /// Where the chain ends becomes the target of later requests, so a
+    /// redirect costs one round trip, not one per read. A target reached
+    /// by a redirect that then answers 401, 403, 404 or 410 (a signed URL
+    /// that expired, a mirror that dropped the file) is given up for the
+    /// URL the overlay names, once per request: its redirect is followed
+    /// again from the start.
     fn run<T>(
         &self,
         first: u64,
         last: u64,
-        mut exchange: impl FnMut(&mut Conn) -> Result<(T, bool), Failure>,
+        mut exchange: impl FnMut(&mut Conn, &Url) -> Result<(T, bool), Failure>,
     ) -> Result<T, HttpError> {
         let policy = &self.opts.retry;
         let mut failures = 0u32;
         // Each stale connection is dropped, so at most `max` of them can be
         // met in a row; one more is a server closing fresh connections too.
         let mut stale = 0usize;
+        let mut redirects = 0u32;
+        let mut restarted = false;
         loop {
+            let target = self.target();
             if let Some(first_report) = self.changed.get() {
                 return Err(HttpError::new(
                     HttpErrorKind::Changed,
                     format!(
                         "{}: the remote image changed since it was opened (not sent: an earlier \
                          request found it: {first_report})",
-                        self.context(first, last)
+                        self.context(first, last, &target)
                     ),
                 ));
             }
             let mut lease = self.pool.acquire();
-            let result = self.attempt(&mut lease, &mut exchange);
+            let result = self.attempt(&target, &mut lease, &mut exchange);
             drop(lease);
             let (what, retry_after) = match result {
                 Ok(value) => return Ok(value),
+                Err(Failure::Redirect(location)) => {
+                    redirects += 1;
+                    let next = if redirects > MAX_REDIRECTS {
+                        Err(format!(
+                            "more than {MAX_REDIRECTS} redirects (the last to {location})"
+                        ))
+                    } else {
+                        target
+                            .join(&location)
+                            .map_err(|e| {
+                                format!("the server redirects to {location:?}, which cannot be followed: {e}")
+                            })
+                    };
+                    match next {
+                        Ok(next) => {
+                            self.counters.redirects.fetch_add(1, Ordering::Relaxed);
+                            self.set_target(Arc::new(next));
+                            continue;
+                        }
+                        Err(why) => {
+                            return Err(HttpError {
+                                kind: HttpErrorKind::Status,
+                                status: None,
+                                message: format!("{}: {why}", self.context(first, last, &target)),
+                            })
+                        }
+                    }
+                }
+                Err(Failure::Fatal(e))
+                    if !restarted
+                        && e.kind == HttpErrorKind::Status
+                        && matches!(e.status, Some(401 | 403 | 404 | 410))
+                        && target.to_string() != self.url.to_string() =>
+                {
+                    restarted = true;
+                    self.set_target(Arc::new(self.url.clone()));
+                    continue;
+                }
                 Err(Failure::Fatal(mut e)) => {
-                    e.message = format!("{}: {}", self.context(first, last), e.message);
+                    e.message = format!("{}: {}", self.context(first, last, &target), e.message);
                     if e.kind == HttpErrorKind::Changed {
                         // Only the first report is kept: it says what changed.
                         let _ = self.changed.set(e.clone());
@@ -666,7 +762,7 @@ impl HttpBacking {
                     HttpErrorKind::Unavailable,
                     format!(
                         "{}: {what} (gave up after {failures} attempt{})",
-                        self.context(first, last),
+                        self.context(first, last, &target),
                         if failures == 1 { "" } else { "s" }
                     ),
                 ));
@@ -680,18 +776,44 @@ impl HttpBacking {
         }
     }
 
-    /// One attempt: a connection from the lease (opened if need be), one
-    /// request and response on it.
+    /// The TLS configuration for a connection to `url` (none for http),
+    /// made the first time an https URL needs it.
+    fn tls_for(&self, url: &Url) -> Result<Option<Arc<rustls::ClientConfig>>, Failure> {
+        if url.scheme == Scheme::Http {
+            return Ok(None);
+        }
+        let mut tls = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if tls.is_none() {
+            let config = conn::tls_config(self.opts.ca_file.as_deref()).map_err(|e| {
+                Failure::Fatal(HttpError::new(HttpErrorKind::InvalidOptions, e.to_string()))
+            })?;
+            *tls = Some(config);
+        }
+        Ok(tls.clone())
+    }
+
+    /// One attempt: a connection to `target` from the lease (opened if need
+    /// be), one request and response on it.
     fn attempt<T>(
         &self,
+        target: &Url,
         lease: &mut Lease<'_>,
-        exchange: &mut impl FnMut(&mut Conn) -> Result<(T, bool), Failure>,
+        exchange: &mut impl FnMut(&mut Conn, &Url) -> Result<(T, bool), Failure>,
     ) -> Result<T, Failure> {
+        let elsewhere = |c: &Conn| {
+            c.origin
+                .as_ref()
+                .is_some_and(|(s, h, p)| (*s, h, *p) != target.origin())
+        };
+        if lease.conn.as_ref().is_some_and(elsewhere) {
+            // Connected to where an earlier target was.
+            lease.conn = None;
+        }
         if lease.conn.is_none() {
             let conn = match &self.scripts {
                 None => Conn::connect(
-                    &self.url,
-                    self.tls.as_ref(),
+                    target,
+                    self.tls_for(target)?.as_ref(),
                     self.opts.connect_timeout,
                     self.opts.io_timeout,
                 ),
@@ -706,7 +828,7 @@ impl HttpBacking {
             }
             .map_err(|e| match e {
                 ConnectError::Io(e) => Failure::Transient {
-                    what: format!("connecting to {}:{}: {}", self.url.host, self.url.port, e),
+                    what: format!("connecting to {}:{}: {}", target.host, target.port, e),
                     retry_after: None,
                 },
                 ConnectError::Fatal(msg) => {
@@ -721,7 +843,7 @@ impl HttpBacking {
         let conn = lease.conn.as_mut().expect("a connection was just ensured");
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = exchange(conn);
+        let result = exchange(conn, target);
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.counters
             .total_latency_ns
@@ -741,11 +863,11 @@ impl HttpBacking {
     fn send_and_read_head(
         &self,
         conn: &mut Conn,
+        url: &Url,
         first: u64,
         last: u64,
         conditional: bool,
     ) -> Result<usize, Failure> {
-        let url = &self.url;
         let validator = if conditional {
             self.validator.as_ref()
         } else {
@@ -787,8 +909,8 @@ impl HttpBacking {
     }
 
     /// The open probe: `Range: bytes=0-0` without preconditions.
-    fn probe(&self, conn: &mut Conn) -> Result<(Probe, bool), Failure> {
-        let len = self.send_and_read_head(conn, 0, 0, false)?;
+    fn probe(&self, conn: &mut Conn, url: &Url) -> Result<(Probe, bool), Failure> {
+        let len = self.send_and_read_head(conn, url, 0, 0, false)?;
         let head = wire::parse_head(conn.head(len)).map_err(protocol)?;
         let owned = |v: Option<&str>| v.map(str::to_string);
         let (etag, last_modified) = (owned(head.etag), owned(head.last_modified));
@@ -854,11 +976,12 @@ impl HttpBacking {
     fn ranged_get(
         &self,
         conn: &mut Conn,
+        url: &Url,
         first: u64,
         last: u64,
         dst: &mut Body<'_>,
     ) -> Result<((), bool), Failure> {
-        let len = self.send_and_read_head(conn, first, last, true)?;
+        let len = self.send_and_read_head(conn, url, first, last, true)?;
         let head = wire::parse_head(conn.head(len)).map_err(protocol)?;
         let pinned = self.pinned();
         match head.status {
@@ -1042,13 +1165,11 @@ fn status_failure(head: &wire::Head<'_>) -> Failure {
                 retry_after,
             }
         }
+        301 | 302 | 303 | 307 | 308 if head.location.is_some() => {
+            Failure::Redirect(head.location.unwrap_or_default().to_string())
+        }
         _ => {
-            let mut message = format!("the server answered {status} {name} (not retried)");
-            if let (300..=399, Some(to)) = (status, head.location) {
-                message.push_str(&format!(
-                    "; it redirects to {to}, which is not followed: use the final URL"
-                ));
-            }
+            let message = format!("the server answered {status} {name} (not retried)");
             Failure::Fatal(HttpError {
                 kind: HttpErrorKind::Status,
                 status: Some(status),

@@ -124,6 +124,8 @@ pub struct Conn {
     received: u64,
     /// Responses completed on this connection.
     pub completed: u64,
+    /// The scheme, host and port it is connected to (none: scripted).
+    pub origin: Option<(Scheme, Host, u16)>,
     /// The request being assembled; keeps its capacity across requests.
     request: Vec<u8>,
 }
@@ -188,7 +190,9 @@ impl Conn {
             }
             (Scheme::Https, Some(config)) => Stream::Tls(Box::new(handshake(url, config, socket)?)),
         };
-        Ok(Conn::new(stream))
+        let mut conn = Conn::new(stream);
+        conn.origin = Some((url.scheme, url.host.clone(), url.port));
+        Ok(conn)
     }
 
     /// A connection to a server whose every byte is `server` (the fuzz
@@ -205,6 +209,7 @@ impl Conn {
             end: 0,
             received: 0,
             completed: 0,
+            origin: None,
             request: Vec::with_capacity(512),
         }
     }

@@ -110,6 +110,81 @@ impl Url {
     pub fn host_header(&self) -> &str {
         &self.host_header
     }
+
+    /// Where a connection goes: the scheme, host and port.
+    pub fn origin(&self) -> (Scheme, &Host, u16) {
+        (self.scheme, &self.host, self.port)
+    }
+
+    /// The URL a `Location` header names, resolved against this one as
+    /// RFC 3986 section 5 says: absolute (`https://other/x`), without a
+    /// scheme (`//other/x`), an absolute path (`/x`), or a path relative to
+    /// this URL's directory (`x`, `../x`), with `.` and `..` segments
+    /// removed. The result must be an http or https URL like any other.
+    pub fn join(&self, location: &str) -> Result<Url, String> {
+        let location = location.trim();
+        if location.is_empty() {
+            return Err("an empty Location".into());
+        }
+        let scheme = match self.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        let has_scheme = location
+            .find(':')
+            .is_some_and(|i| i > 0 && !location[..i].contains(['/', '?', '#']));
+        let absolute = if has_scheme {
+            location.to_string()
+        } else if let Some(rest) = location.strip_prefix("//") {
+            format!("{scheme}://{rest}")
+        } else {
+            let path = if location.starts_with('/') {
+                location.to_string()
+            } else if location.starts_with('?') {
+                let path = self.target.split('?').next().unwrap_or("/");
+                format!("{path}{location}")
+            } else {
+                let path = self.target.split('?').next().unwrap_or("/");
+                let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+                format!("{dir}{location}")
+            };
+            format!(
+                "{scheme}://{}{}",
+                self.host_header,
+                remove_dot_segments(&path)
+            )
+        };
+        Url::parse(&absolute)
+    }
+}
+
+/// A path (with its query) without `.` and `..` segments (RFC 3986 5.2.4):
+/// `/a/b/../c/./d?q` is `/a/c/d?q`; `..` never climbs above the root.
+fn remove_dot_segments(target: &str) -> String {
+    let (path, query) = match target.find('?') {
+        Some(i) => target.split_at(i),
+        None => (target, ""),
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *seg {
+            "." => {
+                if last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}{query}", out.join("/"))
 }
 
 impl fmt::Display for Url {
@@ -204,6 +279,38 @@ mod tests {
 
         let u = Url::parse("http://h:/x").unwrap();
         assert_eq!(u.port, 80);
+    }
+
+    #[test]
+    fn resolves_locations_as_rfc_3986_says() {
+        let base = Url::parse("http://h:8080/images/v1/disk.raw?sig=1").unwrap();
+        for (location, want) in [
+            ("https://other/x.raw", "https://other/x.raw"),
+            ("HTTP://Other:81/x", "HTTP://Other:81/x"),
+            ("//cdn.test/a/b.raw", "http://cdn.test/a/b.raw"),
+            ("/latest/disk.raw", "http://h:8080/latest/disk.raw"),
+            ("disk2.raw", "http://h:8080/images/v1/disk2.raw"),
+            (
+                "./disk2.raw?sig=2",
+                "http://h:8080/images/v1/disk2.raw?sig=2",
+            ),
+            ("../v2/disk.raw", "http://h:8080/images/v2/disk.raw"),
+            ("../../../../x", "http://h:8080/x"),
+            ("?sig=3", "http://h:8080/images/v1/disk.raw?sig=3"),
+            ("/a/./b/../c/", "http://h:8080/a/c/"),
+            ("x.raw#part", "http://h:8080/images/v1/x.raw"),
+        ] {
+            let got = base
+                .join(location)
+                .unwrap_or_else(|e| panic!("{location}: {e}"));
+            assert_eq!(got.to_string(), want, "{location}");
+            assert_eq!(got, Url::parse(want).unwrap(), "{location}");
+        }
+        let https = Url::parse("https://h/a/b").unwrap();
+        assert_eq!(https.join("//x/y").unwrap().scheme, Scheme::Https);
+        for bad in ["", "ftp://h/x", "mailto:x@y", "http://user@h/x", "/a b"] {
+            assert!(base.join(bad).is_err(), "{bad:?} resolved");
+        }
     }
 
     #[test]
