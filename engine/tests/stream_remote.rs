@@ -666,20 +666,7 @@ fn serve_stream_with_a_failing_backing_keeps_serving() {
     b.create_overlay(&uri);
     let mut expected = read_file(&b.base);
     let mut served = nbd_common::Server::start(b.dir.path(), &b.overlay, &["--stream"]);
-    // The failure shows on stderr; polled with a hang guard, the pause only
-    // keeps the poll from spinning.
-    let guard = std::time::Instant::now() + nbd_common::HANG_GUARD;
-    let failure = loop {
-        let log = served.log_text();
-        if let Some(line) = log.lines().find(|l| l.contains("stream failed")) {
-            break line.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < guard,
-            "no stream failure on stderr:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let failure = served.wait_for_log_line("stream failed");
     assert!(
         failure.starts_with("backfill: stream failed: streaming: ")
             && failure.contains(&uri)
@@ -736,19 +723,7 @@ fn serve_stream_stops_for_good_when_the_http_image_changes() {
         0x5eed,
         std::time::Duration::from_secs(3600),
     );
-    // Polled with a hang guard; the pause only keeps the poll from spinning.
-    let guard = std::time::Instant::now() + nbd_common::HANG_GUARD;
-    let failure = loop {
-        let log = served.log_text();
-        if let Some(line) = log.lines().find(|l| l.contains("stream failed")) {
-            break line.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < guard,
-            "no stream failure on stderr:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let failure = served.wait_for_log_line("stream failed");
     assert!(
         failure.starts_with("backfill: stream failed: streaming: ")
             && failure.contains(&url)

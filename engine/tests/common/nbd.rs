@@ -360,6 +360,24 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first line of stderr that contains `text`, once the server has
+    /// written it. Polled with a hang guard; the pause only keeps the poll
+    /// from spinning.
+    pub fn wait_for_log_line(&self, text: &str) -> String {
+        let guard = std::time::Instant::now() + HANG_GUARD;
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains(text)) {
+                return line.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < guard,
+                "no line with {text:?} on stderr within {HANG_GUARD:?}:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Stops the server with SIGTERM and asserts a clean exit; returns
     /// what it printed on stderr.
     pub fn stop(self) -> String {
