@@ -212,6 +212,41 @@ fn copy_on_read_over_qemu_nbd_tcp() {
     server.stop();
 }
 
+/// QEMU's NBD syntax from before URIs, which `qemu-img create -b` still
+/// takes and writes into the header as given: `nbd:unix:PATH` and
+/// `nbd:HOST:PORT:exportname=NAME` (qemu-nbd exporting under a name, so a
+/// wrong export would be refused). Each overlay, made by qemu-img against
+/// the running server, is read through by backfill and ends as the base.
+#[test]
+fn qemus_older_nbd_syntax() {
+    let s = Setup::new("nbdb-legacy", 3 * MIB + 4 * KIB, 3);
+    let sock = s.sock("q.sock");
+    let server = s.qemu_nbd(&["-k".into(), path_str(&sock)]);
+    let name = format!("nbd:unix:{}", path_str(&sock));
+    s.make_overlay(&name);
+    assert_eq!(info_json(&s.overlay)["backing-filename"], name.as_str());
+    populate_and_check(&s);
+    server.stop();
+
+    std::fs::remove_file(&s.overlay).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("finding a free port")
+        .port();
+    let server = s.qemu_nbd(&[
+        "-b".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-x".into(),
+        "the disk".into(),
+    ]);
+    let name = format!("nbd:127.0.0.1:{port}:exportname=the disk");
+    s.make_overlay(&name);
+    populate_and_check(&s);
+    server.stop();
+}
+
 /// nbdkit's delay filter makes every read take 2 ms, so many reads are in
 /// flight at once on every connection; each must get its own bytes.
 #[test]

@@ -1,6 +1,7 @@
 //! A backing image on an NBD server: `nbd://HOST[:PORT]/EXPORT` or
 //! `nbd+unix:///EXPORT?socket=PATH`, the names QEMU writes into a qcow2
-//! header (`qemu-img create -b URI -F raw`).
+//! header (`qemu-img create -b URI -F raw`), and QEMU's older
+//! `nbd:unix:PATH[:exportname=NAME]` and `nbd:HOST:PORT[:exportname=NAME]`.
 //!
 //! What it owns: the URI syntax, the fixed-newstyle handshake (NBD_OPT_GO,
 //! structured replies when the server offers them), and a small pool of
@@ -107,14 +108,15 @@ pub struct NbdUri {
     pub export: String,
 }
 
-/// Whether `name` uses one of the NBD URI schemes (supported or not), so
-/// that it is never mistaken for a file name.
+/// Whether `name` uses one of the NBD URI schemes (supported or not), or
+/// QEMU's older `nbd:` syntax, so that it is never mistaken for a file name
+/// (QEMU takes `nbd:...` for its NBD driver too).
 pub fn is_nbd_name(name: &str) -> bool {
     let scheme = name.split_once("://").map_or("", |(s, _)| s);
     matches!(
         scheme,
         "nbd" | "nbd+tcp" | "nbd+unix" | "nbds" | "nbds+tcp" | "nbds+unix" | "nbd+vsock"
-    )
+    ) || (!name.contains("://") && name.starts_with("nbd:"))
 }
 
 fn percent_decode(s: &str, what: &str, uri: &str) -> Result<String> {
@@ -147,8 +149,14 @@ fn bad_uri(uri: &str, why: &str) -> Error {
 
 impl NbdUri {
     /// Parses `nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...` or
-    /// `nbd+unix:///EXPORT?socket=PATH` (an empty export is allowed).
+    /// `nbd+unix:///EXPORT?socket=PATH` (an empty export is allowed), or
+    /// QEMU's older syntax (see [`NbdUri::parse_legacy`]).
     pub fn parse(uri: &str) -> Result<NbdUri> {
+        if !uri.contains("://") {
+            if let Some(spec) = uri.strip_prefix("nbd:") {
+                return NbdUri::parse_legacy(uri, spec);
+            }
+        }
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| bad_uri(uri, "no scheme"))?;
@@ -220,6 +228,66 @@ impl NbdUri {
             }
         };
         Ok(NbdUri { address, export })
+    }
+
+    /// QEMU's syntax from before NBD URIs, which `qemu-img create -b`
+    /// still accepts and writes into the header as given:
+    /// `nbd:unix:PATH[:exportname=NAME]` and
+    /// `nbd:HOST:PORT[:exportname=NAME]` (`HOST` may be `[IPv6]`). As in
+    /// QEMU (`nbd_parse_filename`), the export name is what follows the
+    /// first `:exportname=`, and the port is required.
+    fn parse_legacy(uri: &str, spec: &str) -> Result<NbdUri> {
+        const EXPORT: &str = ":exportname=";
+        // Searched in the whole name, as QEMU does: "nbd:" itself cannot
+        // hold it.
+        let (spec, export) = match spec.find(EXPORT) {
+            Some(i) => {
+                let name = &spec[i + EXPORT.len()..];
+                if name.is_empty() {
+                    return Err(bad_uri(uri, "an empty export name after \":exportname=\""));
+                }
+                (&spec[..i], name.to_string())
+            }
+            None => (spec, String::new()),
+        };
+        if spec.is_empty() {
+            return Err(bad_uri(uri, "no server after \"nbd:\""));
+        }
+        if let Some(path) = spec.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad_uri(uri, "no socket path after \"nbd:unix:\""));
+            }
+            return Ok(NbdUri {
+                address: Address::Unix(PathBuf::from(path)),
+                export,
+            });
+        }
+        let (host, port) = if let Some(v6) = spec.strip_prefix('[') {
+            v6.split_once("]:")
+                .ok_or_else(|| bad_uri(uri, "expected [IPv6]:PORT after \"nbd:\""))?
+        } else {
+            spec.split_once(':')
+                .ok_or_else(|| bad_uri(uri, "expected HOST:PORT or unix:PATH after \"nbd:\""))?
+        };
+        if host.is_empty() {
+            return Err(bad_uri(uri, "no host"));
+        }
+        if port.contains(',') {
+            return Err(bad_uri(
+                uri,
+                "socket options (\",...\" after the port) are not supported",
+            ));
+        }
+        let port = port
+            .parse()
+            .map_err(|_| bad_uri(uri, &format!("bad port {port:?}")))?;
+        Ok(NbdUri {
+            address: Address::Tcp {
+                host: host.to_string(),
+                port,
+            },
+            export,
+        })
     }
 }
 
@@ -1941,5 +2009,61 @@ mod tests {
         );
         assert!(is_nbd_name("nbd+unix:///?socket=/s"));
         assert!(!is_nbd_name("nbd.raw"));
+    }
+
+    #[test]
+    fn parses_qemus_older_syntax() {
+        let u = NbdUri::parse("nbd:unix:/tmp/s.sock").unwrap();
+        assert_eq!(u.address, Address::Unix("/tmp/s.sock".into()));
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd:unix:/tmp/a:b.sock:exportname=disk one").unwrap();
+        assert_eq!(u.address, Address::Unix("/tmp/a:b.sock".into()));
+        assert_eq!(u.export, "disk one");
+        let u = NbdUri::parse("nbd:127.0.0.1:10810").unwrap();
+        assert_eq!(
+            u.address,
+            Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10810
+            }
+        );
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd:host.example:99:exportname=a:exportname=b").unwrap();
+        assert_eq!(
+            u.address,
+            Address::Tcp {
+                host: "host.example".into(),
+                port: 99
+            }
+        );
+        assert_eq!(u.export, "a:exportname=b");
+        let u = NbdUri::parse("nbd:[::1]:10809:exportname=x").unwrap();
+        assert_eq!(
+            u.address,
+            Address::Tcp {
+                host: "::1".into(),
+                port: 10809
+            }
+        );
+        assert_eq!(u.export, "x");
+        for bad in [
+            "nbd:",
+            "nbd:unix:",
+            "nbd:host",
+            "nbd::10809",
+            "nbd:host:port",
+            "nbd:host:10809,ipv4=on",
+            "nbd:[::1]",
+            "nbd:unix:/s:exportname=",
+        ] {
+            assert!(is_nbd_name(bad), "{bad}");
+            assert_eq!(
+                NbdUri::parse(bad).unwrap_err().kind(),
+                ErrorKind::InvalidInput,
+                "{bad}"
+            );
+        }
+        assert!(!is_nbd_name("nbd-disk.raw"));
+        assert!(!is_nbd_name("./nbd:x"));
     }
 }
