@@ -10,6 +10,10 @@
 //! * `an_overlay_on_a_redirecting_url`: the URL in the overlay redirects
 //!   (301) to the file: QEMU and backfill both follow it; a cold read and
 //!   `backfill stream` end with a standalone overlay equal to the file.
+//! * `credentials_in_the_url_are_sent_as_basic_authentication`: nginx with
+//!   `auth_basic`; the overlay's URL carries the user and password, which
+//!   QEMU and backfill both send; a wrong or missing password is a 401 at
+//!   open, and the message hides the password.
 //! * `changed_remote_image_is_a_clear_error`: the file is replaced under
 //!   nginx after part of the disk was read: a cold read fails with an error
 //!   that says the remote image changed, the parts already in the overlay
@@ -215,6 +219,58 @@ fn an_overlay_on_a_redirecting_url() {
     assert_standalone(&image);
     check_clean(&image);
     compare_identical(&image, &base);
+}
+
+/// Credentials in the backing URL (`http://user:password@host/...`, the
+/// password percent-encoded) reach a server that wants HTTP Basic
+/// authentication, as QEMU's curl driver sends them: QEMU (`qemu-img
+/// compare`) and backfill both read the image through it. A wrong password
+/// and none at all are refused at open with the server's 401, and the
+/// message does not show the password.
+#[test]
+fn credentials_in_the_url_are_sent_as_basic_authentication() {
+    let auth = tempdir("http-auth-users");
+    let users = auth.path().join("htpasswd");
+    std::fs::write(&users, "alice:{PLAIN}s@cret\n").unwrap();
+    let s = site_with(
+        "http-auth",
+        &format!(
+            "location /private/ {{ auth_basic \"backfill test\"; auth_basic_user_file {}; }}",
+            users.display()
+        ),
+        None,
+    );
+    std::fs::create_dir_all(s.www.join("private")).unwrap();
+    let base = s.www.join("private/base.raw");
+    let size = 2 * MIB;
+    let bytes = write_random_file(&base, size, 31);
+    let url = s.nginx.url("private/base.raw");
+    let with = |userinfo: &str| url.replacen("http://", &format!("http://{userinfo}@"), 1);
+    let image = s.dir.path().join("ov.qcow2");
+    qemu_create_qcow2(&image, "", Some((&with("alice:s%40cret"), "raw")), None);
+    compare_identical(&image, &base);
+
+    let disk = open(&image, options(2, true, false));
+    let got = read_parallel(&disk, 0, size, 192 * KIB);
+    assert_same_bytes(&got, &bytes, "cold read with credentials");
+    disk.close().unwrap();
+    check_clean(&image);
+    assert_all_in_overlay(&qemu_map(&image));
+
+    for name in [with("alice:wrong"), url.clone()] {
+        let other = s.dir.path().join("other.qcow2");
+        let other_s = path_str(&other);
+        qemu_img([
+            "create", "-q", "-f", "qcow2", "-u", "-b", &name, "-F", "raw", &other_s, "2M",
+        ]);
+        let e = backfill::Disk::open(&other, options(1, true, false))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: opened without the right password"));
+        let m = e.to_string();
+        eprintln!("expected error: {m}");
+        assert!(m.contains("401") && !m.contains("wrong"), "{m}");
+        std::fs::remove_file(&other).unwrap();
+    }
 }
 
 #[test]

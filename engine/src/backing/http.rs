@@ -39,6 +39,9 @@
 //!   that the server closed while idle is replaced at once and not counted
 //!   as a retry. Other 4xx, TLS refusals and malformed responses fail at
 //!   once. Every error names the URL and the byte range.
+//! * Credentials in the URL (`https://user:password@host/disk.raw`) are
+//!   sent as HTTP Basic authentication, to that server only (not to
+//!   another one a redirect leads to), and hidden in messages.
 //! * Redirects (301, 302, 303, 307, 308) are followed as QEMU's curl
 //!   driver follows them, up to ten per request, relative or absolute, to
 //!   http or https; later requests go straight to where the last one led,
@@ -717,7 +720,12 @@ impl HttpBacking {
                             })
                     };
                     match next {
-                        Ok(next) => {
+                        Ok(mut next) => {
+                            // Credentials go along to the same server only,
+                            // as curl sends them.
+                            if next.authorization.is_none() && next.origin() == self.url.origin() {
+                                next.authorization = self.url.authorization.clone();
+                            }
                             self.counters.redirects.fetch_add(1, Ordering::Relaxed);
                             self.set_target(Arc::new(next));
                             continue;
@@ -883,6 +891,9 @@ impl HttpBacking {
                 url.host_header(),
                 env!("CARGO_PKG_VERSION"),
             );
+            if let Some(auth) = &url.authorization {
+                let _ = write!(req, "Authorization: {auth}\r\n");
+            }
             let _ = match validator {
                 Some(Validator::ETag(tag)) => write!(req, "If-Match: {tag}\r\n"),
                 Some(Validator::LastModified(date)) => {
