@@ -49,7 +49,7 @@ impl fmt::Display for Host {
 }
 
 /// A parsed `http://` or `https://` URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Url {
     pub scheme: Scheme,
     pub host: Host,
@@ -218,6 +218,13 @@ fn remove_dot_segments(target: &str) -> String {
         }
     }
     format!("/{}{query}", out.join("/"))
+}
+
+/// Shows the URL with its password hidden, never the credentials.
+impl fmt::Debug for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Url").field(&self.text).finish()
+    }
 }
 
 impl fmt::Display for Url {
@@ -404,6 +411,7 @@ mod tests {
         let u = Url::parse("http://a:p%40ss:w@h").unwrap();
         assert_eq!(u.authorization.as_deref(), Some("Basic YTpwQHNzOnc="));
         assert!(!u.to_string().contains("ss"), "{u}");
+        assert!(!format!("{u:?}").contains("ss") && !format!("{u:?}").contains("YTpw"));
         for (data, want) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v")] {
             assert_eq!(base64(data.as_bytes()), want);
         }
