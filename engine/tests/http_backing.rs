@@ -35,6 +35,9 @@
 //!   redirect led to answers 404 (the file moved, the redirect with it,
 //!   through an nginx reload): the read follows the redirect again from the
 //!   URL the overlay names, and succeeds.
+//! * `through_an_http_proxy`: tinyproxy as `http_proxy` (absolute-form
+//!   requests) and `https_proxy` (a CONNECT tunnel, TLS end to end), both
+//!   seen in its log; `no_proxy`; a proxy that wants credentials.
 //! * `connection_refused_at_open`, `not_found_is_not_retried`,
 //!   `server_without_ranges_is_refused`, `retry_after_is_capped`,
 //!   `silent_server_times_out`, `empty_file`: the error policy.
@@ -42,13 +45,17 @@
 mod common;
 #[path = "common/nginx.rs"]
 mod nginx_common;
+#[path = "common/proxy.rs"]
+mod proxy_common;
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backfill::backing::http::{HttpBacking, HttpErrorKind, HttpOptions, RetryPolicy, Validator};
+use backfill::backing::http::{
+    HttpBacking, HttpErrorKind, HttpOptions, Proxies, RetryPolicy, Validator,
+};
 use common::{assert_same_bytes, replace_with_newer, seed_from_env, tempdir, Rng, KIB, MIB};
 use nginx_common::{make_test_ca, Nginx, TlsFiles};
 
@@ -100,6 +107,7 @@ fn quick_options() -> HttpOptions {
         ca_file: None,
         require_validator: true,
         expect: None,
+        proxies: Proxies::default(),
     }
 }
 
@@ -564,6 +572,84 @@ fn a_redirect_target_that_goes_away_is_resolved_again() {
             && err
                 .message()
                 .contains(&format!("redirected from {}", site.url("latest.raw"))),
+        "{err}"
+    );
+}
+
+/// Through a real forward proxy (tinyproxy), as curl goes through
+/// `http_proxy` and `https_proxy`: plain http requests go to it in absolute
+/// form, https goes through a `CONNECT` tunnel with TLS end to end (the
+/// test CA), and tinyproxy's log shows both. `no_proxy` sends a server
+/// around a proxy that is not there. A proxy that wants credentials gets
+/// them from its URL; a wrong password is refused at open.
+#[test]
+fn through_an_http_proxy() {
+    let mut rng = Rng::new(seed_from_env("through_an_http_proxy"));
+    let dir = tempdir("http-proxy");
+    let proxy = proxy_common::Tinyproxy::start(&dir.path().join("tinyproxy"), None);
+    let via = |http: Option<String>, https: Option<String>, no_proxy: &[&str]| HttpOptions {
+        proxies: Proxies {
+            http,
+            https,
+            no_proxy: no_proxy.iter().map(|s| s.to_string()).collect(),
+        },
+        ..quick_options()
+    };
+
+    let site = Site::start("http-proxied", "", None);
+    let len = 2 * MIB + 77;
+    let data = site.put_random("disk.raw", len, rng.next_u64());
+    let url = site.url("disk.raw");
+    let backing = open(&url, via(Some(proxy.url("")), None, &[]));
+    for _ in 0..20 {
+        let n = rng.range(1, 200 * KIB) as usize;
+        check_read(&backing, &data, rng.below(len), n);
+    }
+    let log = proxy.log_text();
+    assert!(log.contains(&format!("GET {url} HTTP/1.1")), "{log}");
+
+    let (ca, files) = make_test_ca(dir.path());
+    let tls_site = Site::start("https-proxied", "", Some(&files));
+    let tls_data = tls_site.put_random("disk.raw", len, rng.next_u64());
+    let tls_url = tls_site.url("disk.raw");
+    let opts = HttpOptions {
+        ca_file: Some(ca),
+        ..via(None, Some(proxy.url("")), &[])
+    };
+    let backing = open(&tls_url, opts);
+    for _ in 0..20 {
+        let n = rng.range(1, 200 * KIB) as usize;
+        check_read(&backing, &tls_data, rng.below(len), n);
+    }
+    let authority = tls_url
+        .trim_start_matches("https://")
+        .trim_end_matches("/disk.raw");
+    let log = proxy.log_text();
+    assert!(log.contains(&format!("CONNECT {authority}")), "{log}");
+
+    // Nothing listens on port 1.
+    let nowhere = Some("http://127.0.0.1:1".to_string());
+    let backing = open(
+        &url,
+        via(nowhere.clone(), None, &["localhost", "127.0.0.1"]),
+    );
+    check_read(&backing, &data, 0, 4096);
+    let err = HttpBacking::open(&url, via(nowhere, None, &["example.com"])).unwrap_err();
+    eprintln!("expected error: {err}");
+    assert!(
+        err.message()
+            .contains("connecting through the proxy http://127.0.0.1:1"),
+        "{err}"
+    );
+
+    let guarded = proxy_common::Tinyproxy::start(&dir.path().join("guarded"), Some(("bob", "pw")));
+    let backing = open(&url, via(Some(guarded.url("bob:pw")), None, &[]));
+    check_read(&backing, &data, 4096, 65536);
+    let err = HttpBacking::open(&url, via(Some(guarded.url("bob:nope")), None, &[])).unwrap_err();
+    eprintln!("expected error: {err}");
+    // tinyproxy answers a wrong password with 401 (RFC 9110 says 407).
+    assert!(
+        matches!(err.status(), Some(401 | 407)) && !err.message().contains("nope"),
         "{err}"
     );
 }

@@ -14,6 +14,10 @@
 //!   `auth_basic`; the overlay's URL carries the user and password, which
 //!   QEMU and backfill both send; a wrong or missing password is a 401 at
 //!   open, and the message hides the password.
+//! * `the_cli_goes_through_the_proxy_in_the_environment`: `backfill stream`
+//!   with `http_proxy` set to tinyproxy: its log shows the requests, and the
+//!   overlay ends standalone and identical; with the proxy gone, it fails
+//!   naming the proxy.
 //! * `changed_remote_image_is_a_clear_error`: the file is replaced under
 //!   nginx after part of the disk was read: a cold read fails with an error
 //!   that says the remote image changed, the parts already in the overlay
@@ -33,6 +37,8 @@
 mod common;
 #[path = "common/nginx.rs"]
 mod nginx_common;
+#[path = "common/proxy.rs"]
+mod proxy_common;
 
 use common::*;
 use nginx_common::{make_test_ca, Nginx, TlsFiles};
@@ -271,6 +277,65 @@ fn credentials_in_the_url_are_sent_as_basic_authentication() {
         assert!(m.contains("401") && !m.contains("wrong"), "{m}");
         std::fs::remove_file(&other).unwrap();
     }
+}
+
+/// `backfill stream` of an overlay on an http URL with `http_proxy` set,
+/// as a user behind a proxy runs it: every request goes through the proxy
+/// (tinyproxy's log), and the overlay ends standalone and identical to the
+/// file. With the proxy gone, the same command fails naming it.
+#[test]
+fn the_cli_goes_through_the_proxy_in_the_environment() {
+    let s = site("http-env-proxy", None);
+    let size = 3 * MIB;
+    let base = s.www.join("base.raw");
+    write_random_file(&base, size, 37);
+    let url = s.nginx.url("base.raw");
+    let proxy = proxy_common::Tinyproxy::start(&s.dir.path().join("tinyproxy"), None);
+    let env = |proxy_url: &str| -> Vec<(&'static str, std::ffi::OsString)> {
+        vec![
+            ("http_proxy", proxy_url.into()),
+            ("no_proxy", "".into()),
+            ("NO_PROXY", "".into()),
+        ]
+    };
+    let run = |image: &Path, proxy_url: &str| {
+        let mut cmd = std::process::Command::new(backfill_bin());
+        cmd.args(["stream", &path_str(image)]);
+        for (k, v) in env(proxy_url) {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running backfill")
+    };
+
+    let image = s.dir.path().join("ov.qcow2");
+    qemu_create_qcow2(&image, "", Some((&url, "raw")), None);
+    let out = run(&image, &proxy.url(""));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("backing file dropped"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = proxy.log_text();
+    let through = log.matches(&format!("GET {url} HTTP/1.1")).count();
+    assert!(
+        through >= 2,
+        "the probe and the reads go through the proxy:\n{log}"
+    );
+    assert_standalone(&image);
+    check_clean(&image);
+    compare_identical(&image, &base);
+
+    let other = s.dir.path().join("other.qcow2");
+    qemu_create_qcow2(&other, "", Some((&url, "raw")), None);
+    let gone = proxy.url("");
+    drop(proxy);
+    let out = run(&other, &gone);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("connecting through the proxy {gone}")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -39,6 +39,10 @@
 //!   that the server closed while idle is replaced at once and not counted
 //!   as a retry. Other 4xx, TLS refusals and malformed responses fail at
 //!   once. Every error names the URL and the byte range.
+//! * Proxies ([`HttpOptions::proxies`], which the engine takes from
+//!   `http_proxy`, `https_proxy`, `all_proxy` and `no_proxy` as curl does):
+//!   an http request goes to the proxy with the whole URL, an https
+//!   connection is a `CONNECT` tunnel through it, TLS end to end.
 //! * Credentials in the URL (`https://user:password@host/disk.raw`) are
 //!   sent as HTTP Basic authentication, to that server only (not to
 //!   another one a redirect leads to), and hidden in messages.
@@ -212,6 +216,90 @@ pub struct HttpOptions {
     /// [`HttpErrorKind::Changed`] unless the server still reports exactly
     /// these, so data copied from another version is never mixed in.
     pub expect: Option<(Validator, u64)>,
+    /// HTTP proxies to go through (none by default; the engine takes them
+    /// from the environment, see [`Proxies::from_env`]).
+    pub proxies: Proxies,
+}
+
+/// HTTP proxies, as curl (and so QEMU's curl driver) takes them from the
+/// environment. A proxy is an `http://[user:password@]host[:port]` URL (a
+/// bare `host:port` means http); requests to http servers go to it in
+/// absolute form, and connections to https servers are `CONNECT` tunnels
+/// through it, TLS end to end.
+#[derive(Clone, Debug, Default)]
+pub struct Proxies {
+    /// For http URLs: `http_proxy` (not `HTTP_PROXY`, which curl ignores:
+    /// in a CGI program a request header could set it), else `all_proxy`.
+    pub http: Option<String>,
+    /// For https URLs: `https_proxy` or `HTTPS_PROXY`, else `all_proxy`.
+    pub https: Option<String>,
+    /// Servers reached directly: `no_proxy` or `NO_PROXY`, comma
+    /// separated; a host name, which covers its subdomains too, an
+    /// address, or `*` for every server.
+    pub no_proxy: Vec<String>,
+}
+
+impl Proxies {
+    /// What the environment says, as curl reads it (the lowercase name
+    /// first, an empty value as none).
+    pub fn from_env() -> Proxies {
+        let var = |names: &[&str]| {
+            names
+                .iter()
+                .filter_map(|n| std::env::var(n).ok())
+                .find(|v| !v.trim().is_empty())
+        };
+        let all = var(&["all_proxy", "ALL_PROXY"]);
+        Proxies {
+            http: var(&["http_proxy"]).or_else(|| all.clone()),
+            https: var(&["https_proxy", "HTTPS_PROXY"]).or(all),
+            no_proxy: var(&["no_proxy", "NO_PROXY"])
+                .map(|v| {
+                    v.split(',')
+                        .map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase())
+                        .filter(|e| !e.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether `host` is reached directly.
+    fn bypassed(&self, host: &url::Host) -> bool {
+        let name = match host {
+            url::Host::V6(ip) => ip.to_string(),
+            other => other.to_string(),
+        };
+        self.no_proxy.iter().any(|e| {
+            let e = e.trim_start_matches('[').trim_end_matches(']');
+            e == "*" || name == e || name.ends_with(&format!(".{e}"))
+        })
+    }
+}
+
+/// A proxy's URL: `http://`, or a bare `host:port`.
+fn parse_proxy(value: &str) -> Result<Url, HttpError> {
+    let value = value.trim();
+    let text = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("http://{value}")
+    };
+    let bad = |why: String| {
+        HttpError::new(
+            HttpErrorKind::InvalidOptions,
+            format!("proxy {value:?}: {why}"),
+        )
+    };
+    let url = Url::parse(&text).map_err(bad)?;
+    if url.scheme != Scheme::Http {
+        return Err(bad(
+            "only http:// proxies are supported (https servers are reached through them with \
+             CONNECT)"
+                .into(),
+        ));
+    }
+    Ok(url)
 }
 
 impl Default for HttpOptions {
@@ -224,6 +312,7 @@ impl Default for HttpOptions {
             ca_file: None,
             require_validator: true,
             expect: None,
+            proxies: Proxies::default(),
         }
     }
 }
@@ -442,6 +531,8 @@ pub struct HttpBacking {
     opts: HttpOptions,
     /// Made at open for an https URL, or when a redirect first leads to one.
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// The proxies of [`HttpOptions::proxies`], parsed: for http, for https.
+    proxy: [Option<Url>; 2],
     size: u64,
     validator: Option<Validator>,
     pool: Pool,
@@ -502,7 +593,12 @@ impl HttpBacking {
                 HttpError::new(HttpErrorKind::InvalidOptions, format!("{url}: {e}"))
             })?),
         };
+        let proxy = [&opts.proxies.http, &opts.proxies.https]
+            .map(|p| p.as_deref().map(parse_proxy).transpose());
+        let [http_proxy, https_proxy] = proxy;
+        let proxy = [http_proxy?, https_proxy?];
         let mut backing = HttpBacking {
+            proxy,
             pool: Pool {
                 state: Mutex::new(PoolState {
                     idle: Vec::with_capacity(opts.max_connections),
@@ -800,6 +896,17 @@ impl HttpBacking {
         Ok(tls.clone())
     }
 
+    /// The proxy requests to `url` go through, if any.
+    fn proxy_for(&self, url: &Url) -> Option<&Url> {
+        let proxy = match url.scheme {
+            Scheme::Http => &self.proxy[0],
+            Scheme::Https => &self.proxy[1],
+        };
+        proxy
+            .as_ref()
+            .filter(|_| !self.opts.proxies.bypassed(&url.host))
+    }
+
     /// One attempt: a connection to `target` from the lease (opened if need
     /// be), one request and response on it.
     fn attempt<T>(
@@ -822,6 +929,7 @@ impl HttpBacking {
                 None => Conn::connect(
                     target,
                     self.tls_for(target)?.as_ref(),
+                    self.proxy_for(target),
                     self.opts.connect_timeout,
                     self.opts.io_timeout,
                 ),
@@ -836,7 +944,10 @@ impl HttpBacking {
             }
             .map_err(|e| match e {
                 ConnectError::Io(e) => Failure::Transient {
-                    what: format!("connecting to {}:{}: {}", target.host, target.port, e),
+                    what: match self.proxy_for(target) {
+                        Some(proxy) => format!("connecting through the proxy {proxy}: {e}"),
+                        None => format!("connecting to {}:{}: {}", target.host, target.port, e),
+                    },
                     retry_after: None,
                 },
                 ConnectError::Fatal(msg) => {
@@ -881,13 +992,26 @@ impl HttpBacking {
         } else {
             None
         };
+        let forward = conn.forward.clone();
         conn.send(|req| {
             // Writing into a Vec cannot fail.
+            let _ = match &forward {
+                // Through a proxy: the whole URL, without credentials.
+                Some(_) => write!(
+                    req,
+                    "GET http://{}{} HTTP/1.1\r\n",
+                    url.host_header(),
+                    url.target
+                ),
+                None => write!(req, "GET {} HTTP/1.1\r\n", url.target),
+            };
+            if let Some(Some(auth)) = &forward {
+                let _ = write!(req, "Proxy-Authorization: {auth}\r\n");
+            }
             let _ = write!(
                 req,
-                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: backfill/{}\r\n\
+                "Host: {}\r\nUser-Agent: backfill/{}\r\n\
                  Accept-Encoding: identity\r\nRange: bytes={first}-{last}\r\n",
-                url.target,
                 url.host_header(),
                 env!("CARGO_PKG_VERSION"),
             );
@@ -1255,6 +1379,41 @@ fn describe_io(e: &io::Error) -> String {
 mod tests {
     use super::*;
     use crate::io::IoBuf;
+
+    #[test]
+    fn proxies_are_parsed_and_bypassed_as_curl_does() {
+        assert_eq!(
+            parse_proxy(" proxy.test:3128 ").unwrap().to_string(),
+            "http://proxy.test:3128"
+        );
+        let p = parse_proxy("http://u:p@10.0.0.1:8080/").unwrap();
+        assert_eq!(p.authorization.as_deref(), Some("Basic dTpw"));
+        for bad in ["https://proxy.test", "socks5://proxy.test:1080", "http://"] {
+            let e = parse_proxy(bad).unwrap_err();
+            assert_eq!(e.kind(), HttpErrorKind::InvalidOptions, "{bad}: {e}");
+        }
+        let p = Proxies {
+            no_proxy: vec!["example.com".into(), "10.1.2.3".into(), "[::1]".into()],
+            ..Proxies::default()
+        };
+        let host = |s: &str| Url::parse(&format!("http://{s}/")).unwrap().host;
+        for (h, direct) in [
+            ("example.com", true),
+            ("a.b.example.com", true),
+            ("badexample.com", false),
+            ("10.1.2.3", true),
+            ("10.1.2.30", false),
+            ("[::1]", true),
+            ("other.test", false),
+        ] {
+            assert_eq!(p.bypassed(&host(h)), direct, "{h}");
+        }
+        let all = Proxies {
+            no_proxy: vec!["*".into()],
+            ..Proxies::default()
+        };
+        assert!(all.bypassed(&host("anything.test")));
+    }
 
     /// A body read into placements lands in their ranges of the buffer and
     /// nowhere else (the bytes between and after them are dropped), with a

@@ -158,6 +158,7 @@ pub fn open_medium(name: &str, pin: Option<&Pin>) -> Result<Arc<dyn remote::Medi
             expect: pin
                 .filter(|p| p.name == name)
                 .map(|p| (p.validator.clone(), p.size)),
+            proxies: http::Proxies::from_env(),
             ..http::HttpOptions::default()
         };
         Ok(Arc::new(http::medium::HttpMedium::open(name, opts)?))

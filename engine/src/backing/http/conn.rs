@@ -111,6 +111,55 @@ impl Write for Stream {
     }
 }
 
+/// Opens a `CONNECT` tunnel to `url`'s host through `proxy` on `socket`
+/// (connected to the proxy); returns the socket once the proxy answered 2xx
+/// and nothing more.
+fn tunnel(socket: TcpStream, url: &Url, proxy: &Url) -> Result<TcpStream, ConnectError> {
+    let authority = format!("{}:{}", url.host, url.port);
+    let mut conn = Conn::new(Stream::Plain(socket));
+    conn.send(|req| {
+        // Writing into a Vec cannot fail.
+        let _ = write!(req, "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+        if let Some(auth) = &proxy.authorization {
+            let _ = write!(req, "Proxy-Authorization: {auth}\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+    })
+    .map_err(ConnectError::Io)?;
+    let len = conn.read_head().map_err(ConnectError::Io)?;
+    let status = wire::parse_head(conn.head(len))
+        .map_err(|e| {
+            ConnectError::Fatal(format!(
+                "the proxy {proxy} answered CONNECT {authority} with a malformed response: {e}"
+            ))
+        })?
+        .status;
+    match status {
+        200..=299 => {}
+        // The proxy could not reach the server, for now.
+        502..=504 => {
+            return Err(ConnectError::Io(io::Error::other(format!(
+                "the proxy {proxy} answered CONNECT {authority} with {status}"
+            ))))
+        }
+        _ => {
+            return Err(ConnectError::Fatal(format!(
+                "the proxy {proxy} refused CONNECT {authority} with {status}"
+            )))
+        }
+    }
+    conn.consume(len);
+    if conn.start != conn.end {
+        return Err(ConnectError::Fatal(format!(
+            "the proxy {proxy} sent bytes after its answer to CONNECT {authority}"
+        )));
+    }
+    match conn.stream {
+        Stream::Plain(socket) => Ok(socket),
+        _ => unreachable!("the tunnel is made on a plain socket"),
+    }
+}
+
 /// An open connection with its buffers.
 pub struct Conn {
     stream: Stream,
@@ -126,6 +175,9 @@ pub struct Conn {
     pub completed: u64,
     /// The scheme, host and port it is connected to (none: scripted).
     pub origin: Option<(Scheme, Host, u16)>,
+    /// Connected to an HTTP proxy that forwards plain http requests: they
+    /// name the whole URL, with this `Proxy-Authorization` value if any.
+    pub forward: Option<Option<String>>,
     /// The request being assembled; keeps its capacity across requests.
     request: Vec<u8>,
 }
@@ -134,18 +186,24 @@ impl Conn {
     /// Connects to `url`'s host (trying each resolved address in turn, each
     /// within `connect_timeout`) and, for https, completes the TLS handshake.
     /// Every later read or write on the socket times out after `io_timeout`.
+    ///
+    /// Through `proxy` (an `http://` URL), if given: an http request then
+    /// goes to it in absolute form (`GET http://host/path`), and an https
+    /// connection is a `CONNECT` tunnel through it, TLS end to end.
     pub fn connect(
         url: &Url,
         tls: Option<&Arc<ClientConfig>>,
+        proxy: Option<&Url>,
         connect_timeout: Duration,
         io_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
-        let addrs: Vec<SocketAddr> = match &url.host {
-            Host::V4(ip) => vec![SocketAddr::from((*ip, url.port))],
-            Host::V6(ip) => vec![SocketAddr::from((*ip, url.port))],
+        let hop = proxy.unwrap_or(url);
+        let addrs: Vec<SocketAddr> = match &hop.host {
+            Host::V4(ip) => vec![SocketAddr::from((*ip, hop.port))],
+            Host::V6(ip) => vec![SocketAddr::from((*ip, hop.port))],
             // A failed lookup may be a passing resolver failure: it is
             // retried like a refused connection (and as boundedly).
-            Host::Name(name) => (name.as_str(), url.port)
+            Host::Name(name) => (name.as_str(), hop.port)
                 .to_socket_addrs()
                 .map_err(|e| {
                     ConnectError::Io(io::Error::new(e.kind(), format!("resolving {name}: {e}")))
@@ -169,7 +227,7 @@ impl Conn {
             (None, None) => {
                 return Err(ConnectError::Fatal(format!(
                     "{} resolves to no address",
-                    url.host
+                    hop.host
                 )))
             }
         };
@@ -188,10 +246,21 @@ impl Conn {
                     "https without a TLS configuration".into(),
                 ))
             }
-            (Scheme::Https, Some(config)) => Stream::Tls(Box::new(handshake(url, config, socket)?)),
+            (Scheme::Https, Some(config)) => {
+                let socket = match proxy {
+                    Some(proxy) => tunnel(socket, url, proxy)?,
+                    None => socket,
+                };
+                Stream::Tls(Box::new(handshake(url, config, socket)?))
+            }
         };
         let mut conn = Conn::new(stream);
         conn.origin = Some((url.scheme, url.host.clone(), url.port));
+        if url.scheme == Scheme::Http {
+            if let Some(proxy) = proxy {
+                conn.forward = Some(proxy.authorization.clone());
+            }
+        }
         Ok(conn)
     }
 
@@ -210,6 +279,7 @@ impl Conn {
             received: 0,
             completed: 0,
             origin: None,
+            forward: None,
             request: Vec::with_capacity(512),
         }
     }
