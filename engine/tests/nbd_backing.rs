@@ -124,9 +124,7 @@ impl Setup {
     /// when given (the base image with the test's writes).
     fn check_populated_as(&self, expected: Option<&[u8]>) {
         check_clean(&self.overlay);
-        for e in qemu_map(&self.overlay) {
-            assert_eq!(e.depth, 0, "not in the overlay: {e:?}");
-        }
+        assert_all_in_overlay(&qemu_map(&self.overlay));
         match expected {
             Some(bytes) => compare_with_bytes(&self.overlay, bytes, self.dir.path()),
             None => compare_identical(&self.overlay, &self.base),

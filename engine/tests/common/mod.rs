@@ -436,8 +436,8 @@ pub fn assert_all_in_overlay(map: &[MapEntry]) {
 }
 
 /// `qemu-img check`: no corruption and no check errors, leaked clusters
-/// allowed (exit status 3: e.g. clusters reserved by a write that failed, or
-/// by fills a crash cut short). Returns the number of leaks, or what
+/// allowed (exit status 3: e.g. clusters reserved by fills a crash cut
+/// short). Returns the number of leaks, or what
 /// qemu-img said.
 pub fn qemu_check_no_corruption(image: &Path) -> Result<u64, String> {
     let out = run_status(
