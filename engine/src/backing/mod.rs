@@ -148,7 +148,9 @@ pub fn is_remote_name(name: &str) -> bool {
 
 /// Opens the remote medium a URI names: an NBD export or an HTTP(S) URL.
 /// For https, the system's CA certificates are trusted; `SSL_CERT_FILE`
-/// (a PEM file) replaces them, e.g. for a private CA. A `pin` for this very
+/// (a PEM file) replaces them, e.g. for a private CA. HTTP goes through
+/// the proxies the environment names (`http_proxy`, `https_proxy`,
+/// `all_proxy`, `no_proxy`), as curl does. A `pin` for this very
 /// URL (the overlay's record of the version it copied from, see
 /// `qcow2::pin`) must still match what the server reports, or the open
 /// fails; a pin for another name is ignored.
