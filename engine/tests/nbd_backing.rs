@@ -93,6 +93,23 @@ impl Setup {
         nbd_peer::qemu_nbd(self.dir.path(), &self.base, listen)
     }
 
+    /// qemu-nbd on TCP 127.0.0.1, with `extra` arguments: the server and
+    /// its port (one nobody listened on a moment before).
+    fn qemu_nbd_tcp(&self, extra: &[&str]) -> (Peer, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("finding a free port")
+            .port();
+        let mut args: Vec<String> = vec![
+            "-b".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        (self.qemu_nbd(&args), port)
+    }
+
     /// qemu-nbd on Unix socket `name` and the overlay over it: the server,
     /// its socket and its URI.
     fn qemu_nbd_overlay(&self, name: &str) -> (Peer, PathBuf, String) {
@@ -194,17 +211,7 @@ fn copy_on_read_over_qemu_nbd_unix_socket() {
 #[test]
 fn copy_on_read_over_qemu_nbd_tcp() {
     let s = Setup::new("nbdb-tcp", 5 * MIB + 512, 2);
-    // A port nobody listens on now; qemu-nbd takes it a moment later.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("finding a free port")
-        .port();
-    let server = s.qemu_nbd(&[
-        "-b".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-    ]);
+    let (server, port) = s.qemu_nbd_tcp(&[]);
     s.make_overlay(&format!("nbd://127.0.0.1:{port}/"));
     populate_and_check(&s);
     server.stop();
@@ -227,18 +234,7 @@ fn qemus_older_nbd_syntax() {
     server.stop();
 
     std::fs::remove_file(&s.overlay).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("finding a free port")
-        .port();
-    let server = s.qemu_nbd(&[
-        "-b".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-        "-x".into(),
-        "the disk".into(),
-    ]);
+    let (server, port) = s.qemu_nbd_tcp(&["-x", "the disk"]);
     let name = format!("nbd:127.0.0.1:{port}:exportname=the disk");
     s.make_overlay(&name);
     populate_and_check(&s);

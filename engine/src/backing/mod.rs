@@ -141,6 +141,29 @@ fn chain_text(names: &[String]) -> String {
     names.join(" -> ")
 }
 
+/// `%XX` escapes of a URI part decoded (RFC 3986 2.1); the result must be
+/// UTF-8. The error says which rule the part broke.
+pub(crate) fn percent_decode(s: &str) -> std::result::Result<String, &'static str> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let byte = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("bad percent escape")?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "not UTF-8")
+}
+
 /// Whether a backing file name is a URI of a remote medium (NBD or HTTP).
 pub fn is_remote_name(name: &str) -> bool {
     nbd::is_nbd_name(name) || http::medium::is_http_name(name)

@@ -120,24 +120,7 @@ pub fn is_nbd_name(name: &str) -> bool {
 }
 
 fn percent_decode(s: &str, what: &str, uri: &str) -> Result<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| bad_uri(uri, &format!("bad percent escape in the {what}")))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad_uri(uri, &format!("the {what} is not UTF-8")))
+    crate::backing::percent_decode(s).map_err(|why| bad_uri(uri, &format!("the {what}: {why}")))
 }
 
 fn bad_uri(uri: &str, why: &str) -> Error {

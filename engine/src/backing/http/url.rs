@@ -233,26 +233,8 @@ impl fmt::Display for Url {
     }
 }
 
-/// `%XX` escapes decoded; the result must be UTF-8.
 fn percent_decode(s: &str, what: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let byte = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("a bad percent escape in the {what}"))?;
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("the {what} is not UTF-8"))
+    crate::backing::percent_decode(s).map_err(|why| format!("the {what}: {why}"))
 }
 
 /// Standard base64 with padding (RFC 4648), for Basic authentication.
