@@ -369,6 +369,11 @@ impl<I: Io> Core<I> {
 
     fn finish_piece(&mut self, id: usize, result: Result<()>) {
         let p = self.pieces.remove(id);
+        if result.is_err() && p.new_host {
+            // Its write failed, or publishing it did (which fails before
+            // it sets the entry): nothing points to the cluster.
+            self.hand_back(p.host);
+        }
         if p.pinned {
             self.unpin(p.cluster);
         }
@@ -601,7 +606,6 @@ impl<I: Io> Core<I> {
         Ok(())
     }
 
-    /// A free host cluster from this core's reserve (refilled in batches).
     /// A new host cluster for piece `id`'s write (see `Piece::new_host`).
     pub(super) fn alloc_piece_cluster(&mut self, id: usize) -> Result<u64> {
         let host = self.alloc_cluster()?;
@@ -617,6 +621,7 @@ impl<I: Io> Core<I> {
         self.shared.meta.give_back(host >> self.cluster_bits(), 1);
     }
 
+    /// A free host cluster from this core's reserve (refilled in batches).
     fn alloc_cluster(&mut self) -> Result<u64> {
         if let Some(off) = self.spare.pop() {
             return Ok(off);
@@ -1828,10 +1833,6 @@ impl<I: Io> Core<I> {
 
     fn piece_step_done(&mut self, id: usize) {
         if let Some(e) = self.pieces[id].io_error.take() {
-            let p = &self.pieces[id];
-            if p.step == Step::WriteData && p.new_host {
-                self.hand_back(p.host);
-            }
             self.finish_piece(id, Err(e));
             return;
         }
@@ -1907,11 +1908,6 @@ impl<I: Io> Core<I> {
                 } else {
                     Ok(())
                 };
-                let p = &self.pieces[id];
-                if r.is_err() && p.new_host {
-                    // The entry was not set (publishing fails before it).
-                    self.hand_back(p.host);
-                }
                 self.finish_piece(id, r);
                 Ok(())
             }
