@@ -272,7 +272,10 @@ impl Proxies {
         };
         self.no_proxy.iter().any(|e| {
             let e = e.trim_start_matches('[').trim_end_matches(']');
-            e == "*" || name == e || name.ends_with(&format!(".{e}"))
+            e == "*"
+                || name
+                    .strip_suffix(e)
+                    .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
         })
     }
 }
@@ -531,8 +534,9 @@ pub struct HttpBacking {
     opts: HttpOptions,
     /// Made at open for an https URL, or when a redirect first leads to one.
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
-    /// The proxies of [`HttpOptions::proxies`], parsed: for http, for https.
-    proxy: [Option<Url>; 2],
+    /// The proxies of [`HttpOptions::proxies`], parsed.
+    http_proxy: Option<Url>,
+    https_proxy: Option<Url>,
     size: u64,
     validator: Option<Validator>,
     pool: Pool,
@@ -593,12 +597,10 @@ impl HttpBacking {
                 HttpError::new(HttpErrorKind::InvalidOptions, format!("{url}: {e}"))
             })?),
         };
-        let proxy = [&opts.proxies.http, &opts.proxies.https]
-            .map(|p| p.as_deref().map(parse_proxy).transpose());
-        let [http_proxy, https_proxy] = proxy;
-        let proxy = [http_proxy?, https_proxy?];
+        let proxy = |p: &Option<String>| p.as_deref().map(parse_proxy).transpose();
         let mut backing = HttpBacking {
-            proxy,
+            http_proxy: proxy(&opts.proxies.http)?,
+            https_proxy: proxy(&opts.proxies.https)?,
             pool: Pool {
                 state: Mutex::new(PoolState {
                     idle: Vec::with_capacity(opts.max_connections),
@@ -738,7 +740,7 @@ impl HttpBacking {
     /// What messages call a request: its method, URL and range, and the
     /// URL the overlay names when a redirect led elsewhere.
     fn context(&self, first: u64, last: u64, target: &Url) -> String {
-        if target.to_string() == self.url.to_string() {
+        if *target == self.url {
             format!("GET {target} bytes={first}-{last}")
         } else {
             format!(
@@ -804,42 +806,21 @@ impl HttpBacking {
                 Ok(value) => return Ok(value),
                 Err(Failure::Redirect(location)) => {
                     redirects += 1;
-                    let next = if redirects > MAX_REDIRECTS {
-                        Err(format!(
-                            "more than {MAX_REDIRECTS} redirects (the last to {location})"
-                        ))
-                    } else {
-                        target
-                            .join(&location)
-                            .map_err(|e| {
-                                format!("the server redirects to {location:?}, which cannot be followed: {e}")
-                            })
-                    };
-                    match next {
-                        Ok(mut next) => {
-                            // Credentials go along to the same server only,
-                            // as curl sends them.
-                            if next.authorization.is_none() && next.origin() == self.url.origin() {
-                                next.authorization = self.url.authorization.clone();
-                            }
-                            self.counters.redirects.fetch_add(1, Ordering::Relaxed);
-                            self.set_target(Arc::new(next));
-                            continue;
-                        }
-                        Err(why) => {
-                            return Err(HttpError {
-                                kind: HttpErrorKind::Status,
-                                status: None,
-                                message: format!("{}: {why}", self.context(first, last, &target)),
-                            })
-                        }
-                    }
+                    let next = self.follow(&target, &location, redirects).map_err(|why| {
+                        HttpError::new(
+                            HttpErrorKind::Status,
+                            format!("{}: {why}", self.context(first, last, &target)),
+                        )
+                    })?;
+                    self.counters.redirects.fetch_add(1, Ordering::Relaxed);
+                    self.set_target(Arc::new(next));
+                    continue;
                 }
                 Err(Failure::Fatal(e))
                     if !restarted
                         && e.kind == HttpErrorKind::Status
                         && matches!(e.status, Some(401 | 403 | 404 | 410))
-                        && target.to_string() != self.url.to_string() =>
+                        && *target != self.url =>
                 {
                     restarted = true;
                     self.set_target(Arc::new(self.url.clone()));
@@ -880,6 +861,24 @@ impl HttpBacking {
         }
     }
 
+    /// Where the `redirects`-th redirect of a request, from `target` to
+    /// `location`, leads. Credentials go along to the same server only, as
+    /// curl sends them.
+    fn follow(&self, target: &Url, location: &str, redirects: u32) -> Result<Url, String> {
+        if redirects > MAX_REDIRECTS {
+            return Err(format!(
+                "more than {MAX_REDIRECTS} redirects (the last to {location})"
+            ));
+        }
+        let mut next = target.join(location).map_err(|e| {
+            format!("the server redirects to {location:?}, which cannot be followed: {e}")
+        })?;
+        if next.authorization.is_none() && next.origin() == self.url.origin() {
+            next.authorization = self.url.authorization.clone();
+        }
+        Ok(next)
+    }
+
     /// The TLS configuration for a connection to `url` (none for http),
     /// made the first time an https URL needs it.
     fn tls_for(&self, url: &Url) -> Result<Option<Arc<rustls::ClientConfig>>, Failure> {
@@ -899,8 +898,8 @@ impl HttpBacking {
     /// The proxy requests to `url` go through, if any.
     fn proxy_for(&self, url: &Url) -> Option<&Url> {
         let proxy = match url.scheme {
-            Scheme::Http => &self.proxy[0],
-            Scheme::Https => &self.proxy[1],
+            Scheme::Http => &self.http_proxy,
+            Scheme::Https => &self.https_proxy,
         };
         proxy
             .as_ref()
@@ -992,8 +991,9 @@ impl HttpBacking {
         } else {
             None
         };
-        let forward = conn.forward.clone();
-        conn.send(|req| {
+        // Out of the connection while it sends (no copy per request).
+        let forward = conn.forward.take();
+        let sent = conn.send(|req| {
             // Writing into a Vec cannot fail.
             let _ = match &forward {
                 // Through a proxy: the whole URL, without credentials.
@@ -1026,8 +1026,9 @@ impl HttpBacking {
                 None => Ok(()),
             };
             req.extend_from_slice(b"\r\n");
-        })
-        .map_err(|e| io_failure(conn, "sending the request", e))?;
+        });
+        conn.forward = forward;
+        sent.map_err(|e| io_failure(conn, "sending the request", e))?;
         loop {
             let len = conn
                 .read_head()
