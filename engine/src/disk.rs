@@ -863,6 +863,24 @@ impl Disk {
         self.inner.shared.chain.is_some()
     }
 
+    /// Asks the chain's remote medium, if it can tell (an NBD server's
+    /// block status), which bytes of `[offset, offset + len)` read as zeros
+    /// there. From then on the chain reads them as zeros without fetching
+    /// them: [`Disk::block_status`] shows them as zero in the backing, and
+    /// copy-on-read and populating record zero clusters for them. Returns
+    /// the bytes found. Blocks for a round trip to the server; nothing
+    /// fails by it (a medium that cannot tell finds none).
+    pub fn learn_backing_zeros(&self, offset: u64, len: u64) -> u64 {
+        let Some(chain) = &self.inner.shared.chain else {
+            return 0;
+        };
+        // A remote layer is raw: its offsets are the disk's.
+        (0..chain.depth())
+            .filter_map(|i| chain.remote(i))
+            .map(|m| m.learn_zeros(offset, len.min(m.size().saturating_sub(offset))))
+            .sum()
+    }
+
     /// The image's path as given to `open`.
     pub fn path(&self) -> &str {
         &self.inner.shared.meta.path

@@ -136,6 +136,11 @@ pub struct StreamProgress {
     pub total_bytes: u64,
     /// Bytes this stream populated (requests completed), a part of `done_bytes`.
     pub populated_bytes: u64,
+    /// Bytes found to read as zeros in the backing chain (zero clusters of
+    /// a qcow2 backing file, ranges an NBD server's block status says are
+    /// zeros) in what the stream has scanned: populated as zero clusters
+    /// without being fetched.
+    pub backing_zero_bytes: u64,
     /// Populate requests in flight.
     pub in_flight: usize,
     /// Bytes populated per second, over the last few seconds.
@@ -210,6 +215,7 @@ impl Stream {
                 done_bytes: 0,
                 total_bytes: disk.size(),
                 populated_bytes: 0,
+                backing_zero_bytes: 0,
                 in_flight: 0,
                 rate_bytes_per_sec: 0.0,
                 rate_limit: opts.rate_bytes_per_sec,
@@ -358,6 +364,7 @@ struct Driver {
     in_flight: usize,
     done_bytes: u64,
     populated_bytes: u64,
+    backing_zero_bytes: u64,
     paused: bool,
     cancelled: bool,
     error: Option<Error>,
@@ -392,6 +399,7 @@ impl Driver {
             in_flight: 0,
             done_bytes: 0,
             populated_bytes: 0,
+            backing_zero_bytes: 0,
             paused: false,
             cancelled: false,
             error: None,
@@ -528,6 +536,10 @@ impl Driver {
         let chunk = self.opts.chunk_bytes;
         let start = self.cursor;
         let end = size.min(start + chunk * SCAN_CHUNKS);
+        // A remote medium that can tell which of it reads as zeros (an NBD
+        // server's block status) says so first: those ranges then read as
+        // zeros in the chain, and their fills fetch nothing.
+        self.disk.learn_backing_zeros(start, end - start);
         let extents = self
             .disk
             .block_status(start, end - start)
@@ -536,8 +548,11 @@ impl Driver {
         // (the stretch starts on a cluster boundary) and merged.
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for e in extents {
-            if !matches!(e.kind, ExtentKind::Backing { .. }) {
+            let ExtentKind::Backing { zero, .. } = e.kind else {
                 continue;
+            };
+            if zero {
+                self.backing_zero_bytes += e.len;
             }
             let lo = e.offset / cs * cs;
             let hi = (e.offset + e.len).next_multiple_of(cs).min(end);
@@ -629,6 +644,7 @@ impl Driver {
         p.state = state;
         p.done_bytes = self.done_bytes;
         p.populated_bytes = self.populated_bytes;
+        p.backing_zero_bytes = self.backing_zero_bytes;
         p.in_flight = self.in_flight;
         p.rate_bytes_per_sec = rate;
         p.rate_limit = self.rate;

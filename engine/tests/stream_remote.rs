@@ -38,6 +38,11 @@
 //!   so does a new one on the same disk; nothing of the new image gets in.
 //! * `cli_stream_keep_backing_over_nbd`: `--keep-backing` ends with every
 //!   byte in the overlay and the URI still in the header.
+//! * `cli_stream_fetches_only_what_the_server_says_is_data`: a sparse base
+//!   image (holes in its file): `backfill convert` and `backfill stream`
+//!   ask nbdkit's block status and fetch its data only, the holes becoming
+//!   holes of the output and zero clusters of the overlay; over nbdkit
+//!   without structured replies everything is fetched, to the same image.
 //! * `serve_stream_over_a_slow_nbdkit`: `backfill serve --stream` over a
 //!   delayed nbdkit while a client writes and reads through NBD.
 //! * `serve_stream_with_a_failing_backing_keeps_serving`: the stream of
@@ -356,6 +361,141 @@ fn cli_stream_keep_backing_over_nbd() {
 }
 
 // ------------------------------------------------ interrupted and resumed
+
+/// The data of [`sparse_base`]'s image; the rest of it is holes.
+const SPARSE_DATA: [(u64, u64); 4] = [
+    (0, MIB),
+    (5 * MIB + 4 * KIB, 300 * KIB),
+    (10 * MIB, CLUSTER),
+    (24 * MIB - 128 * KIB, 128 * KIB),
+];
+
+/// A 24 MiB raw base image with random bytes at [`SPARSE_DATA`], holes in
+/// between (the file system's, as `qemu-img map` of the file shows them).
+fn sparse_base(prefix: &str) -> Base {
+    use std::os::unix::fs::FileExt;
+    let b = Base::new(prefix, 6 * MIB);
+    let size = 24 * MIB;
+    let f = std::fs::File::create(&b.base).unwrap();
+    f.set_len(size).unwrap();
+    let data = random_bytes(size as usize, seed_from_env(prefix));
+    for (off, len) in SPARSE_DATA {
+        f.write_all_at(&data[off as usize..(off + len) as usize], off)
+            .unwrap();
+    }
+    drop(f);
+    let held: Vec<(u64, u64)> = qemu_map(&b.base)
+        .iter()
+        .filter(|e| e.data)
+        .map(|e| (e.start, e.length))
+        .collect();
+    assert_eq!(
+        held,
+        SPARSE_DATA,
+        "the file system under {} keeps no holes where nothing was written",
+        b.base.display()
+    );
+    Base { size, ..b }
+}
+
+/// The reads of `reads`, sorted and merged where they touch.
+fn merged(reads: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut v = reads.to_vec();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in v {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+/// A sparse image crosses the link as its data only: the stream asks the
+/// server's block status (`base:allocation`) which ranges read as zeros,
+/// records them as zero clusters without fetching them, and fetches the
+/// rest exactly once. nbdkit's log filter is the oracle for what was
+/// fetched, `qemu-img map` of the base file for where its data is, and of
+/// the overlay for what became zero clusters. `backfill convert` fetches
+/// only the data too. The same over a server
+/// without structured replies (so without block status): everything is
+/// fetched, and the result is the same image.
+#[test]
+fn cli_stream_fetches_only_what_the_server_says_is_data() {
+    let b = sparse_base("sr-sparse");
+    let log = b.path("nbdkit.log");
+    let server = b.nbdkit_logged(&log);
+    b.create_overlay(&b.uri());
+
+    // `backfill convert` (read-only) fetches the data only, and leaves the
+    // rest holes in its output.
+    let raw = b.path("out.raw");
+    backfill_ok(&["convert", &path_str(&b.overlay), &path_str(&raw)]);
+    assert_eq!(merged(&logged_reads(&log)), SPARSE_DATA);
+    assert!(std::fs::read(&raw).unwrap() == std::fs::read(&b.base).unwrap());
+    let written: Vec<(u64, u64)> = qemu_map(&raw)
+        .iter()
+        .filter(|e| e.data)
+        .map(|e| (e.start, e.length))
+        .collect();
+    assert_eq!(written, SPARSE_DATA);
+    drop(server);
+
+    let server = b.nbdkit_logged(&log);
+    let out = b.stream_cli(&[]);
+    stream_summary_ok(&out, "backing file dropped");
+    // 24 MiB less 1,516 KiB of data.
+    assert!(
+        out.contains("24 MiB populated (22.5 MiB of it zeros in the backing image, not fetched)"),
+        "{out}"
+    );
+    drop(server);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(" Extents "), "no block status was asked for");
+    assert_eq!(merged(&logged_reads(&log)), SPARSE_DATA);
+
+    assert_standalone(&b.overlay);
+    check_clean(&b.overlay);
+    compare_identical(&b.overlay, &b.base);
+    let map = qemu_map(&b.overlay);
+    assert_all_in_overlay(&map);
+    // Whole clusters of holes are zero clusters; clusters with data in
+    // them are data.
+    let data_in = |c: u64| {
+        SPARSE_DATA
+            .iter()
+            .any(|&(o, l)| o < (c + 1) * CLUSTER && c * CLUSTER < o + l)
+    };
+    for c in 0..b.size / CLUSTER {
+        let e = map_at(&map, c * CLUSTER);
+        assert_eq!(e.data, data_in(c), "cluster {c}: {e:?}");
+    }
+
+    // Without structured replies there is no block status: every byte is
+    // fetched, once, and the image is the same.
+    std::fs::remove_file(&b.overlay).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let plugin = [
+        "--no-sr".to_string(),
+        "file".to_string(),
+        path_str(&b.base),
+        format!("logfile={}", log.display()),
+    ];
+    let server = nbd_peer::nbdkit_plugin(b.dir.path(), &b.sock(), &["log"], &plugin);
+    b.create_overlay(&b.uri());
+    let out = b.stream_cli(&[]);
+    stream_summary_ok(&out, "backing file dropped");
+    assert!(!out.contains("zeros in the backing image"), "{out}");
+    drop(server);
+    assert_each_byte_fetched_once(&[&logged_reads(&log)], b.size);
+    check_clean(&b.overlay);
+    compare_identical(&b.overlay, &b.base);
+    let again = qemu_map(&b.overlay);
+    for c in 0..b.size / CLUSTER {
+        assert_eq!(map_at(&again, c * CLUSTER).data, data_in(c), "cluster {c}");
+    }
+}
 
 /// Opens the overlay and starts a stream at `rate` bytes/s (slow enough
 /// that the test acts midway).

@@ -464,13 +464,13 @@ impl Chain {
         self.layers[i].file.as_ref()
     }
 
-    /// The medium of layer `i` when it is remote.
     /// The pin of the chain's remote layer (see `qcow2::pin`), if it has
     /// one that can be pinned (an HTTP image with a validator).
     pub fn remote_pin(&self) -> Option<Pin> {
         (0..self.depth()).find_map(|i| self.remote(i).and_then(|m| m.pin()))
     }
 
+    /// The medium of layer `i` when it is remote.
     pub fn remote(&self, i: usize) -> Option<&Arc<dyn remote::Medium>> {
         match &self.layers[i].format {
             Format::Remote(m) => Some(m),
@@ -574,9 +574,14 @@ impl Chain {
                     depth,
                 ));
             }
-            Format::Remote(_) => {
+            Format::Remote(m) => {
+                // What the medium said reads as zeros needs no fetch.
+                let (zeros, n) = m.zeros_at(pos, max);
+                if zeros {
+                    return Ok((n, Source::Zero, depth));
+                }
                 return Ok((
-                    max,
+                    n,
                     Source::Remote {
                         layer: i,
                         offset: pos,

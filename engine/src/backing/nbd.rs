@@ -17,7 +17,9 @@
 //! reads). Other reads wait in one shared queue, so a free connection's
 //! thread takes the next one. Each connection has at most
 //! [`IN_FLIGHT_PER_CONNECTION`] requests on the wire, which bounds the
-//! backing's concurrency.
+//! backing's concurrency. Block status (`base:allocation`, which ranges
+//! read as zeros, so that streaming need not fetch them) goes over one
+//! more connection, apart from the reads (`status`).
 //!
 //! Error policy: a read the server answers with an NBD error fails (that
 //! read only, with the server's errno and message). A read in flight on a
@@ -43,6 +45,8 @@
 //! a read, read past the export's end, or hand out bytes a reply did not
 //! cover (a malformed reply is an error, never zeros passed off as data).
 //! The wire format is `doc/proto.md` in NetworkBlockDevice/nbd.
+
+mod status;
 
 use super::remote::{place_range, Medium, Placement, RemoteRead};
 use crate::error::{Error, ErrorKind, Result};
@@ -386,6 +390,9 @@ struct ExportInfo {
     min_block: u32,
     /// The largest read, a multiple of `min_block`.
     max_block: u32,
+    /// The id of the `base:allocation` meta context, when it was asked
+    /// for and the server gave it (see `status`).
+    allocation: Option<u32>,
 }
 
 fn read_u16(s: &mut impl Read) -> std::io::Result<u16> {
@@ -451,8 +458,14 @@ fn rep_error_name(kind: u32) -> String {
     }
 }
 
-/// The fixed-newstyle handshake up to the transmission phase.
-fn handshake(s: &mut (impl Read + Write), export: &str) -> std::result::Result<ExportInfo, String> {
+/// The fixed-newstyle handshake up to the transmission phase; with
+/// `allocation`, also asks for the `base:allocation` meta context (for
+/// block status queries; reads need none).
+fn handshake(
+    s: &mut (impl Read + Write),
+    export: &str,
+    allocation: bool,
+) -> std::result::Result<ExportInfo, String> {
     let io = |e: std::io::Error| format!("handshake: {e}");
     if read_u64(s).map_err(io)? != NBDMAGIC {
         return Err("not an NBD server (bad greeting)".into());
@@ -478,6 +491,13 @@ fn handshake(s: &mut (impl Read + Write), export: &str) -> std::result::Result<E
             "unexpected reply {kind} to NBD_OPT_STRUCTURED_REPLY"
         ));
     }
+    // Block status needs structured replies; a server that refuses the
+    // context (or meta contexts at all) just answers no block status.
+    let allocation = if allocation && structured {
+        set_meta_context(s, export)?
+    } else {
+        None
+    };
 
     let mut go = Vec::new();
     go.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -544,15 +564,59 @@ fn handshake(s: &mut (impl Read + Write), export: &str) -> std::result::Result<E
         structured,
         min_block,
         max_block,
+        allocation,
     })
+}
+
+/// NBD_OPT_SET_META_CONTEXT for `base:allocation`: its id if the server
+/// selected it.
+fn set_meta_context(
+    s: &mut (impl Read + Write),
+    export: &str,
+) -> std::result::Result<Option<u32>, String> {
+    const NAME: &str = "base:allocation";
+    let mut m = Vec::new();
+    m.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    m.extend_from_slice(export.as_bytes());
+    m.extend_from_slice(&1u32.to_be_bytes());
+    m.extend_from_slice(&(NAME.len() as u32).to_be_bytes());
+    m.extend_from_slice(NAME.as_bytes());
+    send_option(s, OPT_SET_META_CONTEXT, &m).map_err(|e| format!("handshake: {e}"))?;
+    let mut id = None;
+    loop {
+        let (kind, data) = read_option_reply(s, OPT_SET_META_CONTEXT)?;
+        match kind {
+            REP_ACK => return Ok(id),
+            REP_META_CONTEXT => {
+                let mut c = Cursor(&data);
+                let got = c.u32();
+                if c.0 == NAME.as_bytes() {
+                    id = got;
+                }
+            }
+            // Refused: no block status from this server.
+            k if k & REP_FLAG_ERROR != 0 => return Ok(None),
+            k => return Err(format!("unexpected reply {k} to NBD_OPT_SET_META_CONTEXT")),
+        }
+    }
 }
 
 /// Connects to `uri` and runs the handshake, with bounded waits.
 fn connect(uri: &NbdUri) -> std::result::Result<(Stream, ExportInfo), String> {
+    connect_for(uri, false, HANDSHAKE_TIMEOUT)
+}
+
+/// [`connect`], asking for block status with `allocation`, the handshake
+/// bounded by `timeout`.
+fn connect_for(
+    uri: &NbdUri,
+    allocation: bool,
+    timeout: Duration,
+) -> std::result::Result<(Stream, ExportInfo), String> {
     let mut s = Stream::connect(&uri.address).map_err(|e| format!("cannot connect: {e}"))?;
-    s.set_timeouts(Some(HANDSHAKE_TIMEOUT))
+    s.set_timeouts(Some(timeout))
         .map_err(|e| format!("setting socket timeouts: {e}"))?;
-    let info = handshake(&mut s, &uri.export).inspect_err(|_| s.shutdown())?;
+    let info = handshake(&mut s, &uri.export, allocation).inspect_err(|_| s.shutdown())?;
     s.set_timeouts(None)
         .map_err(|e| format!("clearing socket timeouts: {e}"))?;
     Ok((s, info))
@@ -760,6 +824,9 @@ pub struct NbdClient {
     /// Disconnected once every connection thread has ended (each holds a
     /// sender).
     ended: Receiver<()>,
+    /// Block status queries ([`Medium::learn_zeros`]) and what they found.
+    status: Mutex<status::Status>,
+    zeros: status::Zeros,
 }
 
 impl NbdClient {
@@ -782,6 +849,8 @@ impl NbdClient {
             stop: Some(stop_tx),
             threads: Vec::with_capacity(CONNECTIONS),
             ended,
+            status: Mutex::default(),
+            zeros: status::Zeros::default(),
         };
         let mut first = Some((stream, info));
         for i in 0..CONNECTIONS {
@@ -857,6 +926,22 @@ impl Medium for NbdClient {
 
     fn places(&self) -> bool {
         true
+    }
+
+    fn learn_zeros(&self, offset: u64, len: u64) -> u64 {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.learn(
+            &self.pool.uri,
+            self.pool.size,
+            self.alignment as u64,
+            &self.zeros,
+            offset,
+            len,
+        )
+    }
+
+    fn zeros_at(&self, offset: u64, max: u64) -> (bool, u64) {
+        self.zeros.run(offset, max)
     }
 
     fn submit(&self, read: RemoteRead) {
@@ -1458,8 +1543,24 @@ pub fn fuzz_server_bytes(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    if mode & 5 == 4 {
+        // A block status reply, and the zero ranges it makes.
+        if let Ok(extents) = status::read_status_reply(&mut Duplex::new(rest), 1, 1) {
+            let (pos, end, size, align) = (4096, 1 << 30, 1 << 40, 512);
+            if let Ok((ranges, next)) = status::zero_ranges(pos, end, size, align, &extents) {
+                assert!(next > pos && next <= end, "no progress, or past the end");
+                let mut last = 0;
+                for (lo, hi) in ranges {
+                    assert!(lo >= pos.max(last) && lo < hi && hi <= next);
+                    assert!(lo % align == 0 && hi % align == 0);
+                    last = hi + 1;
+                }
+            }
+        }
+        return;
+    }
     if mode & 1 == 0 {
-        if let Ok(info) = handshake(&mut Duplex::new(rest), "") {
+        if let Ok(info) = handshake(&mut Duplex::new(rest), "", mode & 2 != 0) {
             assert!(info.size <= i64::MAX as u64);
             assert!(info.min_block.is_power_of_two() && info.min_block <= 64 << 10);
             assert!(info.max_block >= info.min_block.max(4096));
@@ -1507,6 +1608,7 @@ pub fn fuzz_server_bytes(data: &[u8]) {
         structured,
         min_block: 1,
         max_block: DEFAULT_MAX_READ,
+        allocation: None,
     };
     let wire = Mutex::new(wire);
     let why = read_replies(

@@ -54,6 +54,21 @@ pub trait Medium: Send + Sync {
     fn places(&self) -> bool {
         false
     }
+    /// Asks the medium which bytes of `[offset, offset + len)` read as
+    /// zeros (an NBD server's block status), and remembers them for
+    /// [`Medium::zeros_at`]; returns how many it found. May block, so only
+    /// a thread that can wait calls it (the stream's driver), never a core.
+    /// A medium that cannot tell (HTTP) finds none.
+    fn learn_zeros(&self, _offset: u64, _len: u64) -> u64 {
+        0
+    }
+    /// Whether the bytes from `offset` are zeros by what
+    /// [`Medium::learn_zeros`] found (the chain then reads them as zeros
+    /// without a fetch) or not known to be, and for how many bytes (at
+    /// most `max`, more than 0) that holds. Never blocks.
+    fn zeros_at(&self, _offset: u64, max: u64) -> (bool, u64) {
+        (false, max)
+    }
 }
 
 /// Bytes `[at, at + len)` of a read, to be written straight into

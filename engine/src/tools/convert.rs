@@ -27,6 +27,9 @@ pub const DEFAULT_DEPTH: usize = 8;
 /// Granularity of zero detection in the output, as `qemu-img convert -S`'s
 /// default: an all-zero block this large is left as a hole.
 pub const SPARSE_BLOCK_BYTES: usize = 4096;
+/// Bytes of the disk a remote backing is asked about at once, ahead of the
+/// reads (see [`Disk::learn_backing_zeros`]).
+const LEARN_BYTES: u64 = 64 << 20;
 
 /// How to convert.
 #[derive(Debug, Clone)]
@@ -147,6 +150,16 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
     let mut next_offset = 0u64;
     let mut written = 0u64;
     let chunk = opts.chunk_bytes as u64;
+    // Where the backing was asked up to which of it reads as zeros (an NBD
+    // server's block status): reads of those fetch nothing, and their
+    // chunks stay holes in the output.
+    let mut learned = 0u64;
+    let mut learn_ahead = |end: u64| {
+        while learned < end {
+            disk.learn_backing_zeros(learned, LEARN_BYTES.min(size - learned));
+            learned = (learned + LEARN_BYTES).min(size);
+        }
+    };
     // Prime every slot (fewer if the disk is small); each buffer is then
     // recycled for the slot's next chunk.
     for slot in 0..opts.depth {
@@ -154,6 +167,7 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
             break;
         }
         let len = chunk.min(size - next_offset) as usize;
+        learn_ahead(next_offset + len as u64);
         let mut buf = Vec::with_capacity(opts.chunk_bytes);
         buf.resize(len, 0);
         queue.submit_read(slot, next_offset, buf);
@@ -176,6 +190,7 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
         }
         if next_offset < size {
             let len = chunk.min(size - next_offset) as usize;
+            learn_ahead(next_offset + len as u64);
             // Within capacity: no allocation.
             buf.resize(len, 0);
             queue.submit_read(done.slot, next_offset, buf);

@@ -73,8 +73,16 @@ pub fn summary(path: &Path, p: &StreamProgress, end: StreamEnd) -> String {
     } else {
         0.0
     };
+    let zeros = if p.backing_zero_bytes > 0 {
+        format!(
+            " ({} of it zeros in the backing image, not fetched)",
+            format_size(p.backing_zero_bytes.min(p.populated_bytes))
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "streamed {}: {} populated of {} in {:.2} s ({}/s); {how}",
+        "streamed {}: {} populated{zeros} of {} in {:.2} s ({}/s); {how}",
         path.display(),
         format_size(p.populated_bytes),
         format_size(p.total_bytes),
@@ -194,6 +202,7 @@ mod tests {
             done_bytes: 128 << 20,
             total_bytes: 1 << 30,
             populated_bytes: 100 << 20,
+            backing_zero_bytes: 0,
             in_flight: 3,
             rate_bytes_per_sec: 85.0 * 1048576.0,
             rate_limit: None,
