@@ -1512,17 +1512,22 @@ fn guarded_placements(len: usize, guard: u8) -> (Arc<crate::io::IoBuf>, Vec<Plac
 /// The fuzz target `nbd_backing_replies` (see [`crate::testing::fuzz`]):
 /// what a broken or hostile NBD server may send our client, from memory.
 ///
-/// The first byte: bit 0 clear, the rest is the server's side of a
-/// handshake; set, it is the replies to 1 to 8 reads the client has on the
-/// wire (cookies 1 to n; the next byte is n - 1 in its low 3 bits, then 4
-/// bytes a read: offset in 512-byte units and length - 1, both u16 BE),
-/// bit 1 saying whether structured replies were negotiated and bit 2
-/// whether the reads are placed in core buffers (two pieces with a gap,
-/// each buffer with 7 guard bytes in front and 5 behind).
+/// The first byte: bits 0 and 2 clear, the rest is the server's side of a
+/// handshake (asking for block status when bit 1 is set); bit 0 clear and
+/// bit 2 set, the reply to a block status query (cookie 1, context 1) and
+/// the zero ranges made of it; bit 0 set, the replies to 1 to 8 reads the
+/// client has on the wire (cookies 1 to n; the next byte is n - 1 in its
+/// low 3 bits, then 4 bytes a read: offset in 512-byte units and length -
+/// 1, both u16 BE), bit 1 saying whether structured replies were
+/// negotiated and bit 2 whether the reads are placed in core buffers (two
+/// pieces with a gap, each buffer with 7 guard bytes in front and 5
+/// behind).
 ///
 /// Must hold: no panic, and no allocation sized by the server beyond the
-/// small option payloads; a handshake that succeeds describes a usable
-/// export; each read is answered at most once, and when the replies stop,
+/// small option payloads and status chunks (4 MiB at most); a handshake
+/// that succeeds describes a usable export; zero ranges lie inside the
+/// query, aligned, in order and apart, and the next query starts past the
+/// last; each read is answered at most once, and when the replies stop,
 /// every read is answered, still on the wire (to be retried), or back in
 /// the queue (ESHUTDOWN), exactly one of those; a read answered with data
 /// has all its bytes, and a placed read wrote inside its placements only.
