@@ -43,6 +43,10 @@
 //!   ask nbdkit's block status and fetch its data only, the holes becoming
 //!   holes of the output and zero clusters of the overlay; over nbdkit
 //!   without structured replies everything is fetched, to the same image.
+//! * `serve_shows_its_clients_the_zeros_the_backing_server_reports`:
+//!   `backfill serve` learns the same in the background; `nbdinfo --map`
+//!   of it shows the holes as zeros, and `nbdcopy` from it makes nbdkit
+//!   read the data only.
 //! * `serve_stream_over_a_slow_nbdkit`: `backfill serve --stream` over a
 //!   delayed nbdkit while a client writes and reads through NBD.
 //! * `serve_stream_with_a_failing_backing_keeps_serving`: the stream of
@@ -495,6 +499,47 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     for c in 0..b.size / CLUSTER {
         assert_eq!(map_at(&again, c * CLUSTER).data, data_in(c), "cluster {c}");
     }
+}
+
+/// `backfill serve` asks the backing server's block status in the
+/// background, and says what it found. Then its own clients see the holes
+/// as zeros (`nbdinfo --map`), and `nbdcopy` from it, which skips what
+/// reads as zeros, has the backing server read the data only (nbdkit's
+/// log); the copy has the base's bytes.
+#[test]
+fn serve_shows_its_clients_the_zeros_the_backing_server_reports() {
+    let b = sparse_base("sr-serve-sparse");
+    let log = b.path("nbdkit.log");
+    let server = b.nbdkit_logged(&log);
+    b.create_overlay(&b.uri());
+    let served = nbd_common::Server::start(b.dir.path(), &b.overlay, &["--read-only"]);
+    let line = served.wait_for_log_line("read as zeros");
+    assert!(
+        line.contains("server says 22.5 MiB of the disk read as zeros: they are not fetched"),
+        "{line}"
+    );
+    require_tool("nbdinfo");
+    let map = run_ok("nbdinfo", ["--map", served.uri.as_str()]);
+    let mut data = Vec::new();
+    for l in map.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        match f[2] {
+            "0" => data.push((off, len)),
+            "3" => {}
+            t => panic!("nbdinfo --map: type {t} in {l:?}\n{map}"),
+        }
+    }
+    assert_eq!(data, SPARSE_DATA, "{map}");
+
+    require_tool("nbdcopy");
+    let copy = b.path("copy.raw");
+    run_ok("nbdcopy", [served.uri.as_str(), path_str(&copy).as_str()]);
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&b.base).unwrap());
+    served.stop();
+    check_clean(&b.overlay);
+    drop(server);
+    assert_eq!(merged(&logged_reads(&log)), SPARSE_DATA);
 }
 
 /// Opens the overlay and starts a stream at `rate` bytes/s (slow enough

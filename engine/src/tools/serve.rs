@@ -116,6 +116,39 @@ fn report_stats(
     })
 }
 
+/// Bytes of the disk one block status query of the backing covers.
+const LEARN_BYTES: u64 = 64 << 20;
+
+/// Asks the remote backing, [`LEARN_BYTES`] at a time from the disk's
+/// start, which of it reads as zeros (an NBD server's block status; see
+/// [`Disk::learn_backing_zeros`]): reads of those ranges then fetch
+/// nothing, and clients' block status queries show them as zeros, so
+/// `nbdcopy` or `qemu-img convert` reading from this server skip them
+/// rather than pull them over the link. Says on stderr what it found once
+/// through the disk. Stops when `stop` is dropped; never joined, since a
+/// query to a server that hangs may wait for its timeout.
+fn learn_zeros(disk: Disk, stop: crossbeam_channel::Receiver<()>) {
+    use crate::tools::units::format_size;
+    std::thread::spawn(move || {
+        let size = disk.size();
+        let (mut pos, mut found) = (0, 0);
+        while pos < size {
+            if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
+                return;
+            }
+            found += disk.learn_backing_zeros(pos, LEARN_BYTES.min(size - pos));
+            pos += LEARN_BYTES;
+        }
+        if found > 0 {
+            eprintln!(
+                "backfill serve: the backing image's server says {} of the disk read as zeros: \
+                 they are not fetched",
+                format_size(found)
+            );
+        }
+    });
+}
+
 /// How often `serve` looks for new failures to report.
 const FAILURE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// The least time between two reports of one kind of failure on stderr.
@@ -414,7 +447,12 @@ pub fn serve(path: &Path, opts: &ServeOptions) -> Result<()> {
     });
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(0);
     let watch = watch_failures(disk.clone(), watch_rx);
+    let (learn_stop, learn_rx) = crossbeam_channel::bounded::<()>(0);
+    if disk.has_backing() {
+        learn_zeros(disk.clone(), learn_rx);
+    }
     let result = server.run();
+    drop(learn_stop);
     if let Some((tx, reporter)) = stats {
         drop(tx);
         let _ = reporter.join();
