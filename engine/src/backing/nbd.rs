@@ -1201,7 +1201,10 @@ fn send_requests(pool: &Pool, lane: &Lane, room: &Condvar, dead_rx: &Receiver<()
         }
         let out = lane.out.lock().unwrap_or_else(|e| e.into_inner());
         drop(w);
-        if let Err(e) = (&*out).write_all(&batch) {
+        let sent = (&*out).write_all(&batch);
+        // Submitters may send on it again.
+        drop(out);
+        if let Err(e) = sent {
             return format!("sending requests: {e}");
         }
     }
@@ -1877,9 +1880,10 @@ mod tests {
         // Answered, so a connection is up, with room.
         read_many(&c, &[(0, 512)]).remove(0).unwrap();
         let before = c.pool.sent_now.load(Ordering::Relaxed);
-        // More at once than the connections have room for: the first goes
-        // out from this thread, and the reads that find no room (how many
-        // depends on how fast the server answers) wait in the queue.
+        // More at once than the connections have room for: reads go out
+        // from this thread while a connection has room, and the reads that
+        // find none (how many depends on how fast the server answers) wait
+        // in the queue.
         let reads: Vec<(u64, usize)> = (0..300u64)
             .map(|i| (i * 3001 % (SIZE - 4096), 4096))
             .collect();
@@ -1887,10 +1891,19 @@ mod tests {
             let want: Vec<u8> = (off..off + len as u64).map(pattern).collect();
             assert!(r.unwrap() == want, "read of {len} at {off}");
         }
+        // A submitter finds a connection's socket busy while its sending
+        // thread writes a batch, which on a loaded machine may be every
+        // time in a burst: single reads, one at a time, until one goes out
+        // from this thread.
+        let mut singles = 0;
+        while c.pool.sent_now.load(Ordering::Relaxed) == before && singles < 1000 {
+            read_many(&c, &[(4096, 512)]).remove(0).unwrap();
+            singles += 1;
+        }
         let now = c.pool.sent_now.load(Ordering::Relaxed) - before;
         let queued = c.pool.sent_queued.load(Ordering::Relaxed);
         assert!(now >= 1, "no read went out from the submitter");
-        assert_eq!(before + now + queued, 301, "each read sent once");
+        assert_eq!(before + now + queued, 301 + singles, "each read sent once");
     }
 
     #[test]
@@ -2099,6 +2112,65 @@ mod tests {
         );
         assert!(is_nbd_name("nbd+unix:///?socket=/s"));
         assert!(!is_nbd_name("nbd.raw"));
+    }
+
+    /// The server's side of a handshake that offers structured replies
+    /// and answers NBD_OPT_SET_META_CONTEXT with `meta` (the replies after
+    /// its own), then an export of 1 GiB.
+    fn server_handshake(meta: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let rep = |opt: u32, kind: u32, data: &[u8]| {
+            let mut v = REPLY_MAGIC_OPT.to_be_bytes().to_vec();
+            for x in [opt, kind, data.len() as u32] {
+                v.extend_from_slice(&x.to_be_bytes());
+            }
+            v.extend_from_slice(data);
+            v
+        };
+        let mut b = NBDMAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        b.extend(rep(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        for (kind, data) in meta {
+            b.extend(rep(OPT_SET_META_CONTEXT, *kind, data));
+        }
+        let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+        export.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        export.extend_from_slice(&0u16.to_be_bytes());
+        b.extend(rep(OPT_GO, REP_INFO, &export));
+        b.extend(rep(OPT_GO, REP_ACK, &[]));
+        b
+    }
+
+    #[test]
+    fn block_status_is_asked_for_in_the_handshake() {
+        let context = |id: u32, name: &str| {
+            let mut v = id.to_be_bytes().to_vec();
+            v.extend_from_slice(name.as_bytes());
+            (REP_META_CONTEXT, v)
+        };
+        let ack = (REP_ACK, Vec::new());
+        // Selected: its id is kept, whatever other contexts come with it.
+        let bytes = server_handshake(&[
+            context(7, "qemu:dirty-bitmap:x"),
+            context(3, "base:allocation"),
+            ack.clone(),
+        ]);
+        let mut d = crate::testing::fuzz::Duplex::new(&bytes);
+        let info = handshake(&mut d, "disk", true).unwrap();
+        assert_eq!((info.size, info.allocation), (1 << 30, Some(3)));
+        let sent = String::from_utf8_lossy(&d.out).into_owned();
+        assert!(sent.contains("base:allocation") && sent.contains("disk"));
+        // Not selected, or refused: no block status, and no failure.
+        for meta in [vec![ack.clone()], vec![(REP_ERR_UNSUP, Vec::new())]] {
+            let bytes = server_handshake(&meta);
+            let info = handshake(&mut crate::testing::fuzz::Duplex::new(&bytes), "", true);
+            assert_eq!(info.unwrap().allocation, None);
+        }
+        // Not asked for: the option is never sent.
+        let bytes = server_handshake(&[]);
+        let mut d = crate::testing::fuzz::Duplex::new(&bytes);
+        assert_eq!(handshake(&mut d, "", false).unwrap().allocation, None);
+        assert!(!String::from_utf8_lossy(&d.out).contains("base:allocation"));
     }
 
     #[test]
