@@ -422,9 +422,9 @@ fn merged(reads: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// rest exactly once. nbdkit's log filter is the oracle for what was
 /// fetched, `qemu-img map` of the base file for where its data is, and of
 /// the overlay for what became zero clusters. `backfill convert` fetches
-/// only the data too. The same over a server
-/// without structured replies (so without block status): everything is
-/// fetched, and the result is the same image.
+/// only the data too. The same over a server without structured replies
+/// (so without block status): everything is fetched, and the result is
+/// the same image.
 #[test]
 fn cli_stream_fetches_only_what_the_server_says_is_data() {
     let b = sparse_base("sr-sparse");

@@ -1289,7 +1289,7 @@ impl<I: Io> Core<I> {
             self.fill_write_back_ext(fid, buf);
             return;
         }
-        if self.version() >= 3 && buf.as_slice().iter().all(|&b| b == 0) {
+        if self.version() >= 3 && crate::io::is_zero(buf.as_slice()) {
             // Zero detection keeps the overlay sparse.
             drop(buf);
             match self.publish(cluster, L2Entry::Zero { host: None }) {

@@ -21,6 +21,7 @@ pub mod serve;
 pub mod stream;
 pub mod units;
 
+pub use crate::io::is_zero;
 use crate::Stats;
 
 /// Makes a write past `RLIMIT_FSIZE` (`ulimit -f`, systemd's `LimitFSIZE=`)
@@ -77,18 +78,6 @@ pub fn stats_delta(before: &Stats, after: &Stats) -> Stats {
     }
 }
 
-/// True when every byte of `buf` is zero.
-///
-/// Compares 16 bytes at a time so the compiler can vectorise it; convert
-/// calls it on every chunk to keep its output sparse.
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(16);
-    let words_zero = chunks.by_ref().fold(0u128, |acc, c| {
-        acc | u128::from_ne_bytes(c.try_into().expect("16-byte chunk"))
-    }) == 0;
-    words_zero && chunks.remainder().iter().all(|&b| b == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,7 +86,7 @@ mod tests {
     fn is_zero_sees_every_byte() {
         assert!(is_zero(&[]));
         assert!(is_zero(&[0u8; 4096]));
-        for len in [1usize, 15, 16, 17, 100, 4096] {
+        for len in [1usize, 15, 16, 17, 100, 255, 256, 257, 300, 4096, 65536] {
             for pos in [0, len / 2, len - 1] {
                 let mut buf = vec![0u8; len];
                 buf[pos] = 1;

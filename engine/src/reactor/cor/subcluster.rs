@@ -273,7 +273,7 @@ impl<I: Io> Core<I> {
             self.release_fill(fid);
             return;
         }
-        if buf.as_slice().iter().all(|&b| b == 0) {
+        if crate::io::is_zero(buf.as_slice()) {
             // Zero detection keeps the overlay sparse.
             drop(buf);
             let z = ExtL2 {
