@@ -42,7 +42,8 @@
 //!   image (holes in its file): `backfill convert` and `backfill stream`
 //!   ask nbdkit's block status and fetch its data only, the holes becoming
 //!   holes of the output and zero clusters of the overlay; over nbdkit
-//!   without structured replies everything is fetched, to the same image.
+//!   without structured replies, or with its block status failing,
+//!   everything is fetched, to the same image.
 //! * `serve_shows_its_clients_the_zeros_the_backing_server_reports`:
 //!   `backfill serve` learns the same in the background; `nbdinfo --map`
 //!   of it shows the holes as zeros, and `nbdcopy` from it makes nbdkit
@@ -423,8 +424,8 @@ fn merged(reads: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// fetched, `qemu-img map` of the base file for where its data is, and of
 /// the overlay for what became zero clusters. `backfill convert` fetches
 /// only the data too. The same over a server without structured replies
-/// (so without block status): everything is fetched, and the result is
-/// the same image.
+/// (so without block status), and over one whose block status fails:
+/// everything is fetched, and the result is the same image.
 #[test]
 fn cli_stream_fetches_only_what_the_server_says_is_data() {
     let b = sparse_base("sr-sparse");
@@ -499,6 +500,25 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     for c in 0..b.size / CLUSTER {
         assert_eq!(map_at(&again, c * CLUSTER).data, data_in(c), "cluster {c}");
     }
+
+    // A server whose block status fails (nbdkit's error filter on its
+    // extents): the same, status being only a saving.
+    std::fs::remove_file(&b.overlay).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let logfile = format!("logfile={}", log.display());
+    let server = b.nbdkit(
+        &["log", "error"],
+        &[&logfile, "error-extents=EIO", "error-extents-rate=100%"],
+    );
+    b.create_overlay(&b.uri());
+    let out = b.stream_cli(&[]);
+    stream_summary_ok(&out, "backing file dropped");
+    assert!(!out.contains("zeros in the backing image"), "{out}");
+    drop(server);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(" Extents "), "no block status was asked for");
+    assert_each_byte_fetched_once(&[&logged_reads(&log)], b.size);
+    compare_identical(&b.overlay, &b.base);
 }
 
 /// `backfill serve` asks the backing server's block status in the

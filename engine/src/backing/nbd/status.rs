@@ -19,7 +19,10 @@
 //! connection limit (qemu-nbd's default is one client) takes the connection
 //! but never greets it, which would otherwise hold the query for the whole
 //! handshake timeout. A server that could not be reached for status, or
-//! offers none, is not asked again by this client.
+//! offers none, is not asked again by this client; nor is one that let a
+//! query wait [`REPLY_TIMEOUT`] (it would hold each of the stream's scans
+//! that long), or whose queries failed [`MAX_FAILURES`] times.
+//!
 //! Only the `NBD_STATE_ZERO` bit counts: a hole without it may read as
 //! anything.
 
@@ -38,7 +41,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first query waits for the connection to open.
 const FIRST_WAIT: Duration = Duration::from_secs(2);
 /// A query's reply may take this long.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed queries (each on a new connection) before status is off.
+const MAX_FAILURES: u32 = 3;
 /// Bytes one query asks about (the server may answer for fewer).
 const MAX_QUERY: u64 = 1 << 30;
 /// The largest status chunk accepted: 512 Ki extents.
@@ -106,6 +111,8 @@ pub(super) struct Status {
     opening: Option<Receiver<std::result::Result<(Stream, ExportInfo), String>>>,
     /// Why this client asks no more.
     off: Option<String>,
+    /// Queries that failed so far.
+    failures: u32,
     cookie: u64,
 }
 
@@ -133,6 +140,7 @@ impl Status {
                 break;
             };
             let n = (end - pos).min(MAX_QUERY) as u32;
+            let asked = std::time::Instant::now();
             let answer = query(conn, cookie, ctx, pos, n)
                 .and_then(|extents| zero_ranges(pos, end, size, align, &extents));
             match answer {
@@ -143,10 +151,16 @@ impl Status {
                     }
                     pos = next;
                 }
-                Err(_) => {
-                    // The next query starts on a new connection.
+                Err(e) => {
+                    // The next query starts on a new connection, if any.
                     if let Some((s, _)) = self.conn.take() {
                         s.shutdown();
+                    }
+                    self.failures += 1;
+                    // A server that let a query time out is not waited
+                    // for again.
+                    if self.failures >= MAX_FAILURES || asked.elapsed() >= REPLY_TIMEOUT {
+                        self.off = Some(e);
                     }
                     break;
                 }
