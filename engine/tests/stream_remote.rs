@@ -39,8 +39,9 @@
 //! * `cli_stream_keep_backing_over_nbd`: `--keep-backing` ends with every
 //!   byte in the overlay and the URI still in the header.
 //! * `cli_stream_fetches_only_what_the_server_says_is_data`: a sparse base
-//!   image (holes in its file): `backfill convert` and `backfill stream`
-//!   ask nbdkit's block status and fetch its data only, the holes becoming
+//!   image (holes in its file): `backfill info` says how much a stream
+//!   will fetch; `backfill convert` and `backfill stream` ask nbdkit's
+//!   block status and fetch its data only, the holes becoming
 //!   holes of the output and zero clusters of the overlay; over nbdkit
 //!   without structured replies, or with its block status failing,
 //!   everything is fetched, to the same image.
@@ -432,6 +433,17 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     let log = b.path("nbdkit.log");
     let server = b.nbdkit_logged(&log);
     b.create_overlay(&b.uri());
+
+    // `backfill info` tells how much a stream will fetch.
+    let text = backfill_ok(&["info", &path_str(&b.overlay)]);
+    assert!(
+        text.contains("of which zeros, by the backing server: 22.5 MiB (23613440 bytes)")
+            && text.contains(
+                "Streaming: 0.0% populated (24 MiB still read from the backing chain, 1.48 MiB \
+                 of it to fetch)"
+            ),
+        "{text}"
+    );
 
     // `backfill convert` (read-only) fetches the data only, and leaves the
     // rest holes in its output.

@@ -2,7 +2,9 @@
 //! virtual disk the overlay holds, the backing chain holds, and nobody holds.
 //!
 //! What it owns: a read-only walk of the overlay's L1/L2 tables and, for the
-//! clusters the overlay does not hold, a lookup through the backing chain.
+//! clusters the overlay does not hold, a lookup through the backing chain
+//! (whose NBD servers are first asked which of their export reads as
+//! zeros, for two seconds at most, to tell what a stream need not fetch).
 //!
 //! What it never does: write, or read guest data.
 //!
@@ -26,6 +28,10 @@ use crate::error::{Error, Result};
 const INFO_CACHE_BYTES: u64 = 32 << 20;
 /// Largest range handed to one `Chain::resolve`, to bound its output.
 const RESOLVE_CHUNK_BYTES: u64 = 1 << 30;
+/// Bytes of a remote layer one block status query asks about.
+const LEARN_BYTES: u64 = 1 << 30;
+/// How long `info` asks remote layers about their zeros at most.
+const LEARN_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The version of a remote (HTTP) backing image the overlay's data came
 /// from, as the overlay records it (see `qcow2::pin`).
@@ -94,9 +100,29 @@ pub struct ImageInfo {
     /// (with `backing_error`: every byte not in the overlay, as the chain
     /// could not say which of them it holds).
     pub backing_bytes: u64,
+    /// Of `backing_bytes`, those an NBD backing server says read as zeros
+    /// (its block status): a stream records them as zero clusters without
+    /// fetching them.
+    pub backing_zero_bytes: u64,
     /// Virtual bytes held nowhere (or as zero clusters in a backing layer):
     /// they read as zeros. 0 with `backing_error`.
     pub unallocated_bytes: u64,
+}
+
+/// Asks each remote layer of `c` which of it reads as zeros (an NBD
+/// server's block status), a GiB at a time from its start, for
+/// [`LEARN_BUDGET`] at most, so that the walk can tell how much of what
+/// the backing holds a stream need not fetch (`backing_zero_bytes`). Over
+/// a slow link, the rest of a large image counts as data.
+fn learn_remote_zeros(c: &Chain) {
+    let started = std::time::Instant::now();
+    for m in (0..c.depth()).filter_map(|i| c.remote(i)) {
+        let mut pos = 0;
+        while pos < m.size() && started.elapsed() < LEARN_BUDGET {
+            m.learn_zeros(pos, LEARN_BYTES.min(m.size() - pos));
+            pos += LEARN_BYTES;
+        }
+    }
 }
 
 /// Describes the qcow2 image at `path` and its backing chain.
@@ -151,9 +177,11 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         overlay_data_bytes: 0,
         overlay_zero_bytes: 0,
         backing_bytes: 0,
+        backing_zero_bytes: 0,
         unallocated_bytes: 0,
     };
     if let Some(c) = &chain {
+        learn_remote_zeros(c);
         info.backing_chain = (0..c.depth())
             .map(|i| BackingInfo {
                 filename: c.layer_name(i).to_string(),
@@ -188,9 +216,16 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             segs.clear();
             c.resolve(&mut cache, pos, n, &mut segs)?;
             for s in &segs {
+                // Zeros of a remote layer are its server's word: the
+                // backing still holds them, a stream fetches nothing there.
+                let remote_zero = s.depth > 0 && c.remote(s.depth as usize - 1).is_some();
                 match s.source {
                     Source::File { .. } | Source::Compressed { .. } | Source::Remote { .. } => {
                         info.backing_bytes += s.len
+                    }
+                    Source::Zero if remote_zero => {
+                        info.backing_bytes += s.len;
+                        info.backing_zero_bytes += s.len;
                     }
                     Source::Zero => info.unallocated_bytes += s.len,
                 }

@@ -95,6 +95,14 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             format_size(bytes),
             percent(bytes, whole)
         )?;
+        if label == "backing" && info.backing_zero_bytes > 0 {
+            writeln!(
+                out,
+                "      of which zeros, by the backing server: {} ({} bytes)",
+                format_size(info.backing_zero_bytes),
+                info.backing_zero_bytes
+            )?;
+        }
     }
     if info.backing_error.is_some() || !info.backing_chain.is_empty() {
         // What `backfill stream` still has to fetch. Without the chain,
@@ -105,9 +113,17 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             Some(_) => ("at least ", "at most "),
             None => ("", ""),
         };
+        let fetch = if info.backing_zero_bytes > 0 {
+            format!(
+                ", {} of it to fetch",
+                format_size(left - info.backing_zero_bytes.min(left))
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "Streaming: {least}{:.1}% populated ({most}{} still read from the backing chain)",
+            "Streaming: {least}{:.1}% populated ({most}{} still read from the backing chain{fetch})",
             percent(whole - left.min(whole), whole),
             format_size(left)
         )?;
