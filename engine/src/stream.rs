@@ -31,7 +31,11 @@
 //!   limit and holding at most one chunk: a request goes when its bytes are
 //!   covered. A new limit applies from the next request.
 //! - **Zero detection** comes with the fill: backing data that is all zero
-//!   becomes a zero cluster (compat 1.1 images), not data.
+//!   becomes a zero cluster (compat 1.1 images), not data. Before each
+//!   scan the backing is asked which of the stretch reads as zeros
+//!   ([`Disk::learn_backing_zeros`]: an NBD server's block status); those
+//!   clusters become zero clusters without being fetched, so a sparse
+//!   image crosses the link as its data only.
 //! - **Resumable.** Progress lives in the image: a new stream (after a
 //!   cancel, a crash or a restart) skips what the overlay holds, which is
 //!   everything an earlier run populated up to its last flush (a fill whose
