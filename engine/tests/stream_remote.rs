@@ -501,6 +501,14 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     ];
     let server = nbd_peer::nbdkit_plugin(b.dir.path(), &b.sock(), &["log"], &plugin);
     b.create_overlay(&b.uri());
+    let text = backfill_ok(&["info", &path_str(&b.overlay)]);
+    assert!(
+        text.contains(
+            "zeros in it unknown (the server offers no base:allocation): a stream fetches all \
+             of it"
+        ),
+        "{text}"
+    );
     let out = b.stream_cli(&[]);
     stream_summary_ok(&out, "backing file dropped");
     assert!(!out.contains("zeros in the backing image"), "{out}");
@@ -523,6 +531,11 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
         &[&logfile, "error-extents=EIO", "error-extents-rate=100%"],
     );
     b.create_overlay(&b.uri());
+    let text = backfill_ok(&["info", &path_str(&b.overlay)]);
+    assert!(
+        text.contains("zeros in it unknown (the server answered a block status query with error 5"),
+        "{text}"
+    );
     let out = b.stream_cli(&[]);
     stream_summary_ok(&out, "backing file dropped");
     assert!(!out.contains("zeros in the backing image"), "{out}");

@@ -944,6 +944,11 @@ impl Medium for NbdClient {
         self.zeros.run(offset, max)
     }
 
+    fn zeros_unknown(&self) -> Option<String> {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.trouble().map(str::to_string)
+    }
+
     fn submit(&self, read: RemoteRead) {
         let end = read.offset + read.len as u64;
         let a = self.alignment as u64;

@@ -69,6 +69,12 @@ pub trait Medium: Send + Sync {
     fn zeros_at(&self, _offset: u64, max: u64) -> (bool, u64) {
         (false, max)
     }
+    /// Why [`Medium::learn_zeros`] found nothing last time on a medium that
+    /// could tell (an NBD server without block status, or whose query
+    /// failed); None while it can, and for media that never can.
+    fn zeros_unknown(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Bytes `[at, at + len)` of a read, to be written straight into

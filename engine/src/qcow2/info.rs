@@ -104,6 +104,11 @@ pub struct ImageInfo {
     /// (its block status): a stream records them as zero clusters without
     /// fetching them.
     pub backing_zero_bytes: u64,
+    /// Why an NBD backing server could not say which of it reads as zeros
+    /// (no block status offered, or the query failed): a stream then
+    /// fetches every byte the backing holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_zeros_unknown: Option<String>,
     /// Virtual bytes held nowhere (or as zero clusters in a backing layer):
     /// they read as zeros. 0 with `backing_error`.
     pub unallocated_bytes: u64,
@@ -178,10 +183,13 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         overlay_zero_bytes: 0,
         backing_bytes: 0,
         backing_zero_bytes: 0,
+        backing_zeros_unknown: None,
         unallocated_bytes: 0,
     };
     if let Some(c) = &chain {
         learn_remote_zeros(c);
+        info.backing_zeros_unknown =
+            (0..c.depth()).find_map(|i| c.remote(i).and_then(|m| m.zeros_unknown()));
         info.backing_chain = (0..c.depth())
             .map(|i| BackingInfo {
                 filename: c.layer_name(i).to_string(),

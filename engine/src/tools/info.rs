@@ -103,6 +103,16 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
                 info.backing_zero_bytes
             )?;
         }
+        if let Some(why) = info
+            .backing_zeros_unknown
+            .as_ref()
+            .filter(|_| label == "backing" && info.backing_zero_bytes == 0)
+        {
+            writeln!(
+                out,
+                "      zeros in it unknown ({why}): a stream fetches all of it"
+            )?;
+        }
     }
     if info.backing_error.is_some() || !info.backing_chain.is_empty() {
         // What `backfill stream` still has to fetch. Without the chain,

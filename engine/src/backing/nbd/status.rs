@@ -26,7 +26,9 @@
 //! Only the `NBD_STATE_ZERO` bit counts: a hole without it may read as
 //! anything.
 
-use super::{connect_for, read_u16, read_u32, read_u64, request, ExportInfo, NbdUri, Stream};
+use super::{
+    connect_for, nbd_error_text, read_u16, read_u32, read_u64, request, ExportInfo, NbdUri, Stream,
+};
 use crate::nbd::proto::*;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::collections::BTreeMap;
@@ -111,12 +113,18 @@ pub(super) struct Status {
     opening: Option<Receiver<std::result::Result<(Stream, ExportInfo), String>>>,
     /// Why this client asks no more.
     off: Option<String>,
-    /// Queries that failed so far.
+    /// Queries that failed so far, and why the last did.
     failures: u32,
+    failed: Option<String>,
     cookie: u64,
 }
 
 impl Status {
+    /// Why block status is off for good, or why the last query failed.
+    pub(super) fn trouble(&self) -> Option<&str> {
+        self.off.as_deref().or(self.failed.as_deref())
+    }
+
     /// Asks the server about `[offset, offset + len)` (clamped to the
     /// export's `size`) and adds the ranges that read as zeros, shrunk to
     /// whole `align` blocks (where reads start and end), to `zeros`.
@@ -145,6 +153,7 @@ impl Status {
                 .and_then(|extents| zero_ranges(pos, end, size, align, &extents));
             match answer {
                 Ok((ranges, next)) => {
+                    self.failed = None;
                     for (lo, hi) in ranges {
                         found += hi - lo;
                         zeros.insert(lo, hi);
@@ -161,6 +170,8 @@ impl Status {
                     // for again.
                     if self.failures >= MAX_FAILURES || asked.elapsed() >= REPLY_TIMEOUT {
                         self.off = Some(e);
+                    } else {
+                        self.failed = Some(e);
                     }
                     break;
                 }
@@ -299,7 +310,10 @@ pub(super) fn read_status_reply(
             }
             k if k & (1 << 15) != 0 => {
                 let error = c.u32().unwrap_or_default();
-                return Err(format!("the server answered error {error}"));
+                return Err(format!(
+                    "the server answered a block status query with {}",
+                    nbd_error_text(error)
+                ));
             }
             k => {
                 return Err(format!(
