@@ -175,6 +175,11 @@ pub enum ExtentKind {
     Unallocated,
 }
 
+/// How much of the disk a walk over it (`serve`, `convert`) asks
+/// [`Disk::learn_backing_zeros`] about at once: one round trip to an NBD
+/// server each, and no longer a wait than a stream's scan of the same.
+pub const LEARN_ZEROS_BYTES: u64 = 64 << 20;
+
 /// One extent of [`Disk::block_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BlockStatus {
@@ -870,6 +875,7 @@ impl Disk {
     /// copy-on-read and populating record zero clusters for them. Returns
     /// the bytes found. Blocks for a round trip to the server; nothing
     /// fails by it (a medium that cannot tell finds none).
+    /// A walk over the disk asks about [`LEARN_ZEROS_BYTES`] at a time.
     pub fn learn_backing_zeros(&self, offset: u64, len: u64) -> u64 {
         let Some(chain) = &self.inner.shared.chain else {
             return 0;
@@ -877,7 +883,7 @@ impl Disk {
         // A remote layer is raw: its offsets are the disk's.
         (0..chain.depth())
             .filter_map(|i| chain.remote(i))
-            .map(|m| m.learn_zeros(offset, len.min(m.size().saturating_sub(offset))))
+            .map(|m| m.learn_zeros(offset, len))
             .sum()
     }
 

@@ -120,7 +120,12 @@ pub fn is_nbd_name(name: &str) -> bool {
     matches!(
         scheme,
         "nbd" | "nbd+tcp" | "nbd+unix" | "nbds" | "nbds+tcp" | "nbds+unix" | "nbd+vsock"
-    ) || (!name.contains("://") && name.starts_with("nbd:"))
+    ) || legacy_spec(name).is_some()
+}
+
+/// What follows `nbd:` in QEMU's older syntax (a name without `://`).
+fn legacy_spec(name: &str) -> Option<&str> {
+    name.strip_prefix("nbd:").filter(|_| !name.contains("://"))
 }
 
 fn percent_decode(s: &str, what: &str, uri: &str) -> Result<String> {
@@ -139,10 +144,8 @@ impl NbdUri {
     /// `nbd+unix:///EXPORT?socket=PATH` (an empty export is allowed), or
     /// QEMU's older syntax (see [`NbdUri::parse_legacy`]).
     pub fn parse(uri: &str) -> Result<NbdUri> {
-        if !uri.contains("://") {
-            if let Some(spec) = uri.strip_prefix("nbd:") {
-                return NbdUri::parse_legacy(uri, spec);
-            }
+        if let Some(spec) = legacy_spec(uri) {
+            return NbdUri::parse_legacy(uri, spec);
         }
         let (scheme, rest) = uri
             .split_once("://")
@@ -841,6 +844,7 @@ impl NbdClient {
             )
         })?;
         let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
+        let status = status::Status::new(parsed.clone(), info.size, u64::from(info.min_block));
         let (pool, stop_tx) = Pool::new(uri, parsed, info.size);
         let mut client = NbdClient {
             pool: Arc::new(pool),
@@ -849,7 +853,7 @@ impl NbdClient {
             stop: Some(stop_tx),
             threads: Vec::with_capacity(CONNECTIONS),
             ended,
-            status: Mutex::default(),
+            status: Mutex::new(status),
             zeros: status::Zeros::default(),
         };
         let mut first = Some((stream, info));
@@ -930,14 +934,7 @@ impl Medium for NbdClient {
 
     fn learn_zeros(&self, offset: u64, len: u64) -> u64 {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        status.learn(
-            &self.pool.uri,
-            self.pool.size,
-            self.alignment as u64,
-            &self.zeros,
-            offset,
-            len,
-        )
+        status.learn(&self.zeros, offset, len)
     }
 
     fn zeros_at(&self, offset: u64, max: u64) -> (bool, u64) {
@@ -1287,13 +1284,8 @@ fn read_replies(
             SIMPLE_REPLY_MAGIC => {
                 read_u32(&mut s).and_then(|err| Ok((None, err, read_u64(&mut s)?)))
             }
-            STRUCTURED_REPLY_MAGIC if info.structured => (|| {
-                let flags = read_u16(&mut s)?;
-                let kind = read_u16(&mut s)?;
-                let cookie = read_u64(&mut s)?;
-                let len = read_u32(&mut s)?;
-                Ok((Some((flags, kind, len)), 0, cookie))
-            })(),
+            STRUCTURED_REPLY_MAGIC if info.structured => read_chunk_header(&mut s)
+                .map(|(flags, kind, cookie, len)| (Some((flags, kind, len)), 0, cookie)),
             m => return format!("protocol error: bad reply magic {m:#x}"),
         };
         let (chunk, error, cookie) = match header {
@@ -1337,6 +1329,12 @@ fn read_replies(
             }
         }
     }
+}
+
+/// The rest of a structured reply chunk's header, after its magic: its
+/// flags, type, cookie and payload length.
+fn read_chunk_header(s: &mut impl Read) -> std::io::Result<(u16, u16, u64, u32)> {
+    Ok((read_u16(s)?, read_u16(s)?, read_u64(s)?, read_u32(s)?))
 }
 
 fn nbd_error_text(error: u32) -> String {

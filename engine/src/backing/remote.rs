@@ -54,8 +54,9 @@ pub trait Medium: Send + Sync {
     fn places(&self) -> bool {
         false
     }
-    /// Asks the medium which bytes of `[offset, offset + len)` read as
-    /// zeros (an NBD server's block status), and remembers them for
+    /// Asks the medium which bytes of `[offset, offset + len)` (which may
+    /// reach past its end: the rest is ignored) read as zeros (an NBD
+    /// server's block status), and remembers them for
     /// [`Medium::zeros_at`]; returns how many it found. May block, so only
     /// a thread that can wait calls it (the stream's driver), never a core.
     /// A medium that cannot tell (HTTP) finds none.

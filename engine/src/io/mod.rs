@@ -20,18 +20,13 @@ use std::sync::Arc;
 /// stops at the first block with a byte set: an all-zero cluster costs a
 /// fraction of a byte-by-byte scan, a data cluster one block.
 pub fn is_zero(buf: &[u8]) -> bool {
-    let mut blocks = buf.chunks_exact(256);
-    let words = |b: &[u8]| {
-        b.chunks_exact(16).fold(0u128, |acc, c| {
-            acc | u128::from_ne_bytes(c.try_into().expect("16-byte chunk"))
-        })
-    };
-    if !blocks.by_ref().all(|b| words(b) == 0) {
-        return false;
-    }
-    let rest = blocks.remainder();
-    let mut tail = rest.chunks_exact(16);
-    tail.by_ref().all(|c| words(c) == 0) && tail.remainder().iter().all(|&b| b == 0)
+    buf.chunks(256).all(|block| {
+        let mut words = block.chunks_exact(16);
+        let ored = words.by_ref().fold(0u128, |acc, w| {
+            acc | u128::from_ne_bytes(w.try_into().expect("16-byte chunk"))
+        });
+        ored == 0 && words.remainder().iter().all(|&b| b == 0)
+    })
 }
 
 /// Gives the file system back the space of `[offset, offset + len)` of

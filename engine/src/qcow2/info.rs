@@ -224,14 +224,14 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             segs.clear();
             c.resolve(&mut cache, pos, n, &mut segs)?;
             for s in &segs {
-                // Zeros of a remote layer are its server's word: the
-                // backing still holds them, a stream fetches nothing there.
-                let remote_zero = s.depth > 0 && c.remote(s.depth as usize - 1).is_some();
                 match s.source {
                     Source::File { .. } | Source::Compressed { .. } | Source::Remote { .. } => {
                         info.backing_bytes += s.len
                     }
-                    Source::Zero if remote_zero => {
+                    // Zeros of a remote layer are its server's word: the
+                    // backing still holds them, a stream fetches nothing
+                    // there.
+                    Source::Zero if s.depth > 0 && c.remote(s.depth as usize - 1).is_some() => {
                         info.backing_bytes += s.len;
                         info.backing_zero_bytes += s.len;
                     }

@@ -10,6 +10,7 @@
 //! never written, so they stay holes. Chunks complete in
 //! any order and are written with positioned writes at their own offset.
 
+use crate::disk::LEARN_ZEROS_BYTES;
 use crate::error::{Error, ErrorKind, Result};
 use crate::tools::inflight::Queue;
 use crate::tools::{is_zero, stats_delta};
@@ -27,10 +28,6 @@ pub const DEFAULT_DEPTH: usize = 8;
 /// Granularity of zero detection in the output, as `qemu-img convert -S`'s
 /// default: an all-zero block this large is left as a hole.
 pub const SPARSE_BLOCK_BYTES: usize = 4096;
-/// Bytes of the disk a remote backing is asked about at once, ahead of the
-/// reads (see [`Disk::learn_backing_zeros`]).
-const LEARN_BYTES: u64 = 64 << 20;
-
 /// How to convert.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
@@ -156,8 +153,8 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
     let mut learned = 0u64;
     let mut learn_ahead = |end: u64| {
         while learned < end {
-            disk.learn_backing_zeros(learned, LEARN_BYTES.min(size - learned));
-            learned = (learned + LEARN_BYTES).min(size);
+            disk.learn_backing_zeros(learned, LEARN_ZEROS_BYTES);
+            learned = (learned + LEARN_ZEROS_BYTES).min(size);
         }
     };
     // Prime every slot (fewer if the disk is small); each buffer is then

@@ -95,23 +95,20 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             format_size(bytes),
             percent(bytes, whole)
         )?;
-        if label == "backing" && info.backing_zero_bytes > 0 {
-            writeln!(
-                out,
-                "      of which zeros, by the backing server: {} ({} bytes)",
-                format_size(info.backing_zero_bytes),
-                info.backing_zero_bytes
-            )?;
+        if label != "backing" {
+            continue;
         }
-        if let Some(why) = info
-            .backing_zeros_unknown
-            .as_ref()
-            .filter(|_| label == "backing" && info.backing_zero_bytes == 0)
-        {
-            writeln!(
+        match (info.backing_zero_bytes, &info.backing_zeros_unknown) {
+            (0, Some(why)) => writeln!(
                 out,
                 "      zeros in it unknown ({why}): a stream fetches all of it"
-            )?;
+            )?,
+            (0, None) => {}
+            (zeros, _) => writeln!(
+                out,
+                "      of which zeros, by the backing server: {} ({zeros} bytes)",
+                format_size(zeros)
+            )?,
         }
     }
     if info.backing_error.is_some() || !info.backing_chain.is_empty() {

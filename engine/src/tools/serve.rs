@@ -1,6 +1,7 @@
 //! `backfill serve`: open a disk and serve it over NBD until SIGINT or
 //! SIGTERM, then finish what is in flight, flush and close the image clean.
 
+use crate::disk::LEARN_ZEROS_BYTES;
 use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::{Config, Listener, Server};
 use crate::stream::{Stream, StreamEnd, StreamOptions, StreamState};
@@ -116,10 +117,7 @@ fn report_stats(
     })
 }
 
-/// Bytes of the disk one block status query of the backing covers.
-const LEARN_BYTES: u64 = 64 << 20;
-
-/// Asks the remote backing, [`LEARN_BYTES`] at a time from the disk's
+/// Asks the remote backing, [`LEARN_ZEROS_BYTES`] at a time from the disk's
 /// start, which of it reads as zeros (an NBD server's block status; see
 /// [`Disk::learn_backing_zeros`]): reads of those ranges then fetch
 /// nothing, and clients' block status queries show them as zeros, so
@@ -136,8 +134,8 @@ fn learn_zeros(disk: Disk, stop: crossbeam_channel::Receiver<()>) {
             if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
                 return;
             }
-            found += disk.learn_backing_zeros(pos, LEARN_BYTES.min(size - pos));
-            pos += LEARN_BYTES;
+            found += disk.learn_backing_zeros(pos, LEARN_ZEROS_BYTES);
+            pos += LEARN_ZEROS_BYTES;
         }
         if found > 0 {
             eprintln!(

@@ -84,17 +84,13 @@ impl Url {
         let (authority, target) = rest.split_at(authority_end);
         let (authority, authorization, shown) = match authority.rsplit_once('@') {
             Some((userinfo, hostport)) => {
-                let (user, password) = match userinfo.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (userinfo, None),
+                let (user, password, shown) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, p, format!("{u}:***@")),
+                    None => (userinfo, "", format!("{userinfo}@")),
                 };
                 let user = percent_decode(user, "user name")?;
-                let password = percent_decode(password.unwrap_or(""), "password")?;
+                let password = percent_decode(password, "password")?;
                 let token = base64(format!("{user}:{password}").as_bytes());
-                let shown = match userinfo.split_once(':') {
-                    Some((u, _)) => format!("{u}:***@"),
-                    None => format!("{userinfo}@"),
-                };
                 (hostport, Some(format!("Basic {token}")), shown)
             }
             None => (authority, None, String::new()),
@@ -171,14 +167,14 @@ impl Url {
         } else if let Some(rest) = location.strip_prefix("//") {
             format!("{scheme}://{rest}")
         } else {
+            // This URL's path, without its query.
+            let here = self.target.split('?').next().unwrap_or("/");
             let path = if location.starts_with('/') {
                 location.to_string()
             } else if location.starts_with('?') {
-                let path = self.target.split('?').next().unwrap_or("/");
-                format!("{path}{location}")
+                format!("{here}{location}")
             } else {
-                let path = self.target.split('?').next().unwrap_or("/");
-                let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+                let dir = &here[..here.rfind('/').map_or(0, |i| i + 1)];
                 format!("{dir}{location}")
             };
             format!(

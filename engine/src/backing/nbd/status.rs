@@ -27,15 +27,16 @@
 //! anything.
 
 use super::{
-    connect_for, nbd_error_text, read_u16, read_u32, read_u64, request, ExportInfo, NbdUri, Stream,
+    connect_for, nbd_error_text, read_chunk_header, read_u32, read_u64, request, ExportInfo,
+    NbdUri, Stream,
 };
 use crate::nbd::proto::*;
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The status connection's handshake waits this long at most (a server at
 /// its connection limit takes the connection but never greets it).
@@ -106,11 +107,14 @@ impl Zeros {
 }
 
 /// The status connection and what became of it.
-#[derive(Default)]
 pub(super) struct Status {
+    /// The export, its size, and the alignment of its reads.
+    uri: NbdUri,
+    size: u64,
+    align: u64,
     conn: Option<(Stream, u32)>,
-    /// The connection being opened.
-    opening: Option<Receiver<std::result::Result<(Stream, ExportInfo), String>>>,
+    /// The connection being opened, and until when a query waits for it.
+    opening: Option<(Opening, Instant)>,
     /// Why this client asks no more.
     off: Option<String>,
     /// Queries that failed so far, and why the last did.
@@ -119,36 +123,48 @@ pub(super) struct Status {
     cookie: u64,
 }
 
+/// The answer of the thread that opens the status connection.
+type Opening = Receiver<std::result::Result<(Stream, ExportInfo), String>>;
+
 impl Status {
+    /// Status of export `uri` of `size` bytes, whose reads start and end
+    /// on multiples of `align`; nothing is opened yet.
+    pub(super) fn new(uri: NbdUri, size: u64, align: u64) -> Status {
+        Status {
+            uri,
+            size,
+            align,
+            conn: None,
+            opening: None,
+            off: None,
+            failures: 0,
+            failed: None,
+            cookie: 0,
+        }
+    }
+
     /// Why block status is off for good, or why the last query failed.
     pub(super) fn trouble(&self) -> Option<&str> {
         self.off.as_deref().or(self.failed.as_deref())
     }
 
     /// Asks the server about `[offset, offset + len)` (clamped to the
-    /// export's `size`) and adds the ranges that read as zeros, shrunk to
-    /// whole `align` blocks (where reads start and end), to `zeros`.
+    /// export's end) and adds the ranges that read as zeros, shrunk to
+    /// whole alignment blocks (where reads start and end), to `zeros`.
     /// Returns the bytes found zero.
-    pub(super) fn learn(
-        &mut self,
-        uri: &NbdUri,
-        size: u64,
-        align: u64,
-        zeros: &Zeros,
-        offset: u64,
-        len: u64,
-    ) -> u64 {
+    pub(super) fn learn(&mut self, zeros: &Zeros, offset: u64, len: u64) -> u64 {
+        let (size, align) = (self.size, self.align);
         let end = offset.saturating_add(len).min(size);
         let mut pos = offset;
         let mut found = 0;
         while pos < end && self.off.is_none() {
             self.cookie += 1;
             let cookie = self.cookie;
-            let Some((conn, ctx)) = self.connection(uri) else {
+            let Some((conn, ctx)) = self.connection() else {
                 break;
             };
             let n = (end - pos).min(MAX_QUERY) as u32;
-            let asked = std::time::Instant::now();
+            let asked = Instant::now();
             let answer = query(conn, cookie, ctx, pos, n)
                 .and_then(|extents| zero_ranges(pos, end, size, align, &extents));
             match answer {
@@ -187,33 +203,27 @@ impl Status {
     /// stream that short wait once, not the handshake timeout; this query
     /// learns nothing, later ones do. None while it is being opened, and
     /// once status is off.
-    fn connection(&mut self, uri: &NbdUri) -> Option<(&mut Stream, u32)> {
+    fn connection(&mut self) -> Option<(&mut Stream, u32)> {
         if self.conn.is_none() && self.off.is_none() {
-            let opened = match &self.opening {
-                Some(rx) => rx.try_recv(),
-                None => {
-                    let (tx, rx) = crossbeam_channel::bounded(1);
-                    let uri = uri.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("backfill-nbd-status".into())
-                        .spawn(move || {
-                            let _ = tx.send(connect_for(&uri, true, HANDSHAKE_TIMEOUT));
-                        });
-                    if let Err(e) = spawned {
-                        self.off = Some(format!("spawning a thread: {e}"));
-                        return None;
-                    }
-                    let r = rx.recv_timeout(FIRST_WAIT).map_err(|e| match e {
-                        RecvTimeoutError::Timeout => TryRecvError::Empty,
-                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+            if self.opening.is_none() {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let uri = self.uri.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("backfill-nbd-status".into())
+                    .spawn(move || {
+                        let _ = tx.send(connect_for(&uri, true, HANDSHAKE_TIMEOUT));
                     });
-                    self.opening = Some(rx);
-                    r
+                if let Err(e) = spawned {
+                    self.off = Some(format!("spawning a thread: {e}"));
+                    return None;
                 }
-            };
-            match opened {
-                Err(TryRecvError::Empty) => return None,
-                Err(TryRecvError::Disconnected) => {
+                self.opening = Some((rx, Instant::now() + FIRST_WAIT));
+            }
+            let (rx, until) = self.opening.as_ref().expect("being opened");
+            // Past `until`, this only looks.
+            match rx.recv_deadline(*until) {
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => {
                     self.off = Some("the connecting thread ended".into())
                 }
                 Ok(Ok((s, info))) => match info.allocation {
@@ -278,10 +288,7 @@ pub(super) fn read_status_reply(
         if magic != STRUCTURED_REPLY_MAGIC {
             return Err(format!("protocol error: bad reply magic {magic:#x}"));
         }
-        let flags = read_u16(s).map_err(io)?;
-        let kind = read_u16(s).map_err(io)?;
-        let got = read_u64(s).map_err(io)?;
-        let len = read_u32(s).map_err(io)?;
+        let (flags, kind, got, len) = read_chunk_header(s).map_err(io)?;
         if got != cookie {
             return Err(format!(
                 "protocol error: reply to cookie {got}, not {cookie}"
