@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backfill::backing::http::{
-    HttpBacking, HttpErrorKind, HttpOptions, Proxies, RetryPolicy, Validator,
+    HttpBacking, HttpError, HttpErrorKind, HttpOptions, Proxies, RetryPolicy, Validator,
 };
 use common::{assert_same_bytes, replace_with_newer, seed_from_env, tempdir, Rng, KIB, MIB};
 use nginx_common::{make_test_ca, Nginx, TlsFiles};
@@ -90,6 +90,15 @@ impl Site {
     fn url(&self, name: &str) -> String {
         self.nginx.url(name)
     }
+}
+
+/// `HttpBacking::open` that must fail: its error, shown in the test's
+/// output.
+#[track_caller]
+fn open_refused(url: &str, opts: HttpOptions) -> HttpError {
+    let err = HttpBacking::open(url, opts).unwrap_err();
+    eprintln!("expected error: {err}");
+    err
 }
 
 /// Fast retries, so that the tests of failures finish in milliseconds.
@@ -252,8 +261,7 @@ fn https_with_a_private_ca() {
     check_read(&open(&by_name, opts), &data, len - 100, 100);
 
     // Without the CA the server's certificate is refused, once, clearly.
-    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, quick_options());
     assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
     assert!(
         err.message().contains("TLS") && err.message().contains(&url),
@@ -267,8 +275,7 @@ fn https_with_a_private_ca() {
         ca_file: Some(not_pem),
         ..quick_options()
     };
-    let err = HttpBacking::open(&url, opts).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, opts);
     assert_eq!(err.kind(), HttpErrorKind::InvalidOptions, "{err}");
 }
 
@@ -371,8 +378,7 @@ fn pinned_validator_is_checked_at_open() {
     let same = open(&url, with((pinned.clone(), len)));
     assert_eq!(same.validator(), Some(&pinned));
     let refused = |opts: HttpOptions| {
-        let err = HttpBacking::open(&url, opts).unwrap_err();
-        eprintln!("expected error: {err}");
+        let err = open_refused(&url, opts);
         assert_eq!(err.kind(), HttpErrorKind::Changed, "{err}");
         assert!(
             err.message().contains(&url) && err.message().contains(&format!("pinned {pinned}")),
@@ -461,10 +467,9 @@ fn server_closing_idle_connections() {
 #[test]
 fn connection_refused_at_open() {
     // A port that was free a moment ago, with nothing listening on it.
-    let port = nginx_common::free_port();
+    let port = common::free_port();
     let url = format!("http://127.0.0.1:{port}/disk.raw");
-    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, quick_options());
     assert_eq!(err.kind(), HttpErrorKind::Unavailable, "{err}");
     let m = err.message();
     assert!(m.contains(&url) && m.contains("bytes=0-0"), "{err}");
@@ -515,15 +520,13 @@ fn redirects_are_followed_and_remembered() {
     }
 
     let url = site.url("loop.raw");
-    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, quick_options());
     assert_eq!(err.kind(), HttpErrorKind::Status, "{err}");
     assert!(
         err.message().contains("more than 10 redirects") && err.message().contains(&url),
         "{err}"
     );
-    let err = HttpBacking::open(&site.url("away.raw"), quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&site.url("away.raw"), quick_options());
     assert!(
         err.message().contains("ftp://127.0.0.1/disk.raw")
             && err.message().contains("unsupported scheme"),
@@ -634,8 +637,7 @@ fn through_an_http_proxy() {
         via(nowhere.clone(), None, &["localhost", "127.0.0.1"]),
     );
     check_read(&backing, &data, 0, 4096);
-    let err = HttpBacking::open(&url, via(nowhere, None, &["example.com"])).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, via(nowhere, None, &["example.com"]));
     assert!(
         err.message()
             .contains("connecting through the proxy http://127.0.0.1:1"),
@@ -645,8 +647,7 @@ fn through_an_http_proxy() {
     let guarded = proxy_common::Tinyproxy::start(&dir.path().join("guarded"), Some(("bob", "pw")));
     let backing = open(&url, via(Some(guarded.url("bob:pw")), None, &[]));
     check_read(&backing, &data, 4096, 65536);
-    let err = HttpBacking::open(&url, via(Some(guarded.url("bob:nope")), None, &[])).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, via(Some(guarded.url("bob:nope")), None, &[]));
     // tinyproxy answers a wrong password with 401 (RFC 9110 says 407).
     assert!(
         matches!(err.status(), Some(401 | 407)) && !err.message().contains("nope"),
@@ -659,8 +660,7 @@ fn not_found_is_not_retried() {
     let mut rng = Rng::new(seed_from_env("not_found_is_not_retried"));
     let site = Site::start("http-404", "", None);
     let url = site.url("missing.raw");
-    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, quick_options());
     assert_eq!(err.kind(), HttpErrorKind::Status, "{err}");
     assert_eq!(err.status(), Some(404));
     assert!(
@@ -693,8 +693,7 @@ fn server_without_ranges_is_refused() {
     );
     site.put_random("noranges/disk.raw", 256 * KIB, rng.next_u64());
     let url = site.url("noranges/disk.raw");
-    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, quick_options());
     assert_eq!(err.kind(), HttpErrorKind::RangesUnsupported, "{err}");
     assert!(
         err.message().contains(&url) && err.message().contains("does not serve byte ranges"),
@@ -711,8 +710,7 @@ fn retry_after_is_capped() {
         None,
     );
     let url = site.url("busy.raw");
-    let err = HttpBacking::open(&url, quick_options()).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, quick_options());
     assert_eq!(err.kind(), HttpErrorKind::Unavailable, "{err}");
     assert!(
         err.message().contains("503") && err.message().contains("after 3 attempts"),
@@ -737,8 +735,7 @@ fn silent_server_times_out() {
         },
         ..quick_options()
     };
-    let err = HttpBacking::open(&url, opts).unwrap_err();
-    eprintln!("expected error: {err}");
+    let err = open_refused(&url, opts);
     assert_eq!(err.kind(), HttpErrorKind::Unavailable, "{err}");
     assert!(
         err.message().contains("timed out") && err.message().contains("after 2 attempts"),

@@ -96,10 +96,7 @@ impl Setup {
     /// qemu-nbd on TCP 127.0.0.1, with `extra` arguments: the server and
     /// its port (one nobody listened on a moment before).
     fn qemu_nbd_tcp(&self, extra: &[&str]) -> (Peer, u16) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("finding a free port")
-            .port();
+        let port = free_port();
         let mut args: Vec<String> = vec![
             "-b".into(),
             "127.0.0.1".into(),

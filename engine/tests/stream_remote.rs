@@ -325,10 +325,7 @@ fn cli_stream_over_a_slow_nbdkit_on_four_cores() {
 fn cli_stream_over_qemu_nbd_tcp() {
     let b = Base::new("sr-qnbd", 6 * MIB + 512);
     // A port nobody listens on now; qemu-nbd takes it a moment later.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("finding a free port")
-        .port();
+    let port = free_port();
     let listen = ["-b", "127.0.0.1", "-p", &port.to_string()].map(String::from);
     let server = nbd_peer::qemu_nbd(b.dir.path(), &b.base, &listen);
     b.create_overlay(&format!("nbd://127.0.0.1:{port}/"));

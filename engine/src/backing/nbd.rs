@@ -2061,6 +2061,13 @@ mod tests {
         assert!(e.message().contains("cannot connect"), "{e}");
     }
 
+    fn tcp(host: &str, port: u16) -> Address {
+        Address::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
     #[test]
     fn parses_qemu_uris() {
         let u = NbdUri::parse("nbd+unix:///?socket=/tmp/s.sock").unwrap();
@@ -2070,31 +2077,13 @@ mod tests {
         assert_eq!(u.address, Address::Unix("/tmp/x?y".into()));
         assert_eq!(u.export, "disk a");
         let u = NbdUri::parse("nbd://127.0.0.1:10810/exp").unwrap();
-        assert_eq!(
-            u.address,
-            Address::Tcp {
-                host: "127.0.0.1".into(),
-                port: 10810
-            }
-        );
+        assert_eq!(u.address, tcp("127.0.0.1", 10810));
         assert_eq!(u.export, "exp");
         let u = NbdUri::parse("nbd://host").unwrap();
-        assert_eq!(
-            u.address,
-            Address::Tcp {
-                host: "host".into(),
-                port: DEFAULT_PORT
-            }
-        );
+        assert_eq!(u.address, tcp("host", DEFAULT_PORT));
         assert_eq!(u.export, "");
         let u = NbdUri::parse("nbd+tcp://[::1]:99/").unwrap();
-        assert_eq!(
-            u.address,
-            Address::Tcp {
-                host: "::1".into(),
-                port: 99
-            }
-        );
+        assert_eq!(u.address, tcp("::1", 99));
         for bad in [
             "nbd+unix:///x",
             "nbd+unix://host/x?socket=/s",
@@ -2121,26 +2110,18 @@ mod tests {
     /// and answers NBD_OPT_SET_META_CONTEXT with `meta` (the replies after
     /// its own), then an export of 1 GiB.
     fn server_handshake(meta: &[(u32, Vec<u8>)]) -> Vec<u8> {
-        let rep = |opt: u32, kind: u32, data: &[u8]| {
-            let mut v = REPLY_MAGIC_OPT.to_be_bytes().to_vec();
-            for x in [opt, kind, data.len() as u32] {
-                v.extend_from_slice(&x.to_be_bytes());
-            }
-            v.extend_from_slice(data);
-            v
-        };
         let mut b = NBDMAGIC.to_be_bytes().to_vec();
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        b.extend(rep(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        option_reply(&mut b, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
         for (kind, data) in meta {
-            b.extend(rep(OPT_SET_META_CONTEXT, *kind, data));
+            option_reply(&mut b, OPT_SET_META_CONTEXT, *kind, data);
         }
         let mut export = INFO_EXPORT.to_be_bytes().to_vec();
         export.extend_from_slice(&(1u64 << 30).to_be_bytes());
         export.extend_from_slice(&0u16.to_be_bytes());
-        b.extend(rep(OPT_GO, REP_INFO, &export));
-        b.extend(rep(OPT_GO, REP_ACK, &[]));
+        option_reply(&mut b, OPT_GO, REP_INFO, &export);
+        option_reply(&mut b, OPT_GO, REP_ACK, &[]);
         b
     }
 
@@ -2178,39 +2159,25 @@ mod tests {
 
     #[test]
     fn parses_qemus_older_syntax() {
-        let u = NbdUri::parse("nbd:unix:/tmp/s.sock").unwrap();
-        assert_eq!(u.address, Address::Unix("/tmp/s.sock".into()));
-        assert_eq!(u.export, "");
-        let u = NbdUri::parse("nbd:unix:/tmp/a:b.sock:exportname=disk one").unwrap();
-        assert_eq!(u.address, Address::Unix("/tmp/a:b.sock".into()));
-        assert_eq!(u.export, "disk one");
-        let u = NbdUri::parse("nbd:127.0.0.1:10810").unwrap();
-        assert_eq!(
-            u.address,
-            Address::Tcp {
-                host: "127.0.0.1".into(),
-                port: 10810
-            }
-        );
-        assert_eq!(u.export, "");
-        let u = NbdUri::parse("nbd:host.example:99:exportname=a:exportname=b").unwrap();
-        assert_eq!(
-            u.address,
-            Address::Tcp {
-                host: "host.example".into(),
-                port: 99
-            }
-        );
-        assert_eq!(u.export, "a:exportname=b");
-        let u = NbdUri::parse("nbd:[::1]:10809:exportname=x").unwrap();
-        assert_eq!(
-            u.address,
-            Address::Tcp {
-                host: "::1".into(),
-                port: 10809
-            }
-        );
-        assert_eq!(u.export, "x");
+        let unix = |p: &str| Address::Unix(p.into());
+        for (uri, address, export) in [
+            ("nbd:unix:/tmp/s.sock", unix("/tmp/s.sock"), ""),
+            (
+                "nbd:unix:/tmp/a:b.sock:exportname=disk one",
+                unix("/tmp/a:b.sock"),
+                "disk one",
+            ),
+            ("nbd:127.0.0.1:10810", tcp("127.0.0.1", 10810), ""),
+            (
+                "nbd:host.example:99:exportname=a:exportname=b",
+                tcp("host.example", 99),
+                "a:exportname=b",
+            ),
+            ("nbd:[::1]:10809:exportname=x", tcp("::1", 10809), "x"),
+        ] {
+            let u = NbdUri::parse(uri).unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert_eq!((u.address, u.export.as_str()), (address, export), "{uri}");
+        }
         for bad in [
             "nbd:",
             "nbd:unix:",

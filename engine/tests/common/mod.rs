@@ -362,6 +362,14 @@ impl MapEntry {
     }
 }
 
+/// A port of 127.0.0.1 that was free a moment ago (for a server started
+/// next on it).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .expect("binding 127.0.0.1:0");
+    listener.local_addr().unwrap().port()
+}
+
 /// The first line of `text` (a tool's output, a server's log) that starts
 /// with `prefix`; fails, showing the text, when there is none.
 #[track_caller]

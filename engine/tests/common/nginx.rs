@@ -19,7 +19,7 @@
 // Each test binary uses a different subset.
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -86,7 +86,7 @@ impl Nginx {
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            let port = free_port();
+            let port = crate::common::free_port();
             let conf = dir.join("nginx.conf");
             std::fs::write(&conf, config(dir, root, port, server_extra, tls)).unwrap();
             let pid_file = dir.join("nginx.pid");
@@ -282,12 +282,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         }
     }
     children
-}
-
-/// A port of 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0");
-    listener.local_addr().unwrap().port()
 }
 
 fn config(

@@ -12,7 +12,7 @@
 // Each test binary uses a different subset.
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -37,10 +37,7 @@ impl Tinyproxy {
         let log = dir.join("tinyproxy.log");
         let conf = dir.join("tinyproxy.conf");
         for _ in 0..PORT_ATTEMPTS {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .expect("finding a free port")
-                .port();
+            let port = crate::common::free_port();
             let auth = basic_auth
                 .map(|(user, password)| format!("BasicAuth {user} {password}\n"))
                 .unwrap_or_default();

@@ -431,11 +431,8 @@ mod tests {
     }
 
     fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-        let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&kind.to_be_bytes());
-        v.extend_from_slice(&cookie.to_be_bytes());
-        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        let mut v = Vec::new();
+        chunk_header(&mut v, cookie, flags, kind, payload.len() as u32);
         v.extend_from_slice(payload);
         v
     }
