@@ -543,6 +543,42 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     compare_identical(&b.overlay, &b.base);
 }
 
+/// qemu-nbd at its default of one client at a time answers block status
+/// too: the queries go on the connection that reads, as QEMU's client
+/// sends them (a connection of their own would wait, ungreeted, behind
+/// the one qemu-nbd serves). `backfill info` tells the zeros, the stream
+/// fetches the data only, and the image is the base's.
+#[test]
+fn block_status_from_qemu_nbd_serving_one_client_at_a_time() {
+    let b = sparse_base("sr-qnbd-one");
+    let listen = ["-k".to_string(), path_str(&b.sock())];
+    let server = nbd_peer::qemu_nbd_for(b.dir.path(), &b.base, &listen, 1);
+    b.create_overlay(&b.uri());
+    let text = backfill_ok(&["info", &path_str(&b.overlay)]);
+    assert!(
+        text.contains("of which zeros, by the backing server: 22.5 MiB (23613440 bytes)"),
+        "{text}"
+    );
+    let out = b.stream_cli(&[]);
+    stream_summary_ok(&out, "backing file dropped");
+    assert!(
+        out.contains("24 MiB populated (22.5 MiB of it zeros in the backing image, not fetched)"),
+        "{out}"
+    );
+    server.stop();
+    assert_standalone(&b.overlay);
+    check_clean(&b.overlay);
+    compare_identical(&b.overlay, &b.base);
+    let map = qemu_map(&b.overlay);
+    assert_all_in_overlay(&map);
+    for c in 0..b.size / CLUSTER {
+        let data = SPARSE_DATA
+            .iter()
+            .any(|&(o, l)| o < (c + 1) * CLUSTER && c * CLUSTER < o + l);
+        assert_eq!(map_at(&map, c * CLUSTER).data, data, "cluster {c}");
+    }
+}
+
 /// `backfill serve` asks the backing server's block status in the
 /// background, and says what it found. Then its own clients see the holes
 /// as zeros (`nbdinfo --map`), and `nbdcopy` from it, which skips what

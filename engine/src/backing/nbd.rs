@@ -18,8 +18,11 @@
 //! thread takes the next one. Each connection has at most
 //! [`IN_FLIGHT_PER_CONNECTION`] requests on the wire, which bounds the
 //! backing's concurrency. Block status (`base:allocation`, which ranges
-//! read as zeros, so that streaming need not fetch them) goes over one
-//! more connection, apart from the reads (`status`).
+//! read as zeros, so that streaming need not fetch them) goes over the
+//! same connections, as QEMU's client sends it: each asks for the context
+//! in its handshake, and its reader thread answers status queries as it
+//! answers reads (`status`). So a server that takes one client at a time
+//! (qemu-nbd's default) answers them too.
 //!
 //! Error policy: a read the server answers with an NBD error fails (that
 //! read only, with the server's errno and message). A read in flight on a
@@ -58,7 +61,7 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -497,7 +500,7 @@ fn handshake(
     // Block status needs structured replies; a server that refuses the
     // context (or meta contexts at all) just answers no block status.
     let allocation = if allocation && structured {
-        set_meta_context(s, export)?
+        set_meta_context(s, export).map_err(|e| format!("{ASKING_STATUS}: {e}"))?
     } else {
         None
     };
@@ -604,25 +607,58 @@ fn set_meta_context(
     }
 }
 
-/// Connects to `uri` and runs the handshake, with bounded waits.
-fn connect(uri: &NbdUri) -> std::result::Result<(Stream, ExportInfo), String> {
-    connect_for(uri, false, HANDSHAKE_TIMEOUT)
-}
+/// How the error of a handshake that failed while it asked for block
+/// status begins.
+const ASKING_STATUS: &str = "asking for base:allocation";
 
-/// [`connect`], asking for block status with `allocation`, the handshake
-/// bounded by `timeout`.
-fn connect_for(
+/// Connects to `uri` and runs the handshake, with bounded waits; with
+/// `status`, it asks for block status too. While the handshake runs,
+/// `pool` (if any) holds a handle on the socket, so that dropping the
+/// client ends a handshake with a server that does not answer.
+fn connect_once(
     uri: &NbdUri,
-    allocation: bool,
-    timeout: Duration,
+    status: bool,
+    pool: Option<&Pool>,
 ) -> std::result::Result<(Stream, ExportInfo), String> {
     let mut s = Stream::connect(&uri.address).map_err(|e| format!("cannot connect: {e}"))?;
-    s.set_timeouts(Some(timeout))
-        .map_err(|e| format!("setting socket timeouts: {e}"))?;
-    let info = handshake(&mut s, &uri.export, allocation).inspect_err(|_| s.shutdown())?;
-    s.set_timeouts(None)
-        .map_err(|e| format!("clearing socket timeouts: {e}"))?;
-    Ok((s, info))
+    let registered = pool.and_then(|p| p.register(&s));
+    let info = s
+        .set_timeouts(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| format!("setting socket timeouts: {e}"))
+        .and_then(|()| handshake(&mut s, &uri.export, status))
+        .and_then(|info| {
+            s.set_timeouts(None)
+                .map_err(|e| format!("clearing socket timeouts: {e}"))?;
+            Ok(info)
+        });
+    if let Some(p) = pool {
+        p.unregister(registered);
+    }
+    match info {
+        Ok(info) => Ok((s, info)),
+        Err(e) => {
+            s.shutdown();
+            Err(e)
+        }
+    }
+}
+
+/// [`connect_once`]; a handshake that failed at the question for block
+/// status is run again without it (reads need none), and the third value
+/// then says why this server gives no block status.
+fn connect(
+    uri: &NbdUri,
+    status: bool,
+    pool: Option<&Pool>,
+) -> std::result::Result<(Stream, ExportInfo, Option<String>), String> {
+    match connect_once(uri, status, pool) {
+        Err(e) if status && e.starts_with(ASKING_STATUS) => {
+            let (s, info) = connect_once(uri, false, pool)?;
+            let why = format!("its handshake failed when asked for block status ({e})");
+            Ok((s, info, Some(why)))
+        }
+        r => r.map(|(s, info)| (s, info, None)),
+    }
 }
 
 /// A queued read and how many connections it was tried on.
@@ -680,8 +716,14 @@ struct Pool {
     /// A handle on each live session's socket, for the drop to shut down.
     sockets: Mutex<HashMap<u64, Stream>>,
     next_socket: AtomicU64,
-    /// The live connections, for [`Pool::send_now`].
+    /// The live connections, for [`Pool::send_now`] and block status.
     lanes: Mutex<Vec<Arc<Lane>>>,
+    /// Notified when a connection goes live.
+    lanes_changed: Condvar,
+    /// Whether handshakes ask for block status, and why not once they no
+    /// longer do (see [`connect`]).
+    ask_status: AtomicBool,
+    status_trouble: Mutex<Option<String>>,
     /// Where `send_now` starts looking, so that reads spread out.
     next_lane: AtomicUsize,
     /// Requests written by submitters, and by the sending threads.
@@ -711,6 +753,9 @@ impl Pool {
             sockets: Mutex::new(HashMap::new()),
             next_socket: AtomicU64::new(0),
             lanes: Mutex::new(Vec::new()),
+            lanes_changed: Condvar::new(),
+            ask_status: AtomicBool::new(true),
+            status_trouble: Mutex::new(None),
             next_lane: AtomicUsize::new(0),
             sent_now: AtomicU64::new(0),
             sent_queued: AtomicU64::new(0),
@@ -720,6 +765,26 @@ impl Pool {
 
     fn stopped(&self) -> bool {
         matches!(self.stop_rx.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Connects to the export (see [`connect`]), asking for block status
+    /// until a handshake failed at that question.
+    fn connect(&self) -> std::result::Result<(Stream, ExportInfo), String> {
+        let ask = self.ask_status.load(Ordering::Relaxed);
+        let (s, info, trouble) = connect(&self.uri, ask, Some(self))?;
+        if let Some(why) = trouble {
+            self.stop_asking(why);
+        }
+        Ok((s, info))
+    }
+
+    /// Handshakes ask for block status no more, because of `why`.
+    fn stop_asking(&self, why: String) {
+        self.ask_status.store(false, Ordering::Relaxed);
+        *self
+            .status_trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
     /// Keeps a handle on `stream` for [`Pool::shut_down_sockets`]; `None`
@@ -837,15 +902,18 @@ impl NbdClient {
     /// its size; the others in the background).
     pub fn open(uri: &str) -> Result<NbdClient> {
         let parsed = NbdUri::parse(uri)?;
-        let (stream, info) = connect(&parsed).map_err(|e| {
+        let (stream, info, trouble) = connect(&parsed, true, None).map_err(|e| {
             Error::new(
                 ErrorKind::BackingUnavailable,
                 format!("backing image {uri}: {e}"),
             )
         })?;
         let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
-        let status = status::Status::new(parsed.clone(), info.size, u64::from(info.min_block));
+        let status = status::Status::new(info.size, u64::from(info.min_block));
         let (pool, stop_tx) = Pool::new(uri, parsed, info.size);
+        if let Some(why) = trouble {
+            pool.stop_asking(why);
+        }
         let mut client = NbdClient {
             pool: Arc::new(pool),
             max_read: info.max_block as usize,
@@ -934,7 +1002,7 @@ impl Medium for NbdClient {
 
     fn learn_zeros(&self, offset: u64, len: u64) -> u64 {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        status.learn(&self.zeros, offset, len)
+        status.learn(&self.pool, &self.zeros, offset, len)
     }
 
     fn zeros_at(&self, offset: u64, max: u64) -> (bool, u64) {
@@ -976,7 +1044,7 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
     while !pool.stopped() {
         let attempt = match next.take() {
             Some(c) => Ok(c),
-            None => connect(&pool.uri),
+            None => pool.connect(),
         };
         let attempt = attempt.and_then(|(s, info)| {
             if info.size == pool.size {
@@ -1028,6 +1096,8 @@ fn run_connection(pool: &Pool, mut next: Option<(Stream, ExportInfo)>) {
 #[derive(Default)]
 struct Wire {
     pending: HashMap<u64, Pending>,
+    /// Block status queries on the wire.
+    queries: HashMap<u64, status::Query>,
     dead: bool,
     /// The last cookie given out.
     cookie: u64,
@@ -1051,6 +1121,9 @@ impl Wire {
 struct Lane {
     wire: Mutex<Wire>,
     out: Mutex<Stream>,
+    /// The id of the `base:allocation` context on this connection, if
+    /// the server gave it (block status queries go only where it did).
+    allocation: Option<u32>,
 }
 
 impl Lane {
@@ -1102,11 +1175,13 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
     let lane = Arc::new(Lane {
         wire: Mutex::new(Wire::default()),
         out: Mutex::new(stream),
+        allocation: info.allocation,
     });
     pool.lanes
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(lane.clone());
+    pool.lanes_changed.notify_all();
     let wire = &lane.wire;
     let room = Condvar::new();
     let reason = Mutex::new(String::new());
@@ -1151,9 +1226,20 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|l| !Arc::ptr_eq(l, &lane));
-    let pending = std::mem::take(&mut wire.lock().unwrap_or_else(|e| e.into_inner()).pending);
-    let left = pending.into_values().map(|p| p.job).collect();
-    (left, reason.into_inner().unwrap_or_else(|e| e.into_inner()))
+    let (pending, queries) = {
+        let mut w = wire.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            std::mem::take(&mut w.pending),
+            std::mem::take(&mut w.queries),
+        )
+    };
+    let why = reason.into_inner().unwrap_or_else(|e| e.into_inner());
+    for q in queries.into_values() {
+        q.answer(Err(format!(
+            "the connection ended before the reply ({why})"
+        )));
+    }
+    (pending.into_values().map(|p| p.job).collect(), why)
 }
 
 /// The sending half: takes reads from the shared queue while the
@@ -1292,14 +1378,25 @@ fn read_replies(
             Ok(h) => h,
             Err(e) => return format!("reading a reply: {e}"),
         };
-        let Some(mut p) = wire
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending
-            .remove(&cookie)
-        else {
-            return format!("protocol error: reply to unknown cookie {cookie}");
+        let mut w = wire.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut p) = w.pending.remove(&cookie) else {
+            let Some(q) = w.queries.remove(&cookie) else {
+                return format!("protocol error: reply to unknown cookie {cookie}");
+            };
+            drop(w);
+            match status::read_query_reply(&mut s, q, chunk, error, info.allocation) {
+                Ok(Some(q)) => {
+                    wire.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .queries
+                        .insert(cookie, q);
+                }
+                Ok(None) => {}
+                Err(why) => return why,
+            }
+            continue;
         };
+        drop(w);
         let r = match chunk {
             None => read_simple_reply(&mut s, &mut p, error),
             Some((flags, kind, len)) => read_chunk(&mut s, &mut p, flags, kind, len),
@@ -1525,8 +1622,9 @@ fn guarded_placements(len: usize, guard: u8) -> (Arc<crate::io::IoBuf>, Vec<Plac
 /// client has on the wire (cookies 1 to n; the next byte is n - 1 in its
 /// low 3 bits, then 4 bytes a read: offset in 512-byte units and length -
 /// 1, both u16 BE), bit 1 saying whether structured replies were
-/// negotiated and bit 2 whether the reads are placed in core buffers (two
-/// pieces with a gap, each buffer with 7 guard bytes in front and 5
+/// negotiated (and then a block status query is on the wire too, cookie n
+/// + 1, context 1) and bit 2 whether the reads are placed in core buffers
+/// (two pieces with a gap, each buffer with 7 guard bytes in front and 5
 /// behind).
 ///
 /// Must hold: no panic, and no allocation sized by the server beyond the
@@ -1536,7 +1634,8 @@ fn guarded_placements(len: usize, guard: u8) -> (Arc<crate::io::IoBuf>, Vec<Plac
 /// last; each read is answered at most once, and when the replies stop,
 /// every read is answered, still on the wire (to be retried), or back in
 /// the queue (ESHUTDOWN), exactly one of those; a read answered with data
-/// has all its bytes, and a placed read wrote inside its placements only.
+/// has all its bytes, and a placed read wrote inside its placements only;
+/// the query is answered once or still on the wire, not both.
 #[doc(hidden)]
 pub fn fuzz_server_bytes(data: &[u8]) {
     use crate::backing::remote::Reply;
@@ -1614,12 +1713,19 @@ pub fn fuzz_server_bytes(data: &[u8]) {
         };
         wire.add(&pool, Job { read, attempts: 0 });
     }
+    // With structured replies, a block status query too (cookie n + 1).
+    let (query_tx, query_rx) = crossbeam_channel::unbounded();
+    if structured {
+        wire.cookie += 1;
+        wire.queries
+            .insert(wire.cookie, status::Query::new(query_tx));
+    }
     let info = ExportInfo {
         size: 1 << 40,
         structured,
         min_block: 1,
         max_block: DEFAULT_MAX_READ,
-        allocation: None,
+        allocation: structured.then_some(1),
     };
     let wire = Mutex::new(wire);
     let why = read_replies(
@@ -1660,8 +1766,16 @@ pub fn fuzz_server_bytes(data: &[u8]) {
             }
         }
     }
-    for p in wire.into_inner().unwrap().pending.into_values() {
+    let wire = wire.into_inner().unwrap();
+    for p in wire.pending.into_values() {
         seen[p.job.read.tag as usize] += 1;
+    }
+    if structured {
+        let answers = query_rx.try_iter().count() + wire.queries.len();
+        assert_eq!(
+            answers, 1,
+            "the query answered or left {answers} times ({why})"
+        );
     }
     while let Ok(job) = pool.jobs_rx.try_recv() {
         seen[job.read.tag as usize] += 1;
@@ -1693,12 +1807,28 @@ mod tests {
         Partial,
         /// An error chunk for reads at offset 0, good replies otherwise.
         ErrorAtZero,
+        /// As `Chunks`, but garbage in reply to NBD_OPT_SET_META_CONTEXT
+        /// (and then the connection closes).
+        BadMeta,
     }
+
+    /// The `base:allocation` context id the fake server gives (`Chunks`):
+    /// its block status says the second half of each query reads as zeros.
+    const FAKE_CTX: u32 = 5;
 
     const SIZE: u64 = 1 << 20;
 
     fn pattern(off: u64) -> u8 {
         (off % 251) as u8
+    }
+
+    /// What a read gives in `Chunks` mode: the first half of the read the
+    /// pattern, the second half zeros (a hole).
+    fn chunks_read(off: u64, len: usize) -> Vec<u8> {
+        (off..off + len as u64)
+            .enumerate()
+            .map(|(i, o)| if i >= len / 2 { 0 } else { pattern(o) })
+            .collect()
     }
 
     /// Serves `mode` on a fresh Unix socket; returns its URI.
@@ -1738,6 +1868,23 @@ mod tests {
                 c.write_all(&out)?;
                 continue;
             }
+            if opt == OPT_SET_META_CONTEXT {
+                match mode {
+                    Mode::BadMeta => {
+                        c.write_all(b"not an option reply, not at all")?;
+                        return Ok(());
+                    }
+                    Mode::Chunks => {
+                        let mut ctx = FAKE_CTX.to_be_bytes().to_vec();
+                        ctx.extend_from_slice(b"base:allocation");
+                        option_reply(&mut out, opt, REP_META_CONTEXT, &ctx);
+                        option_reply(&mut out, opt, REP_ACK, &[]);
+                    }
+                    _ => option_reply(&mut out, opt, REP_ERR_UNSUP, &[]),
+                }
+                c.write_all(&out)?;
+                continue;
+            }
             assert_eq!(opt, OPT_GO);
             let mut info = INFO_EXPORT.to_be_bytes().to_vec();
             info.extend_from_slice(&SIZE.to_be_bytes());
@@ -1755,6 +1902,21 @@ mod tests {
                 return Ok(());
             }
             let (off, len) = (r.offset, u64::from(r.len));
+            if r.kind == CMD_BLOCK_STATUS {
+                // Another context's extents first, then ours: data, then
+                // zeros.
+                let mut out = Vec::new();
+                for (ctx, flags) in [(FAKE_CTX + 1, 0), (FAKE_CTX, REPLY_FLAG_DONE)] {
+                    chunk_header(&mut out, r.cookie, flags, REPLY_TYPE_BLOCK_STATUS, 20);
+                    out.extend_from_slice(&ctx.to_be_bytes());
+                    for state in [0, STATE_HOLE | STATE_ZERO] {
+                        out.extend_from_slice(&(r.len / 2).to_be_bytes());
+                        out.extend_from_slice(&state.to_be_bytes());
+                    }
+                }
+                c.write_all(&out)?;
+                continue;
+            }
             let bytes = |from: u64, to: u64| (from..to).map(pattern).collect::<Vec<u8>>();
             let half = off + len / 2;
             let mut out = Vec::new();
@@ -1777,7 +1939,7 @@ mod tests {
                 Mode::ErrorAtZero if off == 0 => {
                     error_chunk(&mut out, r.cookie, EPERM, "nope, not this one");
                 }
-                Mode::Chunks | Mode::ErrorAtZero => {
+                Mode::Chunks | Mode::ErrorAtZero | Mode::BadMeta => {
                     if half > off {
                         data_chunk(&mut out, off, &bytes(off, half), 0);
                     }
@@ -1850,6 +2012,63 @@ mod tests {
         out.into_iter().map(Option::unwrap).collect()
     }
 
+    /// Block status goes on the read connections, its replies read by the
+    /// same reader threads between the reads'.
+    #[test]
+    fn block_status_queries_share_the_read_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::Chunks)).unwrap();
+        let reads: Vec<(u64, usize)> = (0..64).map(|i| (i * 8192, 4096)).collect();
+        std::thread::scope(|sc| {
+            let learner = sc.spawn(|| {
+                (0..16)
+                    .map(|i| c.learn_zeros(i * 65536, 65536))
+                    .collect::<Vec<_>>()
+            });
+            for (r, &(off, len)) in read_many(&c, &reads).into_iter().zip(&reads) {
+                assert!(
+                    r.unwrap() == chunks_read(off, len),
+                    "read of {len} at {off}"
+                );
+            }
+            // The second half of each 64 KiB asked about reads as zeros.
+            assert_eq!(learner.join().unwrap(), vec![32768; 16]);
+        });
+        assert_eq!(c.zeros_at(0, SIZE), (false, 32768));
+        assert_eq!(c.zeros_at(32768, SIZE), (true, 32768));
+        assert_eq!(c.zeros_unknown(), None);
+    }
+
+    /// A server whose handshake breaks at the question for block status is
+    /// connected to again without it: reads work, and `zeros_unknown`
+    /// says why there is no block status.
+    #[test]
+    fn a_handshake_broken_by_the_status_question_is_run_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::BadMeta)).unwrap();
+        let reads: Vec<(u64, usize)> = (0..32).map(|i| (i * 4096, 4096)).collect();
+        for (r, &(off, len)) in read_many(&c, &reads).into_iter().zip(&reads) {
+            assert!(
+                r.unwrap() == chunks_read(off, len),
+                "read of {len} at {off}"
+            );
+        }
+        assert_eq!(c.learn_zeros(0, SIZE), 0);
+        let why = c.zeros_unknown().expect("no block status, and why");
+        assert!(
+            why.contains("handshake failed when asked for block status"),
+            "{why}"
+        );
+        // Servers without the context at all: no zeros, and why.
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::Simple)).unwrap();
+        assert_eq!(c.learn_zeros(0, SIZE), 0);
+        assert_eq!(
+            c.zeros_unknown().as_deref(),
+            Some("the server offers no base:allocation")
+        );
+    }
+
     #[test]
     fn structured_and_simple_replies() {
         for mode in [Mode::Chunks, Mode::Simple] {
@@ -1861,16 +2080,10 @@ mod tests {
                 .collect();
             for (r, &(off, len)) in read_many(&c, &reads).into_iter().zip(&reads) {
                 let got = r.unwrap();
-                let want: Vec<u8> = (off..off + len as u64)
-                    .enumerate()
-                    .map(|(i, o)| {
-                        if mode == Mode::Chunks && i >= len / 2 {
-                            0
-                        } else {
-                            pattern(o)
-                        }
-                    })
-                    .collect();
+                let want = match mode {
+                    Mode::Chunks => chunks_read(off, len),
+                    _ => (off..off + len as u64).map(pattern).collect(),
+                };
                 assert!(got == want, "read of {len} at {off}");
             }
         }
@@ -1928,6 +2141,7 @@ mod tests {
         let lane = Lane {
             wire: Mutex::new(Wire::default()),
             out: Mutex::new(Stream::Unix(ours)),
+            allocation: None,
         };
         let (tx, _rx) = mpsc::channel();
         let read = RemoteRead {

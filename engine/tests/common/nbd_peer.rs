@@ -135,8 +135,16 @@ pub fn nbdkit_plugin(dir: &Path, sock: &Path, filters: &[&str], plugin: &[String
 /// `qemu-nbd -r -t -e 16 -f raw IMAGE` on `listen` (`-k SOCKET` or `-b HOST
 /// -p PORT`), its pid file and log in `dir`.
 pub fn qemu_nbd(dir: &Path, image: &Path, listen: &[String]) -> Peer {
+    qemu_nbd_for(dir, image, listen, 16)
+}
+
+/// [`qemu_nbd`] taking `clients` at a time (`-e`); qemu-nbd's default is
+/// one: it then leaves further connections waiting, ungreeted, until the
+/// one it serves closes.
+pub fn qemu_nbd_for(dir: &Path, image: &Path, listen: &[String], clients: u32) -> Peer {
     let pid = dir.join("qemu-nbd.pid");
-    let mut args: Vec<String> = ["-r", "-t", "-e", "16", "-f", "raw", "--pid-file"]
+    let clients = clients.to_string();
+    let mut args: Vec<String> = ["-r", "-t", "-e", &clients, "-f", "raw", "--pid-file"]
         .iter()
         .map(|s| s.to_string())
         .collect();

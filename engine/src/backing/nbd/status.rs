@@ -3,49 +3,43 @@
 //! them. A sparse image of 20 GiB with 2 GiB of data then crosses a slow
 //! link as 2 GiB, as `nbdcopy` and `qemu-img convert` copy it.
 //!
-//! What it owns: a connection of its own, apart from the read pool
-//! (opened at the first query, with the meta context asked for in its
-//! handshake), the queries on it, and [`Zeros`], the ranges known to read
-//! as zeros that [`Medium::zeros_at`](crate::backing::remote::Medium::zeros_at)
-//! answers from.
+//! What it owns: the queries (`NBD_CMD_BLOCK_STATUS`), their replies, and
+//! [`Zeros`], the ranges known to read as zeros that
+//! [`Medium::zeros_at`](crate::backing::remote::Medium::zeros_at) answers
+//! from. The queries go on the read pool's connections, which ask for the
+//! context in their handshake, as QEMU's client does: a server that takes
+//! one client at a time (qemu-nbd's default) answers them too, and no
+//! connection is opened for them. A connection's reader thread reads the
+//! replies to its queries between its reads' ([`read_query_reply`]).
 //!
 //! Queries are synchronous, from a thread that may wait (the stream's
-//! driver, `backfill convert`), never from a core. Block status only saves
-//! fetches, so it never fails anything: a server that offers no
-//! `base:allocation` (no structured replies, an old server), an error, or a
-//! malformed reply makes a query learn nothing, and reads fetch those
-//! ranges as before. The connection opens on a thread of its own, and the
-//! first query waits for it [`FIRST_WAIT`] at most: a server at its
-//! connection limit (qemu-nbd's default is one client) takes the connection
-//! but never greets it, which would otherwise hold the query for the whole
-//! handshake timeout. A server that could not be reached for status, or
-//! offers none, is not asked again by this client; nor is one that let a
-//! query wait [`REPLY_TIMEOUT`] (it would hold each of the stream's scans
-//! that long), or whose queries failed [`MAX_FAILURES`] times.
+//! driver, `backfill convert`, `backfill info`), never from a core. Block
+//! status only saves fetches, so it never fails anything: a server that
+//! offers no `base:allocation` (no structured replies, an old server), an
+//! error, or a malformed reply makes a query learn nothing, and reads fetch
+//! those ranges as before. A server that offers none is not asked again by
+//! this client; nor is one that let a query wait [`QUERY_TIMEOUT`] (it
+//! would hold each of the stream's scans that long), or whose queries
+//! failed [`MAX_FAILURES`] times.
 //!
 //! Only the `NBD_STATE_ZERO` bit counts: a hole without it may read as
 //! anything.
 
-use super::{
-    connect_for, nbd_error_text, read_chunk_header, read_u32, read_u64, request, ExportInfo,
-    NbdUri, Stream,
-};
+use super::{nbd_error_text, read_chunk_header, read_u32, read_u64, request, Lane, Pool};
 use crate::nbd::proto::*;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The status connection's handshake waits this long at most (a server at
-/// its connection limit takes the connection but never greets it).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the first query waits for the connection to open.
+/// How long a query waits for a live connection (the first one may still
+/// be in its handshake).
 const FIRST_WAIT: Duration = Duration::from_secs(2);
 /// A query's reply may take this long.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Failed queries (each on a new connection) before status is off.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed queries before status is off.
 const MAX_FAILURES: u32 = 3;
 /// Bytes one query asks about (the server may answer for fewer).
 const MAX_QUERY: u64 = 1 << 30;
@@ -106,40 +100,261 @@ impl Zeros {
     }
 }
 
-/// The status connection and what became of it.
+/// The extents of one query's answer, as (length, flags), or why none.
+pub(super) type Answer = std::result::Result<Vec<(u32, u32)>, String>;
+
+/// A block status query on the wire: who waits for its answer, and what
+/// its reply's chunks gave so far.
+pub(super) struct Query {
+    waiter: Sender<Answer>,
+    extents: Option<Vec<(u32, u32)>>,
+    /// The first thing wrong with the reply (the connection goes on).
+    error: Option<String>,
+}
+
+impl Query {
+    pub(super) fn new(waiter: Sender<Answer>) -> Query {
+        Query {
+            waiter,
+            extents: None,
+            error: None,
+        }
+    }
+
+    /// Hands `answer` to the waiter (which may have stopped waiting).
+    pub(super) fn answer(self, answer: Answer) {
+        let _ = self.waiter.send(answer);
+    }
+
+    /// The reply is complete: its extents, or what was wrong with it.
+    fn done(mut self) {
+        let answer = match (self.error.take(), self.extents.take()) {
+            (Some(e), _) => Err(e),
+            (None, Some(extents)) => Ok(extents),
+            (None, None) => Err("protocol error: no extents in a block status reply".into()),
+        };
+        self.answer(answer);
+    }
+}
+
+/// Why a query learned nothing.
+enum Trouble {
+    /// No connection is up: ask again later.
+    NoConnection,
+    /// The server gives no block status (why): ask no more.
+    Unsupported(String),
+    /// The query failed (why); `waited` if it waited the whole timeout.
+    Failed { why: String, waited: bool },
+}
+
+impl Pool {
+    /// A live connection to send a block status query on, and its context
+    /// id; waits [`FIRST_WAIT`] at most for one to go live.
+    fn status_lane(&self) -> std::result::Result<(Arc<Lane>, u32), Trouble> {
+        let until = Instant::now() + FIRST_WAIT;
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let with: Vec<_> = lanes.iter().filter(|l| l.allocation.is_some()).collect();
+            if !with.is_empty() {
+                let lane = with[self.next_lane.fetch_add(1, Ordering::Relaxed) % with.len()];
+                let ctx = lane.allocation.expect("filtered");
+                return Ok((lane.clone(), ctx));
+            }
+            if !lanes.is_empty() {
+                let why = self
+                    .status_trouble
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let why = why
+                    .as_deref()
+                    .unwrap_or("the server offers no base:allocation");
+                return Err(Trouble::Unsupported(why.to_string()));
+            }
+            let now = Instant::now();
+            if now >= until || self.stopped() {
+                return Err(Trouble::NoConnection);
+            }
+            lanes = self
+                .lanes_changed
+                .wait_timeout(lanes, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// One `NBD_CMD_BLOCK_STATUS` for `[offset, offset + len)`: the
+    /// extents the server gave, from `offset` on.
+    fn block_status(&self, offset: u64, len: u32) -> std::result::Result<Vec<(u32, u32)>, Trouble> {
+        let (lane, _) = self.status_lane()?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        {
+            let mut w = lane.wire.lock().unwrap_or_else(|e| e.into_inner());
+            if w.dead {
+                return Err(Trouble::NoConnection);
+            }
+            w.cookie += 1;
+            let cookie = w.cookie;
+            // In the table before the request is on the wire, as a read's.
+            w.queries.insert(cookie, Query::new(tx));
+            // Lock order: `wire`, then `out`. The sending thread holds
+            // `out` only while it writes a batch.
+            let out = lane.out.lock().unwrap_or_else(|e| e.into_inner());
+            drop(w);
+            let header = request(CMD_BLOCK_STATUS, cookie, offset, len);
+            match out.send_now(&header) {
+                Ok(n) if n == header.len() => {}
+                // The socket is full of requests the server has not read:
+                // ask another time.
+                Ok(0) => {
+                    drop(out);
+                    let mut w = lane.wire.lock().unwrap_or_else(|e| e.into_inner());
+                    w.queries.remove(&cookie);
+                    return Err(Trouble::NoConnection);
+                }
+                // Part of a request on the wire, or a broken socket: the
+                // connection is of no more use (its reads go elsewhere,
+                // and its session's end answers this query).
+                Ok(_) | Err(_) => {
+                    out.shutdown();
+                    return Err(Trouble::NoConnection);
+                }
+            }
+        }
+        match rx.recv_timeout(QUERY_TIMEOUT) {
+            Ok(answer) => answer.map_err(|why| Trouble::Failed { why, waited: false }),
+            Err(RecvTimeoutError::Timeout) => Err(Trouble::Failed {
+                why: format!("no reply to a block status query in {QUERY_TIMEOUT:?}"),
+                waited: true,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(Trouble::NoConnection),
+        }
+    }
+}
+
+/// Reads one message of the reply to query `q` from `s`, after its header
+/// (a simple reply's `error`, or a structured chunk's flags, type and
+/// length): `Some(q)` if more chunks follow, `None` once `q` is answered.
+/// An error means the connection is of no more use (the query is answered
+/// with it); a reply that is wrong but whole only fails the query.
+pub(super) fn read_query_reply(
+    s: &mut impl Read,
+    mut q: Query,
+    chunk: Option<(u16, u16, u32)>,
+    error: u32,
+    ctx: Option<u32>,
+) -> std::result::Result<Option<Query>, String> {
+    let Some((flags, kind, len)) = chunk else {
+        // A simple reply: an error, or a protocol error (no extents).
+        q.error.get_or_insert_with(|| match error {
+            0 => "protocol error: a simple reply to a block status query".into(),
+            e => format!(
+                "the server answered a block status query with {}",
+                nbd_error_text(e)
+            ),
+        });
+        q.done();
+        return Ok(None);
+    };
+    if len > MAX_CHUNK {
+        let why = format!("protocol error: a block status chunk of {len} bytes");
+        q.answer(Err(why.clone()));
+        return Err(why);
+    }
+    let mut payload = vec![0u8; len as usize];
+    if let Err(e) = s.read_exact(&mut payload) {
+        let why = format!("reading a block status reply: {e}");
+        q.answer(Err(why.clone()));
+        return Err(why);
+    }
+    let mut c = Cursor(&payload);
+    let wrong = match kind {
+        REPLY_TYPE_NONE if len == 0 => None,
+        REPLY_TYPE_BLOCK_STATUS if len >= 12 && (len - 4) % 8 == 0 => {
+            let id = c.u32();
+            if id.is_some() && id == ctx {
+                if q.extents.is_some() {
+                    Some("protocol error: two status chunks for one context".to_string())
+                } else {
+                    let mut v = Vec::with_capacity(c.0.len() / 8);
+                    while let (Some(n), Some(f)) = (c.u32(), c.u32()) {
+                        v.push((n, f));
+                    }
+                    q.extents = Some(v);
+                    None
+                }
+            } else {
+                // Another context's: skipped.
+                None
+            }
+        }
+        k if k & (1 << 15) != 0 => Some(format!(
+            "the server answered a block status query with {}",
+            nbd_error_text(c.u32().unwrap_or(EIO))
+        )),
+        k => Some(format!(
+            "protocol error: unexpected chunk type {k} of {len} bytes"
+        )),
+    };
+    if let Some(why) = wrong {
+        q.error.get_or_insert(why);
+    }
+    if flags & REPLY_FLAG_DONE != 0 {
+        q.done();
+        return Ok(None);
+    }
+    Ok(Some(q))
+}
+
+/// Reads the whole reply to block status query `cookie` from `s` (no
+/// other request's chunks between): the extents the server gave for
+/// context `ctx`. What a connection's reader does, for one query.
+pub(super) fn read_status_reply(s: &mut impl Read, cookie: u64, ctx: u32) -> Answer {
+    let io = |e: std::io::Error| format!("reading a block status reply: {e}");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let mut q = Query::new(tx);
+    loop {
+        let (chunk, error, got) = match read_u32(s).map_err(io)? {
+            SIMPLE_REPLY_MAGIC => (None, read_u32(s).map_err(io)?, read_u64(s).map_err(io)?),
+            STRUCTURED_REPLY_MAGIC => {
+                let (flags, kind, got, len) = read_chunk_header(s).map_err(io)?;
+                (Some((flags, kind, len)), 0, got)
+            }
+            m => return Err(format!("protocol error: bad reply magic {m:#x}")),
+        };
+        if got != cookie {
+            return Err(format!(
+                "protocol error: reply to cookie {got}, not {cookie}"
+            ));
+        }
+        match read_query_reply(s, q, chunk, error, Some(ctx)) {
+            Ok(Some(more)) => q = more,
+            Ok(None) | Err(_) => return rx.try_recv().expect("the query is answered"),
+        }
+    }
+}
+
+/// Whether block status works for this client, and what it learned.
 pub(super) struct Status {
-    /// The export, its size, and the alignment of its reads.
-    uri: NbdUri,
+    /// The export's size, and the alignment of its reads.
     size: u64,
     align: u64,
-    conn: Option<(Stream, u32)>,
-    /// The connection being opened, and until when a query waits for it.
-    opening: Option<(Opening, Instant)>,
     /// Why this client asks no more.
     off: Option<String>,
     /// Queries that failed so far, and why the last did.
     failures: u32,
     failed: Option<String>,
-    cookie: u64,
 }
 
-/// The answer of the thread that opens the status connection.
-type Opening = Receiver<std::result::Result<(Stream, ExportInfo), String>>;
-
 impl Status {
-    /// Status of export `uri` of `size` bytes, whose reads start and end
-    /// on multiples of `align`; nothing is opened yet.
-    pub(super) fn new(uri: NbdUri, size: u64, align: u64) -> Status {
+    /// Status of an export of `size` bytes, whose reads start and end on
+    /// multiples of `align`.
+    pub(super) fn new(size: u64, align: u64) -> Status {
         Status {
-            uri,
             size,
             align,
-            conn: None,
-            opening: None,
             off: None,
             failures: 0,
             failed: None,
-            cookie: 0,
         }
     }
 
@@ -148,25 +363,21 @@ impl Status {
         self.off.as_deref().or(self.failed.as_deref())
     }
 
-    /// Asks the server about `[offset, offset + len)` (clamped to the
-    /// export's end) and adds the ranges that read as zeros, shrunk to
-    /// whole alignment blocks (where reads start and end), to `zeros`.
-    /// Returns the bytes found zero.
-    pub(super) fn learn(&mut self, zeros: &Zeros, offset: u64, len: u64) -> u64 {
+    /// Asks the server, on a connection of `pool`, about `[offset, offset
+    /// + len)` (clamped to the export's end) and adds the ranges that read
+    /// as zeros, shrunk to whole alignment blocks (where reads start and
+    /// end), to `zeros`. Returns the bytes found zero.
+    pub(super) fn learn(&mut self, pool: &Pool, zeros: &Zeros, offset: u64, len: u64) -> u64 {
         let (size, align) = (self.size, self.align);
         let end = offset.saturating_add(len).min(size);
         let mut pos = offset;
         let mut found = 0;
         while pos < end && self.off.is_none() {
-            self.cookie += 1;
-            let cookie = self.cookie;
-            let Some((conn, ctx)) = self.connection() else {
-                break;
-            };
             let n = (end - pos).min(MAX_QUERY) as u32;
-            let asked = Instant::now();
-            let answer = query(conn, cookie, ctx, pos, n)
-                .and_then(|extents| zero_ranges(pos, end, size, align, &extents));
+            let answer = pool.block_status(pos, n).and_then(|extents| {
+                zero_ranges(pos, end, size, align, &extents)
+                    .map_err(|why| Trouble::Failed { why, waited: false })
+            });
             match answer {
                 Ok((ranges, next)) => {
                     self.failed = None;
@@ -176,161 +387,22 @@ impl Status {
                     }
                     pos = next;
                 }
-                Err(e) => {
-                    // The next query starts on a new connection, if any.
-                    if let Some((s, _)) = self.conn.take() {
-                        s.shutdown();
-                    }
+                Err(Trouble::NoConnection) => break,
+                Err(Trouble::Unsupported(why)) => self.off = Some(why),
+                Err(Trouble::Failed { why, waited }) => {
                     self.failures += 1;
-                    // A server that let a query time out is not waited
-                    // for again.
-                    if self.failures >= MAX_FAILURES || asked.elapsed() >= REPLY_TIMEOUT {
-                        self.off = Some(e);
+                    // A server that let a query time out is not waited for
+                    // again.
+                    if self.failures >= MAX_FAILURES || waited {
+                        self.off = Some(why);
                     } else {
-                        self.failed = Some(e);
+                        self.failed = Some(why);
                     }
                     break;
                 }
             }
         }
         found
-    }
-
-    /// The connection, if there is one. The first call (and the first
-    /// after a failed query) starts opening one on a thread of its own and
-    /// waits [`FIRST_WAIT`] for it; later calls look whether it came. So a
-    /// server that holds the handshake (at its connection limit) costs the
-    /// stream that short wait once, not the handshake timeout; this query
-    /// learns nothing, later ones do. None while it is being opened, and
-    /// once status is off.
-    fn connection(&mut self) -> Option<(&mut Stream, u32)> {
-        if self.conn.is_none() && self.off.is_none() {
-            if self.opening.is_none() {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                let uri = self.uri.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("backfill-nbd-status".into())
-                    .spawn(move || {
-                        let _ = tx.send(connect_for(&uri, true, HANDSHAKE_TIMEOUT));
-                    });
-                if let Err(e) = spawned {
-                    self.off = Some(format!("spawning a thread: {e}"));
-                    return None;
-                }
-                self.opening = Some((rx, Instant::now() + FIRST_WAIT));
-            }
-            let (rx, until) = self.opening.as_ref().expect("being opened");
-            // Past `until`, this only looks.
-            match rx.recv_deadline(*until) {
-                Err(RecvTimeoutError::Timeout) => return None,
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.off = Some("the connecting thread ended".into())
-                }
-                Ok(Ok((s, info))) => match info.allocation {
-                    Some(ctx) if s.set_timeouts(Some(REPLY_TIMEOUT)).is_ok() => {
-                        self.conn = Some((s, ctx));
-                    }
-                    _ => {
-                        s.shutdown();
-                        self.off = Some("the server offers no base:allocation".into());
-                    }
-                },
-                Ok(Err(e)) => self.off = Some(e),
-            }
-            self.opening = None;
-        }
-        self.conn.as_mut().map(|(s, ctx)| (s, *ctx))
-    }
-}
-
-impl Drop for Status {
-    fn drop(&mut self) {
-        if let Some((s, _)) = &self.conn {
-            let _ = (&*s).write_all(&request(CMD_DISC, 0, 0, 0));
-            s.shutdown();
-        }
-    }
-}
-
-/// One NBD_CMD_BLOCK_STATUS on `s`: the extents of context `ctx`, as
-/// (length, flags), from `offset` on.
-fn query(
-    s: &mut Stream,
-    cookie: u64,
-    ctx: u32,
-    offset: u64,
-    len: u32,
-) -> std::result::Result<Vec<(u32, u32)>, String> {
-    (&*s)
-        .write_all(&request(CMD_BLOCK_STATUS, cookie, offset, len))
-        .map_err(|e| format!("sending a block status query: {e}"))?;
-    read_status_reply(s, cookie, ctx)
-}
-
-/// Reads the reply to block status query `cookie`: the extents the
-/// server gave for context `ctx`.
-pub(super) fn read_status_reply(
-    s: &mut impl Read,
-    cookie: u64,
-    ctx: u32,
-) -> std::result::Result<Vec<(u32, u32)>, String> {
-    let io = |e: std::io::Error| format!("reading a block status reply: {e}");
-    let mut extents: Option<Vec<(u32, u32)>> = None;
-    loop {
-        let magic = read_u32(s).map_err(io)?;
-        if magic == SIMPLE_REPLY_MAGIC {
-            let error = read_u32(s).map_err(io)?;
-            let _ = read_u64(s).map_err(io)?;
-            return Err(format!(
-                "the server answered a simple reply (error {error})"
-            ));
-        }
-        if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(format!("protocol error: bad reply magic {magic:#x}"));
-        }
-        let (flags, kind, got, len) = read_chunk_header(s).map_err(io)?;
-        if got != cookie {
-            return Err(format!(
-                "protocol error: reply to cookie {got}, not {cookie}"
-            ));
-        }
-        if len > MAX_CHUNK {
-            return Err(format!("protocol error: a chunk of {len} bytes"));
-        }
-        let mut payload = vec![0u8; len as usize];
-        s.read_exact(&mut payload).map_err(io)?;
-        let mut c = Cursor(&payload);
-        match kind {
-            REPLY_TYPE_NONE if len == 0 => {}
-            REPLY_TYPE_BLOCK_STATUS if len >= 12 && (len - 4) % 8 == 0 => {
-                let id = c.u32().unwrap_or_default();
-                if id == ctx {
-                    if extents.is_some() {
-                        return Err("protocol error: two status chunks for one context".into());
-                    }
-                    let mut v = Vec::with_capacity(c.0.len() / 8);
-                    while let (Some(n), Some(f)) = (c.u32(), c.u32()) {
-                        v.push((n, f));
-                    }
-                    extents = Some(v);
-                }
-            }
-            k if k & (1 << 15) != 0 => {
-                let error = c.u32().unwrap_or_default();
-                return Err(format!(
-                    "the server answered a block status query with {}",
-                    nbd_error_text(error)
-                ));
-            }
-            k => {
-                return Err(format!(
-                    "protocol error: unexpected chunk type {k} of {len} bytes"
-                ))
-            }
-        }
-        if flags & REPLY_FLAG_DONE != 0 {
-            return extents.ok_or_else(|| "protocol error: no extents".into());
-        }
     }
 }
 
