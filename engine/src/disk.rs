@@ -868,23 +868,31 @@ impl Disk {
         self.inner.shared.chain.is_some()
     }
 
-    /// Asks the chain's remote medium, if it can tell (an NBD server's
-    /// block status), which bytes of `[offset, offset + len)` read as zeros
-    /// there. From then on the chain reads them as zeros without fetching
-    /// them: [`Disk::block_status`] shows them as zero in the backing, and
-    /// copy-on-read and populating record zero clusters for them. Returns
-    /// the bytes found. Blocks for a round trip to the server; nothing
-    /// fails by it (a medium that cannot tell finds none).
-    /// A walk over the disk asks about [`LEARN_ZEROS_BYTES`] at a time.
+    /// Whether the backing chain has a remote layer (NBD, HTTP).
+    pub fn backing_is_remote(&self) -> bool {
+        self.inner
+            .shared
+            .chain
+            .as_ref()
+            .is_some_and(|c| (0..c.depth()).any(|i| c.remote(i).is_some()))
+    }
+
+    /// Asks the backing chain which bytes of `[offset, offset + len)` read
+    /// as zeros there without a read, where it can tell: a remote medium
+    /// (an NBD server's block status) or a raw file (its holes, by
+    /// `SEEK_HOLE`). From then on the chain reads them as zeros without
+    /// fetching or reading them: [`Disk::block_status`] shows them as zero
+    /// in the backing, and copy-on-read and populating record zero
+    /// clusters for them. Returns the bytes found. May block for a round
+    /// trip to a server; nothing fails by it (a layer that cannot tell
+    /// finds none). A walk over the disk asks about [`LEARN_ZEROS_BYTES`]
+    /// at a time.
     pub fn learn_backing_zeros(&self, offset: u64, len: u64) -> u64 {
-        let Some(chain) = &self.inner.shared.chain else {
-            return 0;
-        };
-        // A remote layer is raw: its offsets are the disk's.
-        (0..chain.depth())
-            .filter_map(|i| chain.remote(i))
-            .map(|m| m.learn_zeros(offset, len))
-            .sum()
+        self.inner
+            .shared
+            .chain
+            .as_ref()
+            .map_or(0, |chain| chain.learn_zeros(offset, len))
     }
 
     /// The image's path as given to `open`.

@@ -33,9 +33,9 @@
 //! - **Zero detection** comes with the fill: backing data that is all zero
 //!   becomes a zero cluster (compat 1.1 images), not data. Before each
 //!   scan the backing is asked which of the stretch reads as zeros
-//!   ([`Disk::learn_backing_zeros`]: an NBD server's block status); those
-//!   clusters become zero clusters without being fetched, so a sparse
-//!   image crosses the link as its data only.
+//!   ([`Disk::learn_backing_zeros`]: an NBD server's block status, a raw
+//!   file's holes); those clusters become zero clusters without being
+//!   fetched or read, so a sparse image crosses the link as its data only.
 //! - **Resumable.** Progress lives in the image: a new stream (after a
 //!   cancel, a crash or a restart) skips what the overlay holds, which is
 //!   everything an earlier run populated up to its last flush (a fill whose
@@ -142,8 +142,8 @@ pub struct StreamProgress {
     pub populated_bytes: u64,
     /// Bytes found to read as zeros in the backing chain (zero clusters of
     /// a qcow2 backing file, ranges an NBD server's block status says are
-    /// zeros) in what the stream has scanned: populated as zero clusters
-    /// without being fetched.
+    /// zeros, holes of a raw backing file) in what the stream has scanned:
+    /// populated as zero clusters without being fetched or read.
     pub backing_zero_bytes: u64,
     /// Populate requests in flight.
     pub in_flight: usize,
@@ -540,9 +540,10 @@ impl Driver {
         let chunk = self.opts.chunk_bytes;
         let start = self.cursor;
         let end = size.min(start + chunk * SCAN_CHUNKS);
-        // A remote medium that can tell which of it reads as zeros (an NBD
-        // server's block status) says so first: those ranges then read as
-        // zeros in the chain, and their fills fetch nothing.
+        // The backing chain says first what of it reads as zeros, where it
+        // can tell (an NBD server's block status, a raw file's holes):
+        // those ranges then read as zeros in the chain, and their fills
+        // fetch (or read) nothing.
         self.disk.learn_backing_zeros(start, end - start);
         let extents = self
             .disk

@@ -5,7 +5,8 @@
 //! * `raw_backing_streams_to_a_standalone_image`: a raw backing file with
 //!   zero regions (written zeros and a hole) and a partial last cluster;
 //!   some clusters are in the overlay before (a read and a write): the
-//!   stream fetches exactly what is missing, the header loses its backing
+//!   stream fetches exactly what is missing but the hole (which the file
+//!   system says reads as zeros: no read), the header loses its backing
 //!   reference (`qemu-img info`), the image equals the backing with the
 //!   write applied (`qemu-img compare`), `qemu-img check` is clean, and the
 //!   zero regions are zero, not data (`qemu-img map`).
@@ -124,14 +125,16 @@ fn raw_backing_streams_to_a_standalone_image() {
     assert_eq!(last.state, StreamState::Done);
     assert_eq!(last.done_bytes, size);
     // What was in the overlay was neither fetched nor populated again: the
-    // read's two clusters and the write's three.
+    // read's two clusters and the write's three. The hole was populated
+    // (as zero clusters) without a read of the file.
     let held = 4 * C64;
     assert_eq!(last.populated_bytes, size - held, "{last:?}");
+    assert_eq!(last.backing_zero_bytes, hole_len as u64, "{last:?}");
     let after = disk.stats();
     assert_eq!(
         after.bytes_fetched - before.bytes_fetched,
-        size - held,
-        "only the missing clusters are fetched"
+        size - held - hole_len as u64,
+        "only the missing clusters are fetched, and not the hole"
     );
     assert!(after.cor_zero_fills > before.cor_zero_fills);
     // The engine itself now reads the same bytes as a reference.
@@ -720,6 +723,57 @@ fn serve_stream_finishes_while_clients_read_and_write() {
     check_clean(&f.overlay);
     compare_with_bytes(&f.overlay, &expected, f.dir.path());
     assert_zero_in_overlay(&qemu_map(&f.overlay), 4 * MIB, MIB);
+}
+
+/// A local raw backing file's holes read as zeros without a read: its file
+/// system says where they are (`SEEK_HOLE`). `backfill serve` shows them
+/// to its clients as zeros (`nbdinfo --map`: exactly the file's data, as
+/// `qemu-img map` of the file has it, is data), and `backfill stream`
+/// populates them as zero clusters without reading them (its summary), to
+/// an image `qemu-img compare` finds identical to the file.
+#[test]
+fn holes_of_a_local_raw_backing_are_not_read() {
+    const DATA: [(u64, u64); 3] = [
+        (0, MIB),
+        (5 * MIB + 4 * KIB, 300 * KIB),
+        (16 * MIB - 128 * KIB, 128 * KIB),
+    ];
+    let size = 16 * MIB;
+    let dir = tempdir("stream-holes");
+    let base = dir.path().join("base.raw");
+    write_sparse_file(&base, size, &DATA, seed_from_env("stream-holes"));
+    let overlay = dir.path().join("overlay.qcow2");
+    let b = Backing {
+        name: "base.raw".into(),
+        format: "raw",
+    };
+    create_qcow2(&overlay, size, C64, Compat::V3, Some(&b));
+
+    let served = nbd_common::Server::start(dir.path(), &overlay, &["--read-only"]);
+    let line = served.wait_for_log_line("read as zeros");
+    assert!(
+        line.contains("the backing file's holes cover 14.6 MiB of the disk"),
+        "{line}"
+    );
+    assert_eq!(nbd_common::nbdinfo_data(&served.uri), DATA);
+    served.stop();
+
+    let out = backfill_ok(&["stream", &path_str(&overlay)]);
+    assert!(
+        out.contains("16 MiB populated (14.6 MiB of it zeros in the backing image, not fetched)"),
+        "{out}"
+    );
+    assert_standalone(&overlay);
+    check_clean(&overlay);
+    compare_identical(&overlay, &base);
+    let map = qemu_map(&overlay);
+    assert_all_in_overlay(&map);
+    for c in 0..size / C64 {
+        let data = DATA
+            .iter()
+            .any(|&(o, l)| o < (c + 1) * C64 && c * C64 < o + l);
+        assert_eq!(map_at(&map, c * C64).data, data, "cluster {c}");
+    }
 }
 
 #[test]

@@ -376,28 +376,9 @@ const SPARSE_DATA: [(u64, u64); 4] = [
 /// A 24 MiB raw base image with random bytes at [`SPARSE_DATA`], holes in
 /// between (the file system's, as `qemu-img map` of the file shows them).
 fn sparse_base(prefix: &str) -> Base {
-    use std::os::unix::fs::FileExt;
     let b = Base::new(prefix, 6 * MIB);
     let size = 24 * MIB;
-    let f = std::fs::File::create(&b.base).unwrap();
-    f.set_len(size).unwrap();
-    let data = random_bytes(size as usize, seed_from_env(prefix));
-    for (off, len) in SPARSE_DATA {
-        f.write_all_at(&data[off as usize..(off + len) as usize], off)
-            .unwrap();
-    }
-    drop(f);
-    let held: Vec<(u64, u64)> = qemu_map(&b.base)
-        .iter()
-        .filter(|e| e.data)
-        .map(|e| (e.start, e.length))
-        .collect();
-    assert_eq!(
-        held,
-        SPARSE_DATA,
-        "the file system under {} keeps no holes where nothing was written",
-        b.base.display()
-    );
+    write_sparse_file(&b.base, size, &SPARSE_DATA, seed_from_env(prefix));
     Base { size, ..b }
 }
 
@@ -596,19 +577,7 @@ fn serve_shows_its_clients_the_zeros_the_backing_server_reports() {
         line.contains("server says 22.5 MiB of the disk read as zeros: they are not fetched"),
         "{line}"
     );
-    require_tool("nbdinfo");
-    let map = run_ok("nbdinfo", ["--map", served.uri.as_str()]);
-    let mut data = Vec::new();
-    for l in map.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
-        match f[2] {
-            "0" => data.push((off, len)),
-            "3" => {}
-            t => panic!("nbdinfo --map: type {t} in {l:?}\n{map}"),
-        }
-    }
-    assert_eq!(data, SPARSE_DATA, "{map}");
+    assert_eq!(nbd_common::nbdinfo_data(&served.uri), SPARSE_DATA);
 
     require_tool("nbdcopy");
     let copy = b.path("copy.raw");

@@ -4,9 +4,13 @@
 //! What it owns: opening the chain (name resolution, format probing, loop
 //! and depth limits), each qcow2 layer's header and L1 table, and the
 //! translation of a guest byte range into segments: zeros, a byte range
-//! of one layer's file, or a byte range of a remote layer ([`remote`]). A [`Chain`] is immutable after [`Chain::open`] and
-//! shared by every reactor thread; each thread keeps its own [`ChainCache`]
-//! of L2 tables, so lookups take no lock.
+//! of one layer's file, or a byte range of a remote layer ([`remote`]).
+//! Ranges a layer is known to hold as zeros without reading them (an NBD
+//! server's block status, a raw file's holes: [`Chain::learn_zeros`],
+//! [`zeros`]) are zeros. A [`Chain`] is immutable after [`Chain::open`],
+//! but for those learned zeros, and shared by every reactor thread; each
+//! thread keeps its own [`ChainCache`] of L2 tables, so lookups take no
+//! lock (a layer's zeros, a short one once some are learned).
 //!
 //! What it never does: read or write guest data (the caller performs the
 //! reads the segments describe, e.g. on its io_uring with the fds of
@@ -29,6 +33,7 @@ use std::sync::Arc;
 
 pub mod nbd;
 pub mod remote;
+pub mod zeros;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::create::{probe_format, resolve_backing_path};
@@ -80,7 +85,11 @@ pub struct Segment {
 }
 
 enum Format {
-    Raw,
+    /// A raw file; `holes` are the ranges its file system said hold no
+    /// data ([`Chain::learn_zeros`]), read as zeros without a read.
+    Raw {
+        holes: zeros::Zeros,
+    },
     Qcow2 {
         header: Header,
         l1: Vec<u64>,
@@ -101,6 +110,37 @@ struct Layer {
     /// Virtual size: the header's for qcow2, the file length for raw.
     size: u64,
     format: Format,
+}
+
+/// Adds the holes of raw layer `layer`'s file in `[offset, offset + len)`
+/// (clamped to its end) to `holes`, shrunk to whole [`IO_ALIGN`] blocks
+/// (where its O_DIRECT reads start and end; a hole may end at the file's
+/// end); returns their bytes. A file system that cannot tell has none.
+///
+/// [`IO_ALIGN`]: crate::io::IO_ALIGN
+fn learn_holes(layer: &Layer, holes: &zeros::Zeros, offset: u64, len: u64) -> u64 {
+    let end = offset.saturating_add(len).min(layer.size);
+    let Some(file) = &layer.file else {
+        return 0;
+    };
+    let Ok(found) = crate::io::holes(file, offset, end) else {
+        return 0;
+    };
+    let align = crate::io::IO_ALIGN as u64;
+    let mut bytes = 0;
+    for (lo, hi) in found {
+        let lo = lo.next_multiple_of(align);
+        let hi = if hi == layer.size {
+            hi
+        } else {
+            hi / align * align
+        };
+        if lo < hi {
+            holes.insert(lo, hi);
+            bytes += hi - lo;
+        }
+    }
+    bytes
 }
 
 /// The backing chain of one overlay, layer 0 being its direct backing file.
@@ -378,7 +418,9 @@ impl Chain {
                     direct: None,
                     file_len,
                     size: file_len,
-                    format: Format::Raw,
+                    format: Format::Raw {
+                        holes: zeros::Zeros::default(),
+                    },
                 },
                 "qcow2" => {
                     // The dirty bit is fine here: we never allocate from
@@ -478,6 +520,23 @@ impl Chain {
         }
     }
 
+    /// Learns which of `[offset, offset + len)` reads as zeros without a
+    /// read, layer by layer: a remote layer asks its medium (an NBD
+    /// server's block status: a round trip), a raw file its file system
+    /// (its holes). [`Chain::resolve`] then gives those ranges as zeros.
+    /// Returns the bytes found, over all layers. Nothing fails by it: what
+    /// cannot be learned is read as before.
+    pub fn learn_zeros(&self, offset: u64, len: u64) -> u64 {
+        self.layers
+            .iter()
+            .map(|layer| match &layer.format {
+                Format::Remote(m) => m.learn_zeros(offset, len),
+                Format::Raw { holes } => learn_holes(layer, holes, offset, len),
+                Format::Qcow2 { .. } => 0,
+            })
+            .sum()
+    }
+
     /// Whether layer `i` has an O_DIRECT descriptor.
     pub fn has_direct(&self, i: usize) -> bool {
         self.layers[i].direct.is_some()
@@ -497,7 +556,7 @@ impl Chain {
 
     pub fn layer_format(&self, i: usize) -> &str {
         match self.layers[i].format {
-            Format::Raw | Format::Remote(_) => "raw",
+            Format::Raw { .. } | Format::Remote(_) => "raw",
             Format::Qcow2 { .. } => "qcow2",
         }
     }
@@ -564,9 +623,13 @@ impl Chain {
         let max = max.min(layer.size - pos);
         let depth = i as u32 + 1;
         let (header, l1) = match &layer.format {
-            Format::Raw => {
+            Format::Raw { holes } => {
+                let (zeros, n) = holes.run(pos, max);
+                if zeros {
+                    return Ok((n, Source::Zero, depth));
+                }
                 return Ok((
-                    max,
+                    n,
                     Source::File {
                         layer: i,
                         host_offset: pos,

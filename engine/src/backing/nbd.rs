@@ -894,7 +894,7 @@ pub struct NbdClient {
     ended: Receiver<()>,
     /// Block status queries ([`Medium::learn_zeros`]) and what they found.
     status: Mutex<status::Status>,
-    zeros: status::Zeros,
+    zeros: crate::backing::zeros::Zeros,
 }
 
 impl NbdClient {
@@ -922,7 +922,7 @@ impl NbdClient {
             threads: Vec::with_capacity(CONNECTIONS),
             ended,
             status: Mutex::new(status),
-            zeros: status::Zeros::default(),
+            zeros: crate::backing::zeros::Zeros::default(),
         };
         let mut first = Some((stream, info));
         for i in 0..CONNECTIONS {

@@ -70,6 +70,43 @@ pub fn allocate(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<
     Ok(())
 }
 
+/// The holes of `file` in `[offset, end)`, in order: ranges its file
+/// system holds no data for, which read as zeros (`SEEK_DATA` and
+/// `SEEK_HOLE`, lseek(2)). A file system that cannot tell reports none.
+/// Moves the file's offset, which positioned reads and the rings ignore.
+pub fn holes(file: &std::fs::File, offset: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    // Where the next data (or hole) starts at or after `pos`; None if
+    // there is none (ENXIO: no data up to the file's end, or `pos` at or
+    // past it).
+    let seek = |pos: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek(2) takes no pointers; the descriptor is borrowed
+        // from a live File for the duration of the call.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(u64::MAX);
+        if data > pos {
+            out.push((pos, data.min(end)));
+        }
+        if data >= end {
+            break;
+        }
+        pos = seek(data, libc::SEEK_HOLE)?.unwrap_or(u64::MAX);
+    }
+    Ok(out)
+}
+
 /// A file registered with the I/O layer, by index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId(pub u32);
@@ -303,4 +340,43 @@ pub(crate) fn run_blocking(fd: std::os::fd::RawFd, op: &Op, limit: usize) -> i32
         }
     }
     done as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// `holes` cuts the file system's holes to the range asked about: a
+    /// range that starts or ends inside a hole, or inside data, or lies
+    /// in one hole. The file: data at [64K, 128K) and [1M, 1M + 4K), 2 MiB.
+    #[test]
+    fn holes_are_cut_to_the_range_asked_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("sparse")).unwrap();
+        f.set_len(2 << 20).unwrap();
+        f.write_all_at(&[7u8; 65536], 65536).unwrap();
+        f.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+        let (k, m) = (1024, 1 << 20);
+        assert_eq!(
+            holes(&f, 0, 2 * m).unwrap(),
+            vec![(0, 64 * k), (128 * k, m), (m + 4 * k, 2 * m)],
+            "the file system under {} keeps no holes where nothing was written",
+            dir.path().display()
+        );
+        assert_eq!(holes(&f, 4096, 100 * k).unwrap(), vec![(4096, 64 * k)]);
+        assert_eq!(
+            holes(&f, 100 * k, 200 * k).unwrap(),
+            vec![(128 * k, 200 * k)]
+        );
+        assert_eq!(
+            holes(&f, 200 * k, 300 * k).unwrap(),
+            vec![(200 * k, 300 * k)]
+        );
+        assert!(holes(&f, 64 * k, 128 * k).unwrap().is_empty());
+        assert_eq!(
+            holes(&f, m + 4 * k, 2 * m).unwrap(),
+            vec![(m + 4 * k, 2 * m)]
+        );
+    }
 }

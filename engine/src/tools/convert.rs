@@ -148,8 +148,8 @@ fn copy_out(disk: &Disk, dest: &Path, opts: &ConvertOptions) -> Result<ConvertRe
     let mut written = 0u64;
     let chunk = opts.chunk_bytes as u64;
     // Where the backing was asked up to which of it reads as zeros (an NBD
-    // server's block status): reads of those fetch nothing, and their
-    // chunks stay holes in the output.
+    // server's block status, a raw file's holes): reads of those fetch
+    // nothing, and their chunks stay holes in the output.
     let mut learned = 0u64;
     let mut learn_ahead = |end: u64| {
         while learned < end {

@@ -117,13 +117,13 @@ fn report_stats(
     })
 }
 
-/// Asks the remote backing, [`LEARN_ZEROS_BYTES`] at a time from the disk's
-/// start, which of it reads as zeros (an NBD server's block status; see
-/// [`Disk::learn_backing_zeros`]): reads of those ranges then fetch
-/// nothing, and clients' block status queries show them as zeros, so
-/// `nbdcopy` or `qemu-img convert` reading from this server skip them
-/// rather than pull them over the link. Says on stderr what it found once
-/// through the disk. Stops when `stop` is dropped; never joined, since a
+/// Asks the backing chain, [`LEARN_ZEROS_BYTES`] at a time from the disk's
+/// start, which of it reads as zeros (an NBD server's block status, a raw
+/// file's holes; see [`Disk::learn_backing_zeros`]): reads of those ranges
+/// then fetch (or read) nothing, and clients' block status queries show
+/// them as zeros, so `nbdcopy` or `qemu-img convert` reading from this
+/// server skip them rather than pull them over the link. Says on stderr
+/// what it found once through the disk. Stops when `stop` is dropped; never joined, since a
 /// query to a server that hangs may wait for its timeout.
 fn learn_zeros(disk: Disk, stop: crossbeam_channel::Receiver<()>) {
     use crate::tools::units::format_size;
@@ -137,10 +137,19 @@ fn learn_zeros(disk: Disk, stop: crossbeam_channel::Receiver<()>) {
             found += disk.learn_backing_zeros(pos, LEARN_ZEROS_BYTES);
             pos += LEARN_ZEROS_BYTES;
         }
-        if found > 0 {
+        if found == 0 {
+            return;
+        }
+        if disk.backing_is_remote() {
             eprintln!(
                 "backfill serve: the backing image's server says {} of the disk read as zeros: \
                  they are not fetched",
+                format_size(found)
+            );
+        } else {
+            eprintln!(
+                "backfill serve: the backing file's holes cover {} of the disk: they read as \
+                 zeros without a read",
                 format_size(found)
             );
         }

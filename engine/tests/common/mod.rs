@@ -244,6 +244,34 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) -> Vec<u8> {
     data
 }
 
+/// A file of `size` bytes at `path` with random bytes at `data` (offset,
+/// length; in order, apart) and holes between: the file system's holes, as
+/// `qemu-img map` of the file must show them (else the test cannot say
+/// what it means, and fails).
+pub fn write_sparse_file(path: &Path, size: u64, data: &[(u64, u64)], seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let bytes = random_bytes(size as usize, seed);
+    for &(off, len) in data {
+        f.write_all_at(&bytes[off as usize..(off + len) as usize], off)
+            .unwrap();
+    }
+    drop(f);
+    let held: Vec<(u64, u64)> = qemu_map(path)
+        .iter()
+        .filter(|e| e.data)
+        .map(|e| (e.start, e.length))
+        .collect();
+    assert_eq!(
+        held,
+        data,
+        "the file system under {} keeps no holes where nothing was written",
+        path.display()
+    );
+}
+
 pub fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }

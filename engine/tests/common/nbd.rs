@@ -478,6 +478,26 @@ pub fn tcp_port(uri: &str) -> u16 {
         .unwrap_or_else(|e| panic!("bad port in {uri:?}: {e}"))
 }
 
+/// The ranges `nbdinfo --map` of `uri` calls data (type 0, merged where
+/// they touch); every other extent must be a hole that reads as zeros
+/// (type 3).
+pub fn nbdinfo_data(uri: &str) -> Vec<(u64, u64)> {
+    crate::common::require_tool("nbdinfo");
+    let map = crate::common::run_ok("nbdinfo", ["--map", uri]);
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    for l in map.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        match (f[2], data.last_mut()) {
+            ("0", Some((o, n))) if *o + *n == off => *n += len,
+            ("0", _) => data.push((off, len)),
+            ("3", _) => {}
+            (t, _) => panic!("nbdinfo --map: type {t} in {l:?}\n{map}"),
+        }
+    }
+    data
+}
+
 // ------------------------------------------------------------------ fixture
 
 /// Images in a fresh directory: a raw backing file of seeded random bytes and

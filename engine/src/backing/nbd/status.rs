@@ -3,8 +3,8 @@
 //! them. A sparse image of 20 GiB with 2 GiB of data then crosses a slow
 //! link as 2 GiB, as `nbdcopy` and `qemu-img convert` copy it.
 //!
-//! What it owns: the queries (`NBD_CMD_BLOCK_STATUS`), their replies, and
-//! [`Zeros`], the ranges known to read as zeros that
+//! What it owns: the queries (`NBD_CMD_BLOCK_STATUS`) and their replies;
+//! what they found goes into the client's [`Zeros`], which
 //! [`Medium::zeros_at`](crate::backing::remote::Medium::zeros_at) answers
 //! from. The queries go on the read pool's connections, which ask for the
 //! context in their handshake, as QEMU's client does: a server that takes
@@ -26,12 +26,12 @@
 //! anything.
 
 use super::{nbd_error_text, read_chunk_header, read_u32, read_u64, request, Lane, Pool};
+use crate::backing::zeros::Zeros;
 use crate::nbd::proto::*;
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use std::collections::BTreeMap;
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a query waits for a live connection (the first one may still
@@ -45,61 +45,6 @@ const MAX_FAILURES: u32 = 3;
 const MAX_QUERY: u64 = 1 << 30;
 /// The largest status chunk accepted: 512 Ki extents.
 const MAX_CHUNK: u32 = 4 << 20;
-/// Ranges [`Zeros`] keeps at most; beyond, the lowest go (a stream moves
-/// up the disk, and a range forgotten is only fetched).
-const MAX_ZERO_RANGES: usize = 1 << 16;
-
-/// Ranges of the export known to read as zeros: disjoint, not touching.
-#[derive(Default)]
-pub(super) struct Zeros {
-    /// Whether any was ever learned: `run` takes no lock until then.
-    any: AtomicBool,
-    /// start -> end.
-    map: Mutex<BTreeMap<u64, u64>>,
-}
-
-impl Zeros {
-    fn insert(&self, start: u64, end: u64) {
-        if start >= end {
-            return;
-        }
-        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut lo, mut hi) = (start, end);
-        if let Some((&s, &e)) = m.range(..=lo).next_back() {
-            if e >= lo {
-                lo = s;
-                hi = hi.max(e);
-            }
-        }
-        while let Some((&s, &e)) = m.range(lo..=hi).next() {
-            m.remove(&s);
-            hi = hi.max(e);
-        }
-        m.insert(lo, hi);
-        while m.len() > MAX_ZERO_RANGES {
-            m.pop_first();
-        }
-        self.any.store(true, Ordering::Release);
-    }
-
-    /// Whether the bytes from `pos` are known zeros, and for how long (at
-    /// most `max`): the run up to the end of known zeros, or up to the
-    /// next ones.
-    pub(super) fn run(&self, pos: u64, max: u64) -> (bool, u64) {
-        if !self.any.load(Ordering::Acquire) {
-            return (false, max);
-        }
-        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, &e)) = m.range(..=pos).next_back() {
-            if e > pos {
-                return (true, (e - pos).min(max));
-            }
-        }
-        let next = m.range(pos..).next().map_or(u64::MAX, |(&s, _)| s);
-        (false, (next - pos).min(max))
-    }
-}
-
 /// The extents of one query's answer, as (length, flags), or why none.
 pub(super) type Answer = std::result::Result<Vec<(u32, u32)>, String>;
 
@@ -450,36 +395,6 @@ pub(super) fn zero_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zeros_merge_and_answer_runs() {
-        let z = Zeros::default();
-        assert_eq!(z.run(0, 100), (false, 100));
-        z.insert(100, 200);
-        z.insert(300, 400);
-        z.insert(200, 250); // touches the first
-        assert_eq!(z.run(100, 1000), (true, 150));
-        assert_eq!(z.run(150, 1000), (true, 100));
-        assert_eq!(z.run(150, 10), (true, 10));
-        assert_eq!(z.run(250, 1000), (false, 50));
-        assert_eq!(z.run(0, 1000), (false, 100));
-        assert_eq!(z.run(0, 30), (false, 30));
-        assert_eq!(z.run(400, 1000), (false, 1000));
-        z.insert(50, 350); // swallows both
-        assert_eq!(z.run(50, 1000), (true, 350));
-        assert_eq!(z.map.lock().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn zeros_stay_bounded() {
-        let z = Zeros::default();
-        for i in 0..(MAX_ZERO_RANGES as u64 + 10) {
-            z.insert(i * 10, i * 10 + 5);
-        }
-        let m = z.map.lock().unwrap();
-        assert_eq!(m.len(), MAX_ZERO_RANGES);
-        assert_eq!(*m.first_key_value().unwrap().0, 100);
-    }
 
     #[test]
     fn extents_become_aligned_zero_ranges() {
