@@ -453,19 +453,9 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     assert_standalone(&b.overlay);
     check_clean(&b.overlay);
     compare_identical(&b.overlay, &b.base);
-    let map = qemu_map(&b.overlay);
-    assert_all_in_overlay(&map);
     // Whole clusters of holes are zero clusters; clusters with data in
     // them are data.
-    let data_in = |c: u64| {
-        SPARSE_DATA
-            .iter()
-            .any(|&(o, l)| o < (c + 1) * CLUSTER && c * CLUSTER < o + l)
-    };
-    for c in 0..b.size / CLUSTER {
-        let e = map_at(&map, c * CLUSTER);
-        assert_eq!(e.data, data_in(c), "cluster {c}: {e:?}");
-    }
+    assert_data_clusters(&b.overlay, CLUSTER, &SPARSE_DATA);
 
     // Without structured replies there is no block status: every byte is
     // fetched, once, and the image is the same.
@@ -494,10 +484,7 @@ fn cli_stream_fetches_only_what_the_server_says_is_data() {
     assert_each_byte_fetched_once(&[&logged_reads(&log)], b.size);
     check_clean(&b.overlay);
     compare_identical(&b.overlay, &b.base);
-    let again = qemu_map(&b.overlay);
-    for c in 0..b.size / CLUSTER {
-        assert_eq!(map_at(&again, c * CLUSTER).data, data_in(c), "cluster {c}");
-    }
+    assert_data_clusters(&b.overlay, CLUSTER, &SPARSE_DATA);
 
     // A server whose block status fails (nbdkit's error filter on its
     // extents): the same, status being only a saving.
@@ -550,14 +537,7 @@ fn block_status_from_qemu_nbd_serving_one_client_at_a_time() {
     assert_standalone(&b.overlay);
     check_clean(&b.overlay);
     compare_identical(&b.overlay, &b.base);
-    let map = qemu_map(&b.overlay);
-    assert_all_in_overlay(&map);
-    for c in 0..b.size / CLUSTER {
-        let data = SPARSE_DATA
-            .iter()
-            .any(|&(o, l)| o < (c + 1) * CLUSTER && c * CLUSTER < o + l);
-        assert_eq!(map_at(&map, c * CLUSTER).data, data, "cluster {c}");
-    }
+    assert_data_clusters(&b.overlay, CLUSTER, &SPARSE_DATA);
 }
 
 /// `backfill serve` asks the backing server's block status in the

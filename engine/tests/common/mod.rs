@@ -471,6 +471,21 @@ pub fn assert_all_in_overlay(map: &[MapEntry]) {
     }
 }
 
+/// After a stream of a sparse backing: `image` holds every byte itself,
+/// and by `qemu-img map` a `cluster`-byte cluster is data exactly when it
+/// overlaps `data` (offset, length), a zero cluster otherwise.
+pub fn assert_data_clusters(image: &Path, cluster: u64, data: &[(u64, u64)]) {
+    let map = qemu_map(image);
+    assert_all_in_overlay(&map);
+    let size = map.last().map_or(0, |e| e.start + e.length);
+    for c in 0..size.div_ceil(cluster) {
+        let (lo, hi) = (c * cluster, (c + 1) * cluster);
+        let want = data.iter().any(|&(o, l)| o < hi && lo < o + l);
+        let e = map_at(&map, lo);
+        assert_eq!(e.data, want, "cluster {c}: {e:?}");
+    }
+}
+
 /// `qemu-img check`: no corruption and no check errors, leaked clusters
 /// allowed (exit status 3: e.g. clusters reserved by fills a crash cut
 /// short). Returns the number of leaks, or what
