@@ -93,17 +93,17 @@ enum Trouble {
 }
 
 impl Pool {
-    /// A live connection to send a block status query on, and its context
-    /// id; waits [`FIRST_WAIT`] at most for one to go live.
-    fn status_lane(&self) -> std::result::Result<(Arc<Lane>, u32), Trouble> {
+    /// A live connection that has the `base:allocation` context, to send
+    /// a block status query on; waits [`FIRST_WAIT`] at most for one to go
+    /// live.
+    fn status_lane(&self) -> std::result::Result<Arc<Lane>, Trouble> {
         let until = Instant::now() + FIRST_WAIT;
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let with: Vec<_> = lanes.iter().filter(|l| l.allocation.is_some()).collect();
             if !with.is_empty() {
                 let lane = with[self.next_lane.fetch_add(1, Ordering::Relaxed) % with.len()];
-                let ctx = lane.allocation.expect("filtered");
-                return Ok((lane.clone(), ctx));
+                return Ok(lane.clone());
             }
             if !lanes.is_empty() {
                 let why = self
@@ -130,7 +130,7 @@ impl Pool {
     /// One `NBD_CMD_BLOCK_STATUS` for `[offset, offset + len)`: the
     /// extents the server gave, from `offset` on.
     fn block_status(&self, offset: u64, len: u32) -> std::result::Result<Vec<(u32, u32)>, Trouble> {
-        let (lane, _) = self.status_lane()?;
+        let lane = self.status_lane()?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         {
             let mut w = lane.wire.lock().unwrap_or_else(|e| e.into_inner());
