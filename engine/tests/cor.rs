@@ -702,3 +702,58 @@ fn zero_clusters_filled_as_zero() {
         }
     }
 }
+
+/// A cluster the backing chain holds as zeros (a zero cluster of a qcow2
+/// backing layer, over data in the layer below) is filled without a read
+/// and without a buffer: the reader gets zeros, a compat 1.1 overlay a
+/// zero cluster (`qemu-img map`), and nothing is fetched for it. A compat
+/// 0.10 overlay, which has no zero clusters, gets the zeros as data.
+#[test]
+fn backing_zero_clusters_fill_without_a_read() {
+    let dir = tempdir("cor-known-zeros");
+    let size = MIB;
+    let base = dir.path().join("base.raw");
+    let mut data = write_random_file(&base, size, seed_from_env("cor-known-zeros"));
+    let mid = dir.path().join("mid.qcow2");
+    qemu_create_qcow2(
+        &mid,
+        "cluster_size=65536",
+        Some((&path_str(&base), "raw")),
+        None,
+    );
+    qemu_io(&mid, "qcow2", &["write -z 192k 128k".into()]);
+    data[(3 * C64) as usize..(5 * C64) as usize].fill(0);
+    let mid_map = qemu_map(&mid);
+    assert!(map_at(&mid_map, 3 * C64).zero && map_at(&mid_map, 3 * C64).depth == 0);
+
+    for compat in [Compat::V3, Compat::V2] {
+        let overlay = dir.path().join(format!("overlay-{compat:?}.qcow2"));
+        let b = Backing {
+            name: path_str(&mid),
+            format: "qcow2",
+        };
+        create_qcow2(&overlay, size, C64, compat, Some(&b));
+        let disk = open(&overlay, options(2, true, false));
+        // Reads that start and end inside the zero clusters and around them.
+        let mut buf = vec![0xffu8; (3 * C64) as usize];
+        disk.read_at(&mut buf, 2 * C64 + 4096).unwrap();
+        let at = (2 * C64 + 4096) as usize;
+        assert_same_bytes(&buf, &data[at..at + buf.len()], "across the zero clusters");
+        assert_same_bytes(&read_all(&disk, 100 * KIB), &data, "everything");
+        let s = close_and_stats(disk);
+        // Only the data clusters were read from the chain.
+        assert_eq!(s.bytes_fetched, size - 2 * C64, "{compat:?}: {s:?}");
+        check_clean(&overlay);
+        compare_with_bytes(&overlay, &data, dir.path());
+        let map = qemu_map(&overlay);
+        assert_all_in_overlay(&map);
+        for cl in [3, 4] {
+            let e = map_at(&map, cl * C64);
+            match compat {
+                Compat::V3 => assert!(e.zero && !e.data, "cluster {cl}: {e:?}"),
+                Compat::V2 => assert!(e.data, "cluster {cl}: {e:?}"),
+            }
+        }
+        assert_eq!(s.cor_zero_fills, if compat == Compat::V3 { 2 } else { 0 });
+    }
+}
