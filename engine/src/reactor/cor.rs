@@ -206,7 +206,8 @@ pub struct Fill {
     partial: PartialWrite,
     /// Every byte is known to read as zeros in the chain (zero clusters
     /// below, or what a medium or file system said reads as zeros): the
-    /// fill has no buffer and reads nothing, and becomes a zero cluster.
+    /// fill has no buffer and reads nothing, and becomes a zero cluster
+    /// (zero subclusters).
     zeros: bool,
 }
 
@@ -1121,10 +1122,8 @@ impl<I: Io> Core<I> {
         }
         // Known zeros need no buffer: no memset, no read, no zero scan of
         // 64 KiB per cluster, which was most of a sparse stream's time. An
-        // image without zero clusters (compat 0.10) writes them as data,
-        // and extended entries detect zeros per subcluster: both read.
-        let zeros = !self.ext()
-            && (self.version() >= 3 || !self.writable())
+        // image without zero clusters (compat 0.10) writes them as data.
+        let zeros = (self.version() >= 3 || !self.writable())
             && self.segs.iter().all(|s| matches!(s.source, Source::Zero));
         let seq = self.next_fill_seq;
         self.next_fill_seq += 1;
@@ -1289,6 +1288,10 @@ impl<I: Io> Core<I> {
                 self.deliver_zeros(r);
                 self.finish_piece(r, Ok(()));
             }
+            if self.writable() && self.ext() {
+                self.fill_write_back_ext(fid, None);
+                return;
+            }
             if self.writable() {
                 let cluster = self.fills[fid].cluster;
                 match self.publish(cluster, L2Entry::Zero { host: None }) {
@@ -1317,7 +1320,7 @@ impl<I: Io> Core<I> {
         }
         let cluster = self.fills[fid].cluster;
         if self.ext() {
-            self.fill_write_back_ext(fid, buf);
+            self.fill_write_back_ext(fid, Some(buf));
             return;
         }
         if self.version() >= 3 && crate::io::is_zero(buf.as_slice()) {

@@ -248,9 +248,10 @@ impl<I: Io> Core<I> {
     }
 
     /// A fill of an extended cluster has its data in `buf` (readers were
-    /// answered): record zeros, or write the granules into the host
-    /// cluster (allocated now if the cluster has none).
-    pub(super) fn fill_write_back_ext(&mut self, fid: usize, buf: Arc<IoBuf>) {
+    /// answered), or none for a fill of known zeros: record zeros, or
+    /// write the granules into the host cluster (allocated now if the
+    /// cluster has none).
+    pub(super) fn fill_write_back_ext(&mut self, fid: usize, buf: Option<Arc<IoBuf>>) {
         let (cluster, lo, hi) = {
             let f = &self.fills[fid];
             (f.cluster, f.lo, f.hi)
@@ -273,9 +274,8 @@ impl<I: Io> Core<I> {
             self.release_fill(fid);
             return;
         }
-        if crate::io::is_zero(buf.as_slice()) {
+        let Some(buf) = buf.filter(|b| !crate::io::is_zero(b.as_slice())) else {
             // Zero detection keeps the overlay sparse.
-            drop(buf);
             let z = ExtL2 {
                 zero: e.zero | mask,
                 ..e
@@ -285,7 +285,7 @@ impl<I: Io> Core<I> {
             }
             self.release_fill(fid);
             return;
-        }
+        };
         let (host, new_host) = match e.host() {
             Some(h) => (h, false),
             None => match self.alloc_cluster() {
