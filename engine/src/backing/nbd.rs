@@ -720,6 +720,8 @@ struct Pool {
     lanes: Mutex<Vec<Arc<Lane>>>,
     /// Notified when a connection goes live.
     lanes_changed: Condvar,
+    /// Whether a connection was ever live.
+    was_live: AtomicBool,
     /// Whether handshakes ask for block status, and why not once they no
     /// longer do (see [`connect`]).
     ask_status: AtomicBool,
@@ -754,6 +756,7 @@ impl Pool {
             next_socket: AtomicU64::new(0),
             lanes: Mutex::new(Vec::new()),
             lanes_changed: Condvar::new(),
+            was_live: AtomicBool::new(false),
             ask_status: AtomicBool::new(true),
             status_trouble: Mutex::new(None),
             next_lane: AtomicUsize::new(0),
@@ -1181,6 +1184,7 @@ fn session(pool: &Pool, stream: Stream, info: ExportInfo) -> (Vec<Job>, String) 
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(lane.clone());
+    pool.was_live.store(true, Ordering::Relaxed);
     pool.lanes_changed.notify_all();
     let wire = &lane.wire;
     let room = Condvar::new();

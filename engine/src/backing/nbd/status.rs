@@ -94,8 +94,10 @@ enum Trouble {
 
 impl Pool {
     /// A live connection that has the `base:allocation` context, to send
-    /// a block status query on; waits [`FIRST_WAIT`] at most for one to go
-    /// live.
+    /// a block status query on. Waits [`FIRST_WAIT`] at most for the first
+    /// connection to go live; once one was, a query while none is up (the
+    /// server went away) learns nothing at once, rather than wait at every
+    /// scan of a stream whose reads wait for the server anyway.
     fn status_lane(&self) -> std::result::Result<Arc<Lane>, Trouble> {
         let until = Instant::now() + FIRST_WAIT;
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
@@ -116,7 +118,7 @@ impl Pool {
                 return Err(Trouble::Unsupported(why.to_string()));
             }
             let now = Instant::now();
-            if now >= until || self.stopped() {
+            if now >= until || self.stopped() || self.was_live.load(Ordering::Relaxed) {
                 return Err(Trouble::NoConnection);
             }
             lanes = self
