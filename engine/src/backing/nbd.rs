@@ -722,9 +722,8 @@ struct Pool {
     lanes_changed: Condvar,
     /// Whether a connection was ever live.
     was_live: AtomicBool,
-    /// Whether handshakes ask for block status, and why not once they no
-    /// longer do (see [`connect`]).
-    ask_status: AtomicBool,
+    /// Why handshakes no longer ask for block status (see [`connect`]);
+    /// None while they do.
     status_trouble: Mutex<Option<String>>,
     /// Where `send_now` starts looking, so that reads spread out.
     next_lane: AtomicUsize,
@@ -757,7 +756,6 @@ impl Pool {
             lanes: Mutex::new(Vec::new()),
             lanes_changed: Condvar::new(),
             was_live: AtomicBool::new(false),
-            ask_status: AtomicBool::new(true),
             status_trouble: Mutex::new(None),
             next_lane: AtomicUsize::new(0),
             sent_now: AtomicU64::new(0),
@@ -773,7 +771,11 @@ impl Pool {
     /// Connects to the export (see [`connect`]), asking for block status
     /// until a handshake failed at that question.
     fn connect(&self) -> std::result::Result<(Stream, ExportInfo), String> {
-        let ask = self.ask_status.load(Ordering::Relaxed);
+        let ask = self
+            .status_trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
         let (s, info, trouble) = connect(&self.uri, ask, Some(self))?;
         if let Some(why) = trouble {
             self.stop_asking(why);
@@ -783,7 +785,6 @@ impl Pool {
 
     /// Handshakes ask for block status no more, because of `why`.
     fn stop_asking(&self, why: String) {
-        self.ask_status.store(false, Ordering::Relaxed);
         *self
             .status_trouble
             .lock()
@@ -912,7 +913,6 @@ impl NbdClient {
             )
         })?;
         let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
-        let status = status::Status::new(info.size, u64::from(info.min_block));
         let (pool, stop_tx) = Pool::new(uri, parsed, info.size);
         if let Some(why) = trouble {
             pool.stop_asking(why);
@@ -924,7 +924,7 @@ impl NbdClient {
             stop: Some(stop_tx),
             threads: Vec::with_capacity(CONNECTIONS),
             ended,
-            status: Mutex::new(status),
+            status: Mutex::default(),
             zeros: crate::backing::zeros::Zeros::default(),
         };
         let mut first = Some((stream, info));
@@ -1005,7 +1005,7 @@ impl Medium for NbdClient {
 
     fn learn_zeros(&self, offset: u64, len: u64) -> u64 {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        status.learn(&self.pool, &self.zeros, offset, len)
+        status.learn(&self.pool, self.alignment as u64, &self.zeros, offset, len)
     }
 
     fn zeros_at(&self, offset: u64, max: u64) -> (bool, u64) {
@@ -1443,6 +1443,23 @@ fn nbd_error_text(error: u32) -> String {
     format!("error {error} ({os})")
 }
 
+/// The errno of an error chunk's payload (EIO if it names none), and its
+/// description: the error, and the server's message if it sent one.
+fn error_chunk_text(payload: &[u8]) -> (u32, String) {
+    let mut c = Cursor(payload);
+    let error = c.u32().filter(|&e| e != 0).unwrap_or(EIO);
+    let msg = c
+        .u16()
+        .and_then(|n| c.take(n as usize))
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let mut text = nbd_error_text(error);
+    if !msg.is_empty() {
+        text.push_str(&format!(": {msg}"));
+    }
+    (error, text)
+}
+
 fn read_simple_reply(
     s: &mut impl Read,
     p: &mut Pending,
@@ -1531,21 +1548,9 @@ fn read_chunk(
         k if k & REPLY_TYPE_ERROR_BIT != 0 && (6..=MAX_SMALL_PAYLOAD).contains(&len) => {
             let mut b = vec![0u8; len as usize];
             s.read_exact(&mut b).map_err(io)?;
-            let mut c = Cursor(&b);
-            let error = c.u32().unwrap_or(EIO);
-            let msg = c
-                .u16()
-                .and_then(|n| c.take(n as usize))
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            let error = if error == 0 { EIO } else { error };
-            p.error.get_or_insert_with(|| {
-                let mut t = format!("the server answered {}", nbd_error_text(error));
-                if !msg.is_empty() {
-                    t.push_str(&format!(": {msg}"));
-                }
-                (error, t)
-            });
+            let (error, text) = error_chunk_text(&b);
+            p.error
+                .get_or_insert_with(|| (error, format!("the server answered {text}")));
         }
         k => {
             return Err(format!(

@@ -123,8 +123,9 @@ fn report_stats(
 /// then fetch (or read) nothing, and clients' block status queries show
 /// them as zeros, so `nbdcopy` or `qemu-img convert` reading from this
 /// server skip them rather than pull them over the link. Says on stderr
-/// what it found once through the disk. Stops when `stop` is dropped; never joined, since a
-/// query to a server that hangs may wait for its timeout.
+/// what it found once through the disk. Stops when `stop` is dropped;
+/// never joined, since a query to a server that hangs may wait for its
+/// timeout.
 fn learn_zeros(disk: Disk, stop: crossbeam_channel::Receiver<()>) {
     use crate::tools::units::format_size;
     std::thread::spawn(move || {

@@ -25,7 +25,10 @@
 //! Only the `NBD_STATE_ZERO` bit counts: a hole without it may read as
 //! anything.
 
-use super::{nbd_error_text, read_chunk_header, read_u32, read_u64, request, Lane, Pool};
+use super::{
+    error_chunk_text, read_chunk_header, read_u32, read_u64, request, Lane, Pool,
+    REPLY_TYPE_ERROR_BIT,
+};
 use crate::backing::zeros::Zeros;
 use crate::nbd::proto::*;
 use crossbeam_channel::{RecvTimeoutError, Sender};
@@ -196,22 +199,26 @@ pub(super) fn read_query_reply(
             0 => "protocol error: a simple reply to a block status query".into(),
             e => format!(
                 "the server answered a block status query with {}",
-                nbd_error_text(e)
+                super::nbd_error_text(e)
             ),
         });
         q.done();
         return Ok(None);
     };
-    if len > MAX_CHUNK {
-        let why = format!("protocol error: a block status chunk of {len} bytes");
+    // The connection is of no more use: the query is answered with why.
+    let fatal = |q: Query, why: String| {
         q.answer(Err(why.clone()));
-        return Err(why);
+        Err(why)
+    };
+    if len > MAX_CHUNK {
+        return fatal(
+            q,
+            format!("protocol error: a block status chunk of {len} bytes"),
+        );
     }
     let mut payload = vec![0u8; len as usize];
     if let Err(e) = s.read_exact(&mut payload) {
-        let why = format!("reading a block status reply: {e}");
-        q.answer(Err(why.clone()));
-        return Err(why);
+        return fatal(q, format!("reading a block status reply: {e}"));
     }
     let mut c = Cursor(&payload);
     let wrong = match kind {
@@ -234,9 +241,9 @@ pub(super) fn read_query_reply(
                 None
             }
         }
-        k if k & (1 << 15) != 0 => Some(format!(
+        k if k & REPLY_TYPE_ERROR_BIT != 0 => Some(format!(
             "the server answered a block status query with {}",
-            nbd_error_text(c.u32().unwrap_or(EIO))
+            error_chunk_text(&payload).1
         )),
         k => Some(format!(
             "protocol error: unexpected chunk type {k} of {len} bytes"
@@ -280,11 +287,9 @@ pub(super) fn read_status_reply(s: &mut impl Read, cookie: u64, ctx: u32) -> Ans
     }
 }
 
-/// Whether block status works for this client, and what it learned.
+/// Whether block status works for this client.
+#[derive(Default)]
 pub(super) struct Status {
-    /// The export's size, and the alignment of its reads.
-    size: u64,
-    align: u64,
     /// Why this client asks no more.
     off: Option<String>,
     /// Queries that failed so far, and why the last did.
@@ -293,18 +298,6 @@ pub(super) struct Status {
 }
 
 impl Status {
-    /// Status of an export of `size` bytes, whose reads start and end on
-    /// multiples of `align`.
-    pub(super) fn new(size: u64, align: u64) -> Status {
-        Status {
-            size,
-            align,
-            off: None,
-            failures: 0,
-            failed: None,
-        }
-    }
-
     /// Why block status is off for good, or why the last query failed.
     pub(super) fn trouble(&self) -> Option<&str> {
         self.off.as_deref().or(self.failed.as_deref())
@@ -312,10 +305,17 @@ impl Status {
 
     /// Asks the server, on a connection of `pool`, about `[offset, offset
     /// + len)` (clamped to the export's end) and adds the ranges that read
-    /// as zeros, shrunk to whole alignment blocks (where reads start and
+    /// as zeros, shrunk to whole `align` blocks (where reads start and
     /// end), to `zeros`. Returns the bytes found zero.
-    pub(super) fn learn(&mut self, pool: &Pool, zeros: &Zeros, offset: u64, len: u64) -> u64 {
-        let (size, align) = (self.size, self.align);
+    pub(super) fn learn(
+        &mut self,
+        pool: &Pool,
+        align: u64,
+        zeros: &Zeros,
+        offset: u64,
+        len: u64,
+    ) -> u64 {
+        let size = pool.size;
         let end = offset.saturating_add(len).min(size);
         let mut pos = offset;
         let mut found = 0;
