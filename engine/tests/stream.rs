@@ -11,7 +11,8 @@
 //!   write applied (`qemu-img compare`), `qemu-img check` is clean, and the
 //!   zero regions are zero, not data (`qemu-img map`).
 //! * `qcow2_chain_streams_to_a_standalone_image`: a chain of two (raw base,
-//!   qcow2 middle with its own data and a zero cluster over base data);
+//!   qcow2 middle with its own data and a zero cluster over base data),
+//!   the middle named by its file name and by QEMU's `json:` options;
 //!   afterwards `qemu-img compare` with the middle image says identical.
 //! * `compat_0_10_overlay_larger_than_its_backing`: a version 2 overlay
 //!   (no zero clusters) larger than its backing file streams to the
@@ -186,38 +187,41 @@ fn qcow2_chain_streams_to_a_standalone_image() {
             "write -P 0x33 5000 70000".into(),
         ],
     );
-    let overlay = dir.path().join("overlay.qcow2");
-    create_qcow2(
-        &overlay,
-        size,
-        C64,
-        Compat::V3,
-        Some(&Backing {
-            name: "mid.qcow2".into(),
-            format: "qcow2",
-        }),
-    );
     let expected = raw_contents(&mid);
-
-    let disk = open(&overlay, options(2, true, false));
-    let (end, last) = stream_to_end(&disk, StreamOptions::default());
-    assert_eq!(
-        end,
-        StreamEnd::Finished {
-            backing_dropped: true
-        }
+    let overlay = dir.path().join("overlay.qcow2");
+    // The middle layer named by its file name, then by QEMU's json:
+    // options (a qcow2 node on a file node, as QEMU writes them for a node
+    // opened with options of its own).
+    let json = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}","locking":"off"}}}}"#,
+        path_str(&mid)
     );
-    assert_eq!(last.done_bytes, size);
-    disk.close().unwrap();
+    for name in ["mid.qcow2", json.as_str()] {
+        let _ = std::fs::remove_file(&overlay);
+        qemu_create_qcow2(&overlay, "", Some((name, "qcow2")), None);
+        compare_same(&overlay, &mid, "qcow2");
 
-    assert_standalone(&overlay);
-    check_clean(&overlay);
-    // The original backing image and the standalone overlay are identical.
-    compare_same(&overlay, &mid, "qcow2");
-    compare_with_bytes(&overlay, &expected, dir.path());
-    let map = qemu_map(&overlay);
-    assert_zero_in_overlay(&map, 3 * MIB, MIB);
-    assert_all_in_overlay(&map);
+        let disk = open(&overlay, options(2, true, false));
+        let (end, last) = stream_to_end(&disk, StreamOptions::default());
+        assert_eq!(
+            end,
+            StreamEnd::Finished {
+                backing_dropped: true
+            },
+            "{name}"
+        );
+        assert_eq!(last.done_bytes, size);
+        disk.close().unwrap();
+
+        assert_standalone(&overlay);
+        check_clean(&overlay);
+        // The original backing image and the standalone overlay are identical.
+        compare_same(&overlay, &mid, "qcow2");
+        compare_with_bytes(&overlay, &expected, dir.path());
+        let map = qemu_map(&overlay);
+        assert_zero_in_overlay(&map, 3 * MIB, MIB);
+        assert_all_in_overlay(&map);
+    }
 }
 
 #[test]

@@ -15,6 +15,9 @@
 //!   capped at 64 KiB), `cli_stream_over_qemu_nbd_tcp` (with `--rate`),
 //!   `cli_stream_over_http`: a fresh overlay streams to a standalone image
 //!   identical to the base, with its zero regions zero.
+//! * `json_backing_names_over_nbd_and_http`: overlays whose header names
+//!   the backing by QEMU's `json:` options (nested and dotted, nbd and
+//!   http) stream like those with a URI; a TLS option is refused by name.
 //! * `overlay_larger_than_its_remote_backing`: a backing whose size is no
 //!   multiple of 512, below a larger overlay, over NBD and HTTP: the bytes
 //!   past its end stream as zeros.
@@ -344,6 +347,76 @@ fn cli_stream_over_http() {
     b.stream_to_the_end(&["--cores", "2"]);
     drop(nginx);
     b.check_streamed();
+}
+
+/// The overlay's `backfill info` and `backfill stream`, where the header
+/// names the backing by QEMU's `json:` options `json`: the chain shows the
+/// source it resolved to, and the stream ends standalone and identical.
+fn stream_json_named(b: &Base, json: &str, resolved: &str) {
+    qemu_create_qcow2(&b.overlay, "", Some((&format!("json:{json}"), "raw")), None);
+    assert_eq!(virtual_size(&b.overlay), b.size);
+    // QEMU reads the same bytes through the name (the independent oracle).
+    compare_identical(&b.overlay, &b.base);
+    let info = backfill_ok(&["info", &path_str(&b.overlay)]);
+    assert!(
+        info.contains(&format!("1: {resolved}, raw, ")),
+        "{resolved}: {info}"
+    );
+    b.stream_to_the_end(&["--cores", "2"]);
+    b.check_streamed();
+}
+
+#[test]
+fn json_backing_names_over_nbd_and_http() {
+    let b = Base::new("sr-json-nbd", 6 * MIB + 4 * KIB);
+    let _server = b.nbdkit(&[], &[]);
+    let sock = path_str(&b.sock());
+    let uri = b.uri();
+    // Nested and dotted spellings of one node, as QEMU takes both.
+    let nested =
+        format!(r#"{{"file":{{"driver":"nbd","server":{{"type":"unix","path":"{sock}"}}}}}}"#);
+    stream_json_named(&b, &nested, &uri);
+    let dotted = format!(
+        r#"{{"file.driver":"nbd","file.server.type":"unix","file.server.path":"{sock}","file.reconnect-delay":5}}"#
+    );
+    stream_json_named(&b, &dotted, &uri);
+
+    // An option that would change what is read is refused by name; QEMU
+    // refuses it too (no such TLS credentials object).
+    let tls = format!(
+        r#"json:{{"file":{{"driver":"nbd","server":{{"type":"unix","path":"{sock}"}},"tls-creds":"tls0"}}}}"#
+    );
+    let overlay = path_str(&b.overlay);
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        tls.as_str(),
+        "-F",
+        "raw",
+        overlay.as_str(),
+        "6M",
+    ]);
+    let why = "option \"tls-creds\": NBD over TLS is not supported";
+    let info = backfill_ok(&["info", &overlay]);
+    assert!(
+        line_starting(&info, "Backing chain: unavailable: ").contains(why),
+        "{info}"
+    );
+    let err = b.stream_cli_fails(&[]);
+    assert!(err.contains(why), "{err}");
+
+    // HTTP: the header's format (raw) is the top node's driver, so QEMU
+    // ignores the options' own "driver" there, and so does backfill.
+    let mut b = Base::new("sr-json-http", 6 * MIB + 4 * KIB);
+    let nginx = b.nginx();
+    let url = nginx.url("base.raw");
+    let json =
+        format!(r#"{{"driver":"qcow2","file":{{"driver":"http","url":"{url}","timeout":30}}}}"#);
+    stream_json_named(&b, &json, &url);
 }
 
 #[test]

@@ -22,6 +22,7 @@
 //! inside its layer's file. Hostile metadata is an error, never a panic.
 
 pub mod http;
+pub mod json;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -164,8 +165,8 @@ impl Drop for Chain {
 
 static NEXT_CHAIN_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Refuses protocol-style names ("nbd:", "http:", "json:..."): those are
-/// remote sources that a later backing implementation adds.
+/// The protocol of a name in QEMU's `PROTOCOL:...` style that no source
+/// here reads (`ssh:`, `iscsi:` ...), refused rather than taken for a file.
 fn protocol_of(name: &str) -> Option<&str> {
     let (scheme, _) = name.split_once(':')?;
     if scheme.is_empty() || scheme.contains('/') {
@@ -340,6 +341,12 @@ impl Chain {
                     ),
                 ));
             }
+            let (name, fmt) = if json::is_json_name(&name) {
+                let r = json::resolve(&name, fmt.as_deref(), &parent_name)?;
+                (r.name, r.format)
+            } else {
+                (name, fmt)
+            };
             let name = name.strip_prefix("file:").unwrap_or(&name).to_string();
             if name.is_empty() {
                 return Err(Error::corrupt(format!(
@@ -361,7 +368,7 @@ impl Chain {
             if let Some(proto) = protocol_of(&name) {
                 return Err(Error::unsupported(format!(
                     "backing file {name:?} of {parent_name}: protocol {proto:?} is not supported \
-                     yet (only local files)"
+                     (only files, NBD and HTTP(S) URIs, and QEMU's json: options)"
                 )));
             }
             let path = resolve_backing_path(&parent, &name);
@@ -1194,7 +1201,19 @@ mod tests {
             ErrorKind::Unsupported
         );
         assert_eq!(
+            kind(Chain::open(
+                &ov,
+                r#"json:{"file":{"driver":"ssh","path":"/x"}}"#,
+                None
+            )),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(
             kind(Chain::open(&ov, "json:{}", None)),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            kind(Chain::open(&ov, "ssh://host/x", None)),
             ErrorKind::Unsupported
         );
         assert_eq!(

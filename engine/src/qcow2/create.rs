@@ -149,7 +149,17 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         if backing.is_empty() {
             return Err(invalid("empty backing file name".into()));
         }
-        if crate::backing::is_remote_name(backing) {
+        if crate::backing::json::is_json_name(backing) {
+            // QEMU's options: checked now, and opened when the size comes
+            // from them. The header keeps the name and format as given:
+            // QEMU reads the options' own driver only when it names none.
+            crate::backing::json::resolve(backing, backing_format.as_deref(), &path_s)?;
+            if size.is_none() {
+                let chain = crate::backing::Chain::open(path, backing, backing_format.as_deref())
+                    .map_err(|e| e.context(format!("creating {path_s}")))?;
+                size = Some(chain.size());
+            }
+        } else if crate::backing::is_remote_name(backing) {
             // A remote raw image: its size comes from the server.
             match backing_format.as_deref() {
                 Some("raw") => {}
