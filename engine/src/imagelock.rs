@@ -108,6 +108,22 @@ pub fn unlock_image(file: &File) {
     let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
 }
 
+/// Refuses to write a qcow2 image on a block device (an LVM volume, a
+/// partition): backfill takes new clusters from past the end of the
+/// image's file, where a file reads as zeros and a device reads as
+/// whatever it held before. Reading one is fine.
+pub fn refuse_block_device(meta: &std::fs::Metadata, path: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_block_device() {
+        return Ok(());
+    }
+    Err(Error::unsupported(format!(
+        "{path} is a block device: backfill writes qcow2 images in files only (it can read one \
+         on a device: open it read-only, e.g. serve --read-only, or copy it to a file with \
+         qemu-img convert -O qcow2)"
+    )))
+}
+
 /// An image file holding the locks of [`lock_image`], which it drops
 /// explicitly when it goes away (or hands the file to an owner that does,
 /// see [`LockedFile::into_file`]).
@@ -119,8 +135,15 @@ pub fn unlock_image(file: &File) {
 pub struct LockedFile(Option<File>);
 
 impl LockedFile {
-    /// Takes the locks on `file` (see [`lock_image`]).
+    /// Takes the locks on `file` (see [`lock_image`]). Every writer of an
+    /// image opens it here, so this is also where one on a block device is
+    /// refused for writing (see [`refuse_block_device`]).
     pub fn lock(file: File, path: &str, writable: bool) -> Result<LockedFile> {
+        if writable {
+            if let Ok(meta) = file.metadata() {
+                refuse_block_device(&meta, path)?;
+            }
+        }
         if let Err(e) = lock_image(&file, path, writable) {
             unlock_image(&file);
             return Err(e);

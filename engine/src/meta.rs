@@ -101,10 +101,8 @@ impl Meta {
             .chunks_exact(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap()) & qcow2::REFT_OFFSET_MASK)
             .collect();
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(e, format!("{path}: stat")))?
-            .len();
+        let file_len =
+            crate::io::file_size(&file).map_err(|e| Error::io(e, format!("{path}: stat")))?;
         // Clusters that hold the header and the tables: nothing else may
         // live there (a refcount block inside the refcount table would have
         // us overwrite the table with counts).

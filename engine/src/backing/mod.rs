@@ -413,7 +413,7 @@ impl Chain {
                 )));
             }
             seen.push(key);
-            let file_len = meta.len();
+            let file_len = crate::io::file_size(&file).map_err(unavailable)?;
             let fmt = match fmt {
                 Some(f) => f,
                 None => probe_format(&file, &path_s)?.to_string(),

@@ -70,6 +70,24 @@ pub fn allocate(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<
     Ok(())
 }
 
+/// The size of `file` in bytes: its length, or for a block device (an LVM
+/// volume, a partition, a loop device), whose length stat(2) gives as 0,
+/// its capacity (the end `lseek` finds; the file's offset is put back).
+pub fn file_size(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        let at = f.stream_position()?;
+        let end = f.seek(SeekFrom::End(0))?;
+        f.seek(SeekFrom::Start(at))?;
+        Ok(end)
+    } else {
+        Ok(meta.len())
+    }
+}
+
 /// The holes of `file` in `[offset, end)`, in order: ranges its file
 /// system holds no data for, which read as zeros (`SEEK_DATA` and
 /// `SEEK_HOLE`, lseek(2)). A file system that cannot tell reports none.

@@ -165,10 +165,8 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
     // Like qemu-img check: a consistent view needs that nobody writes.
     let file = crate::imagelock::LockedFile::lock(file, &path_s, false)?;
     let h = Header::read_from(&file, &path_s)?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| Error::io(e, format!("stat {path_s}")))?
-        .len();
+    let file_len =
+        crate::io::file_size(&file).map_err(|e| Error::io(e, format!("stat {path_s}")))?;
     let cs = h.cluster_size();
     let nclusters = file_len.div_ceil(cs);
     let mut w = Walk {

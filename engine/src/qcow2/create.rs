@@ -197,10 +197,8 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
                         .map_err(|e| e.context(format!("creating {path_s}")))?
                         .size
                 } else {
-                    bfile
-                        .metadata()
+                    crate::io::file_size(&bfile)
                         .map_err(|e| Error::io(e, format!("creating {path_s}: stat {bname}")))?
-                        .len()
                 });
             }
             backing_format = Some(fmt);
@@ -309,6 +307,9 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         width.set(&mut rb, c as usize, 1);
     }
 
+    if let Ok(meta) = std::fs::metadata(path) {
+        crate::imagelock::refuse_block_device(&meta, &path_s)?;
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -443,10 +443,8 @@ impl Header {
 
     /// Reads the header area of `file` and parses it (see [`Header::parse`]).
     pub fn read_from(file: &File, path: &str) -> Result<Header> {
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(e, format!("stat {path}")))?
-            .len();
+        let file_len =
+            crate::io::file_size(file).map_err(|e| Error::io(e, format!("stat {path}")))?;
         // A cluster is at most 2 MiB; read what the cluster_bits field asks
         // for, bounded by the file length.
         let mut first = vec![0u8; (file_len.min(4096)) as usize];

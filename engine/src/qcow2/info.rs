@@ -200,7 +200,8 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
     }
 
     let cs = h.cluster_size();
-    let file_len = meta.len();
+    let file_len =
+        crate::io::file_size(&file).map_err(|e| Error::io(e, format!("stat {path_s}")))?;
     let mut cache = ChainCache::new(INFO_CACHE_BYTES);
     let mut segs = Vec::new();
     // Unallocated ranges are gathered into runs so that the chain sees few,
