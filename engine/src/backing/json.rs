@@ -21,8 +21,10 @@
 //!   the format, a protocol driver (`nbd`, `http`, `file` ...) means raw
 //!   data, and no driver means the format is probed;
 //! - a format node reads its data from its `"file"` child, a protocol node;
-//! - a relative `filename` is relative to the working directory, not to
-//!   the overlay: QEMU opens it as given.
+//! - a node without a driver is a file, QEMU's default protocol, even
+//!   when its `filename` looks like a URI; a relative `filename` is
+//!   relative to the working directory, not to the overlay: QEMU opens it
+//!   as given. Only the file drivers take a `filename`.
 //!
 //! An option that would change what is read (TLS for NBD, a byte range of
 //! a raw node, credentials or cookies for HTTP, a backing node of its own)
@@ -118,7 +120,8 @@ pub fn resolve(name: &str, header_format: Option<&str>, parent: &str) -> Result<
         // A protocol node alone: its bytes are the image, raw.
         (None, Some(_)) => (Some("raw".to_string()), ""),
         (None, None) if has_child => (None, "file."),
-        // Only a file name (QEMU's "filename"): the format probed.
+        // A driverless node: a file (QEMU's default protocol), its
+        // format probed.
         (None, None) => (None, ""),
     };
     if protocol == "file." {
@@ -200,58 +203,48 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
+/// Options of the file protocol drivers that do not change what is read.
+const FILE_OPTIONS: &[&str] = &[
+    "filename",
+    "aio",
+    "aio-max-batch",
+    "locking",
+    "drop-cache",
+    "x-check-cache-dropped",
+];
+
+/// Options of the nbd driver that do not change what is read (the older
+/// flat `host`, `port` and `path` among them).
+const NBD_OPTIONS: &[&str] = &[
+    "server.type",
+    "server.path",
+    "server.host",
+    "server.port",
+    "server.numeric",
+    "server.keep-alive",
+    "server.ipv4",
+    "server.ipv6",
+    "host",
+    "port",
+    "path",
+    "export",
+    "reconnect-delay",
+    "open-timeout",
+];
+
+/// Options of the http and https drivers that do not change what is read.
+const HTTP_OPTIONS: &[&str] = &["url", "readahead", "timeout"];
+
 /// The name of the source a protocol node reads: its options `node`, keys
-/// relative to it.
+/// relative to it. Every option is checked before the source is named.
 fn protocol_source(node: &BTreeMap<String, String>) -> std::result::Result<String, Refusal> {
     let get = |k: &str| node.get(k).map(String::as_str);
     let driver = get("driver");
-    // Options each driver understands without changing what it reads.
-    let (known, source): (&[&str], String) = match driver {
-        None => {
-            let filename = get("filename").ok_or_else(|| {
-                Refusal::Bad("no \"driver\" and no \"filename\" says where the data is".into())
-            })?;
-            (&["filename"], local_or_uri(filename)?)
-        }
-        Some("file" | "host_device") => {
-            let filename = get("filename").ok_or_else(|| {
-                Refusal::Bad(format!(
-                    "the {} node has no \"filename\"",
-                    driver.unwrap_or_default()
-                ))
-            })?;
-            (
-                &[
-                    "filename",
-                    "aio",
-                    "aio-max-batch",
-                    "locking",
-                    "drop-cache",
-                    "x-check-cache-dropped",
-                ],
-                absolute(filename)?,
-            )
-        }
-        Some("nbd") => (
-            &[
-                "server.type",
-                "server.path",
-                "server.host",
-                "server.port",
-                "server.numeric",
-                "server.keep-alive",
-                "server.ipv4",
-                "server.ipv6",
-                "host",
-                "port",
-                "path",
-                "export",
-                "reconnect-delay",
-                "open-timeout",
-            ],
-            nbd_uri(&get)?,
-        ),
-        Some(d @ ("http" | "https")) => (&["url", "readahead", "timeout"], http_url(d, &get)?),
+    let known = match driver {
+        // No driver is QEMU's default protocol, a file.
+        None | Some("file" | "host_device") => FILE_OPTIONS,
+        Some("nbd") => NBD_OPTIONS,
+        Some("http" | "https") => HTTP_OPTIONS,
         Some(d) => {
             return Err(Refusal::Unsupported(format!(
                 "driver {d:?} is not supported (only file, nbd, http and https)"
@@ -264,17 +257,12 @@ fn protocol_source(node: &BTreeMap<String, String>) -> std::result::Result<Strin
             continue;
         }
         let why = match key {
-            "tls-creds" | "tls-hostname" => "NBD over TLS is not supported".to_string(),
-            "x-dirty-bitmap" => {
-                "reading a dirty bitmap instead of the data is not supported".into()
-            }
+            "tls-creds" | "tls-hostname" => "NBD over TLS is not supported",
+            "x-dirty-bitmap" => "reading a dirty bitmap instead of the data is not supported",
+            "sslverify" if get("sslverify").and_then(parse_bool) == Some(true) => continue,
             "sslverify" => {
-                if get("sslverify").and_then(parse_bool) == Some(true) {
-                    continue;
-                }
                 "sslverify off is not supported: backfill always checks the server's \
                  certificate (SSL_CERT_FILE names a private CA to trust)"
-                    .into()
             }
             "cookie"
             | "cookie-secret"
@@ -284,31 +272,31 @@ fn protocol_source(node: &BTreeMap<String, String>) -> std::result::Result<Strin
             | "proxy-password-secret" => {
                 "HTTP credentials and cookies from QEMU secrets are not supported (user:password \
                  in the URL is)"
-                    .into()
             }
-            _ if key.starts_with("server.") => {
-                format!("NBD server option {key:?} is not supported")
-            }
-            _ => format!("option {key:?} is not supported"),
+            _ => "not supported",
         };
         return Err(Refusal::Unsupported(format!("option {key:?}: {why}")));
     }
-    Ok(source)
+    match driver {
+        Some("nbd") => nbd_uri(&get),
+        Some(d @ ("http" | "https")) => http_url(d, &get),
+        _ => {
+            let filename = get("filename").ok_or_else(|| {
+                Refusal::Bad(match driver {
+                    Some(d) => format!("the {d} node has no \"filename\""),
+                    None => "no \"driver\" and no \"filename\" says where the data is".into(),
+                })
+            })?;
+            absolute(filename)
+        }
+    }
 }
 
-/// A name given as `filename`: a URI as it is, a path made absolute.
-fn local_or_uri(filename: &str) -> std::result::Result<String, Refusal> {
-    if is_json_name(filename) {
-        return Err(Refusal::Bad("a json: name inside a json: name".into()));
-    }
-    if super::is_remote_name(filename) {
-        return Ok(filename.to_string());
-    }
-    absolute(filename.strip_prefix("file:").unwrap_or(filename))
-}
-
-/// `path` made absolute against the working directory, as QEMU opens it.
+/// `path` made absolute against the working directory, as QEMU opens it
+/// (a `file:` prefix dropped, as QEMU's file driver drops it). Nothing
+/// else is read into it: QEMU takes `nbd://...` here for a file name too.
 fn absolute(path: &str) -> std::result::Result<String, Refusal> {
+    let path = path.strip_prefix("file:").unwrap_or(path);
     if path.is_empty() {
         return Err(Refusal::Bad("an empty \"filename\"".into()));
     }
@@ -318,7 +306,7 @@ fn absolute(path: &str) -> std::result::Result<String, Refusal> {
 }
 
 /// The NBD URI of an `nbd` node: `server.*` (or the older flat `host`,
-/// `port`, `path`) and `export`.
+/// `port`, `path`) and `export`. (QEMU takes no `filename` here.)
 fn nbd_uri<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> std::result::Result<String, Refusal> {
     let server = |k: &str| get(&format!("server.{k}")).or_else(|| get(k));
     let export = get("export").unwrap_or("");
@@ -450,9 +438,9 @@ mod tests {
         let (kind, why) = refused(alone, Some("raw"));
         assert_eq!(kind, ErrorKind::InvalidInput);
         assert!(why.contains("no \"file\" child"), "{why}");
-        // No driver anywhere: the format is probed.
-        let probe = r#"{"file":{"filename":"nbd://h:1/e"}}"#;
-        assert_eq!(ok(probe, None), resolved("nbd://h:1/e", None));
+        // No driver anywhere: a file, its format probed.
+        let probe = r#"{"file":{"filename":"/images/base.img"}}"#;
+        assert_eq!(ok(probe, None), resolved("/images/base.img", None));
         let (_, why) = refused(r#"{"driver":"raw"}"#, None);
         assert!(why.contains("the raw node has no \"file\" child"), "{why}");
         let (kind, _) = refused(
@@ -501,6 +489,21 @@ mod tests {
                 r.name
             );
         }
+        // QEMU takes no "filename" for these drivers, nor does backfill.
+        for (json, what) in [
+            (
+                r#"{"file":{"driver":"nbd","filename":"nbd://h/e"}}"#,
+                "option \"filename\": not supported",
+            ),
+            (
+                r#"{"file":{"driver":"http","filename":"http://h/i","url":"http://h/i"}}"#,
+                "option \"filename\": not supported",
+            ),
+        ] {
+            let (kind, why) = refused(json, Some("raw"));
+            assert_eq!(kind, ErrorKind::Unsupported, "{json}");
+            assert!(why.contains(what), "{json}: {why}");
+        }
         for (json, what) in [
             (r#"{"file":{"driver":"nbd"}}"#, "names no server"),
             (
@@ -518,7 +521,7 @@ mod tests {
         }
         for (json, what) in [
             (
-                r#"{"file":{"driver":"nbd","server":{"type":"vsock","cid":"3","port":"1"}}}"#,
+                r#"{"file":{"driver":"nbd","server":{"type":"vsock","port":"1"}}}"#,
                 "type \"vsock\"",
             ),
             (
@@ -558,7 +561,7 @@ mod tests {
             ),
             (
                 r#"{"file":{"driver":"http","url":"http://h/i","headers":"x"}}"#,
-                "\"headers\" is not supported",
+                "option \"headers\": not supported",
             ),
         ] {
             let (kind, why) = refused(json, Some("raw"));
@@ -579,11 +582,14 @@ mod tests {
         let json = r#"{"driver":"qcow2","file":{"driver":"file","filename":"dir/base.qcow2","locking":"off"},"node-name":"b0"}"#;
         let want = cwd.join("dir/base.qcow2").display().to_string();
         assert_eq!(ok(json, None), resolved(&want, Some("qcow2")));
-        let plain = r#"{"file":{"filename":"/images/base.raw"}}"#;
+        let plain = r#"{"file":{"filename":"file:/images/base.raw"}}"#;
         assert_eq!(
             ok(plain, Some("raw")),
             resolved("/images/base.raw", Some("raw"))
         );
+        // QEMU reads no URI into a file name here, nor does backfill.
+        let uri = r#"{"file":{"filename":"/x/nbd://h/e"}}"#;
+        assert_eq!(ok(uri, Some("raw")).name, "/x/nbd:/h/e");
     }
 
     #[test]
@@ -596,7 +602,6 @@ mod tests {
                 "is a list",
             ),
             (r#"{"file":{"driver":"file"}}"#, "has no \"filename\""),
-            (r#"{"file":{"filename":"json:{}"}}"#, "inside a json: name"),
             (r#"{}"#, "no \"driver\" and no \"filename\""),
         ] {
             let (kind, why) = refused(json, None);
