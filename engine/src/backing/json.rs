@@ -632,4 +632,28 @@ mod tests {
             assert!(why.contains(what), "{json}: {why}");
         }
     }
+
+    #[test]
+    fn odd_inputs_are_errors_not_panics() {
+        let deep = format!("{}1{}", "{\"a\":".repeat(300), "}".repeat(300));
+        for json in [
+            deep.as_str(),
+            r#"{"":{"":1}}"#,
+            r#"{"file":{"":"x"},"file.driver":"file"}"#,
+            r#"{"file.":{"driver":"file","filename":"/a"}}"#,
+            r#"{"file":{"driver":"nbd","server":{"type":"inet","host":"h","port":1e99}}}"#,
+            r#"{"file":{"driver":"file","filename":"a\u0000b"}}"#,
+            r#"{"driver":null,"file":{"driver":"file","filename":"/a"}}"#,
+            "",
+            "null",
+            r#""json:{}""#,
+        ] {
+            for header in [None, Some("raw"), Some("qcow2")] {
+                // Whatever the outcome, no panic; an Ok names something.
+                if let Ok(r) = resolve(&format!("json:{json}"), header, "ov.qcow2") {
+                    assert!(!r.name.is_empty(), "{json}");
+                }
+            }
+        }
+    }
 }
