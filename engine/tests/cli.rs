@@ -290,6 +290,40 @@ fn create_makes_what_qemu_img_would() {
     assert_eq!(info["backing-filename"], "base.raw", "{info}");
     assert_eq!(images.qemu_check("big.qcow2"), 0);
 
+    // -u: a backing file that is not there (a server not up yet), not
+    // opened; -q: nothing printed. qemu-img reads the header it wrote.
+    let uri = "nbd+unix:///disk?socket=/nonexistent/nbd.sock";
+    let out = images.ok(&mut bf(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        uri,
+        "-F",
+        "raw",
+        "later.qcow2",
+        "10G",
+    ]));
+    assert_eq!(out, "", "-q prints nothing");
+    let info = images.qemu_info("later.qcow2");
+    assert_eq!(info["virtual-size"], 10u64 << 30, "{info}");
+    assert_eq!(info["backing-filename"], uri, "{info}");
+    assert_eq!(info["backing-filename-format"], "raw", "{info}");
+    // Without a size or a format, -u cannot do without the backing file.
+    for args in [
+        &["create", "-u", "-b", uri, "-F", "raw", "x.qcow2"][..],
+        &["create", "-u", "-b", "base.raw", "x.qcow2", "1M"][..],
+    ] {
+        let out = images.run(&mut bf(args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("-u: the backing file is not opened"),
+            "{args:?}"
+        );
+    }
+
     // No backing file at all.
     images.ok(&mut bf(&["create", "-f", "qcow2", "plain.qcow2", "1M"]));
     let info = images.qemu_info("plain.qcow2");

@@ -39,6 +39,13 @@ enum Command {
         /// Options: cluster_size=65536,compat=1.1 (also backing_file, backing_fmt, size).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
+        /// Do not open the backing file (it may not exist yet): the size and
+        /// the backing format must then be given.
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        /// Quiet: print nothing on success.
+        #[arg(short = 'q')]
+        quiet: bool,
         /// The image to create.
         filename: PathBuf,
         /// Virtual size (512, 64K, 1M, 10G); default: the backing file's.
@@ -278,6 +285,8 @@ fn run(command: Command) -> Outcome {
             backing,
             backing_format,
             options,
+            unsafe_backing,
+            quiet,
             filename,
             size,
         } => {
@@ -287,8 +296,12 @@ fn run(command: Command) -> Outcome {
                 backing_format,
                 options,
                 size,
+                unsafe_backing,
             };
-            println!("{}", create::create_image(&filename, &args)?);
+            let line = create::create_image(&filename, &args)?;
+            if !quiet {
+                println!("{line}");
+            }
             Ok(0)
         }
         Command::Info { json, filename } => {

@@ -1,8 +1,9 @@
 //! `backfill create`: qemu-img-style arguments turned into [`CreateOptions`].
 //!
 //! Accepts what `qemu-img create -f qcow2` accepts for the options this
-//! engine supports: `-b`/`-F` for the backing file and its format, a size
-//! with qemu suffixes, and `-o key=value,...` with `cluster_size`, `compat`
+//! engine supports: `-b`/`-F` for the backing file and its format, `-u`
+//! (the backing file not opened), `-q`, a size with qemu suffixes, and
+//! `-o key=value,...` with `cluster_size`, `compat`
 //! (`0.10`/`1.1`, or `v2`/`v3`), `backing_file`, `backing_fmt` and `size`.
 //! Anything else is refused rather than silently ignored.
 
@@ -28,6 +29,9 @@ pub struct CreateArgs {
     pub options: Vec<String>,
     /// The size argument; without it the backing file's size is used.
     pub size: Option<String>,
+    /// `-u`: the backing file is not opened (it may not exist yet), so the
+    /// size and the backing format must be given, as qemu-img requires.
+    pub unsafe_backing: bool,
 }
 
 fn invalid(message: String) -> Error {
@@ -96,6 +100,20 @@ pub fn build_options(args: &CreateArgs) -> Result<CreateOptions> {
     }
     if let Some(size) = &args.size {
         opts.size = Some(parse_size(size)?);
+    }
+    if args.unsafe_backing && opts.backing.is_some() {
+        if opts.size.is_none() {
+            return Err(invalid(
+                "-u: the backing file is not opened, so the image size must be given".into(),
+            ));
+        }
+        if opts.backing_format.is_none() {
+            return Err(invalid(
+                "-u: the backing file is not opened, so its format must be given (-F raw or \
+                 -F qcow2)"
+                    .into(),
+            ));
+        }
     }
     if opts.size.is_none() && opts.backing.is_none() {
         return Err(invalid(
@@ -177,6 +195,7 @@ mod tests {
             backing_format: Some("raw".into()),
             options: options.iter().map(|s| s.to_string()).collect(),
             size: size.map(str::to_owned),
+            unsafe_backing: false,
         }
     }
 
@@ -222,6 +241,27 @@ mod tests {
         assert!(build_options(&args(&[], Some("12Q"))).is_err());
         let no_size = CreateArgs::default();
         assert!(build_options(&no_size).is_err());
+    }
+
+    #[test]
+    fn unsafe_backing_needs_a_size_and_a_format() {
+        let mut u = args(&[], Some("1G"));
+        u.unsafe_backing = true;
+        assert_eq!(build_options(&u).unwrap().size, Some(1 << 30));
+        u.size = None;
+        let e = build_options(&u).unwrap_err();
+        assert!(e.message().contains("the image size must be given"), "{e}");
+        u.size = Some("1G".into());
+        u.backing_format = None;
+        let e = build_options(&u).unwrap_err();
+        assert!(e.message().contains("its format must be given"), "{e}");
+        // Without a backing file there is nothing not to open.
+        let alone = CreateArgs {
+            size: Some("1M".into()),
+            unsafe_backing: true,
+            ..CreateArgs::default()
+        };
+        assert!(build_options(&alone).is_ok());
     }
 
     #[test]
