@@ -761,6 +761,16 @@ fn holes_of_a_local_raw_backing_are_not_read() {
     );
     assert_eq!(nbd_common::nbdinfo_data(&served.uri), DATA);
     served.stop();
+    // backfill info tells the same, and what a stream will read.
+    let info = backfill_ok(&["info", &path_str(&overlay)]);
+    assert!(
+        info.contains("of which holes of the backing file: 14.6 MiB (15290368 bytes)"),
+        "{info}"
+    );
+    assert!(
+        info.contains("(16 MiB still read from the backing chain, 1.42 MiB of it to fetch)"),
+        "{info}"
+    );
 
     let out = backfill_ok(&["stream", &path_str(&overlay)]);
     assert!(

@@ -3,8 +3,9 @@
 //!
 //! What it owns: a read-only walk of the overlay's L1/L2 tables and, for the
 //! clusters the overlay does not hold, a lookup through the backing chain
-//! (whose NBD servers are first asked which of their export reads as
-//! zeros, for two seconds at most, to tell what a stream need not fetch).
+//! (whose NBD servers, or the file system under a raw backing file, are
+//! first asked which of it reads as zeros, for two seconds at most, to
+//! tell what a stream need not fetch).
 //!
 //! What it never does: write, or read guest data.
 //!
@@ -28,9 +29,10 @@ use crate::error::{Error, Result};
 const INFO_CACHE_BYTES: u64 = 32 << 20;
 /// Largest range handed to one `Chain::resolve`, to bound its output.
 const RESOLVE_CHUNK_BYTES: u64 = 1 << 30;
-/// Bytes of a remote layer one block status query asks about.
+/// Bytes of the chain one question about zeros covers (a block status
+/// query of a remote layer, a `SEEK_DATA` walk of a raw file).
 const LEARN_BYTES: u64 = 1 << 30;
-/// How long `info` asks remote layers about their zeros at most.
+/// How long `info` asks the chain about its zeros at most.
 const LEARN_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The version of a remote (HTTP) backing image the overlay's data came
@@ -100,9 +102,10 @@ pub struct ImageInfo {
     /// (with `backing_error`: every byte not in the overlay, as the chain
     /// could not say which of them it holds).
     pub backing_bytes: u64,
-    /// Of `backing_bytes`, those an NBD backing server says read as zeros
-    /// (its block status): a stream records them as zero clusters without
-    /// fetching them.
+    /// Of `backing_bytes`, those the raw image at the bottom of the chain
+    /// reads as zeros without holding them: what its NBD server says (block
+    /// status), or the holes of a local file. A stream records them as
+    /// zero clusters without fetching them.
     pub backing_zero_bytes: u64,
     /// Why an NBD backing server could not say which of it reads as zeros
     /// (no block status offered, or the query failed): a stream then
@@ -114,19 +117,19 @@ pub struct ImageInfo {
     pub unallocated_bytes: u64,
 }
 
-/// Asks each remote layer of `c` which of it reads as zeros (an NBD
-/// server's block status), a GiB at a time from its start, for
-/// [`LEARN_BUDGET`] at most, so that the walk can tell how much of what
-/// the backing holds a stream need not fetch (`backing_zero_bytes`). Over
-/// a slow link, the rest of a large image counts as data.
-fn learn_remote_zeros(c: &Chain) {
+/// Asks the raw image at the bottom of `c` which of it reads as zeros (an
+/// NBD server's block status, a local file's holes: `Chain::learn_zeros`),
+/// a GiB at a time from its start, for [`LEARN_BUDGET`] at most, so that
+/// the walk can tell how much of what the backing holds a stream need not
+/// fetch (`backing_zero_bytes`). Over a slow link, the rest of a large
+/// image counts as data.
+fn learn_zeros(c: &Chain) {
     let started = std::time::Instant::now();
-    for m in (0..c.depth()).filter_map(|i| c.remote(i)) {
-        let mut pos = 0;
-        while pos < m.size() && started.elapsed() < LEARN_BUDGET {
-            m.learn_zeros(pos, LEARN_BYTES.min(m.size() - pos));
-            pos += LEARN_BYTES;
-        }
+    let size = (0..c.depth()).map(|i| c.layer_size(i)).max().unwrap_or(0);
+    let mut pos = 0;
+    while pos < size && started.elapsed() < LEARN_BUDGET {
+        c.learn_zeros(pos, LEARN_BYTES.min(size - pos));
+        pos += LEARN_BYTES;
     }
 }
 
@@ -187,7 +190,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         unallocated_bytes: 0,
     };
     if let Some(c) = &chain {
-        learn_remote_zeros(c);
+        learn_zeros(c);
         info.backing_zeros_unknown =
             (0..c.depth()).find_map(|i| c.remote(i).and_then(|m| m.zeros_unknown()));
         info.backing_chain = (0..c.depth())
@@ -229,10 +232,13 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
                     Source::File { .. } | Source::Compressed { .. } | Source::Remote { .. } => {
                         info.backing_bytes += s.len
                     }
-                    // Zeros of a remote layer are its server's word: the
-                    // backing still holds them, a stream fetches nothing
-                    // there.
-                    Source::Zero if s.depth > 0 && c.remote(s.depth as usize - 1).is_some() => {
+                    // Zeros of the raw layer are what its server or its
+                    // file system said (nothing else of a raw layer is a
+                    // Zero): the backing still holds them, a stream
+                    // fetches nothing there.
+                    Source::Zero
+                        if s.depth > 0 && c.layer_format(s.depth as usize - 1) == "raw" =>
+                    {
                         info.backing_bytes += s.len;
                         info.backing_zero_bytes += s.len;
                     }

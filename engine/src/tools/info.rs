@@ -104,11 +104,22 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
                 "      zeros in it unknown ({why}): a stream fetches all of it"
             )?,
             (0, None) => {}
-            (zeros, _) => writeln!(
-                out,
-                "      of which zeros, by the backing server: {} ({zeros} bytes)",
-                format_size(zeros)
-            )?,
+            (zeros, _) => {
+                let remote = info
+                    .backing_chain
+                    .last()
+                    .is_some_and(|l| crate::backing::is_remote_name(&l.filename));
+                let by = if remote {
+                    "zeros, by the backing server"
+                } else {
+                    "holes of the backing file"
+                };
+                writeln!(
+                    out,
+                    "      of which {by}: {} ({zeros} bytes)",
+                    format_size(zeros)
+                )?
+            }
         }
     }
     if info.backing_error.is_some() || !info.backing_chain.is_empty() {
