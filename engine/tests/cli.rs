@@ -555,7 +555,8 @@ fn check_repair_fixes_leaks_and_refcount_errors_like_qemu_img() {
 }
 
 /// `serve --backing-dir` refuses an image whose backing file lies outside
-/// the directory (here through `..`), before it listens.
+/// the directory (through `..`, or named by QEMU's `json:` options), before
+/// it listens.
 #[test]
 fn serve_confines_backing_files_to_a_directory() {
     if !have_qemu() {
@@ -564,38 +565,44 @@ fn serve_confines_backing_files_to_a_directory() {
     let images = Images::new();
     fs::create_dir(images.file("inside")).unwrap();
     write_base(&images.file("base.raw"), MIB, 6);
-    images.ok(&mut qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../base.raw",
-        "-F",
-        "raw",
-        "inside/disk.qcow2",
-    ]));
-    // A hang would be a bug; `timeout` turns one into a failure.
-    let out = images.run(
-        Command::new("timeout")
-            .arg("60")
-            .arg(env!("CARGO_BIN_EXE_backfill"))
-            .args([
-                "serve",
-                "--backing-dir",
-                "inside",
-                "--socket",
-                "s.sock",
-                "inside/disk.qcow2",
-            ]),
+    let json = format!(
+        r#"json:{{"file":{{"driver":"file","filename":"{}"}}}}"#,
+        images.file("base.raw").display()
     );
-    assert_exit(&out, 1);
-    assert!(
-        text(&out.stderr).contains("outside the allowed backing directory"),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(text(&out.stdout).is_empty(), "it never said it was serving");
+    for backing in ["../base.raw", json.as_str()] {
+        images.ok(&mut qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "raw",
+            "inside/disk.qcow2",
+        ]));
+        // A hang would be a bug; `timeout` turns one into a failure.
+        let out = images.run(
+            Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_backfill"))
+                .args([
+                    "serve",
+                    "--backing-dir",
+                    "inside",
+                    "--socket",
+                    "s.sock",
+                    "inside/disk.qcow2",
+                ]),
+        );
+        assert_exit(&out, 1);
+        assert!(
+            text(&out.stderr).contains("outside the allowed backing directory"),
+            "{backing}: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stdout).is_empty(), "it never said it was serving");
+    }
 }
 
 // ------------------------------------------------------------------ convert
