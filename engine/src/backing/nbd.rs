@@ -478,7 +478,7 @@ fn handshake(
     }
     match read_u64(s).map_err(io)? {
         IHAVEOPT => {}
-        OLDSTYLE_MAGIC => return Err("the server speaks only the oldstyle protocol".into()),
+        OLDSTYLE_MAGIC => return oldstyle_handshake(s, export),
         m => return Err(format!("not an NBD server (magic {m:#x})")),
     }
     let hflags = read_u16(s).map_err(io)?;
@@ -571,6 +571,36 @@ fn handshake(
         min_block,
         max_block,
         allocation,
+    })
+}
+
+/// The rest of an oldstyle greeting (proto.md, "Oldstyle negotiation"):
+/// the export's size, 16 bits of handshake flags and 16 of transmission
+/// flags, 124 reserved bytes, and then straight to transmission. Such a
+/// server has one export and no options: no export name, no structured
+/// replies (so no block status), no block size constraints. QEMU still
+/// reads from one, and so does backfill.
+fn oldstyle_handshake(s: &mut impl Read, export: &str) -> std::result::Result<ExportInfo, String> {
+    let io = |e: std::io::Error| format!("handshake: {e}");
+    if !export.is_empty() {
+        return Err(format!(
+            "the server speaks only the oldstyle protocol, which has no export names, and \
+             {export:?} was asked for (name none: nbd://HOST:PORT or nbd+unix:///?socket=PATH)"
+        ));
+    }
+    let size = read_u64(s).map_err(io)?;
+    let _flags = read_u32(s).map_err(io)?;
+    let mut reserved = [0u8; 124];
+    s.read_exact(&mut reserved).map_err(io)?;
+    if size > i64::MAX as u64 {
+        return Err(format!("export size {size} is too large"));
+    }
+    Ok(ExportInfo {
+        size,
+        structured: false,
+        min_block: 1,
+        max_block: DEFAULT_MAX_READ,
+        allocation: None,
     })
 }
 
