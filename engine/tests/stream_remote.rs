@@ -15,9 +15,11 @@
 //!   capped at 64 KiB), `cli_stream_over_qemu_nbd_tcp` (with `--rate`),
 //!   `cli_stream_over_http`: a fresh overlay streams to a standalone image
 //!   identical to the base, with its zero regions zero.
-//! * `cli_stream_over_an_oldstyle_nbd_server`: nbdkit `--oldstyle` (no
-//!   options, no export names, no structured replies): the stream ends
-//!   identical; an export name is refused, saying why.
+//! * `cli_stream_over_older_nbd_handshakes`: nbdkit `--oldstyle` (no
+//!   options, no export names, no structured replies) and
+//!   `--mask-handshake=0` (plain newstyle: NBD_OPT_EXPORT_NAME only): the
+//!   stream ends identical; an export name is refused by the oldstyle one,
+//!   saying why.
 //! * `json_backing_names_over_nbd_and_http`: overlays whose header names
 //!   the backing by QEMU's `json:` options (nested and dotted, nbd and
 //!   http) stream like those with a URI; a TLS option is refused by name.
@@ -353,48 +355,54 @@ fn cli_stream_over_http() {
 }
 
 #[test]
-fn cli_stream_over_an_oldstyle_nbd_server() {
-    let b = Base::new("sr-oldstyle", 6 * MIB + 4 * KIB);
-    let plugin = [
-        "--oldstyle".to_string(),
-        "file".to_string(),
-        path_str(&b.base),
-    ];
-    let _server = nbd_peer::nbdkit_plugin(b.dir.path(), &b.sock(), &[], &plugin);
-    let uri = b.uri();
-    // QEMU reads from it (the oracle), and so does backfill, which says
-    // why it learns no zeros from such a server.
-    b.create_overlay(&uri);
-    compare_identical(&b.overlay, &b.base);
-    let text = backfill_ok(&["info", &path_str(&b.overlay)]);
-    assert!(
-        text.contains("zeros in it unknown (the server offers no base:allocation)"),
-        "{text}"
-    );
-    b.stream_to_the_end(&["--cores", "2"]);
-    b.check_streamed();
+fn cli_stream_over_older_nbd_handshakes() {
+    // Oldstyle (no options at all), then plain newstyle (only
+    // NBD_OPT_EXPORT_NAME): QEMU reads through both.
+    for (flag, prefix) in [
+        ("--oldstyle", "sr-oldstyle"),
+        ("--mask-handshake=0", "sr-newstyle"),
+    ] {
+        let b = Base::new(prefix, 6 * MIB + 4 * KIB);
+        let plugin = [flag.to_string(), "file".to_string(), path_str(&b.base)];
+        let _server = nbd_peer::nbdkit_plugin(b.dir.path(), &b.sock(), &[], &plugin);
+        // QEMU reads from it (the oracle), and so does backfill, which says
+        // why it learns no zeros from such a server.
+        b.create_overlay(&b.uri());
+        compare_identical(&b.overlay, &b.base);
+        let text = backfill_ok(&["info", &path_str(&b.overlay)]);
+        assert!(
+            text.contains("zeros in it unknown (the server offers no base:allocation)"),
+            "{flag}: {text}"
+        );
+        b.stream_to_the_end(&["--cores", "2"]);
+        b.check_streamed();
 
-    // An oldstyle server has one export and no names for it.
-    let named = format!("nbd+unix:///disk?socket={}", path_str(&b.sock()));
-    let overlay = path_str(&b.overlay);
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        named.as_str(),
-        "-F",
-        "raw",
-        overlay.as_str(),
-        "6M",
-    ]);
-    let err = b.stream_cli_fails(&[]);
-    assert!(
-        err.contains("the server speaks only the oldstyle protocol, which has no export names"),
-        "{err}"
-    );
+        if flag == "--oldstyle" {
+            // An oldstyle server has one export and no names for it.
+            let named = format!("nbd+unix:///disk?socket={}", path_str(&b.sock()));
+            let overlay = path_str(&b.overlay);
+            qemu_img([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                named.as_str(),
+                "-F",
+                "raw",
+                overlay.as_str(),
+                "6M",
+            ]);
+            let err = b.stream_cli_fails(&[]);
+            assert!(
+                err.contains(
+                    "the server speaks only the oldstyle protocol, which has no export names"
+                ),
+                "{err}"
+            );
+        }
+    }
 }
 
 /// The overlay's `backfill info` and `backfill stream`, where the header

@@ -464,9 +464,11 @@ fn rep_error_name(kind: u32) -> String {
     }
 }
 
-/// The fixed-newstyle handshake up to the transmission phase; with
-/// `allocation`, also asks for the `base:allocation` meta context (for
-/// block status queries; reads need none).
+/// The handshake up to the transmission phase: fixed newstyle with
+/// NBD_OPT_GO, and with `allocation` also the `base:allocation` meta
+/// context (for block status queries; reads need none); or, as QEMU, the
+/// older ways for servers that do not speak it (oldstyle, plain newstyle,
+/// no NBD_OPT_GO).
 fn handshake(
     s: &mut (impl Read + Write),
     export: &str,
@@ -482,12 +484,17 @@ fn handshake(
         m => return Err(format!("not an NBD server (magic {m:#x})")),
     }
     let hflags = read_u16(s).map_err(io)?;
-    if hflags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err("the server does not speak fixed newstyle".into());
-    }
+    let fixed = hflags & FLAG_FIXED_NEWSTYLE != 0;
     let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
-    let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
+    let cflags = if fixed { FLAG_C_FIXED_NEWSTYLE } else { 0 }
+        | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     s.write_all(&cflags.to_be_bytes()).map_err(io)?;
+    if !fixed {
+        // Plain newstyle: a server that may drop the connection at any
+        // option it does not know, so the only one sent is the one every
+        // newstyle server knows (QEMU does the same).
+        return export_name_handshake(s, export, no_zeroes, false);
+    }
 
     send_option(s, OPT_STRUCTURED_REPLY, &[]).map_err(io)?;
     let (kind, _) = read_option_reply(s, OPT_STRUCTURED_REPLY)?;
@@ -544,6 +551,9 @@ fn handshake(
                     _ => {}
                 }
             }
+            // A server from before NBD_OPT_GO: the older way, as QEMU
+            // falls back to it. Its meta context is not for this.
+            REP_ERR_UNSUP => return export_name_handshake(s, export, no_zeroes, structured),
             k if k & REP_FLAG_ERROR != 0 => {
                 let msg = String::from_utf8_lossy(&data);
                 return Err(format!(
@@ -571,6 +581,46 @@ fn handshake(
         min_block,
         max_block,
         allocation,
+    })
+}
+
+/// Ends a newstyle handshake with NBD_OPT_EXPORT_NAME, for a server that
+/// does not speak fixed newstyle or does not know NBD_OPT_GO: the server
+/// answers with the export's size and transmission flags (and 124 zero
+/// bytes unless both sides dropped them), or closes the connection if it
+/// has no such export. No block status is asked of such a server.
+fn export_name_handshake(
+    s: &mut (impl Read + Write),
+    export: &str,
+    no_zeroes: bool,
+    structured: bool,
+) -> std::result::Result<ExportInfo, String> {
+    let io = |e: std::io::Error| format!("handshake: {e}");
+    send_option(s, OPT_EXPORT_NAME, export.as_bytes()).map_err(io)?;
+    let size = read_u64(s).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            format!(
+                "the server closed the connection at NBD_OPT_EXPORT_NAME: it has no export \
+                 {export:?}"
+            )
+        } else {
+            io(e)
+        }
+    })?;
+    let _flags = read_u16(s).map_err(io)?;
+    if !no_zeroes {
+        let mut reserved = [0u8; 124];
+        s.read_exact(&mut reserved).map_err(io)?;
+    }
+    if size > i64::MAX as u64 {
+        return Err(format!("export size {size} is too large"));
+    }
+    Ok(ExportInfo {
+        size,
+        structured,
+        min_block: 1,
+        max_block: DEFAULT_MAX_READ,
+        allocation: None,
     })
 }
 
@@ -1849,6 +1899,12 @@ mod tests {
         /// As `Chunks`, but garbage in reply to NBD_OPT_SET_META_CONTEXT
         /// (and then the connection closes).
         BadMeta,
+        /// As `Simple`, but a server from before NBD_OPT_GO: it refuses
+        /// it as unsupported and takes NBD_OPT_EXPORT_NAME.
+        NoGo,
+        /// As `NoGo`, but without the export asked for: it closes the
+        /// connection at NBD_OPT_EXPORT_NAME.
+        NoExport,
     }
 
     /// The `base:allocation` context id the fake server gives (`Chunks`):
@@ -1898,7 +1954,7 @@ mod tests {
             c.read_exact(&mut data)?;
             let mut out = Vec::new();
             if opt == OPT_STRUCTURED_REPLY {
-                let kind = if mode == Mode::Simple {
+                let kind = if matches!(mode, Mode::Simple | Mode::NoGo | Mode::NoExport) {
                     REP_ERR_UNSUP
                 } else {
                     REP_ACK
@@ -1924,7 +1980,22 @@ mod tests {
                 c.write_all(&out)?;
                 continue;
             }
+            if opt == OPT_EXPORT_NAME {
+                assert!(matches!(mode, Mode::NoGo | Mode::NoExport));
+                if mode == Mode::NoExport {
+                    return Ok(());
+                }
+                // Both sides dropped the 124 zero bytes (FLAG_NO_ZEROES).
+                c.write_all(&SIZE.to_be_bytes())?;
+                c.write_all(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes())?;
+                break;
+            }
             assert_eq!(opt, OPT_GO);
+            if matches!(mode, Mode::NoGo | Mode::NoExport) {
+                option_reply(&mut out, opt, REP_ERR_UNSUP, &[]);
+                c.write_all(&out)?;
+                continue;
+            }
             let mut info = INFO_EXPORT.to_be_bytes().to_vec();
             info.extend_from_slice(&SIZE.to_be_bytes());
             info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
@@ -1971,7 +2042,7 @@ mod tests {
                 out.extend_from_slice(d);
             };
             match mode {
-                Mode::Simple => {
+                Mode::Simple | Mode::NoGo | Mode::NoExport => {
                     simple_reply(&mut out, r.cookie, 0);
                     out.extend_from_slice(&bytes(off, off + len));
                 }
@@ -2105,6 +2176,35 @@ mod tests {
         assert_eq!(
             c.zeros_unknown().as_deref(),
             Some("the server offers no base:allocation")
+        );
+    }
+
+    /// A server from before NBD_OPT_GO is read through
+    /// NBD_OPT_EXPORT_NAME, as QEMU reads it; one without the export ends
+    /// the open with an error that says so.
+    #[test]
+    fn servers_without_opt_go_are_read_through_export_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = NbdClient::open(&fake_server(dir.path(), Mode::NoGo)).unwrap();
+        assert_eq!(c.size(), SIZE);
+        let reads: Vec<(u64, usize)> = (0..64)
+            .map(|i| (i * 12_289, 1 + i as usize * 997))
+            .collect();
+        for (r, &(off, len)) in read_many(&c, &reads).into_iter().zip(&reads) {
+            let want: Vec<u8> = (off..off + len as u64).map(pattern).collect();
+            assert!(r.unwrap() == want, "read of {len} at {off}");
+        }
+        assert_eq!(c.learn_zeros(0, SIZE), 0);
+        drop(c);
+        let dir = tempfile::tempdir().unwrap();
+        let e = NbdClient::open(&fake_server(dir.path(), Mode::NoExport))
+            .err()
+            .expect("no export");
+        assert!(
+            e.to_string().contains(
+                "the server closed the connection at NBD_OPT_EXPORT_NAME: it has no export \"\""
+            ),
+            "{e}"
         );
     }
 
