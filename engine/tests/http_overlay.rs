@@ -265,10 +265,7 @@ fn credentials_in_the_url_are_sent_as_basic_authentication() {
 
     for name in [with("alice:wrong"), url.clone()] {
         let other = s.dir.path().join("other.qcow2");
-        let other_s = path_str(&other);
-        qemu_img([
-            "create", "-q", "-f", "qcow2", "-u", "-b", &name, "-F", "raw", &other_s, "2M",
-        ]);
+        qemu_create_qcow2_unopened(&other, &name, "raw", "2M");
         let e = backfill::Disk::open(&other, options(1, true, false))
             .err()
             .unwrap_or_else(|| panic!("{name}: opened without the right password"));

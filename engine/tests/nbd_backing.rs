@@ -559,19 +559,7 @@ fn qemu_img_overlay_over_nbd_through_the_cli() {
 
     // qcow2 over NBD is refused with a clear error.
     let q = s.path("q2.qcow2");
-    qemu_img([
-        "create",
-        "-q",
-        "-u",
-        "-f",
-        "qcow2",
-        "-b",
-        &uri,
-        "-F",
-        "qcow2",
-        &path_str(&q),
-        "1M",
-    ]);
+    qemu_create_qcow2_unopened(&q, &uri, "qcow2", "1M");
     let e = Disk::open(&q, options(1, true, false))
         .err()
         .expect("qcow2 over NBD must be refused");

@@ -87,6 +87,20 @@ fn stream_to_end(disk: &Disk, opts: StreamOptions) -> (StreamEnd, backfill::Stre
     (end, last)
 }
 
+/// A stream with the default options to its end, which must be a finished
+/// stream that dropped the backing reference; its last progress.
+fn stream_to_standalone(disk: &Disk) -> backfill::StreamProgress {
+    let (end, last) = stream_to_end(disk, StreamOptions::default());
+    assert_eq!(
+        end,
+        StreamEnd::Finished {
+            backing_dropped: true
+        },
+        "{last:?}"
+    );
+    last
+}
+
 #[test]
 fn raw_backing_streams_to_a_standalone_image() {
     let size = 8 * MIB + 12 * KIB; // a partial last cluster
@@ -116,13 +130,7 @@ fn raw_backing_streams_to_a_standalone_image() {
     disk.flush().unwrap();
     let before = disk.stats();
 
-    let (end, last) = stream_to_end(&disk, StreamOptions::default());
-    assert_eq!(
-        end,
-        StreamEnd::Finished {
-            backing_dropped: true
-        }
-    );
+    let last = stream_to_standalone(&disk);
     assert_eq!(last.state, StreamState::Done);
     assert_eq!(last.done_bytes, size);
     // What was in the overlay was neither fetched nor populated again: the
@@ -202,14 +210,7 @@ fn qcow2_chain_streams_to_a_standalone_image() {
         compare_same(&overlay, &mid, "qcow2");
 
         let disk = open(&overlay, options(2, true, false));
-        let (end, last) = stream_to_end(&disk, StreamOptions::default());
-        assert_eq!(
-            end,
-            StreamEnd::Finished {
-                backing_dropped: true
-            },
-            "{name}"
-        );
+        let last = stream_to_standalone(&disk);
         assert_eq!(last.done_bytes, size);
         disk.close().unwrap();
 
@@ -246,13 +247,7 @@ fn compat_0_10_overlay_larger_than_its_backing() {
     let mut expected = data.clone();
     expected.resize(size as usize, 0);
     let disk = open(&overlay, options(2, true, false));
-    let (end, last) = stream_to_end(&disk, StreamOptions::default());
-    assert_eq!(
-        end,
-        StreamEnd::Finished {
-            backing_dropped: true
-        }
-    );
+    let last = stream_to_standalone(&disk);
     assert_eq!(last.done_bytes, size);
     disk.close().unwrap();
     assert_standalone(&overlay);
@@ -348,13 +343,7 @@ fn cancel_midway_then_resume() {
     assert_eq!(local, first, "what the first stream populated: {map:?}");
 
     let disk = open(&f.overlay, options(2, true, false));
-    let (end, last) = stream_to_end(&disk, StreamOptions::default());
-    assert_eq!(
-        end,
-        StreamEnd::Finished {
-            backing_dropped: true
-        }
-    );
+    let last = stream_to_standalone(&disk);
     assert_eq!(last.populated_bytes, size - first, "only the rest");
     assert_eq!(
         disk.stats().bytes_fetched,
@@ -830,14 +819,7 @@ fn extended_l2_overlay_streams_to_a_standalone_image() {
         disk.write_at(&data, off).unwrap();
         expected[off as usize..(off + len) as usize].copy_from_slice(&data);
     }
-    let (end, last) = stream_to_end(&disk, StreamOptions::default());
-    assert_eq!(
-        end,
-        StreamEnd::Finished {
-            backing_dropped: true
-        },
-        "{last:?}"
-    );
+    stream_to_standalone(&disk);
     assert_same_bytes(&read_all(&disk, MIB), &expected, "after the stream");
     disk.close().unwrap();
     assert_standalone(&overlay);

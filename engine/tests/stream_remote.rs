@@ -380,20 +380,7 @@ fn cli_stream_over_older_nbd_handshakes() {
         if flag == "--oldstyle" {
             // An oldstyle server has one export and no names for it.
             let named = format!("nbd+unix:///disk?socket={}", path_str(&b.sock()));
-            let overlay = path_str(&b.overlay);
-            qemu_img([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                named.as_str(),
-                "-F",
-                "raw",
-                overlay.as_str(),
-                "6M",
-            ]);
+            qemu_create_qcow2_unopened(&b.overlay, &named, "raw", "6M");
             let err = b.stream_cli_fails(&[]);
             assert!(
                 err.contains(
@@ -442,20 +429,8 @@ fn json_backing_names_over_nbd_and_http() {
     let tls = format!(
         r#"json:{{"file":{{"driver":"nbd","server":{{"type":"unix","path":"{sock}"}},"tls-creds":"tls0"}}}}"#
     );
+    qemu_create_qcow2_unopened(&b.overlay, &tls, "raw", "6M");
     let overlay = path_str(&b.overlay);
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        tls.as_str(),
-        "-F",
-        "raw",
-        overlay.as_str(),
-        "6M",
-    ]);
     let why = "option \"tls-creds\": NBD over TLS is not supported";
     let info = backfill_ok(&["info", &overlay]);
     assert!(

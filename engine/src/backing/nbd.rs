@@ -570,10 +570,21 @@ fn handshake(
         }
     }
     let size = size.ok_or("the server sent no export size")?;
+    export_info(size, structured, min_block, max_block, allocation)
+}
+
+/// What a handshake learned, checked: the size fits a file offset, and the
+/// largest read is whole minimum blocks and never less than one 4 KiB page.
+fn export_info(
+    size: u64,
+    structured: bool,
+    min_block: u32,
+    max_block: u32,
+    allocation: Option<u32>,
+) -> std::result::Result<ExportInfo, String> {
     if size > i64::MAX as u64 {
         return Err(format!("export size {size} is too large"));
     }
-    // Whole minimum blocks, and never less than one 4 KiB page.
     let max_block = (max_block.max(4096).max(min_block) / min_block) * min_block;
     Ok(ExportInfo {
         size,
@@ -612,16 +623,7 @@ fn export_name_handshake(
         let mut reserved = [0u8; 124];
         s.read_exact(&mut reserved).map_err(io)?;
     }
-    if size > i64::MAX as u64 {
-        return Err(format!("export size {size} is too large"));
-    }
-    Ok(ExportInfo {
-        size,
-        structured,
-        min_block: 1,
-        max_block: DEFAULT_MAX_READ,
-        allocation: None,
-    })
+    export_info(size, structured, 1, DEFAULT_MAX_READ, None)
 }
 
 /// The rest of an oldstyle greeting (proto.md, "Oldstyle negotiation"):
@@ -642,16 +644,7 @@ fn oldstyle_handshake(s: &mut impl Read, export: &str) -> std::result::Result<Ex
     let _flags = read_u32(s).map_err(io)?;
     let mut reserved = [0u8; 124];
     s.read_exact(&mut reserved).map_err(io)?;
-    if size > i64::MAX as u64 {
-        return Err(format!("export size {size} is too large"));
-    }
-    Ok(ExportInfo {
-        size,
-        structured: false,
-        min_block: 1,
-        max_block: DEFAULT_MAX_READ,
-        allocation: None,
-    })
+    export_info(size, false, 1, DEFAULT_MAX_READ, None)
 }
 
 /// NBD_OPT_SET_META_CONTEXT for `base:allocation`: its id if the server

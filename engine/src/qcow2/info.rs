@@ -125,7 +125,8 @@ pub struct ImageInfo {
 /// image counts as data.
 fn learn_zeros(c: &Chain) {
     let started = std::time::Instant::now();
-    let size = (0..c.depth()).map(|i| c.layer_size(i)).max().unwrap_or(0);
+    // Nothing below the first layer shows past its end.
+    let size = c.size();
     let mut pos = 0;
     while pos < size && started.elapsed() < LEARN_BUDGET {
         c.learn_zeros(pos, LEARN_BYTES.min(size - pos));

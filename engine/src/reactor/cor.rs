@@ -1283,33 +1283,21 @@ impl<I: Io> Core<I> {
             return;
         }
         self.fills[fid].ready = true;
-        if self.fills[fid].zeros {
-            for r in readers {
-                self.deliver_zeros(r);
-                self.finish_piece(r, Ok(()));
-            }
-            if self.writable() && self.ext() {
-                self.fill_write_back_ext(fid, None);
-                return;
-            }
-            if self.writable() {
-                let cluster = self.fills[fid].cluster;
-                match self.publish(cluster, L2Entry::Zero { host: None }) {
-                    Ok(()) => self.bump(|s| &s.cor_zero_fills, 1),
-                    Err(e) => self.fills[fid].error = Some(e),
-                }
-            }
-            self.release_fill(fid);
-            return;
-        }
-        let buf = self.fills[fid].buf.clone().expect("fill has a buffer");
+        // A fill of known zeros has no buffer.
+        let buf = self.fills[fid].buf.clone();
+        debug_assert_eq!(buf.is_none(), self.fills[fid].zeros);
         let lo = self.fills[fid].lo;
         for r in readers {
-            let (s, l) = (
-                (self.pieces[r].start - lo) as usize,
-                self.pieces[r].len as usize,
-            );
-            self.deliver(r, &buf, s, l);
+            match &buf {
+                Some(b) => {
+                    let (s, l) = (
+                        (self.pieces[r].start - lo) as usize,
+                        self.pieces[r].len as usize,
+                    );
+                    self.deliver(r, b, s, l);
+                }
+                None => self.deliver_zeros(r),
+            }
             self.finish_piece(r, Ok(()));
         }
         self.bump(|s| &s.bytes_fetched, self.fills[fid].fetched);
@@ -1320,19 +1308,20 @@ impl<I: Io> Core<I> {
         }
         let cluster = self.fills[fid].cluster;
         if self.ext() {
-            self.fill_write_back_ext(fid, Some(buf));
+            self.fill_write_back_ext(fid, buf);
             return;
         }
-        if self.version() >= 3 && crate::io::is_zero(buf.as_slice()) {
-            // Zero detection keeps the overlay sparse.
-            drop(buf);
+        // Known zeros, or zero detection: a zero cluster keeps the overlay
+        // sparse (a fill of known zeros is only made where one can be).
+        let v3 = self.version() >= 3;
+        let Some(buf) = buf.filter(|b| !(v3 && crate::io::is_zero(b.as_slice()))) else {
             match self.publish(cluster, L2Entry::Zero { host: None }) {
                 Ok(()) => self.bump(|s| &s.cor_zero_fills, 1),
                 Err(e) => self.fills[fid].error = Some(e),
             }
             self.release_fill(fid);
             return;
-        }
+        };
         drop(buf);
         let f = &mut self.fills[fid];
         f.writing = true;

@@ -118,6 +118,25 @@ pub fn qemu_create_qcow2(
     qemu_img(&args);
 }
 
+/// `qemu-img create -q -f qcow2 -u -b BACKING -F FORMAT PATH SIZE`: the
+/// backing name is recorded and never opened (its server may be down, or
+/// it may be one backfill must refuse), so the size is given.
+pub fn qemu_create_qcow2_unopened(path: &Path, backing: &str, format: &str, size: &str) {
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        backing,
+        "-F",
+        format,
+        &path_str(path),
+        size,
+    ]);
+}
+
 /// `qemu-img ARGS`, which must succeed; returns stdout.
 pub fn qemu_img<I, S>(args: I) -> String
 where
