@@ -1,5 +1,6 @@
 //! The backing chain: raw and qcow2 files below an overlay, read-only, and
-//! at its bottom possibly a remote raw image (an NBD export, see [`nbd`]).
+//! at its bottom possibly a remote image (an NBD export, see [`nbd`], or an
+//! HTTP(S) URL, see [`http`]): raw, or qcow2 (see [`remote_qcow2`]).
 //!
 //! What it owns: opening the chain (name resolution, format probing, loop
 //! and depth limits), each qcow2 layer's header and L1 table, and the
@@ -34,6 +35,7 @@ use std::sync::Arc;
 
 pub mod nbd;
 pub mod remote;
+pub mod remote_qcow2;
 pub mod zeros;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -57,7 +59,8 @@ pub enum Source {
     /// Bytes of layer `layer`'s file from `host_offset`.
     File { layer: usize, host_offset: u64 },
     /// Bytes `[in_cluster, in_cluster + len)` of a compressed cluster of
-    /// layer `layer`: read `data_len` bytes of its file from `host_offset`,
+    /// layer `layer`: read `data_len` bytes of its file (or its medium, for
+    /// a remote layer: [`Chain::remote`]) from `host_offset`,
     /// decompress them into one cluster of `1 << cluster_bits` bytes (the
     /// layer's own cluster size) with `kind`
     /// (see [`crate::qcow2::decompress`]). Such a segment never crosses
@@ -70,8 +73,9 @@ pub enum Source {
         cluster_bits: u32,
         kind: CompressionType,
     },
-    /// Bytes of remote layer `layer` (a raw [`remote::Medium`]) from
-    /// `offset`; never past the medium's end.
+    /// Bytes of remote layer `layer`'s [`remote::Medium`] from `offset`
+    /// (a raw image's guest offset, a remote qcow2 image's host offset);
+    /// never past the medium's end.
     Remote { layer: usize, offset: u64 },
 }
 
@@ -88,12 +92,13 @@ pub struct Segment {
 enum Format {
     /// A raw file; `holes` are the ranges its file system said hold no
     /// data ([`Chain::learn_zeros`]), read as zeros without a read.
-    Raw {
-        holes: zeros::Zeros,
-    },
+    Raw { holes: zeros::Zeros },
     Qcow2 {
         header: Header,
         l1: Vec<u64>,
+        /// For a qcow2 image on a remote medium (no local file): the
+        /// medium and every L2 table, read at open.
+        remote: Option<Box<remote_qcow2::RemoteTables>>,
     },
     /// A raw image on a remote medium (no local file).
     Remote(Arc<dyn remote::Medium>),
@@ -251,30 +256,45 @@ fn open_remote(
             ),
         ));
     }
-    match format {
-        Some("raw") => {}
+    let raw = match format {
+        Some("raw") => true,
+        Some("qcow2") => false,
         Some(other) => {
             return Err(Error::unsupported(format!(
                 "backing file {name:?} of {parent}: format {other:?} over NBD or HTTP is not \
-                 supported (only raw; e.g. qemu-img create -b URI -F raw)"
+                 supported (only raw and qcow2; e.g. qemu-img create -b URI -F raw)"
             )))
         }
         None => {
             return Err(Error::unsupported(format!(
                 "backing file {name:?} of {parent}: no backing format recorded, and formats are \
-                 not probed over NBD or HTTP (name it: -F raw)"
+                 not probed over NBD or HTTP (name it: -F raw or -F qcow2)"
             )))
         }
-    }
+    };
     let medium = open_medium(name, pin)?;
-    let size = medium.size();
+    let file_len = medium.size();
+    let (size, format) = if raw {
+        (file_len, Format::Remote(medium))
+    } else {
+        let (header, l1, tables) = remote_qcow2::open(medium, name)
+            .map_err(|e| e.context(format!("backing file of {parent}")))?;
+        (
+            header.size,
+            Format::Qcow2 {
+                header,
+                l1,
+                remote: Some(Box::new(tables)),
+            },
+        )
+    };
     Ok(Layer {
         name: name.to_string(),
         file: None,
         direct: None,
-        file_len: size,
+        file_len,
         size,
-        format: Format::Remote(medium),
+        format,
     })
 }
 
@@ -453,7 +473,11 @@ impl Chain {
                         direct: None,
                         file_len,
                         size: header.size,
-                        format: Format::Qcow2 { header, l1 },
+                        format: Format::Qcow2 {
+                            header,
+                            l1,
+                            remote: None,
+                        },
                     }
                 }
                 other => {
@@ -523,6 +547,9 @@ impl Chain {
     pub fn remote(&self, i: usize) -> Option<&Arc<dyn remote::Medium>> {
         match &self.layers[i].format {
             Format::Remote(m) => Some(m),
+            Format::Qcow2 {
+                remote: Some(r), ..
+            } => Some(&r.medium),
             _ => None,
         }
     }
@@ -629,7 +656,7 @@ impl Chain {
         }
         let max = max.min(layer.size - pos);
         let depth = i as u32 + 1;
-        let (header, l1) = match &layer.format {
+        let (header, l1, remote) = match &layer.format {
             Format::Raw { holes } => {
                 let (zeros, n) = holes.run(pos, max);
                 if zeros {
@@ -659,7 +686,7 @@ impl Chain {
                     depth,
                 ));
             }
-            Format::Qcow2 { header, l1 } => (header, l1),
+            Format::Qcow2 { header, l1, remote } => (header, l1, remote),
         };
         let cs = header.cluster_size();
         let in_cluster = pos % cs;
@@ -684,8 +711,16 @@ impl Chain {
                 layer.file_len
             )));
         }
-        let file = layer.file.as_ref().expect("a qcow2 layer is a local file");
-        let table = cache.get(i, l2_offset, file, cs, &layer.name)?;
+        let table: &[u64] = match remote {
+            Some(r) => r
+                .tables
+                .get(&l2_offset)
+                .expect("every L2 table loaded at open"),
+            None => {
+                let file = layer.file.as_ref().expect("a local qcow2 layer has a file");
+                cache.get(i, l2_offset, file, cs, &layer.name)?
+            }
+        };
 
         if header.extended_l2() {
             // Subclusters: a run of subclusters of one state, within this
@@ -743,7 +778,7 @@ impl Chain {
         run: u64,
     ) -> Result<(u64, Source, u32)> {
         let layer = &self.layers[i];
-        let Format::Qcow2 { header, .. } = &layer.format else {
+        let Format::Qcow2 { header, remote, .. } = &layer.format else {
             unreachable!("only qcow2 layers have L2 entries");
         };
         let cs = header.cluster_size();
@@ -798,14 +833,18 @@ impl Chain {
                 // Never name bytes past the end of the file: a short read
                 // would break the caller's linked operations.
                 let n = run.min(layer.file_len - start);
-                Ok((
-                    n,
+                let source = if remote.is_some() {
+                    Source::Remote {
+                        layer: i,
+                        offset: start,
+                    }
+                } else {
                     Source::File {
                         layer: i,
                         host_offset: start,
-                    },
-                    depth,
-                ))
+                    }
+                };
+                Ok((n, source, depth))
             }
         }
     }

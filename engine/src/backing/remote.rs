@@ -214,3 +214,68 @@ impl RemoteRead {
 pub trait Reply: Send + Sync {
     fn done(&self, tag: u64, result: Result<Vec<u8>>);
 }
+
+/// Collects the answers of [`read_blocking`]'s reads.
+struct Collect(crossbeam_channel::Sender<(u64, Result<Vec<u8>>)>);
+
+impl Reply for Collect {
+    fn done(&self, tag: u64, result: Result<Vec<u8>>) {
+        // The reader may have given up after an earlier error.
+        let _ = self.0.send((tag, result));
+    }
+}
+
+/// Reads the byte ranges `ranges` (offset, length; inside the medium) of
+/// `medium` and waits for all of them, for a thread that may block (one
+/// opening a chain), never a core. All reads are in flight at once, split
+/// at [`Medium::max_read`] and widened to [`Medium::alignment`]; the first
+/// error fails the call.
+pub fn read_blocking(medium: &dyn Medium, ranges: &[(u64, usize)]) -> Result<Vec<Vec<u8>>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let reply: Arc<dyn Reply> = Arc::new(Collect(tx));
+    let (a, max, size) = (
+        medium.alignment() as u64,
+        medium.max_read() as u64,
+        medium.size(),
+    );
+    // Per read: (range index, medium offset of its first byte).
+    let mut reads = Vec::new();
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        let end = offset + len as u64;
+        debug_assert!(end <= size, "a blocking read past the medium's end");
+        let mut at = offset - offset % a;
+        while at < end {
+            let hi = (at + max).min(end.next_multiple_of(a)).min(size);
+            reads.push((i, at));
+            medium.submit(RemoteRead {
+                offset: at,
+                len: (hi - at) as usize,
+                tag: reads.len() as u64 - 1,
+                reply: reply.clone(),
+                dest: Vec::new(),
+            });
+            at = hi;
+        }
+    }
+    drop(reply);
+    let mut out: Vec<Vec<u8>> = ranges.iter().map(|&(_, len)| vec![0u8; len]).collect();
+    for _ in 0..reads.len() {
+        let (tag, result) = rx.recv().map_err(|_| {
+            crate::error::Error::new(
+                crate::error::ErrorKind::BackingUnavailable,
+                format!("{}: a read was dropped unanswered", medium.name()),
+            )
+        })?;
+        let data = result?;
+        let (i, at) = reads[tag as usize];
+        let (offset, len) = ranges[i];
+        // The part of `[at, at + data.len())` inside the range.
+        let lo = at.max(offset);
+        let hi = (at + data.len() as u64).min(offset + len as u64);
+        if lo < hi {
+            out[i][(lo - offset) as usize..(hi - offset) as usize]
+                .copy_from_slice(&data[(lo - at) as usize..(hi - at) as usize]);
+        }
+    }
+    Ok(out)
+}

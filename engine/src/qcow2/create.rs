@@ -160,21 +160,22 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
                 size = Some(chain.size());
             }
         } else if crate::backing::is_remote_name(backing) {
-            // A remote raw image: its size comes from the server.
+            // A remote image: its size comes from the server (a qcow2
+            // image's from its header, read through the chain).
             match backing_format.as_deref() {
-                Some("raw") => {}
-                other => {
+                Some("raw") | Some("qcow2") => {}
+                _ => {
                     return Err(Error::unsupported(format!(
-                        "creating {path_s}: backing image {backing:?} is remote (NBD or HTTP): \
-                         its format must be given as raw (-F raw), not {}",
-                        other.map_or("probed".to_string(), |f| format!("{f:?}"))
+                        "creating {path_s}: backing image {backing:?} is remote (NBD or HTTP), \
+                         and formats are not probed over them: give its format (-F raw or -F \
+                         qcow2)"
                     )))
                 }
             }
             if size.is_none() {
-                let medium = crate::backing::open_medium(backing, None)
+                let chain = crate::backing::Chain::open(path, backing, backing_format.as_deref())
                     .map_err(|e| e.context(format!("creating {path_s}")))?;
-                size = Some(medium.size());
+                size = Some(chain.size());
             }
         } else if size.is_none() || backing_format.is_none() {
             let bpath = resolve_backing_path(path, backing);

@@ -193,7 +193,11 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
     if let Some(c) = &chain {
         learn_zeros(c);
         info.backing_zeros_unknown =
-            (0..c.depth()).find_map(|i| c.remote(i).and_then(|m| m.zeros_unknown()));
+            // Only a raw image's medium could have told (a remote qcow2
+            // image's zeros are in its tables).
+            (0..c.depth())
+                .filter(|&i| c.layer_format(i) == "raw")
+                .find_map(|i| c.remote(i).and_then(|m| m.zeros_unknown()));
         info.backing_chain = (0..c.depth())
             .map(|i| BackingInfo {
                 filename: c.layer_name(i).to_string(),

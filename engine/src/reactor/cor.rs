@@ -701,18 +701,31 @@ impl<I: Io> Core<I> {
                 kind,
             } = s.source
             {
-                // Any alignment: read through the page cache.
                 let packed = self.pool.get(data_len as usize);
-                self.io.push(
-                    token,
-                    Op::read(
-                        FileId(FILE_BACKING0 + layer as u32),
-                        host_offset,
-                        packed.clone(),
-                        0,
+                n += match chain.filter(|c| c.remote(layer).is_some()) {
+                    // A remote qcow2 image's cluster: fetched like its data.
+                    Some(chain) => self.remote.push(
+                        chain,
+                        token,
+                        (layer, host_offset),
+                        (&packed, 0),
                         data_len as usize,
                     ),
-                );
+                    // Any alignment: read through the page cache.
+                    None => {
+                        self.io.push(
+                            token,
+                            Op::read(
+                                FileId(FILE_BACKING0 + layer as u32),
+                                host_offset,
+                                packed.clone(),
+                                0,
+                                data_len as usize,
+                            ),
+                        );
+                        1
+                    }
+                };
                 inflates.push(Inflate {
                     buf: packed,
                     data_len: data_len as usize,
@@ -724,7 +737,6 @@ impl<I: Io> Core<I> {
                     layer,
                     host_offset,
                 });
-                n += 1;
                 bytes += data_len;
             }
             if let Source::File { layer, host_offset } = s.source {
