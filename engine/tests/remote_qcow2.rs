@@ -14,7 +14,8 @@
 //! * `compressed_cloud_image_over_http`: a zlib-compressed qcow2 image
 //!   under nginx; `backfill create` sizes the overlay from its header;
 //!   copy-on-read through the engine, `backfill convert` and `backfill
-//!   stream` give its bytes, and the stream ends standalone.
+//!   stream` give its bytes, and the stream ends standalone; a disk larger
+//!   than the image reads as zeros past the image's end.
 //! * `qcow2_export_over_nbd`: a zstd-compressed qcow2 image with extended L2
 //!   entries and 128 KiB clusters, exported by nbdkit: the same.
 //! * `hostile_remote_qcow2_images_fail_clearly`: a remote qcow2 image naming
@@ -164,6 +165,20 @@ fn compressed_cloud_image_over_http() {
     assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
     assert_eq!(virtual_size(&img.overlay()), SIZE);
     read_and_stream(&img, &url);
+
+    // A disk larger than its cloud image (`qemu-img create -b URL -F qcow2
+    // vm.qcow2 20G`): past the image's end it reads as zeros, for QEMU and
+    // for backfill, before the stream and after.
+    let big = img.path("big.qcow2");
+    let big_size = (SIZE + 4 * MIB).to_string();
+    backfill_ok(&["create", "-b", &url, "-F", "qcow2", &path_str(&big), &big_size]);
+    let mut want = img.data.clone();
+    want.resize((SIZE + 4 * MIB) as usize, 0);
+    compare_with_bytes(&big, &want, img.dir.path());
+    let out = backfill_ok(&["stream", &path_str(&big)]);
+    assert!(out.contains("backing file dropped"), "{out}");
+    check_clean(&big);
+    compare_with_bytes(&big, &want, img.dir.path());
 }
 
 #[test]
