@@ -17,7 +17,10 @@
 //!   stream` give its bytes, and the stream ends standalone; a disk larger
 //!   than the image reads as zeros past the image's end.
 //! * `qcow2_export_over_nbd`: a zstd-compressed qcow2 image with extended L2
-//!   entries and 128 KiB clusters, exported by nbdkit: the same.
+//!   entries and 128 KiB clusters, exported by nbdkit: the same; and a
+//!   stream fetches each compressed cluster once though it spans two of
+//!   the overlay's clusters (nbdkit's log filter: no more bytes read than
+//!   the file has).
 //! * `hostile_remote_qcow2_images_fail_clearly`: a remote qcow2 image naming
 //!   a backing file of its own, one whose L1 table names an L2 table past
 //!   its end, and a raw image given as qcow2: `info` and `stream` fail
@@ -36,7 +39,7 @@ mod nbd_peer;
 mod nginx_common;
 
 use common::*;
-use nbd_peer::{socket_path, unix_uri};
+use nbd_peer::{logged_reads, socket_path, unix_uri};
 use std::path::{Path, PathBuf};
 
 /// Size of the base image: not a multiple of any cluster size.
@@ -132,9 +135,31 @@ fn read_and_stream(img: &Images, backing: &str) {
         "{info}"
     );
 
+    // What a stream would fetch: the compressed clusters count as their
+    // compressed bytes, so less than the bytes they hold, and never more
+    // than the remote file; `backfill convert` then fetches just that.
+    let json: serde_json::Value =
+        serde_json::from_str(&backfill_ok(&["info", "--json", &ov])).unwrap();
+    let (held, fetch) = (
+        json["backing_bytes"].as_u64().unwrap(),
+        json["backing_fetch_bytes"].as_u64().unwrap(),
+    );
+    let file_len = std::fs::metadata(&img.qcow2).unwrap().len();
+    assert!(fetch > 0 && fetch < held && fetch <= file_len, "{json}");
+    let to_fetch = line_starting(&info, "Streaming: ");
+    assert!(to_fetch.contains(" of it to fetch)"), "{info}");
+
     let copy = img.path("copy.raw");
-    backfill_ok(&["convert", &ov, &path_str(&copy)]);
+    let out = backfill_ok(&["convert", &ov, &path_str(&copy)]);
     assert_same_bytes(&read_file(&copy), &img.data, "backfill convert");
+    let fetched = out.rsplit("; ").next().unwrap().trim_end();
+    let fetched = fetched
+        .strip_suffix(" fetched from backing.")
+        .unwrap_or(fetched);
+    assert!(
+        to_fetch.contains(&format!(", {fetched} of it to fetch")),
+        "{to_fetch} / {out}"
+    );
 
     let disk = open(&overlay, options(2, true, false));
     assert_same_bytes(&read_all(&disk, 192 * KIB), &img.data, "copy-on-read");
@@ -171,7 +196,15 @@ fn compressed_cloud_image_over_http() {
     // for backfill, before the stream and after.
     let big = img.path("big.qcow2");
     let big_size = (SIZE + 4 * MIB).to_string();
-    backfill_ok(&["create", "-b", &url, "-F", "qcow2", &path_str(&big), &big_size]);
+    backfill_ok(&[
+        "create",
+        "-b",
+        &url,
+        "-F",
+        "qcow2",
+        &path_str(&big),
+        &big_size,
+    ]);
     let mut want = img.data.clone();
     want.resize((SIZE + 4 * MIB) as usize, 0);
     compare_with_bytes(&big, &want, img.dir.path());
@@ -188,8 +221,26 @@ fn qcow2_export_over_nbd() {
         "compression_type=zstd,extended_l2=on,cluster_size=128k",
     );
     let sock = socket_path(img.dir.path(), "nbd.sock");
-    let _server = nbd_peer::nbdkit(img.dir.path(), &sock, &img.qcow2, &[], &[]);
+    let log = img.path("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let _server = nbd_peer::nbdkit(img.dir.path(), &sock, &img.qcow2, &["log"], &[&logfile]);
     let uri = unix_uri(&sock);
+
+    // The image's 128 KiB clusters span two of the overlay's: a stream
+    // fetches each compressed cluster once all the same, so it reads no
+    // more than the file (nbdkit's log filter counts what was asked).
+    let once = img.path("once.qcow2");
+    qemu_create_qcow2(&once, "", Some((&uri, "qcow2")), None);
+    let before = logged_reads(&log).len();
+    let out = backfill_ok(&["stream", &path_str(&once)]);
+    assert!(out.contains("backing file dropped"), "{out}");
+    compare_identical(&once, &img.raw);
+    let fetched: u64 = logged_reads(&log)[before..].iter().map(|r| r.1).sum();
+    let file_len = std::fs::metadata(&img.qcow2).unwrap().len();
+    assert!(
+        fetched <= file_len,
+        "fetched {fetched} bytes of a {file_len}-byte image"
+    );
     qemu_create_qcow2(&img.overlay(), "", Some((&uri, "qcow2")), None);
     assert_eq!(virtual_size(&img.overlay()), SIZE);
     read_and_stream(&img, &uri);

@@ -85,7 +85,7 @@ mod nginx_common;
 
 use backfill::{ErrorKind, ExtentKind, StreamEnd, StreamOptions, StreamProgress, StreamState};
 use common::*;
-use nbd_peer::{socket_path, unix_uri, Peer};
+use nbd_peer::{logged_reads, socket_path, unix_uri, Peer};
 use std::path::{Path, PathBuf};
 
 const CLUSTER: u64 = 64 * KIB;
@@ -248,23 +248,6 @@ fn stream_summary_ok(stdout: &str, how: &str) {
         stdout.starts_with("streamed ") && stdout.contains(how),
         "backfill stream said: {stdout}"
     );
-}
-
-/// The reads nbdkit's log filter recorded in `log`, as (offset, count).
-fn logged_reads(log: &Path) -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
-    let hex = |line: &str, key: &str| -> u64 {
-        let v = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in log line {line:?}"));
-        u64::from_str_radix(v.trim_start_matches("0x"), 16)
-            .unwrap_or_else(|e| panic!("{key}{v} in {line:?}: {e}"))
-    };
-    text.lines()
-        .filter(|l| l.contains(" Read id="))
-        .map(|l| (hex(l, "offset="), hex(l, "count=")))
-        .collect()
 }
 
 /// The reads of `runs` together cover `[0, size)` exactly once: nothing was

@@ -107,6 +107,13 @@ pub struct ImageInfo {
     /// status), or the holes of a local file. A stream records them as
     /// zero clusters without fetching them.
     pub backing_zero_bytes: u64,
+    /// Of `backing_bytes`, what a stream reads from the backing chain's
+    /// files or media to get the rest: `backing_bytes` less
+    /// `backing_zero_bytes`, with each compressed cluster counted as its
+    /// compressed bytes (a compressed qcow2 image, e.g. a cloud image on
+    /// a web server). An estimate where a compressed cluster is only
+    /// partly missing from the overlay (it counts once per missing piece).
+    pub backing_fetch_bytes: u64,
     /// Why an NBD backing server could not say which of it reads as zeros
     /// (no block status offered, or the query failed): a stream then
     /// fetches every byte the backing holds.
@@ -187,6 +194,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         overlay_zero_bytes: 0,
         backing_bytes: 0,
         backing_zero_bytes: 0,
+        backing_fetch_bytes: 0,
         backing_zeros_unknown: None,
         unallocated_bytes: 0,
     };
@@ -222,6 +230,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
         let Some(c) = &chain else {
             if info.backing_error.is_some() {
                 info.backing_bytes += end - start;
+                info.backing_fetch_bytes += end - start;
             } else {
                 info.unallocated_bytes += end - start;
             }
@@ -234,8 +243,13 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             c.resolve(&mut cache, pos, n, &mut segs)?;
             for s in &segs {
                 match s.source {
-                    Source::File { .. } | Source::Compressed { .. } | Source::Remote { .. } => {
-                        info.backing_bytes += s.len
+                    Source::File { .. } | Source::Remote { .. } => {
+                        info.backing_bytes += s.len;
+                        info.backing_fetch_bytes += s.len;
+                    }
+                    Source::Compressed { data_len, .. } => {
+                        info.backing_bytes += s.len;
+                        info.backing_fetch_bytes += data_len;
                     }
                     // Zeros of the raw layer are what its server or its
                     // file system said (nothing else of a raw layer is a

@@ -193,6 +193,9 @@ pub struct Fill {
     /// Bytes the backing reads asked for, and got.
     fetched: u64,
     got: u64,
+    /// Of `fetched`, those read from local layers (counted as fetched when
+    /// the fill's data is in; remote ones count as their reads return).
+    fetched_local: u64,
     /// Compressed backing clusters the reads fetch.
     inflates: Vec<Inflate>,
     /// Populate pieces waiting for this fill's write-back (not its data).
@@ -902,7 +905,9 @@ impl<I: Io> Core<I> {
     /// which goes on at `step` when they are in.
     fn read_backing_into(&mut self, id: usize, mut buf: Arc<IoBuf>, step: Step) {
         let (n, bytes, inflates) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
-        self.bump(|s| &s.bytes_fetched, bytes);
+        // Remote bytes count when they arrive (see `RemoteOps::pushed`).
+        let local = bytes.saturating_sub(self.remote.take_pushed());
+        self.bump(|s| &s.bytes_fetched, local);
         let p = &mut self.pieces[id];
         p.buf = Some(buf);
         p.inflates = inflates;
@@ -1154,6 +1159,7 @@ impl<I: Io> Core<I> {
             new_host: false,
             fetched: 0,
             got: 0,
+            fetched_local: 0,
             inflates: Vec::new(),
             populators: Vec::new(),
             lo,
@@ -1183,6 +1189,8 @@ impl<I: Io> Core<I> {
         f.inflates = inflates;
         f.pending = n;
         f.fetched = bytes;
+        // Remote bytes count when they arrive (see `RemoteOps::pushed`).
+        f.fetched_local = bytes.saturating_sub(self.remote.take_pushed());
         if n == 0 {
             self.events.push_back(Ev::FillData(fid));
         }
@@ -1312,7 +1320,7 @@ impl<I: Io> Core<I> {
             }
             self.finish_piece(r, Ok(()));
         }
-        self.bump(|s| &s.bytes_fetched, self.fills[fid].fetched);
+        self.bump(|s| &s.bytes_fetched, self.fills[fid].fetched_local);
         if !self.writable() {
             drop(buf);
             self.release_fill(fid);

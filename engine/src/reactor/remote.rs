@@ -9,7 +9,10 @@
 //! during a loop turn are sorted and adjacent ones coalesced into
 //! *batches*, one medium read each (widened to the medium's alignment),
 //! when the turn submits its I/O: the fills of neighbouring missing
-//! clusters that one client read starts become one remote read. A batch's
+//! clusters that one client read starts become one remote read; slots
+//! that ask for the same bytes again (a compressed cluster of a remote
+//! qcow2 image larger than the overlay's clusters, which every overlay
+//! cluster in it needs whole) ride on the same read. A batch's
 //! result arrives as [`Msg::Remote`] in the core's inbox (with an eventfd
 //! wake-up) and each slot is dispatched as a completion, exactly as the
 //! ring would. A medium that places its bytes (NBD: its reader thread
@@ -64,6 +67,9 @@ struct Batch {
     len: usize,
     /// The medium writes the bytes into the slots' buffers itself.
     placed: bool,
+    /// The slots' bytes, each counted once (a slot that repeats another's
+    /// bytes is served by the same read).
+    unique: u64,
     started: Instant,
 }
 
@@ -75,12 +81,22 @@ pub(super) struct RemoteOps {
     slots: Slab<Slot>,
     queued: Vec<usize>,
     batches: Slab<Batch>,
+    /// Bytes queued by [`RemoteOps::push`] since [`RemoteOps::take_pushed`]:
+    /// the callers count local reads as fetched when they push them, and
+    /// these only once a medium returned them ([`Core::remote_done`]), so
+    /// that bytes one read serves twice count once.
+    pushed: u64,
     /// The error of the remote completion being dispatched, for the state
     /// machine to report instead of a bare errno.
     pub(super) error: Option<Error>,
 }
 
 impl RemoteOps {
+    /// Bytes pushed since the last call (see `pushed`).
+    pub(super) fn take_pushed(&mut self) -> u64 {
+        std::mem::take(&mut self.pushed)
+    }
+
     /// Whether remote reads are queued or in flight.
     pub(super) fn in_flight(&self) -> bool {
         !self.batches.is_empty() || !self.queued.is_empty()
@@ -98,6 +114,7 @@ impl RemoteOps {
         len: usize,
     ) -> u32 {
         let ((layer, offset), (buf, buf_off)) = (source, dst);
+        self.pushed += len as u64;
         let max = chain.remote(layer).expect("a remote layer").max_read() as u64;
         let mut n = 0;
         let mut done = 0;
@@ -149,10 +166,25 @@ impl<I: Io> Core<I> {
             };
             let limit = (medium.max_read() as u64).min(COALESCE_MAX_BYTES as u64);
             let mut end = start + first.len as u64;
+            let mut last = (start, first.len);
+            let mut twice = false;
+            let mut unique = first.len as u64;
             let mut j = i + 1;
             while j < queued.len() {
                 let s = &self.remote.slots[queued[j]];
-                if s.layer != layer || s.offset != end {
+                if s.layer != layer {
+                    break;
+                }
+                if (s.offset, s.len) == last {
+                    // The same bytes again, for another buffer: a
+                    // compressed cluster of the backing image that spans
+                    // several of the overlay's clusters. One read serves
+                    // every copy.
+                    twice = true;
+                    j += 1;
+                    continue;
+                }
+                if s.offset != end {
                     break;
                 }
                 let (lo, hi) = widen(end + s.len as u64);
@@ -160,11 +192,15 @@ impl<I: Io> Core<I> {
                     break;
                 }
                 end += s.len as u64;
+                unique += s.len as u64;
+                last = (s.offset, s.len);
                 j += 1;
             }
             let (offset, hi) = widen(end);
             let len = (hi - offset) as usize;
-            let placed = medium.places();
+            // Placements must be disjoint: a batch that serves some bytes
+            // twice has them returned, and copied into each slot.
+            let placed = medium.places() && !twice;
             // A medium that places its bytes writes them into the slots'
             // buffers itself: no copy here when it answers.
             let dest = if placed {
@@ -189,6 +225,7 @@ impl<I: Io> Core<I> {
                 offset,
                 len,
                 placed,
+                unique,
                 started: Instant::now(),
             });
             medium.submit(RemoteRead {
@@ -221,9 +258,14 @@ impl<I: Io> Core<I> {
         stats.remote_latency_us.fetch_add(us, Ordering::Relaxed);
         stats.remote_latency_max_us.fetch_max(us, Ordering::Relaxed);
         match &result {
-            Ok(_) => stats
-                .remote_bytes
-                .fetch_add(batch.len as u64, Ordering::Relaxed),
+            Ok(_) => {
+                stats
+                    .remote_bytes
+                    .fetch_add(batch.len as u64, Ordering::Relaxed);
+                stats
+                    .bytes_fetched
+                    .fetch_add(batch.unique, Ordering::Relaxed)
+            }
             Err(e) => {
                 stats.last_remote_error.record(e);
                 stats.remote_errors.fetch_add(1, Ordering::Relaxed)

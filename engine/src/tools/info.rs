@@ -131,11 +131,10 @@ fn write_info(out: &mut String, info: &ImageInfo) -> std::fmt::Result {
             Some(_) => ("at least ", "at most "),
             None => ("", ""),
         };
-        let fetch = if info.backing_zero_bytes > 0 {
-            format!(
-                ", {} of it to fetch",
-                format_size(left - info.backing_zero_bytes.min(left))
-            )
+        // Less than all of it where the backing holds zeros it need not
+        // send, or compressed clusters.
+        let fetch = if info.backing_fetch_bytes < left {
+            format!(", {} of it to fetch", format_size(info.backing_fetch_bytes))
         } else {
             String::new()
         };

@@ -230,3 +230,20 @@ pub fn gated_nbdkit(dir: &Path, sock: &Path, image: &Path, size: u64, gated: u64
     ];
     (nbdkit_plugin(dir, sock, &[], &eval), gate)
 }
+
+/// The reads nbdkit's log filter recorded in `log`, as (offset, count).
+pub fn logged_reads(log: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let hex = |line: &str, key: &str| -> u64 {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in log line {line:?}"));
+        u64::from_str_radix(v.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|e| panic!("{key}{v} in {line:?}: {e}"))
+    };
+    text.lines()
+        .filter(|l| l.contains(" Read id="))
+        .map(|l| (hex(l, "offset="), hex(l, "count=")))
+        .collect()
+}

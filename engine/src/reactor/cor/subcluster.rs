@@ -438,7 +438,9 @@ impl<I: Io> Core<I> {
                 s = run_end;
             }
         }
-        self.bump(|s| &s.bytes_fetched, bytes);
+        // Remote bytes count when they arrive (see `RemoteOps::pushed`).
+        let local = bytes.saturating_sub(self.remote.take_pushed());
+        self.bump(|s| &s.bytes_fetched, local);
         let p = &mut self.pieces[id];
         p.buf = Some(buf);
         p.inflates = inflates;
