@@ -162,12 +162,26 @@ mod tests {
         open(Arc::new(Memory { data, size }), "memory")
     }
 
-    /// An image made by `qemu-img` with some data, as bytes.
-    fn qemu_image(opts: &str) -> Vec<u8> {
+    /// `qemu-img create -f qcow2 -o OPTS` of `size` in a new directory.
+    fn qemu_create(opts: &str, size: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.qcow2");
-        let ps = p.to_str().unwrap();
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, ps, "2G"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            p.to_str().unwrap(),
+            size,
+        ]);
+        (dir, p)
+    }
+
+    /// An image made by `qemu-img` with some data, as bytes.
+    fn qemu_image(opts: &str) -> Vec<u8> {
+        let (_dir, p) = qemu_create(opts, "2G");
         crate::qcow2::testutil::qemu_io(
             &p,
             "qcow2",
@@ -239,19 +253,7 @@ mod tests {
             return;
         }
         // 2 MiB clusters: 257 L2 tables take more than 512 MiB.
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("big.qcow2");
-        let ps = p.to_str().unwrap();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=2M",
-            ps,
-            "200T",
-        ]);
+        let (_dir, p) = qemu_create("cluster_size=2M", "200T");
         let mut bytes = std::fs::read(&p).unwrap();
         let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
         let cs = 2u64 << 20;
