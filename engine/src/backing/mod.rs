@@ -382,7 +382,7 @@ impl Chain {
                     pin,
                 )?);
                 names.push(name);
-                // A raw layer: the chain ends here.
+                // Raw, or a standalone qcow2 image: the chain ends here.
                 continue;
             }
             if let Some(proto) = protocol_of(&name) {
