@@ -12,7 +12,8 @@
 //! check`, and `qemu-img map` (what copy-on-read put in the overlay).
 //!
 //! * `compressed_cloud_image_over_http`: a zlib-compressed qcow2 image
-//!   under nginx; `backfill create` sizes the overlay from its header;
+//!   under nginx, named by a URL that redirects to it; `backfill create`
+//!   sizes the overlay from its header;
 //!   copy-on-read through the engine, `backfill convert` and `backfill
 //!   stream` give its bytes, and the stream ends standalone; a disk larger
 //!   than the image reads as zeros past the image's end.
@@ -98,8 +99,11 @@ impl Images {
         self.path("overlay.qcow2")
     }
 
+    /// nginx serving `www/`; `/current/image.img` redirects to
+    /// `/base.qcow2`, as a cloud image's "current" link does.
     fn nginx(&self) -> nginx_common::Nginx {
-        nginx_common::Nginx::start(&self.path("nginx"), &self.path("www"), "", None)
+        let redirect = "location = /current/image.img { return 302 /base.qcow2; }";
+        nginx_common::Nginx::start(&self.path("nginx"), &self.path("www"), redirect, None)
     }
 }
 
@@ -181,7 +185,8 @@ fn read_and_stream(img: &Images, backing: &str) {
 fn compressed_cloud_image_over_http() {
     let img = Images::new("rq-http", "");
     let nginx = img.nginx();
-    let url = nginx.url("base.qcow2");
+    // Through a redirect, as cloud images are published.
+    let url = nginx.url("current/image.img");
     let ov = path_str(&img.overlay());
     // The size comes from the remote image's header, as with qemu-img.
     backfill_ok(&["create", "-f", "qcow2", "-b", &url, "-F", "qcow2", &ov]);
