@@ -21,7 +21,7 @@
 //!   entries and 128 KiB clusters, exported by nbdkit: the same; and a
 //!   stream fetches each compressed cluster once though it spans two of
 //!   the overlay's clusters (nbdkit's log filter: no more bytes read than
-//!   the file has).
+//!   the file has); `backfill serve` over it gives qemu-img the same bytes.
 //! * `hostile_remote_qcow2_images_fail_clearly`: a remote qcow2 image naming
 //!   a backing file of its own, one whose L1 table names an L2 table past
 //!   its end, and a raw image given as qcow2: `info` and `stream` fail
@@ -34,6 +34,8 @@
 //! their pid file or accept connections); nothing is asserted about time.
 
 mod common;
+#[path = "common/nbd.rs"]
+mod nbd_common;
 #[path = "common/nbd_peer.rs"]
 mod nbd_peer;
 #[path = "common/nginx.rs"]
@@ -246,6 +248,16 @@ fn qcow2_export_over_nbd() {
         fetched <= file_len,
         "fetched {fetched} bytes of a {file_len}-byte image"
     );
+
+    // Served to NBD clients: qemu-img reads the disk through `backfill
+    // serve` over the remote image.
+    let served = img.path("served.qcow2");
+    qemu_create_qcow2(&served, "", Some((&uri, "qcow2")), None);
+    let server = nbd_common::Server::start(img.dir.path(), &served, &[]);
+    let got = read_through_nbd(&server.uri, &img.path("served.raw"));
+    server.stop();
+    assert_same_bytes(&got, &img.data, "qemu-img through backfill serve");
+    check_clean(&served);
     qemu_create_qcow2(&img.overlay(), "", Some((&uri, "qcow2")), None);
     assert_eq!(virtual_size(&img.overlay()), SIZE);
     read_and_stream(&img, &uri);
