@@ -68,6 +68,31 @@ pub enum Step {
     SubGather,
 }
 
+/// The reads [`Core::push_segment_reads`] queued for one step.
+#[derive(Default)]
+struct Queued {
+    /// Completions to wait for.
+    reads: u32,
+    /// Bytes those completions bring (what a short read falls short of).
+    bytes: u64,
+    /// Of `bytes`, those read from local layers: counted as fetched by the
+    /// step; remote ones count as their reads return, once however many
+    /// slots a read serves (`reactor::remote`).
+    local_bytes: u64,
+    /// Compressed backing clusters among them (read into buffers of their
+    /// own; [`Core::run_inflates`] finishes them once every read is in).
+    inflates: Vec<Inflate>,
+}
+
+impl Queued {
+    fn add(&mut self, other: Queued) {
+        self.reads += other.reads;
+        self.bytes += other.bytes;
+        self.local_bytes += other.local_bytes;
+        self.inflates.extend(other.inflates);
+    }
+}
+
 /// A compressed cluster whose bytes a step is reading into `buf`; once
 /// every read of the step is in, it is decompressed and bytes
 /// `[in_cluster, in_cluster + len)` of the cluster go to offset `dst` of the
@@ -655,16 +680,9 @@ impl<I: Io> Core<I> {
         chain.resolve(&mut self.chain_cache, off, len, &mut self.segs)
     }
 
-    /// Pushes reads of `self.segs` into `buf` (zeroed first). Returns the
-    /// number of reads, the bytes they fetch, and the compressed clusters
-    /// among them (read into buffers of their own; [`Core::run_inflates`]
-    /// finishes them once every read is in).
-    fn push_backing_reads(
-        &mut self,
-        token: u64,
-        buf: &mut Arc<IoBuf>,
-        at: usize,
-    ) -> (u32, u64, Vec<Inflate>) {
+    /// Pushes reads of `self.segs` into `buf` (zeroed first), and says
+    /// what it queued.
+    fn push_backing_reads(&mut self, token: u64, buf: &mut Arc<IoBuf>, at: usize) -> Queued {
         // Reads, remote fetches and inflates write every byte of their
         // segments (or fail the step): only zero segments need zeroing.
         let b = IoBuf::unique_mut(buf);
@@ -681,19 +699,12 @@ impl<I: Io> Core<I> {
 
     /// [`Core::push_backing_reads`] into a buffer whose bytes there are
     /// zeros already (other reads into it may be in flight).
-    fn push_segment_reads(
-        &mut self,
-        token: u64,
-        buf: &Arc<IoBuf>,
-        at: usize,
-    ) -> (u32, u64, Vec<Inflate>) {
+    fn push_segment_reads(&mut self, token: u64, buf: &Arc<IoBuf>, at: usize) -> Queued {
         let mut pos = at;
-        let mut n = 0;
-        let mut bytes = 0;
+        let mut q = Queued::default();
         let chain = self.shared.chain.as_ref();
         let depth = chain.map_or(0, |c| c.depth()) as u32;
         let align = IO_ALIGN as u64;
-        let mut inflates = Vec::new();
         for s in &self.segs {
             if let Source::Compressed {
                 layer,
@@ -705,7 +716,7 @@ impl<I: Io> Core<I> {
             } = s.source
             {
                 let packed = self.pool.get(data_len as usize);
-                n += match chain.filter(|c| c.remote(layer).is_some()) {
+                q.reads += match chain.filter(|c| c.remote(layer).is_some()) {
                     // A remote qcow2 image's cluster: fetched like its data.
                     Some(chain) => self.remote.push(
                         chain,
@@ -716,6 +727,7 @@ impl<I: Io> Core<I> {
                     ),
                     // Any alignment: read through the page cache.
                     None => {
+                        q.local_bytes += data_len;
                         self.io.push(
                             token,
                             Op::read(
@@ -729,7 +741,7 @@ impl<I: Io> Core<I> {
                         1
                     }
                 };
-                inflates.push(Inflate {
+                q.inflates.push(Inflate {
                     buf: packed,
                     data_len: data_len as usize,
                     kind,
@@ -740,7 +752,7 @@ impl<I: Io> Core<I> {
                     layer,
                     host_offset,
                 });
-                bytes += data_len;
+                q.bytes += data_len;
             }
             if let Source::File { layer, host_offset } = s.source {
                 // Aligned reads bypass the page cache (no copy out of it);
@@ -759,20 +771,21 @@ impl<I: Io> Core<I> {
                     token,
                     Op::read(file, host_offset, buf.clone(), pos, s.len as usize),
                 );
-                n += 1;
-                bytes += s.len;
+                q.reads += 1;
+                q.bytes += s.len;
+                q.local_bytes += s.len;
             }
             if let (Source::Remote { layer, offset }, Some(chain)) = (s.source, chain) {
                 // Completes like ring reads, from another thread (see `remote`).
                 let len = s.len as usize;
-                n += self
+                q.reads += self
                     .remote
                     .push(chain, token, (layer, offset), (buf, pos), len);
-                bytes += s.len;
+                q.bytes += s.len;
             }
             pos += s.len as usize;
         }
-        (n, bytes, inflates)
+        q
     }
 
     /// Decompresses the compressed backing clusters a step has read and
@@ -904,18 +917,16 @@ impl<I: Io> Core<I> {
     /// Reads the backing segments in `self.segs` into `buf` for piece `id`,
     /// which goes on at `step` when they are in.
     fn read_backing_into(&mut self, id: usize, mut buf: Arc<IoBuf>, step: Step) {
-        let (n, bytes, inflates) = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
-        // Remote bytes count when they arrive (see `RemoteOps::pushed`).
-        let local = bytes.saturating_sub(self.remote.take_pushed());
-        self.bump(|s| &s.bytes_fetched, local);
+        let q = self.push_backing_reads(TAG_PIECE | id as u64, &mut buf, 0);
+        self.bump(|s| &s.bytes_fetched, q.local_bytes);
         let p = &mut self.pieces[id];
         p.buf = Some(buf);
-        p.inflates = inflates;
+        p.inflates = q.inflates;
         p.step = step;
-        p.io_pending = n;
-        p.backing_want = bytes;
+        p.io_pending = q.reads;
+        p.backing_want = q.bytes;
         p.backing_got = 0;
-        if n == 0 {
+        if q.reads == 0 {
             self.piece_step_done(id);
         }
     }
@@ -1183,15 +1194,14 @@ impl<I: Io> Core<I> {
         // detection and the write-back see.
         let covered = valid.min(hi).saturating_sub(lo) as usize;
         IoBuf::unique_mut(&mut buf)[covered..].fill(0);
-        let (n, bytes, inflates) = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
+        let q = self.push_backing_reads(TAG_FILL | fid as u64, &mut buf, 0);
         let f = &mut self.fills[fid];
         f.buf = Some(buf);
-        f.inflates = inflates;
-        f.pending = n;
-        f.fetched = bytes;
-        // Remote bytes count when they arrive (see `RemoteOps::pushed`).
-        f.fetched_local = bytes.saturating_sub(self.remote.take_pushed());
-        if n == 0 {
+        f.inflates = q.inflates;
+        f.pending = q.reads;
+        f.fetched = q.bytes;
+        f.fetched_local = q.local_bytes;
+        if q.reads == 0 {
             self.events.push_back(Ev::FillData(fid));
         }
         Ok(())

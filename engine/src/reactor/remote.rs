@@ -81,22 +81,12 @@ pub(super) struct RemoteOps {
     slots: Slab<Slot>,
     queued: Vec<usize>,
     batches: Slab<Batch>,
-    /// Bytes queued by [`RemoteOps::push`] since [`RemoteOps::take_pushed`]:
-    /// the callers count local reads as fetched when they push them, and
-    /// these only once a medium returned them ([`Core::remote_done`]), so
-    /// that bytes one read serves twice count once.
-    pushed: u64,
     /// The error of the remote completion being dispatched, for the state
     /// machine to report instead of a bare errno.
     pub(super) error: Option<Error>,
 }
 
 impl RemoteOps {
-    /// Bytes pushed since the last call (see `pushed`).
-    pub(super) fn take_pushed(&mut self) -> u64 {
-        std::mem::take(&mut self.pushed)
-    }
-
     /// Whether remote reads are queued or in flight.
     pub(super) fn in_flight(&self) -> bool {
         !self.batches.is_empty() || !self.queued.is_empty()
@@ -114,7 +104,6 @@ impl RemoteOps {
         len: usize,
     ) -> u32 {
         let ((layer, offset), (buf, buf_off)) = (source, dst);
-        self.pushed += len as u64;
         let max = chain.remote(layer).expect("a remote layer").max_read() as u64;
         let mut n = 0;
         let mut done = 0;

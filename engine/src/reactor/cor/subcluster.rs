@@ -411,7 +411,7 @@ impl<I: Io> Core<I> {
                 }
             }
         }
-        let (mut n, mut bytes, mut inflates) = (0, 0, Vec::new());
+        let mut q = super::Queued::default();
         if self.shared.chain.is_some() {
             let valid = self.valid_len(cluster);
             let base = cluster << self.cluster_bits();
@@ -424,31 +424,26 @@ impl<I: Io> Core<I> {
                         if x < y {
                             self.resolve(base + x, y - x)?;
                             // Zeroed above: other reads into `buf` may be in flight.
-                            let (k, got, inf) = self.push_segment_reads(
+                            q.add(self.push_segment_reads(
                                 TAG_PIECE | id as u64,
                                 &buf,
                                 (x - a) as usize,
-                            );
-                            n += k;
-                            bytes += got;
-                            inflates.extend(inf);
+                            ));
                         }
                     }
                 }
                 s = run_end;
             }
         }
-        // Remote bytes count when they arrive (see `RemoteOps::pushed`).
-        let local = bytes.saturating_sub(self.remote.take_pushed());
-        self.bump(|s| &s.bytes_fetched, local);
+        self.bump(|s| &s.bytes_fetched, q.local_bytes);
         let p = &mut self.pieces[id];
         p.buf = Some(buf);
-        p.inflates = inflates;
+        p.inflates = q.inflates;
         p.step = Step::SubGather;
-        p.io_pending = n;
-        p.backing_want = bytes;
+        p.io_pending = q.reads;
+        p.backing_want = q.bytes;
         p.backing_got = 0;
-        if n == 0 {
+        if q.reads == 0 {
             return self.sub_gathered(id);
         }
         Ok(())
