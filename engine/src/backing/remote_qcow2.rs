@@ -124,7 +124,7 @@ pub(super) fn open(
 mod tests {
     use super::*;
     use crate::backing::remote::RemoteRead;
-    use crate::qcow2::testutil::{qemu_img, tool_available};
+    use crate::qcow2::testutil::{qemu_create as create, tool_available};
 
     /// An image in memory as a medium that answers at once, with reads
     /// split small and aligned (to exercise [`read_blocking`]); bytes past
@@ -166,16 +166,7 @@ mod tests {
     fn qemu_create(opts: &str, size: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            p.to_str().unwrap(),
-            size,
-        ]);
+        create(&p, opts, size);
         (dir, p)
     }
 

@@ -513,7 +513,7 @@ fn read_refcounts(w: &mut Walk<'_>, h: &Header) -> Result<Vec<u16>> {
 mod tests {
     use super::*;
     use crate::qcow2::create::{create, CreateOptions};
-    use crate::qcow2::testutil::{qemu_check, qemu_img, qemu_io, tool_available};
+    use crate::qcow2::testutil::{qemu_check, qemu_create, qemu_io, tool_available};
     use std::os::unix::fs::FileExt;
 
     fn patch(path: &Path, offset: u64, bytes: &[u8]) {
@@ -531,16 +531,7 @@ mod tests {
     /// An image with data, zero and preallocated-zero clusters, by qemu-io.
     fn populated(dir: &Path, name: &str, cluster: &str) -> std::path::PathBuf {
         let img = dir.join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster}"),
-            img.to_str().unwrap(),
-            "10M",
-        ]);
+        qemu_create(&img, &format!("cluster_size={cluster}"), "10M");
         qemu_io(
             &img,
             "qcow2",

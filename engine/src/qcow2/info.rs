@@ -339,7 +339,7 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qcow2::testutil::{qemu_img, qemu_io, tool_available};
+    use crate::qcow2::testutil::{qemu_create, qemu_img, qemu_io, tool_available};
 
     #[test]
     fn counts_overlay_backing_and_holes() {
@@ -410,16 +410,7 @@ mod tests {
 
         // No backing at all.
         let solo = d.join("solo.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            solo.to_str().unwrap(),
-            "1G",
-        ]);
+        qemu_create(&solo, "compat=0.10", "1G");
         let i = info(&solo).unwrap();
         assert_eq!(i.compat, "0.10");
         assert_eq!(i.unallocated_bytes, 1 << 30);

@@ -578,7 +578,7 @@ pub fn rebuild_refcounts(path: impl AsRef<Path>) -> Result<RepairReport> {
 mod tests {
     use super::*;
     use crate::qcow2::check::check;
-    use crate::qcow2::testutil::{qemu_check, qemu_img, qemu_io, run, tool_available};
+    use crate::qcow2::testutil::{qemu_check, qemu_create, qemu_img, qemu_io, run, tool_available};
     use crate::qcow2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED};
     use std::path::PathBuf;
 
@@ -648,16 +648,7 @@ mod tests {
 
     fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
         let img = dir.join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            img.to_str().unwrap(),
-            size,
-        ]);
+        qemu_create(&img, opts, size);
         img
     }
 

@@ -42,6 +42,12 @@ pub(crate) fn qemu_img(args: &[&str]) -> Output {
     run("qemu-img", args)
 }
 
+/// `qemu-img create -q -f qcow2 -o OPTS PATH SIZE`.
+pub(crate) fn qemu_create(path: &Path, opts: &str, size: &str) {
+    let path = path.to_str().expect("a UTF-8 path");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, path, size]);
+}
+
 /// `qemu-io -f <fmt> -c <cmd>...` on an image.
 pub(crate) fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];
