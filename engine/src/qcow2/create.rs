@@ -149,29 +149,22 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         if backing.is_empty() {
             return Err(invalid("empty backing file name".into()));
         }
-        if crate::backing::json::is_json_name(backing) {
-            // QEMU's options: checked now, and opened when the size comes
-            // from them. The header keeps the name and format as given:
-            // QEMU reads the options' own driver only when it names none.
+        let json = crate::backing::json::is_json_name(backing);
+        let remote = !json && crate::backing::is_remote_name(backing);
+        if json {
+            // QEMU's options: checked now. The header keeps the name and
+            // format as given: QEMU reads the options' own driver only when
+            // it names none.
             crate::backing::json::resolve(backing, backing_format.as_deref(), &path_s)?;
-            if size.is_none() {
-                let chain = crate::backing::Chain::open(path, backing, backing_format.as_deref())
-                    .map_err(|e| e.context(format!("creating {path_s}")))?;
-                size = Some(chain.size());
-            }
-        } else if crate::backing::is_remote_name(backing) {
-            // A remote image: its size comes from the server (a qcow2
-            // image's from its header, read through the chain).
-            match backing_format.as_deref() {
-                Some("raw") | Some("qcow2") => {}
-                _ => {
-                    return Err(Error::unsupported(format!(
-                        "creating {path_s}: backing image {backing:?} is remote (NBD or HTTP), \
-                         and formats are not probed over them: give its format (-F raw or -F \
-                         qcow2)"
-                    )))
-                }
-            }
+        } else if remote && backing_format.is_none() {
+            return Err(Error::unsupported(format!(
+                "creating {path_s}: backing image {backing:?} is remote (NBD or HTTP), and \
+                 formats are not probed over them: give its format (-F raw or -F qcow2)"
+            )));
+        }
+        if json || remote {
+            // The size comes through the chain: from the server, or from a
+            // remote qcow2 image's header.
             if size.is_none() {
                 let chain = crate::backing::Chain::open(path, backing, backing_format.as_deref())
                     .map_err(|e| e.context(format!("creating {path_s}")))?;
