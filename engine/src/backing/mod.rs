@@ -149,6 +149,12 @@ fn learn_holes(layer: &Layer, holes: &zeros::Zeros, offset: u64, len: u64) -> u6
     bytes
 }
 
+/// The big-endian 64-bit entries of a table's bytes (an L1 or L2 table).
+fn be_u64s(raw: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    raw.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+}
+
 /// The backing chain of one overlay, layer 0 being its direct backing file.
 pub struct Chain {
     /// Distinguishes chains inside a [`ChainCache`].
@@ -459,10 +465,7 @@ impl Chain {
                         .map_err(|e| {
                             Error::io(e, format!("reading the L1 table of backing file {path_s}"))
                         })?;
-                    let l1 = raw
-                        .chunks_exact(8)
-                        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                        .collect();
+                    let l1 = be_u64s(&raw).collect();
                     next = header
                         .backing_file
                         .clone()
@@ -947,10 +950,7 @@ impl ChainCache {
                     format!("reading the L2 table at offset {l2_offset:#x} of backing file {name}"),
                 )
             })?;
-            let entries: Box<[u64]> = raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                .collect();
+            let entries: Box<[u64]> = be_u64s(&raw).collect();
             while self.used_bytes + cs > self.budget_bytes && !self.tables.is_empty() {
                 // A scan is fine: the table count is budget / cluster size,
                 // and a miss already costs a pread.

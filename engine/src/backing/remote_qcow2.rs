@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::be_u64s;
 use super::remote::{read_blocking, Medium};
 use crate::error::{Error, Result};
 use crate::qcow2::{decode_l1, Header};
@@ -68,16 +69,8 @@ pub(super) fn open(
         )));
     }
     let l1_bytes = header.l1_size as usize * 8;
-    let l1: Vec<u64> = if l1_bytes == 0 {
-        Vec::new()
-    } else {
-        read_blocking(&*medium, &[(header.l1_table_offset, l1_bytes)])
-            .map_err(context)?
-            .remove(0)
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect()
-    };
+    let raw = read_blocking(&*medium, &[(header.l1_table_offset, l1_bytes)]).map_err(context)?;
+    let l1: Vec<u64> = be_u64s(&raw[0]).collect();
     let cs = header.cluster_size();
     let mut offsets = Vec::new();
     for (i, &raw) in l1.iter().enumerate() {
@@ -109,13 +102,7 @@ pub(super) fn open(
     let tables = offsets
         .into_iter()
         .zip(raw)
-        .map(|(o, t)| {
-            let entries = t
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            (o, entries)
-        })
+        .map(|(o, t)| (o, be_u64s(&t).collect()))
         .collect();
     Ok((header, l1, RemoteTables { medium, tables }))
 }
