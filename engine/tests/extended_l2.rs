@@ -16,6 +16,11 @@
 //!   unaligned offsets through backfill, with copy-on-read reads between
 //!   them, applied with plain file writes to a copy of the backing file too:
 //!   `qemu-img check` is clean and `qemu-img compare` finds them equal.
+//! * `cold_read_over_a_compressed_cluster_keeps_all_of_it`: over a
+//!   compressed backing image (clusters of 32, 64 and 128 KiB), a cold
+//!   4 KiB read keeps the whole decompressed cluster's part in its overlay
+//!   cluster, up to the subclusters a client wrote or zeroed
+//!   (`qemu-img map`); a read next to it fetches nothing.
 //! * `create_makes_extended_overlays`: `backfill create -o extended_l2=on`
 //!   makes images `qemu-img info` calls extended, and refuses cluster sizes
 //!   QEMU refuses (under 16 KiB) as qemu-img does.
@@ -30,7 +35,8 @@ use std::path::Path;
 const CLUSTER_SIZES: [u64; 3] = [16 * KIB, 64 * KIB, 2 * MIB];
 
 /// `qemu-img create -f qcow2 -o extended_l2=on,cluster_size=CS` with an
-/// optional raw backing file (a name relative to the image's directory).
+/// optional backing file (a name relative to the image's directory; qcow2
+/// when it ends in `.qcow2`, else raw).
 fn create_ext(path: &Path, size: u64, cs: u64, backing: Option<&str>) {
     let dir = path.parent().unwrap();
     let mut args: Vec<String> = vec![
@@ -42,7 +48,12 @@ fn create_ext(path: &Path, size: u64, cs: u64, backing: Option<&str>) {
         format!("extended_l2=on,cluster_size={cs}"),
     ];
     if let Some(b) = backing {
-        args.extend(["-b".into(), b.into(), "-F".into(), "raw".into()]);
+        let format = if b.ends_with(".qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        args.extend(["-b".into(), b.into(), "-F".into(), format.into()]);
     }
     args.push(path_str(path));
     args.push(size.to_string());
@@ -206,11 +217,42 @@ fn writes_match_a_plain_file() {
     let d = dir.path();
     let size = 5 * MIB + 3 * 512;
     write_random_file(&d.join("base.raw"), size, 23);
+    // A compressed backing image (fills keep whole decompressed clusters):
+    // text-like bytes, a few random pieces stored uncompressed, holes.
+    let mut text = vec![0u8; size as usize];
+    let mut rng = Rng::new(24);
+    for (i, b) in text.iter_mut().enumerate() {
+        *b = b"lorem ipsum "[i % 12] ^ (i / 700) as u8;
+    }
+    for _ in 0..6 {
+        let (off, len) = (
+            rng.below(size - 100 * KIB) as usize,
+            rng.range(1, 100 * KIB) as usize,
+        );
+        match rng.below(2) {
+            0 => rng.fill(&mut text[off..off + len]),
+            _ => text[off..off + len].fill(0),
+        }
+    }
+    write_file(&d.join("text.raw"), &text);
+    qemu_img([
+        "convert",
+        "-q",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=32K",
+        &path_str(&d.join("text.raw")),
+        &path_str(&d.join("text.qcow2")),
+    ]);
+    assert_has_compressed_clusters(&d.join("text.qcow2"));
     for (n, &cs) in CLUSTER_SIZES.iter().enumerate() {
-        for backing in [Some("base.raw"), None] {
+        for backing in [Some("base.raw"), Some("text.qcow2"), None] {
             let img = d.join("w.qcow2");
             create_ext(&img, size, cs, backing);
             let mut reference = match backing {
+                Some("text.qcow2") => text.clone(),
                 Some(_) => read_file(&d.join("base.raw")),
                 None => vec![0u8; size as usize],
             };
@@ -424,4 +466,136 @@ fn compressed_clusters_with_subclusters() {
     disk.close().unwrap();
     check_clean(&img);
     compare_with_bytes(&img, &reference, d);
+}
+
+/// `qemu-img check` counts compressed clusters in `image`.
+#[track_caller]
+fn assert_has_compressed_clusters(image: &Path) {
+    let check = qemu_img([
+        "check".as_ref(),
+        "--output=json".as_ref(),
+        image.as_os_str(),
+    ]);
+    let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+    assert!(
+        check["compressed-clusters"].as_u64().unwrap() > 0,
+        "{check}"
+    );
+}
+
+/// The overlay's data regions (depth 0, data) of `[lo, hi)`, by
+/// `qemu-img map`, as (offset, length) runs relative to `lo`.
+fn overlay_data(map: &[MapEntry], lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    map.iter()
+        .filter(|e| e.depth == 0 && e.data && e.end() > lo && e.start < hi)
+        .map(|e| (e.start.max(lo) - lo, e.end().min(hi) - e.start.max(lo)))
+        .collect()
+}
+
+/// A cold 4 KiB read of an extended-L2 overlay over a compressed backing
+/// cluster decompresses the whole backing cluster: the fill keeps all of
+/// it that lies in the overlay cluster (where no subcluster is allocated
+/// or zero), so the next reader of a neighbouring granule neither fetches
+/// nor inflates that cluster again. Backing clusters of 32, 64 and 128 KiB
+/// under the overlay's 64 KiB; what the fills cover is read from
+/// `qemu-img map`, the bytes compared with the source file.
+#[test]
+fn cold_read_over_a_compressed_cluster_keeps_all_of_it() {
+    let dir = tempdir("extl2-compressed-cor");
+    let d = dir.path();
+    let size = MIB;
+    let cs = 64 * KIB;
+    let g = 4 * KIB;
+    // 128 KiB of random bytes (stored uncompressed), then text-like bytes
+    // that differ in every 512-byte block (stored compressed).
+    let mut src_bytes = vec![0u8; size as usize];
+    Rng::new(5).fill(&mut src_bytes[..128 * KIB as usize]);
+    for (i, b) in src_bytes.iter_mut().enumerate().skip(128 * KIB as usize) {
+        *b = b"abcdefgh"[i % 8] ^ (i / 512) as u8;
+    }
+    let src = d.join("src.raw");
+    write_file(&src, &src_bytes);
+    for bcs in [32 * KIB, 64 * KIB, 128 * KIB] {
+        let base = d.join("base.qcow2");
+        let _ = std::fs::remove_file(&base);
+        qemu_img([
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={bcs}"),
+            &path_str(&src),
+            &path_str(&base),
+        ]);
+        assert_has_compressed_clusters(&base);
+        let img = d.join("o.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_create_qcow2(
+            &img,
+            "extended_l2=on,cluster_size=64K",
+            Some(("base.qcow2", "qcow2")),
+            None,
+        );
+        let mut reference = src_bytes.clone();
+        let disk = open(&img, options(1, true, false));
+        // Cluster 4: the client writes granule 5 and zeroes granule 9.
+        let c4 = 4 * cs;
+        disk.write_at(&vec![0xee; g as usize], c4 + 5 * g).unwrap();
+        reference[(c4 + 5 * g) as usize..(c4 + 6 * g) as usize].fill(0xee);
+        disk.write_zeroes(c4 + 9 * g, g).unwrap();
+        reference[(c4 + 9 * g) as usize..(c4 + 10 * g) as usize].fill(0);
+
+        let mut buf = vec![0u8; g as usize];
+        let mut read = |off: u64| {
+            disk.read_at(&mut buf, off).unwrap();
+            assert_same_bytes(&buf, &reference[off as usize..(off + g) as usize], "read");
+        };
+        read(2 * g); // random bytes: an uncompressed cluster
+        read(2 * cs + 3 * g);
+        read(c4 + 7 * g);
+        // Fills count once their write-back is in.
+        disk.flush().unwrap();
+        let fills = disk.stats().cor_fills;
+        assert_eq!(fills, 3, "backing clusters of {bcs}: {:?}", disk.stats());
+        // Within what the second read's fill kept: no fill, no fetch.
+        let fetched = disk.stats().bytes_fetched;
+        read(2 * cs);
+        disk.flush().unwrap();
+        assert_eq!(disk.stats().cor_fills, fills, "{:?}", disk.stats());
+        assert_eq!(disk.stats().bytes_fetched, fetched, "{:?}", disk.stats());
+        disk.close().unwrap();
+
+        check_clean(&img);
+        let map = qemu_map(&img);
+        // An uncompressed cluster: the granule read, no more.
+        assert_eq!(overlay_data(&map, 0, cs), vec![(2 * g, g)], "{map:?}");
+        // The compressed cluster's part in this overlay cluster.
+        let kept = bcs.min(cs);
+        assert_eq!(
+            overlay_data(&map, 2 * cs, 3 * cs),
+            vec![(0, kept)],
+            "backing clusters of {bcs}: {map:?}"
+        );
+        // Stopped by the written granule below and the zeroed one above
+        // (the compressed cluster reaches both, but for 32 KiB, which
+        // ends below the zeroed granule).
+        let top = if bcs == 32 * KIB { 8 * g } else { 9 * g };
+        assert_eq!(
+            overlay_data(&map, c4, c4 + cs),
+            vec![(5 * g, top - 5 * g)],
+            "backing clusters of {bcs}: {map:?}"
+        );
+        assert_zero_in_overlay(&map, c4 + 9 * g, g);
+        compare_with_bytes(&img, &reference, d);
+
+        // The rest of the disk, read through copy-on-read, still equals
+        // the source with the client's writes.
+        let disk = open(&img, options(2, true, false));
+        assert_same_bytes(&read_all(&disk, 96 * KIB), &reference, "whole disk");
+        disk.close().unwrap();
+        check_clean(&img);
+        compare_with_bytes(&img, &reference, d);
+    }
 }

@@ -1135,13 +1135,19 @@ impl<I: Io> Core<I> {
         let cluster = self.pieces[id].cluster;
         let base = cluster << self.cluster_bits();
         let valid = self.valid_len(cluster);
-        let (lo, hi) = if self.ext() {
+        let (mut lo, mut hi) = if self.ext() {
             let p = &self.pieces[id];
             self.fill_span(p.start, p.len)
         } else {
             (0, self.cs())
         };
         self.resolve(base + lo, valid.min(hi) - lo)?;
+        if self.ext() {
+            if let Some(wider) = self.widen_for_compressed(cluster, lo, hi, valid)? {
+                (lo, hi) = wider;
+                self.resolve(base + lo, valid.min(hi) - lo)?;
+            }
+        }
         if self.segs.iter().all(|s| s.depth == 0) {
             // Allocated nowhere in the chain: zeros, and nothing to copy.
             self.deliver_zeros(id);

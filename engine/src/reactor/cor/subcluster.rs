@@ -23,7 +23,10 @@
 //!   (invariant 1 through the commit's fdatasync, as for clusters); all-zero
 //!   data sets zero bits instead. A granule that also holds allocated
 //!   subclusters (images written by QEMU with subclusters under 4 KiB) is
-//!   served but not written back: its other data would be needed.
+//!   served but not written back: its other data would be needed. A fill
+//!   whose backing data is a compressed cluster decompresses all of it, so
+//!   it keeps all of it that lies in this cluster's unallocated granules
+//!   next to its own ([`Core::widen_for_compressed`]).
 //! - **Writes** build the granules they touch in a private buffer: host
 //!   data for allocated subclusters, zeros, backing data for the parts of
 //!   unallocated subclusters the client did not cover; then write, then
@@ -31,6 +34,7 @@
 //!   without any I/O (a discard of a whole cluster frees its host cluster).
 
 use super::{Core, Ev, Piece, Step, TAG_PIECE};
+use crate::backing::Source;
 use crate::error::Result;
 use crate::io::{Io, IoBuf, Op, IO_ALIGN};
 use crate::qcow2::{decode_l2_ext, encode_l2_ext, sub_mask, ExtL2, L2Entry, SubState, SUBCLUSTERS};
@@ -157,6 +161,60 @@ impl<I: Io> Core<I> {
         let lo = start / g * g;
         let hi = (start + len).next_multiple_of(g).min(self.cs());
         (lo, hi)
+    }
+
+    /// A fill of `[lo, hi)` of `cluster` whose backing bytes (resolved in
+    /// `self.segs`) come from compressed clusters fetches and decompresses
+    /// those whole, however little of them it needs. The wider span to
+    /// fill instead, if any: the granules of those compressed clusters in
+    /// this cluster whose subclusters are all unallocated, next to the
+    /// span. The next reader of a neighbouring granule then finds it in
+    /// the overlay instead of fetching and inflating the same cluster
+    /// again (a 4 KiB reader of a 64 KiB compressed cluster would
+    /// otherwise fetch it up to 16 times).
+    pub(super) fn widen_for_compressed(
+        &self,
+        cluster: u64,
+        lo: u64,
+        hi: u64,
+        valid: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let cs = self.cs();
+        let (mut want_lo, mut want_hi) = (lo, hi);
+        let mut pos = lo;
+        for s in &self.segs {
+            if let Source::Compressed {
+                in_cluster,
+                cluster_bits,
+                ..
+            } = s.source
+            {
+                // The segment is bytes `in_cluster..` of its compressed
+                // cluster, and starts at `pos` of this cluster.
+                want_lo = want_lo.min(pos.saturating_sub(in_cluster));
+                want_hi = want_hi.max(pos + ((1u64 << cluster_bits) - in_cluster));
+            }
+            pos += s.len;
+        }
+        let g = self.granule();
+        let want_lo = want_lo / g * g;
+        let want_hi = want_hi.min(valid).next_multiple_of(g).min(cs);
+        if want_lo >= lo && want_hi <= hi {
+            return Ok(None);
+        }
+        let e = self.ext_entry(cluster)?;
+        let sc = self.sc();
+        // Granule `[a, a + g)` is all unallocated subclusters.
+        let free =
+            |a: u64| sub_mask((a / sc) as u32, ((a + g) / sc) as u32) & (e.alloc | e.zero) == 0;
+        let (mut new_lo, mut new_hi) = (lo, hi);
+        while new_lo > want_lo && free(new_lo - g) {
+            new_lo -= g;
+        }
+        while new_hi < want_hi && free(new_hi) {
+            new_hi += g;
+        }
+        Ok(((new_lo, new_hi) != (lo, hi)).then_some((new_lo, new_hi)))
     }
 
     /// Cuts piece `id` at byte `at` of its cluster: it keeps the head, and
