@@ -56,8 +56,10 @@ pub struct Options {
     /// Largest readahead window, in bytes, for sequential reads of data a
     /// remote backing medium (NBD, HTTP) holds: the engine populates up to
     /// this far ahead of a sequential reader, so the medium's round trips
-    /// overlap. Only with copy-on-read on a writable disk whose chain has a
-    /// remote layer; 0 turns it off. Default 16 MiB.
+    /// overlap. Only when the chain has a remote layer. Without
+    /// copy-on-read (or read-only) it fetches whole clusters into memory
+    /// for the reader instead (not for overlays with extended L2 entries).
+    /// 0 turns it off. Default 16 MiB.
     pub readahead_max_bytes: u64,
     /// Memory, all cores together, for write-backs of data fetched from a
     /// remote backing medium (NBD, HTTP) that wait while more remote reads
@@ -508,6 +510,7 @@ impl Disk {
             meta.attach_sim(sim.clone());
         }
         let copy_on_read = opts.copy_on_read && !opts.read_only;
+        let extended_l2 = meta.header.extended_l2();
         let remote_layer = chain
             .as_ref()
             .is_some_and(|c| (0..c.depth()).any(|i| c.remote(i).is_some()));
@@ -520,7 +523,9 @@ impl Disk {
             read_only: opts.read_only,
             metadata_cache_bytes: opts.metadata_cache_bytes,
             poll_us: if opts.sim.is_some() { 0 } else { opts.poll_us },
-            readahead_max: if copy_on_read && remote_layer {
+            // Without copy-on-read, readahead keeps what it fetched in
+            // memory, by cluster (not by subcluster).
+            readahead_max: if remote_layer && (copy_on_read || !extended_l2) {
                 opts.readahead_max_bytes
             } else {
                 0

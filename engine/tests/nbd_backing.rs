@@ -971,15 +971,21 @@ fn held_write_backs_leave_no_cluster_to_leak_in_a_crash() {
 /// mid-cluster, and some reads stop short of a cluster's end (which keeps
 /// its buffer): every read returns the base image with the changes so far,
 /// and the overlay ends as exactly that (`qemu-img check` and `compare`).
-/// With 4 KiB and with 64 KiB clusters.
+/// With 4 KiB and with 64 KiB clusters; with copy-on-read, and without
+/// it (readahead then keeps what it fetched in memory only, and the
+/// changes are the overlay's only data).
 #[test]
 fn kept_readahead_buffers_follow_every_change() {
-    for (cluster, read) in [(4 * KIB, 64 * KIB), (64 * KIB, 24 * KIB)] {
+    for (cluster, read, cor) in [
+        (4 * KIB, 64 * KIB, true),
+        (64 * KIB, 24 * KIB, true),
+        (64 * KIB, 24 * KIB, false),
+    ] {
         let size = 12 * MIB;
-        let s = Setup::new(&format!("nbdb-kept{}k", cluster / KIB), size, 31);
+        let s = Setup::new(&format!("nbdb-kept{}k{cor}", cluster / KIB), size, 31);
         let (server, uri) = s.delayed_server("1ms");
         let image = s.overlay_over("kept.qcow2", &uri, cluster);
-        let disk = open(&image, options(2, true, false));
+        let disk = open(&image, options(2, cor, false));
         let mut want = s.data.clone();
         let mut rng = Rng::new(31 + cluster);
         let mut pos = 0;
@@ -1024,6 +1030,62 @@ fn kept_readahead_buffers_follow_every_change() {
         assert!(st.readahead_hits > 0, "no read from a kept buffer: {st:?}");
         disk.close().unwrap();
         s.check_reads_as(&image, &want);
+        if !cor {
+            assert_eq!(st.cor_fills, 0, "{st:?}");
+        }
         server.stop();
     }
+}
+
+/// A read-only disk (and one opened without copy-on-read) reads ahead of a
+/// sequential reader too, into memory: 4 KiB reads in order, one at a
+/// time, are answered from what readahead fetched, each byte is fetched
+/// once, the image file is not changed by a byte, and random reads still
+/// fetch only what they read.
+#[test]
+fn read_only_disks_read_ahead_into_memory() {
+    let size = 8 * MIB;
+    let s = Setup::new("nbdb-ro-ra", size, 41);
+    let (server, uri) = s.delayed_server("1ms");
+    let image = s.overlay_over("ro.qcow2", &uri, 64 * KIB);
+    let before = read_file(&image);
+    let disk = open(&image, options(2, true, true));
+    let mut buf = vec![0u8; 4096];
+    for off in (0..size).step_by(4096) {
+        disk.read_at(&mut buf, off).unwrap();
+        let want = &s.data[off as usize..off as usize + 4096];
+        assert_same_bytes(&buf, want, &format!("read at {off}"));
+    }
+    let st = disk.stats();
+    let reads = size / 4096;
+    assert!(st.readahead_bytes > 0, "no readahead: {st:?}");
+    assert!(
+        st.readahead_hits > reads * 9 / 10,
+        "reads not answered from readahead: {st:?}"
+    );
+    // The reads before the stream was seen fetched their own 4 KiB; the
+    // readahead fetches their cluster whole once more.
+    assert!(
+        st.remote_bytes <= size + 3 * 4096,
+        "fetched something twice: {st:?}"
+    );
+    assert!(st.remote_reads < reads / 10, "{st:?}");
+    assert_eq!(st.cor_fills, 0, "{st:?}");
+
+    let mut rng = Rng::new(41);
+    let before_random = st.remote_bytes;
+    for _ in 0..100 {
+        let off = rng.below(size / 4096) * 4096;
+        disk.read_at(&mut buf, off).unwrap();
+        assert_same_bytes(&buf, &s.data[off as usize..off as usize + 4096], "random");
+    }
+    let st2 = disk.stats();
+    assert_eq!(st2.readahead_bytes, st.readahead_bytes, "{st2:?}");
+    assert!(st2.remote_bytes - before_random <= 100 * 4096, "{st2:?}");
+    disk.close().unwrap();
+    assert!(
+        read_file(&image) == before,
+        "a read-only open changed the image"
+    );
+    server.stop();
 }

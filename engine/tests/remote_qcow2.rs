@@ -373,3 +373,61 @@ fn convert_plain(raw: &Path, out: &Path) {
         &path_str(out),
     ]);
 }
+
+/// `backfill serve --read-only` over a compressed image on a web server
+/// reads ahead of a sequential client, into memory: nbdcopy reading 4 KiB
+/// at a time with one request in flight gets the image's bytes with far
+/// fewer range requests than it made (nginx's access log), and the overlay
+/// file is not changed by a byte.
+#[test]
+fn read_only_serve_reads_ahead() {
+    require_tool("nbdcopy");
+    let img = Images::new("rq-ro-ra", "");
+    let nginx = img.nginx();
+    let overlay = img.overlay();
+    qemu_create_qcow2(
+        &overlay,
+        "",
+        Some((&nginx.url("base.qcow2"), "qcow2")),
+        None,
+    );
+    let before = read_file(&overlay);
+    let access_log = img.path("nginx").join("logs/access.log");
+    let gets = || {
+        std::fs::read_to_string(&access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("GET /base.qcow2"))
+            .count()
+    };
+    let gets_before = gets();
+    let server = nbd_common::Server::start(img.dir.path(), &overlay, &["--read-only"]);
+    let copy = img.path("copy.raw");
+    run_ok(
+        "nbdcopy",
+        [
+            "--request-size=4096",
+            "--requests=1",
+            "--connections=1",
+            &server.uri,
+            &path_str(&copy),
+        ],
+    );
+    server.stop();
+    assert_same_bytes(
+        &read_file(&copy),
+        &img.data,
+        "nbdcopy through serve --read-only",
+    );
+    let fetches = gets() - gets_before;
+    let requests = (SIZE / 4096) as usize;
+    assert!(
+        fetches * 8 < requests,
+        "{fetches} range requests for {requests} reads of 4 KiB"
+    );
+    assert_eq!(
+        read_file(&overlay),
+        before,
+        "a read-only serve changed the overlay"
+    );
+}

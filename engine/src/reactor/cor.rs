@@ -237,6 +237,9 @@ pub struct Fill {
     /// fill has no buffer and reads nothing, and becomes a zero cluster
     /// (zero subclusters).
     zeros: bool,
+    /// Readahead on a disk that passes reads through: nothing is written
+    /// back; the buffer is kept for the reader (see [`Core::prefetch`]).
+    prefetch: bool,
 }
 
 /// How far a write that came back short has got. write(2) may write less
@@ -332,6 +335,13 @@ impl<I: Io> Core<I> {
 
     fn writable(&self) -> bool {
         !self.shared.read_only && !self.shared.meta.is_poisoned()
+    }
+
+    /// Reads of data the overlay lacks go to the backing chain and nothing
+    /// is written back: no copy-on-read, a read-only disk, or one that
+    /// takes no more writes.
+    fn passes_through(&self) -> bool {
+        !self.shared.copy_on_read || !self.writable()
     }
 
     // ----- parts -----------------------------------------------------------
@@ -1008,6 +1018,72 @@ impl<I: Io> Core<I> {
         true
     }
 
+    /// Readahead on a disk that passes reads through (see `readahead`):
+    /// populate piece `id` of an unallocated cluster fetches the whole
+    /// cluster into memory, kept for the reader it runs ahead of, under
+    /// the cluster's lock (a write of the cluster waits for it, then drops
+    /// what it kept). A cluster kept or being fetched already, or being
+    /// written, needs nothing.
+    fn prefetch(&mut self, id: usize) -> Result<()> {
+        let cluster = self.pieces[id].cluster;
+        if self.ext() || self.locks.holder(cluster).is_some() || self.kept.has(cluster) {
+            self.finish_piece(id, Ok(()));
+            return Ok(());
+        }
+        self.start_fill(id)?;
+        if let Some(Holder::Fill(fid)) = self.locks.holder(cluster) {
+            let f = &mut self.fills[fid];
+            f.prefetch = true;
+            if let Some(i) = f.readers.iter().position(|&r| r == id) {
+                f.readers.swap_remove(i);
+                f.populators.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the buffer of prefetch fill `fid` (see [`Core::prefetch`]),
+    /// as the content of its cluster while the overlay lacks it (host 0).
+    fn keep_prefetched(&mut self, fid: usize, buf: Option<Arc<IoBuf>>) {
+        let f = &mut self.fills[fid];
+        let Some(buf) = buf else {
+            return;
+        };
+        if f.error.is_some() || !f.prefetch {
+            return;
+        }
+        let cluster = f.cluster;
+        // `release_fill` puts the fill's own clone back in the pool.
+        f.buf = None;
+        for b in self.kept.insert(cluster, 0, buf) {
+            self.pool.put(b);
+        }
+    }
+
+    /// Answers pass-through read piece `id` from what readahead fetched
+    /// for its cluster: kept, or still being fetched (then it waits with
+    /// the fetch's readers).
+    fn read_prefetched(&mut self, id: usize) -> bool {
+        if self.read_kept(id, 0) {
+            return true;
+        }
+        let cluster = self.pieces[id].cluster;
+        let Some(Holder::Fill(fid)) = self.locks.holder(cluster) else {
+            return false;
+        };
+        self.bump(|s| &s.dedup_hits, 1);
+        let (start, len) = (self.pieces[id].start, self.pieces[id].len);
+        let f = &mut self.fills[fid];
+        match f.buf.clone().filter(|_| f.ready) {
+            Some(buf) => {
+                self.deliver(id, &buf, start as usize, len as usize);
+                self.finish_piece(id, Ok(()));
+            }
+            None => f.readers.push(id),
+        }
+        true
+    }
+
     /// Reads the piece's bytes from the overlay's host cluster `host` (an
     /// aligned span around them, for O_DIRECT).
     fn read_overlay(&mut self, id: usize, host: u64) {
@@ -1029,7 +1105,11 @@ impl<I: Io> Core<I> {
             self.finish_piece(id, Ok(()));
             return Ok(());
         }
-        if !self.shared.copy_on_read || !self.writable() {
+        if self.passes_through() {
+            // What readahead fetched for this reader, if anything.
+            if !self.ext() && self.read_prefetched(id) {
+                return Ok(());
+            }
             // Pass-through: read the backing image directly; no lock needed,
             // since nothing is written back.
             self.bump(|s| &s.misses, 1);
@@ -1085,15 +1165,12 @@ impl<I: Io> Core<I> {
             self.finish_piece(id, Ok(()));
             return Ok(());
         }
-        if !self.shared.copy_on_read || !self.writable() {
-            self.shared.meta.check_writable()?;
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{}: populating needs copy-on-read on a writable disk",
-                    self.shared.meta.path
-                ),
-            ));
+        if self.passes_through() {
+            if self.shared.meta.is_poisoned() {
+                self.shared.meta.check_writable()?;
+            }
+            // `Disk::populate` refuses such disks: this is readahead.
+            return self.prefetch(id);
         }
         match self.locks.holder(cluster) {
             Some(Holder::Fill(fid)) if !self.fill_covers(fid, id) => {
@@ -1183,6 +1260,7 @@ impl<I: Io> Core<I> {
             hi,
             partial: PartialWrite::default(),
             zeros,
+            prefetch: false,
         });
         let locked = self.locks.try_lock(cluster, Holder::Fill(fid));
         debug_assert!(locked, "fill started on a locked cluster");
@@ -1337,8 +1415,8 @@ impl<I: Io> Core<I> {
             self.finish_piece(r, Ok(()));
         }
         self.bump(|s| &s.bytes_fetched, self.fills[fid].fetched_local);
-        if !self.writable() {
-            drop(buf);
+        if self.passes_through() {
+            self.keep_prefetched(fid, buf);
             self.release_fill(fid);
             return;
         }
@@ -1559,7 +1637,8 @@ impl<I: Io> Core<I> {
                 let (key, slot) = (self.l2_key(f.cluster), self.l2_slot(f.cluster));
                 self.l2.peek(key).expect("fill pins its block").entries[slot] != 0
             };
-            let result = if in_overlay {
+            // A prefetch leaves its errors to the readers.
+            let result = if in_overlay || f.prefetch {
                 Ok(())
             } else {
                 Err(f.error.take().unwrap_or_else(|| {

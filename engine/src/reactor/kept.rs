@@ -7,7 +7,10 @@
 //!
 //! What it owns: per core, the buffers of its clusters' completed populate
 //! fills, by cluster, with the host cluster they were written to, up to a
-//! byte budget (oldest out first).
+//! byte budget (oldest out first). On a disk that passes reads through
+//! (no copy-on-read, or read-only), readahead's fetches, written nowhere:
+//! their host cluster is 0 (no cluster of data is there: the header is),
+//! for as long as the overlay lacks the cluster.
 //!
 //! What keeps it right: an entry is the cluster's content, and only this
 //! core changes this core's clusters. Every write, write-zeroes or discard
@@ -84,6 +87,11 @@ impl Kept {
         let (_, buf, _) = self.map.remove(&cluster)?;
         self.bytes -= buf.len();
         Some(buf)
+    }
+
+    /// Whether a buffer is kept for `cluster`.
+    pub fn has(&self, cluster: u64) -> bool {
+        self.map.contains_key(&cluster)
     }
 
     pub fn is_empty(&self) -> bool {

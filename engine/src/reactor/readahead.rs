@@ -27,9 +27,14 @@
 //! a core's readahead has in flight are bounded (twice the window limit);
 //! beyond that it skips, and catches up on the next read.
 //!
+//! On a disk that passes reads through (no copy-on-read, or read-only)
+//! the same requests fetch whole clusters into memory instead, kept for
+//! the reader (`Core::prefetch`, `kept`); nothing is written.
+//!
 //! What it never does: fetch what the overlay holds (populate skips
-//! allocated clusters without I/O), run on a disk without a remote layer,
-//! without copy-on-read or read-only, or start while the core closes.
+//! allocated clusters without I/O), run on a disk without a remote layer
+//! (or passing reads through to an overlay with extended L2 entries: its
+//! buffers are by cluster), or start while the core closes.
 
 use super::request::{Callback, ReqKind, Request};
 use super::{Core, Msg};
