@@ -16,6 +16,10 @@
 //!   image equal to the reference, also after a reopen.
 //! * `hostile_*`: a compressed cluster whose data is garbage fails its read
 //!   with `Corrupt` naming the offset; every other cluster still reads.
+//! * `small_reads_of_a_compressed_cluster_in_flight_with_a_write`: 4 KiB
+//!   reads of compressed clusters, 16 of each in flight (they share one
+//!   read and decompression), with a write into the same cluster among
+//!   them: every read right, the image clean and equal to the reference.
 
 mod common;
 
@@ -479,4 +483,64 @@ fn hostile_zlib_garbage() {
 #[test]
 fn hostile_zstd_garbage() {
     hostile_case("zstd");
+}
+
+/// Many small reads of one compressed cluster in flight at once share one
+/// read and decompression of it (the others wait for it, then take the
+/// kept cluster); a write into another part of the same cluster, sent with
+/// them, rewrites it uncompressed meanwhile. Every read returns the bytes
+/// it must, and the image ends equal to the reference (`qemu-img check`
+/// and `compare`).
+#[test]
+fn small_reads_of_a_compressed_cluster_in_flight_with_a_write() {
+    let cluster = 64 * KIB;
+    let dir = tempdir("compressed-inflight");
+    let d = dir.path();
+    let size = size_for(cluster);
+    let src = d.join("src.raw");
+    make_source(&src, size, seed_from_env("compressed_inflight"));
+    let img = compressed_image(d, &src, "zstd", cluster);
+    let mut want = raw_contents(&img);
+    let comp = compressed_clusters(&img, cluster);
+    assert!(comp.len() >= 8, "too few compressed clusters: {comp:?}");
+    let g = 4 * KIB;
+
+    // Read-only: 16 reads of each of 4 clusters, all 64 in flight.
+    let disk = open(&img, options(2, true, true));
+    let reads: Vec<u64> = comp[..4]
+        .iter()
+        .flat_map(|&c| (0..16).map(move |i| c + i * g))
+        .collect();
+    let pending: Vec<_> = reads
+        .iter()
+        .map(|&off| (off, disk.submit_read(off, vec![0u8; g as usize])))
+        .collect();
+    for (off, p) in pending {
+        let got = p.wait().unwrap();
+        assert_same_bytes(&got, &want[off as usize..(off + g) as usize], "read-only");
+    }
+    disk.close().unwrap();
+
+    let disk = open(&img, options(2, true, false));
+    for (n, &c) in comp[..8].iter().enumerate() {
+        let k = n as u64 % 16;
+        let mut pending = Vec::new();
+        for i in (0..16).filter(|&i| i != k) {
+            let off = c + i * g;
+            pending.push((off, disk.submit_read(off, vec![0u8; g as usize])));
+        }
+        let data = vec![0xa0 | n as u8; g as usize];
+        let write = disk.submit_write(c + k * g, data.clone());
+        for (off, p) in pending {
+            let got = p.wait().unwrap();
+            let what = format!("cluster {c:#x}, read at {off:#x}");
+            assert_same_bytes(&got, &want[off as usize..(off + g) as usize], &what);
+        }
+        write.wait().unwrap();
+        want[(c + k * g) as usize..(c + (k + 1) * g) as usize].copy_from_slice(&data);
+    }
+    assert_same_bytes(&read_all(&disk, 4 * KIB), &want, "after the writes");
+    disk.close().unwrap();
+    check_clean(&img);
+    compare_with_bytes(&img, &want, d);
 }

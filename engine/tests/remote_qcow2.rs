@@ -29,6 +29,14 @@
 //! * `replaced_remote_qcow2_image_is_refused`: the overlay pins the
 //!   image's version at its first copy-on-read; once the file under nginx
 //!   is replaced, a stream fails saying the remote image changed.
+//! * `read_only_serve_reads_ahead`: `backfill serve --read-only` over the
+//!   image under nginx, read by nbdcopy 4 KiB at a time with one request
+//!   in flight: the image's bytes with far fewer range requests than reads
+//!   (nginx's access log), and the overlay file unchanged.
+//! * `a_compressed_cluster_read_in_pieces_is_fetched_once`: 128 KiB
+//!   compressed clusters under 64 KiB overlay clusters, their halves read
+//!   at different times with copy-on-read, and 4 KiB at a time on a
+//!   read-only disk without readahead: each fetched once (nbdkit's log).
 //!
 //! Synchronisation by observation only (servers are ready once they wrote
 //! their pid file or accept connections); nothing is asserted about time.
@@ -429,5 +437,71 @@ fn read_only_serve_reads_ahead() {
         read_file(&overlay),
         before,
         "a read-only serve changed the overlay"
+    );
+}
+
+/// Readers of both halves of a compressed cluster twice the overlay's
+/// cluster size, at different times (other reads between them), fetch it
+/// once: the core keeps what it decompressed. With copy-on-read, and on a
+/// read-only disk without readahead, reading 4 KiB at a time. nbdkit's
+/// log filter counts what was asked; the bytes come out right.
+#[test]
+fn a_compressed_cluster_read_in_pieces_is_fetched_once() {
+    let img = Images::new("rq-pieces", "cluster_size=128k");
+    let sock = socket_path(img.dir.path(), "nbd.sock");
+    let log = img.path("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let _server = nbd_peer::nbdkit(img.dir.path(), &sock, &img.qcow2, &["log"], &[&logfile]);
+    let uri = unix_uri(&sock);
+    let file_len = std::fs::metadata(&img.qcow2).unwrap().len();
+    let fetched_since =
+        |before: usize| -> u64 { logged_reads(&log)[before..].iter().map(|r| r.1).sum() };
+    let read = |disk: &backfill::Disk, off: u64| {
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(&mut buf, off).unwrap();
+        let want = &img.data[off as usize..off as usize + 4096];
+        assert_same_bytes(&buf, want, &format!("read at {off}"));
+    };
+
+    // Copy-on-read: the first half of each 128 KiB cluster, and the second
+    // half of the cluster three before it.
+    let overlay = img.overlay();
+    qemu_create_qcow2(&overlay, "", Some((&uri, "qcow2")), None);
+    let before = logged_reads(&log).len();
+    let disk = open(&overlay, options(2, true, false));
+    let clusters = SIZE / (128 * KIB);
+    for c in 0..clusters + 3 {
+        if c < clusters {
+            read(&disk, c * 128 * KIB + 4 * KIB);
+        }
+        if c >= 3 {
+            read(&disk, (c - 3) * 128 * KIB + 64 * KIB + 8 * KIB);
+        }
+    }
+    disk.close().unwrap();
+    let fetched = fetched_since(before);
+    assert!(
+        fetched <= file_len,
+        "copy-on-read fetched {fetched} bytes of a {file_len}-byte image"
+    );
+    check_clean(&overlay);
+
+    // Read-only, no readahead: 4 KiB at a time through the first 2 MiB.
+    let ro = img.path("ro.qcow2");
+    qemu_create_qcow2(&ro, "", Some((&uri, "qcow2")), None);
+    let before = logged_reads(&log).len();
+    let mut opts = options(1, true, true);
+    opts.readahead_max_bytes = 0;
+    let disk = open(&ro, opts);
+    for off in (0..2 * MIB).step_by(4096) {
+        read(&disk, off);
+    }
+    disk.close().unwrap();
+    // Each of the 16 clusters once is at most their 2 MiB; each 4 KiB
+    // read fetching its cluster would be 512 fetches of 30 to 128 KiB.
+    let fetched = fetched_since(before);
+    assert!(
+        fetched <= 2 * MIB,
+        "4 KiB reads of 2 MiB fetched {fetched} bytes"
     );
 }

@@ -691,16 +691,30 @@ impl<I: Io> Core<I> {
     }
 
     /// Pushes reads of `self.segs` into `buf` (zeroed first), and says
-    /// what it queued.
+    /// what it queued. Parts of compressed clusters this core decompressed
+    /// lately are copied in instead (their segments become zeros: done).
     fn push_backing_reads(&mut self, token: u64, buf: &mut Arc<IoBuf>, at: usize) -> Queued {
         // Reads, remote fetches and inflates write every byte of their
         // segments (or fail the step): only zero segments need zeroing.
         let b = IoBuf::unique_mut(buf);
         let mut pos = at;
-        for s in &self.segs {
+        for s in &mut self.segs {
             let len = s.len as usize;
-            if matches!(s.source, Source::Zero) {
-                b[pos..pos + len].fill(0);
+            match s.source {
+                Source::Zero => b[pos..pos + len].fill(0),
+                Source::Compressed {
+                    layer,
+                    host_offset,
+                    in_cluster,
+                    ..
+                } => {
+                    if let Some(c) = self.inflated.get((1 + layer, host_offset), 0) {
+                        let from = in_cluster as usize;
+                        b[pos..pos + len].copy_from_slice(&c.as_slice()[from..from + len]);
+                        s.source = Source::Zero;
+                    }
+                }
+                _ => {}
             }
             pos += len;
         }
@@ -804,7 +818,12 @@ impl<I: Io> Core<I> {
     fn run_inflates(&mut self, jobs: Vec<Inflate>, dst: &mut Arc<IoBuf>) -> Result<()> {
         let mut r = Ok(());
         for j in jobs {
-            if r.is_ok() {
+            let key = (1 + j.layer, j.host_offset);
+            if let (Ok(()), Some(c)) = (&r, self.inflated.get(key, 0)) {
+                // Decompressed for another step of this turn.
+                IoBuf::unique_mut(dst)[j.dst..j.dst + j.len]
+                    .copy_from_slice(&c.as_slice()[j.in_cluster..j.in_cluster + j.len]);
+            } else if r.is_ok() {
                 let cs = 1usize << j.cluster_bits;
                 let mut scratch = self.pool.get(cs);
                 let out = &mut IoBuf::unique_mut(&mut scratch)[..cs];
@@ -822,8 +841,12 @@ impl<I: Io> Core<I> {
                 if r.is_ok() {
                     IoBuf::unique_mut(dst)[j.dst..j.dst + j.len]
                         .copy_from_slice(&out[j.in_cluster..j.in_cluster + j.len]);
+                    for b in self.inflated.insert(key, 0, scratch) {
+                        self.pool.put(b);
+                    }
+                } else {
+                    self.pool.put(scratch);
                 }
-                self.pool.put(scratch);
             }
             self.pool.put(j.buf);
         }
@@ -891,6 +914,20 @@ impl<I: Io> Core<I> {
     /// Reads the bytes of the overlay's compressed cluster `raw` for piece
     /// `id` (an aligned span, for O_DIRECT), which goes on at `step`.
     fn read_compressed(&mut self, id: usize, raw: u64, step: Step) {
+        if let (Step::CompressedRead, Some(c)) = (step, self.inflated.get((0, raw), 0)) {
+            let c = c.clone();
+            let (start, len) = (self.pieces[id].start as usize, self.pieces[id].len as usize);
+            self.deliver(id, &c, start, len);
+            self.finish_piece(id, Ok(()));
+            return;
+        }
+        if step == Step::CompressedRead {
+            if let Some(waiting) = self.inflating.get_mut(&raw) {
+                waiting.push(id);
+                return;
+            }
+            self.inflating.insert(raw, Vec::new());
+        }
         let (off, len) = compressed_data(raw, self.cluster_bits());
         let lo = off & !(IO_ALIGN as u64 - 1);
         let hi = (off + len).next_multiple_of(IO_ALIGN as u64);
@@ -906,6 +943,9 @@ impl<I: Io> Core<I> {
     /// cluster `raw` used, after the commit that makes the entry just
     /// published for `cluster` durable.
     fn release_compressed(&mut self, cluster: u64, raw: u64) {
+        if let Some(b) = self.inflated.forget((0, raw)) {
+            self.pool.put(b);
+        }
         let cb = self.cluster_bits();
         for c in compressed_host_clusters(raw, cb) {
             self.release_after_commit(cluster, Release::Shared(c << cb));
@@ -1970,6 +2010,17 @@ impl<I: Io> Core<I> {
     }
 
     fn piece_step_done(&mut self, id: usize) {
+        let p = &self.pieces[id];
+        let inflated = p.compressed.filter(|_| p.step == Step::CompressedRead);
+        self.piece_step_finish(id);
+        // Readers of the same compressed cluster that waited for this
+        // piece's read: decompressed (or, after an error, read again).
+        if let Some(waiting) = inflated.and_then(|raw| self.inflating.remove(&raw)) {
+            self.events.extend(waiting.into_iter().map(Ev::Run));
+        }
+    }
+
+    fn piece_step_finish(&mut self, id: usize) {
         if let Some(e) = self.pieces[id].io_error.take() {
             self.finish_piece(id, Err(e));
             return;
@@ -2022,7 +2073,12 @@ impl<I: Io> Core<I> {
             Step::CompressedRead => self.inflate_overlay(id).map(|cluster| {
                 let (start, len) = (self.pieces[id].start as usize, self.pieces[id].len as usize);
                 self.deliver(id, &cluster, start, len);
-                self.pool.put(cluster);
+                let raw = self.pieces[id]
+                    .compressed
+                    .expect("compressed piece has a descriptor");
+                for b in self.inflated.insert((0, raw), 0, cluster) {
+                    self.pool.put(b);
+                }
                 self.finish_piece(id, Ok(()));
             }),
             Step::CompressedRmw => self.inflate_overlay(id).and_then(|cluster| {

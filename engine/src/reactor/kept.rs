@@ -20,23 +20,31 @@
 //! the end of a cluster drops its entry (a sequential reader is done
 //! with it).
 
+//!
+//! The same store, keyed by where compressed data lies, keeps clusters a
+//! core decompressed (`Core::inflated`): a compressed cluster read in
+//! pieces is read and decompressed once while it stays.
+
 use crate::io::IoBuf;
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::sync::Arc;
 
-pub struct Kept {
-    /// cluster -> (host cluster, buffer, insertion number)
-    map: HashMap<u64, (u64, Arc<IoBuf>, u64)>,
-    /// (cluster, insertion number), oldest first; stale ones are skipped.
-    order: VecDeque<(u64, u64)>,
+/// Buffers by key (a cluster, by default), each with a tag that a lookup
+/// must match (the host cluster), oldest out first past a byte budget.
+pub struct Kept<K = u64> {
+    /// key -> (tag, buffer, insertion number)
+    map: HashMap<K, (u64, Arc<IoBuf>, u64)>,
+    /// (key, insertion number), oldest first; stale ones are skipped.
+    order: VecDeque<(K, u64)>,
     bytes: usize,
     max_bytes: usize,
     next: u64,
 }
 
-impl Kept {
+impl<K: Copy + Eq + Hash> Kept<K> {
     /// Keeps at most `max_bytes` of buffers (0: keeps none).
-    pub fn new(max_bytes: usize) -> Kept {
+    pub fn new(max_bytes: usize) -> Kept<K> {
         Kept {
             map: HashMap::new(),
             order: VecDeque::new(),
@@ -48,7 +56,7 @@ impl Kept {
 
     /// Keeps `buf`, the content of `cluster` written at `host`. Returns the
     /// buffers that make room for it (or `buf` itself, past the budget).
-    pub fn insert(&mut self, cluster: u64, host: u64, buf: Arc<IoBuf>) -> Vec<Arc<IoBuf>> {
+    pub fn insert(&mut self, cluster: K, host: u64, buf: Arc<IoBuf>) -> Vec<Arc<IoBuf>> {
         let mut out = Vec::new();
         if buf.len() > self.max_bytes {
             out.push(buf);
@@ -78,19 +86,19 @@ impl Kept {
     }
 
     /// The kept content of `cluster`, if it is still the one at `host`.
-    pub fn get(&self, cluster: u64, host: u64) -> Option<&Arc<IoBuf>> {
+    pub fn get(&self, cluster: K, host: u64) -> Option<&Arc<IoBuf>> {
         self.map.get(&cluster).filter(|e| e.0 == host).map(|e| &e.1)
     }
 
     /// Drops the entry of `cluster`, returning its buffer.
-    pub fn forget(&mut self, cluster: u64) -> Option<Arc<IoBuf>> {
+    pub fn forget(&mut self, cluster: K) -> Option<Arc<IoBuf>> {
         let (_, buf, _) = self.map.remove(&cluster)?;
         self.bytes -= buf.len();
         Some(buf)
     }
 
     /// Whether a buffer is kept for `cluster`.
-    pub fn has(&self, cluster: u64) -> bool {
+    pub fn has(&self, cluster: K) -> bool {
         self.map.contains_key(&cluster)
     }
 
@@ -105,7 +113,7 @@ mod tests {
 
     #[test]
     fn keeps_within_budget_oldest_out_first() {
-        let mut k = Kept::new(3 * 4096);
+        let mut k: Kept = Kept::new(3 * 4096);
         for c in 0..3 {
             assert!(k
                 .insert(c, 100 + c, IoBuf::filled(4096, c as u8))
@@ -122,7 +130,7 @@ mod tests {
 
     #[test]
     fn a_moved_or_forgotten_cluster_is_not_used() {
-        let mut k = Kept::new(1 << 20);
+        let mut k: Kept = Kept::new(1 << 20);
         k.insert(5, 500, IoBuf::filled(4096, 5));
         assert!(k.get(5, 501).is_none(), "another host cluster");
         assert!(k.get(5, 500).is_some());
@@ -138,7 +146,7 @@ mod tests {
 
     #[test]
     fn stale_order_entries_do_not_pile_up() {
-        let mut k = Kept::new(1 << 30);
+        let mut k: Kept = Kept::new(1 << 30);
         for c in 0..10_000u64 {
             k.insert(c, c, IoBuf::filled(16, 0));
             k.forget(c);

@@ -60,6 +60,9 @@ pub const POOL_BYTES: usize = 64 << 20;
 /// their bytes at most.
 pub const POOL_LENT: usize = 256;
 pub const POOL_LENT_BYTES: usize = 64 << 20;
+/// Bytes of decompressed clusters a core keeps (see `kept`): a 64 KiB
+/// cluster read 4 KiB at a time is decompressed once, not 16 times.
+pub const INFLATED_BYTES: usize = 4 << 20;
 
 /// Everything the cores share, read-only after open (plus atomics).
 pub struct Shared {
@@ -524,6 +527,14 @@ pub(crate) struct Core<I: Io = Uring> {
     /// Buffers of completed populate fills, for the readers readahead ran
     /// ahead of (empty and unused without readahead).
     kept: kept::Kept,
+    /// Compressed clusters this core decompressed, by where their data
+    /// lies: `(0, descriptor)` for the overlay's own, `(1 + layer, host
+    /// offset)` for a backing layer's (see `kept`).
+    inflated: kept::Kept<(usize, u64)>,
+    /// The overlay's compressed clusters (by descriptor) being read for a
+    /// read piece, with the read pieces that wait for them (run again when
+    /// the read is done: they then find the cluster in `inflated`).
+    inflating: std::collections::HashMap<u64, Vec<usize>>,
     /// Fills whose write-back waits for more (see `release_held`).
     held: Vec<usize>,
     /// Held fills that populate (their pieces wait for the write-back).
@@ -587,6 +598,8 @@ impl<I: Io> Core<I> {
             readahead_in_flight: Arc::new(AtomicU64::new(0)),
             // Readahead keeps at most twice its limit in flight per core.
             kept: kept::Kept::new(2 * shared.readahead_max as usize),
+            inflated: kept::Kept::new(INFLATED_BYTES),
+            inflating: std::collections::HashMap::new(),
             held: Vec::new(),
             held_populating: 0,
             held_wanted: false,
