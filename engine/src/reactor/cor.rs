@@ -1232,6 +1232,14 @@ impl<I: Io> Core<I> {
                 Ok(())
             }
             None => {
+                // A sibling fill's bytes are decompressed already.
+                if let Some((key, buf)) = self.parts[self.pieces[id].part].req.seed.clone() {
+                    if !self.inflated.has(key) {
+                        for b in self.inflated.insert(key, 0, buf) {
+                            self.pool.put(b);
+                        }
+                    }
+                }
                 // Started as the fill's reader (which a cluster allocated
                 // nowhere in the chain finishes at once), then moved to
                 // wait for the write-back instead of the data.
@@ -1396,6 +1404,18 @@ impl<I: Io> Core<I> {
         if !f.writing && !jobs.is_empty() {
             let mut buf = f.buf.take().expect("fill has a buffer");
             let failed = f.error.is_some();
+            let start = (f.cluster << self.shared.meta.cluster_bits) + f.lo;
+            let siblings: Vec<_> = jobs
+                .iter()
+                .map(|j| {
+                    let lo = start + j.dst as u64 - j.in_cluster as u64;
+                    (
+                        (1 + j.layer, j.host_offset),
+                        lo,
+                        lo + (1u64 << j.cluster_bits),
+                    )
+                })
+                .collect();
             let r = if failed {
                 for j in jobs {
                     self.pool.put(j.buf);
@@ -1406,8 +1426,11 @@ impl<I: Io> Core<I> {
             };
             let f = &mut self.fills[fid];
             f.buf = Some(buf);
-            if let Err(e) = r {
-                f.error = Some(e);
+            let cluster = f.cluster;
+            match r {
+                Err(e) => f.error = Some(e),
+                Ok(()) if !failed => self.fill_siblings(cluster, &siblings),
+                Ok(()) => {}
             }
         }
         let f = &mut self.fills[fid];
@@ -1415,6 +1438,34 @@ impl<I: Io> Core<I> {
             self.fill_written(fid);
         } else {
             self.fill_data_ready(fid);
+        }
+    }
+
+    /// A fill of `cluster` decompressed the backing clusters `siblings`
+    /// (their keys in `inflated` and guest ranges) and used its part of
+    /// each. Where one reaches into neighbouring clusters, they are
+    /// populated from the decompressed bytes (a populate request seeded
+    /// with them, sent to the cores that own them): a compressed cluster
+    /// larger than the overlay's is fetched and decompressed once, not
+    /// once per overlay cluster a reader meets at another time. Best
+    /// effort, as readahead: an error reaches the readers of those
+    /// clusters, not this fill's.
+    fn fill_siblings(&mut self, cluster: u64, siblings: &[((usize, u64), u64, u64)]) {
+        if self.passes_through() || self.closing.is_some() {
+            return;
+        }
+        let cb = self.cluster_bits();
+        let (base, end) = (cluster << cb, (cluster + 1) << cb);
+        let size = self.shared.size;
+        for &(key, lo, hi) in siblings {
+            let Some(buf) = self.inflated.get(key, 0).cloned() else {
+                continue;
+            };
+            for (from, to) in [(lo, base.min(hi)), (end.max(lo), hi.min(size))] {
+                if from < to {
+                    self.send_populate(from, to - from, Some((key, buf.clone())), Box::new(|_| {}));
+                }
+            }
         }
     }
 

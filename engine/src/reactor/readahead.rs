@@ -36,7 +36,7 @@
 //! (or passing reads through to an overlay with extended L2 entries: its
 //! buffers are by cluster), or start while the core closes.
 
-use super::request::{Callback, ReqKind, Request};
+use super::request::{Callback, ReqKind, Request, Seed};
 use super::{Core, Msg};
 use crate::io::Io;
 use std::sync::atomic::Ordering;
@@ -168,7 +168,7 @@ impl<I: Io> Core<I> {
         }
         let shared = self.shared.clone();
         // Set before the disk is handed out, so before any read.
-        let (Some(detector), Some(peers)) = (self.readahead.as_mut(), shared.peers.get()) else {
+        let (Some(detector), Some(_)) = (self.readahead.as_mut(), shared.peers.get()) else {
             return;
         };
         let budget = (2 * shared.readahead_max)
@@ -180,15 +180,32 @@ impl<I: Io> Core<I> {
         shared.stats[self.id]
             .readahead_bytes
             .fetch_add(n, Ordering::Relaxed);
-        let router = shared.router;
         let in_flight = self.readahead_in_flight.clone();
         // Best effort: an error (a failing medium, a full disk) reaches the
         // client reads that need those clusters, not this request.
         let done: Callback = Box::new(move |_| {
             in_flight.fetch_sub(n, Ordering::Relaxed);
         });
+        self.send_populate(from, n, None, done);
+    }
+
+    /// Populates `[from, from + n)` like a client's request: split by the
+    /// router, each part sent to the core that owns it (this one
+    /// included); `done` runs when every part finished. With `seed`, its
+    /// fills take the decompressed cluster's bytes from it (see
+    /// `Request::seed`).
+    pub(super) fn send_populate(&mut self, from: u64, n: u64, seed: Option<Seed>, done: Callback) {
+        let shared = self.shared.clone();
+        let Some(peers) = shared.peers.get() else {
+            return;
+        };
+        let router = shared.router;
         let parts = router.count(from, n);
-        let req = Request::with_callback(ReqKind::Populate, Vec::new(), parts, done, None, false);
+        let mut req =
+            Request::with_callback(ReqKind::Populate, Vec::new(), parts, done, None, false);
+        std::sync::Arc::get_mut(&mut req)
+            .expect("a new request")
+            .seed = seed;
         for part in router.split(from, n) {
             if part.core == self.id {
                 self.start_part(req.clone(), part.offset, part.len, part.buf_off);

@@ -92,7 +92,13 @@ pub struct Request {
     error: Mutex<Option<Error>>,
     notify: Notify,
     in_flight: Option<Arc<AtomicU64>>,
+    /// For a populate: a decompressed backing cluster its fills take their
+    /// bytes from (`Core::fill_siblings`).
+    pub seed: Option<Seed>,
 }
+
+/// A decompressed backing cluster, by its key in `Core::inflated`.
+pub type Seed = ((usize, u64), Arc<crate::io::IoBuf>);
 
 impl Request {
     fn build(
@@ -113,6 +119,7 @@ impl Request {
             error: Mutex::new(None),
             notify,
             in_flight,
+            seed: None,
         })
     }
 
