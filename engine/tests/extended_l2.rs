@@ -235,18 +235,11 @@ fn writes_match_a_plain_file() {
         }
     }
     write_file(&d.join("text.raw"), &text);
-    qemu_img([
-        "convert",
-        "-q",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
+    qemu_convert_compressed(
+        &d.join("text.raw"),
+        &d.join("text.qcow2"),
         "cluster_size=32K",
-        &path_str(&d.join("text.raw")),
-        &path_str(&d.join("text.qcow2")),
-    ]);
-    assert_has_compressed_clusters(&d.join("text.qcow2"));
+    );
     for (n, &cs) in CLUSTER_SIZES.iter().enumerate() {
         for backing in [Some("base.raw"), Some("text.qcow2"), None] {
             let img = d.join("w.qcow2");
@@ -426,17 +419,7 @@ fn compressed_clusters_with_subclusters() {
         ],
     );
     let img = d.join("c.qcow2");
-    qemu_img([
-        "convert",
-        "-q",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64K",
-        &path_str(&src),
-        &path_str(&img),
-    ]);
+    qemu_convert_compressed(&src, &img, "extended_l2=on,cluster_size=64K");
     let mut reference = read_file(&src);
     assert_same_bytes(&raw_contents(&img), &reference, "qemu's own view");
     let disk = open(&img, options(2, false, false));
@@ -466,21 +449,6 @@ fn compressed_clusters_with_subclusters() {
     disk.close().unwrap();
     check_clean(&img);
     compare_with_bytes(&img, &reference, d);
-}
-
-/// `qemu-img check` counts compressed clusters in `image`.
-#[track_caller]
-fn assert_has_compressed_clusters(image: &Path) {
-    let check = qemu_img([
-        "check".as_ref(),
-        "--output=json".as_ref(),
-        image.as_os_str(),
-    ]);
-    let check: serde_json::Value = serde_json::from_str(&check).unwrap();
-    assert!(
-        check["compressed-clusters"].as_u64().unwrap() > 0,
-        "{check}"
-    );
 }
 
 /// The overlay's data regions (depth 0, data) of `[lo, hi)`, by
@@ -520,18 +488,7 @@ fn cold_read_over_a_compressed_cluster_keeps_all_of_it() {
     for bcs in [32 * KIB, 64 * KIB, 128 * KIB] {
         let base = d.join("base.qcow2");
         let _ = std::fs::remove_file(&base);
-        qemu_img([
-            "convert",
-            "-q",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={bcs}"),
-            &path_str(&src),
-            &path_str(&base),
-        ]);
-        assert_has_compressed_clusters(&base);
+        qemu_convert_compressed(&src, &base, &format!("cluster_size={bcs}"));
         let img = d.join("o.qcow2");
         let _ = std::fs::remove_file(&img);
         qemu_create_qcow2(

@@ -137,6 +137,24 @@ pub fn qemu_create_qcow2_unopened(path: &Path, backing: &str, format: &str, size
     ]);
 }
 
+/// `qemu-img convert -q -c -f raw -O qcow2 [-o OPTS] RAW OUT`; asserts that
+/// QEMU stored some clusters compressed (`qemu-img check`'s count).
+pub fn qemu_convert_compressed(raw: &Path, out: &Path, opts: &str) {
+    let (raw, out_s) = (path_str(raw), path_str(out));
+    let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([raw.as_str(), out_s.as_str()]);
+    qemu_img(&args);
+    let check = qemu_img(["check", "--output=json", &out_s]);
+    let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+    assert!(
+        check["compressed-clusters"].as_u64().unwrap_or(0) > 0,
+        "no compressed clusters: {check}"
+    );
+}
+
 /// `qemu-img ARGS`, which must succeed; returns stdout.
 pub fn qemu_img<I, S>(args: I) -> String
 where
