@@ -841,9 +841,7 @@ impl<I: Io> Core<I> {
                 if r.is_ok() {
                     IoBuf::unique_mut(dst)[j.dst..j.dst + j.len]
                         .copy_from_slice(&out[j.in_cluster..j.in_cluster + j.len]);
-                    for b in self.inflated.insert(key, 0, scratch) {
-                        self.pool.put(b);
-                    }
+                    self.keep_inflated(key, scratch);
                 } else {
                     self.pool.put(scratch);
                 }
@@ -883,6 +881,14 @@ impl<I: Io> Core<I> {
                     cluster << cb
                 )))
             }
+        }
+    }
+
+    /// Keeps decompressed cluster `buf` under `key` (see `Core::inflated`);
+    /// what it pushes out goes back to the pool.
+    fn keep_inflated(&mut self, key: (usize, u64), buf: Arc<IoBuf>) {
+        for b in self.inflated.insert(key, 0, buf) {
+            self.pool.put(b);
         }
     }
 
@@ -1070,14 +1076,8 @@ impl<I: Io> Core<I> {
             self.finish_piece(id, Ok(()));
             return Ok(());
         }
-        self.start_fill(id)?;
-        if let Some(Holder::Fill(fid)) = self.locks.holder(cluster) {
-            let f = &mut self.fills[fid];
-            f.prefetch = true;
-            if let Some(i) = f.readers.iter().position(|&r| r == id) {
-                f.readers.swap_remove(i);
-                f.populators.push(id);
-            }
+        if let Some(fid) = self.start_populating_fill(id)? {
+            self.fills[fid].prefetch = true;
         }
         Ok(())
     }
@@ -1111,17 +1111,24 @@ impl<I: Io> Core<I> {
         let Some(Holder::Fill(fid)) = self.locks.holder(cluster) else {
             return false;
         };
-        self.bump(|s| &s.dedup_hits, 1);
-        let (start, len) = (self.pieces[id].start, self.pieces[id].len);
-        let f = &mut self.fills[fid];
-        match f.buf.clone().filter(|_| f.ready) {
-            Some(buf) => {
-                self.deliver(id, &buf, start as usize, len as usize);
-                self.finish_piece(id, Ok(()));
-            }
-            None => f.readers.push(id),
-        }
+        self.join_fill(id, fid);
         true
+    }
+
+    /// Read piece `id` takes its bytes from fill `fid`, which covers them:
+    /// at once if its data is in, else with its readers.
+    fn join_fill(&mut self, id: usize, fid: usize) {
+        self.bump(|s| &s.dedup_hits, 1);
+        let (start, len) = (self.pieces[id].start, self.pieces[id].len as usize);
+        let f = &mut self.fills[fid];
+        if f.ready {
+            let buf = f.buf.clone().expect("ready fill has data");
+            let at = (start - f.lo) as usize;
+            self.deliver(id, &buf, at, len);
+            self.finish_piece(id, Ok(()));
+        } else {
+            f.readers.push(id);
+        }
     }
 
     /// Reads the piece's bytes from the overlay's host cluster `host` (an
@@ -1165,16 +1172,7 @@ impl<I: Io> Core<I> {
             Some(Holder::Fill(fid))
                 if self.fills[fid].lo <= start && start + len <= self.fills[fid].hi =>
             {
-                self.bump(|s| &s.dedup_hits, 1);
-                let f = &mut self.fills[fid];
-                if f.ready {
-                    let buf = f.buf.clone().expect("ready fill has data");
-                    let at = (start - f.lo) as usize;
-                    self.deliver(id, &buf, at, len as usize);
-                    self.finish_piece(id, Ok(()));
-                } else {
-                    f.readers.push(id);
-                }
+                self.join_fill(id, fid);
                 Ok(())
             }
             Some(_) => {
@@ -1235,25 +1233,31 @@ impl<I: Io> Core<I> {
                 // A sibling fill's bytes are decompressed already.
                 if let Some((key, buf)) = self.parts[self.pieces[id].part].req.seed.clone() {
                     if !self.inflated.has(key) {
-                        for b in self.inflated.insert(key, 0, buf) {
-                            self.pool.put(b);
-                        }
+                        self.keep_inflated(key, buf);
                     }
                 }
-                // Started as the fill's reader (which a cluster allocated
-                // nowhere in the chain finishes at once), then moved to
-                // wait for the write-back instead of the data.
-                self.start_fill(id)?;
-                if let Some(Holder::Fill(fid)) = self.locks.holder(cluster) {
-                    let f = &mut self.fills[fid];
-                    if let Some(i) = f.readers.iter().position(|&r| r == id) {
-                        f.readers.swap_remove(i);
-                        f.populators.push(id);
-                    }
-                }
-                Ok(())
+                self.start_populating_fill(id).map(|_| ())
             }
         }
+    }
+
+    /// Starts a fill for populate piece `id`, which waits for its
+    /// write-back (or, for a prefetch, its data) instead of taking data:
+    /// started as the fill's reader (a cluster allocated nowhere in the
+    /// chain finishes it at once), then moved to the populators. The
+    /// fill, unless it finished at once.
+    fn start_populating_fill(&mut self, id: usize) -> Result<Option<usize>> {
+        let cluster = self.pieces[id].cluster;
+        self.start_fill(id)?;
+        let Some(Holder::Fill(fid)) = self.locks.holder(cluster) else {
+            return Ok(None);
+        };
+        let f = &mut self.fills[fid];
+        if let Some(i) = f.readers.iter().position(|&r| r == id) {
+            f.readers.swap_remove(i);
+            f.populators.push(id);
+        }
+        Ok(Some(fid))
     }
 
     fn start_fill(&mut self, id: usize) -> Result<()> {
@@ -1404,17 +1408,18 @@ impl<I: Io> Core<I> {
         if !f.writing && !jobs.is_empty() {
             let mut buf = f.buf.take().expect("fill has a buffer");
             let failed = f.error.is_some();
-            let start = (f.cluster << self.shared.meta.cluster_bits) + f.lo;
+            // Compressed clusters reaching past this cluster (none, and no
+            // allocation, when the backing's clusters are no larger).
+            let cb = self.shared.meta.cluster_bits;
+            let (base, start) = (f.cluster << cb, (f.cluster << cb) + f.lo);
             let siblings: Vec<_> = jobs
                 .iter()
                 .map(|j| {
                     let lo = start + j.dst as u64 - j.in_cluster as u64;
-                    (
-                        (1 + j.layer, j.host_offset),
-                        lo,
-                        lo + (1u64 << j.cluster_bits),
-                    )
+                    let key = (1 + j.layer, j.host_offset);
+                    (key, lo, lo + (1u64 << j.cluster_bits))
                 })
+                .filter(|&(_, lo, hi)| lo < base || hi > base + (1u64 << cb))
                 .collect();
             let r = if failed {
                 for j in jobs {
@@ -2127,9 +2132,7 @@ impl<I: Io> Core<I> {
                 let raw = self.pieces[id]
                     .compressed
                     .expect("compressed piece has a descriptor");
-                for b in self.inflated.insert((0, raw), 0, cluster) {
-                    self.pool.put(b);
-                }
+                self.keep_inflated((0, raw), cluster);
                 self.finish_piece(id, Ok(()));
             }),
             Step::CompressedRmw => self.inflate_overlay(id).and_then(|cluster| {
